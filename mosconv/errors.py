@@ -1,0 +1,25 @@
+"""The one exception family of mosconv.
+
+Every error raised on bad user input is a :class:`MosconvError`; format and
+configuration errors are also :class:`ValueError`, so callers that catch
+``ValueError`` keep working.  Messages name the file (or argument), the value
+and the problem, in one line.
+"""
+
+from __future__ import annotations
+
+
+class MosconvError(Exception):
+    """Base class of every error mosconv raises on purpose."""
+
+
+class FormatError(MosconvError, ValueError):
+    """An input file or folder is missing, unreadable, corrupt or of an unknown format."""
+
+
+class ConfigError(MosconvError, ValueError):
+    """An argument or setting has an invalid value."""
+
+
+class UnsupportedAdapterError(FormatError):
+    """A well-formed adapter that mosconv refuses on purpose (e.g. DoRA)."""

@@ -1,0 +1,76 @@
+"""Safe writes: every output file goes to a temporary file in the same folder and is
+moved into place with ``os.replace``, so a reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+from .errors import MosconvError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise MosconvError(f"{path}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors deterministically (keys sorted by safetensors; contiguous CPU copies)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(clean, metadata=metadata)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_output_dir(out: Path, marker: str, overwrite: bool) -> None:
+    """Create ``out``; refuse to touch a folder holding a finished output unless ``overwrite``.
+
+    ``marker`` is the file whose presence means "finished" (written last); with
+    ``overwrite`` it is removed first so the folder never looks complete mid-write.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MosconvError(f"{out}: exists and is not a folder")
+    if (out / marker).exists():
+        if not overwrite:
+            raise MosconvError(f"{out}: already holds an output ({marker}); pass --overwrite to replace it")
+        (out / marker).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MosconvError(f"{out}: cannot create folder ({e.strerror or e})") from None

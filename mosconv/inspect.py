@@ -1,0 +1,83 @@
+"""Summaries of a LoRA adapter for ``mosconv inspect`` (no printing here).
+
+:func:`inspect_lora` returns a JSON-ready dict whose schema is documented in
+``docs/inspect.md`` (``schema: "mosconv.inspect.lora/1"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter import LoraAdapter
+from .factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
+from .truncation import budget_for_ratio, truncate
+
+INSPECT_RATIOS = (2, 4, 8, 16)
+LORA_SCHEMA = "mosconv.inspect.lora/1"
+
+
+def _kind_summary(kind: str, modules, facts: dict[str, Factorization]) -> dict:
+    srs = [stable_rank(facts[m.name].S) for m in modules]
+    d90 = [directions_for_energy(facts[m.name].S, 0.9) for m in modules]
+    m0 = modules[0]
+    return {
+        "kind": kind,
+        "modules": len(modules),
+        "d_in": m0.d_in,
+        "d_out": m0.d_out,
+        "ranks": sorted({m.r for m in modules}),
+        "scales": sorted({round(m.scale, 8) for m in modules}),
+        "params": sum(m.params for m in modules),
+        "energy": sum(facts[m.name].energy for m in modules),
+        "stable_rank_mean": sum(srs) / len(srs),
+        "stable_rank_max": max(srs),
+        "dirs90_mean": sum(d90) / len(d90),
+        "dirs90_max": max(d90),
+    }
+
+
+def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
+    """JSON-ready summary of a LoRA adapter: format, sizes, per-kind spectra, truncation errors."""
+    facts = factorize_adapter(adapter)
+    kinds = adapter.kinds
+    truncation = []
+    for ratio in ratios:
+        budget = budget_for_ratio(adapter.params, ratio)
+        t = truncate(facts, budget)
+        truncation.append(
+            {"ratio": ratio, "budget": budget, "params": t.params,
+             "relative_error": t.relative_error}
+        )
+    files = [
+        {"path": str(p), "bytes": os.path.getsize(p)} for p in adapter.source_files if Path(p).exists()
+    ]
+    ranks = sorted({m.r for m in adapter.modules})
+    return {
+        "schema": LORA_SCHEMA,
+        "type": "lora",
+        "format": adapter.format,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "dtype": adapter.dtype,
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "files": files,
+        "file_bytes": sum(f["bytes"] for f in files),
+        "num_modules": len(adapter.modules),
+        "num_kinds": len(kinds),
+        "ranks": ranks,
+        "lora_alpha": adapter.config.get("lora_alpha"),
+        "scales": sorted({round(m.scale, 8) for m in adapter.modules}),
+        "targets": sorted({m.name.rsplit(".", 1)[-1] for m in adapter.modules}),
+        "lora_params": adapter.params,
+        "extra_tensors": {k: list(v.shape) for k, v in adapter.extra_tensors.items()},
+        "extra_params": sum(v.numel() for v in adapter.extra_tensors.values()),
+        "kinds": [_kind_summary(k, ms, facts) for k, ms in kinds.items()],
+        "modules": [
+            {"name": m.name, "kind": m.kind, "r": m.r, "d_in": m.d_in, "d_out": m.d_out,
+             "scale": m.scale, "stable_rank": stable_rank(facts[m.name].S),
+             "energy": facts[m.name].energy}
+            for m in adapter.modules
+        ],
+        "truncation": truncation,
+    }

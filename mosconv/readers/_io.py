@@ -1,0 +1,95 @@
+"""Safe tensor-file loading shared by every reader.
+
+safetensors files are validated by the safetensors library (header, offsets,
+sizes); legacy ``.bin`` files are loaded with ``torch.load(weights_only=True)``,
+which refuses anything but tensors and plain containers: no pickle is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import FormatError
+
+# A safetensors header larger than this is refused before it is read.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """Return ``(tensor_entries, metadata)`` of a safetensors file without loading tensors."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(f"{path}: not a safetensors file (file shorter than its header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or n > path.stat().st_size - 8:
+                raise FormatError(f"{path}: corrupt safetensors header (declares {n} header bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read file ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    return header, {str(k): str(v) for k, v in meta.items()}
+
+
+def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of ``path`` (``.safetensors`` or legacy ``.bin``/``.pt``) on CPU.
+
+    Returns:
+        ``(tensors, metadata)``; metadata is the safetensors header metadata or ``{}``.
+
+    Raises:
+        FormatError: missing, truncated or corrupt file, or a pickle that contains
+            anything but tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        _, meta = read_safetensors_header(path)
+        try:
+            tensors = {}
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, RuntimeError, ValueError, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FormatError(f"{path}: corrupt or truncated safetensors file ({msg})") from None
+        return tensors, meta
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise FormatError(
+            f"{path}: refused to load: the pickle holds more than tensors "
+            f"(weights_only=True said: {first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: corrupt or truncated checkpoint ({msg[:200]})") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise FormatError(f"{path}: not a state dict of named tensors")
+    return dict(obj), {}
+
+
+def check_finite(path: Path, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise FormatError(f"{path}: tensor {key} contains NaN or Inf values")
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")

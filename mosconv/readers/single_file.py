@@ -1,0 +1,112 @@
+"""Single-file image-model LoRAs: diffusers (PEFT-style and legacy) and kohya / sd-scripts.
+
+| family | keys | scale |
+|---|---|---|
+| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else 1 |
+| diffusers-legacy | ``<path>.processor.to_q_lora.down.weight`` / ``.up.weight`` | 1 |
+| kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` | alpha / r (alpha defaults to r) |
+
+kohya conv modules (LoCon 1x1 and 3x3) are flattened to ``(out, in*kh*kw)`` matrices,
+which is exact; the kernel shape is kept in ``LoraModule.conv_shape``.  LyCORIS
+LoHa / LoKr / DoRA tensors are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..adapter import LoraAdapter, assign_kinds
+from ..errors import FormatError, UnsupportedAdapterError
+from ._common import make_module
+from ._io import dtype_name, load_tensor_file
+
+_KOHYA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.(?P<which>lora_down|lora_up)\.weight$")
+_KOHYA_ALPHA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.alpha$")
+_LEGACY = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>down|up)\.weight$")
+_PEFT_STYLE = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_PEFT_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+_LYCORIS = ("hada_w1", "lokr_w1", "dora_scale", "lora_mid")
+
+
+def detect_family(keys: list[str]) -> str | None:
+    """``kohya``, ``diffusers-legacy``, ``diffusers`` or None from a file's tensor keys."""
+    if any(_KOHYA.match(k) for k in keys):
+        return "kohya"
+    if any(_LEGACY.match(k) for k in keys):
+        return "diffusers-legacy"
+    if any(_PEFT_STYLE.match(k) for k in keys):
+        return "diffusers"
+    return None
+
+
+def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
+    """Read a diffusers or kohya single-file LoRA.
+
+    Raises:
+        FormatError: unreadable file, unknown key layout, unpaired or mismatched factors.
+        UnsupportedAdapterError: LyCORIS LoHa/LoKr/DoRA tensors.
+    """
+    path = Path(path)
+    tensors, meta = load_tensor_file(path)
+    keys = list(tensors)
+    family = family or detect_family(keys)
+    if family is None:
+        raise FormatError(
+            f"{path}: unknown adapter format (no lora_A/lora_B, lora_down/lora_up or "
+            "processor *_lora keys)"
+        )
+    for key in keys:
+        if any(tag in key for tag in _LYCORIS):
+            raise UnsupportedAdapterError(
+                f"{path}: LyCORIS tensor {key} (LoHa/LoKr/DoRA/Tucker) is not a plain LoRA; "
+                "not supported"
+            )
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    extra = {}
+    if family == "kohya":
+        lora, alpha_re, down, up = _KOHYA, _KOHYA_ALPHA, "lora_down", "lora_up"
+    elif family == "diffusers-legacy":
+        lora, alpha_re, down, up = _LEGACY, None, "down", "up"
+    else:
+        lora, alpha_re, down, up = _PEFT_STYLE, _PEFT_ALPHA, "lora_A", "lora_B"
+    for key, t in tensors.items():
+        m = lora.match(key)
+        if m:
+            if family == "diffusers-legacy":
+                proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+                mod = f"{m['path']}.{proj}"
+            else:
+                mod = m["mod"]
+            pairs.setdefault(mod, {})[m["which"]] = t
+            continue
+        a = alpha_re.match(key) if alpha_re else None
+        if a and t.numel() == 1:
+            alphas[a["mod"]] = float(t.reshape(()).item())
+            continue
+        extra[key] = t
+    modules = []
+    dtypes = set()
+    for mod, slot in pairs.items():
+        a, b = slot.get(down), slot.get(up)
+        r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
+        alpha = alphas.get(mod, float(r))
+        modules.append(make_module(path, mod, a, b, alpha / r))
+        dtypes.add(dtype_name(a))
+    orphan = set(alphas) - set(pairs)
+    for mod in sorted(orphan):  # an alpha without factors is kept, not lost
+        extra[f"{mod}.alpha"] = tensors[f"{mod}.alpha"]
+    if not modules:
+        raise FormatError(f"{path}: no LoRA tensors found: empty adapter")
+    return LoraAdapter(
+        format=family,
+        modules=assign_kinds(modules),
+        extra_tensors=extra,
+        metadata=meta,
+        base_model=meta.get("ss_sd_model_name") or meta.get("ss_base_model_version"),
+        dtype="/".join(sorted(dtypes)),
+        source_files=(path,),
+    )
