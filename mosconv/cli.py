@@ -116,11 +116,124 @@ def inspect(path: str, as_json: bool) -> None:
     PATH is a PEFT folder, an adapter_model.* file inside one, or a diffusers/kohya
     .safetensors file.
     """
-    from .inspect import inspect_lora
+    from .inspect import inspect_lora, inspect_mos
+    from .mos_format import is_mos_dir
     from .readers import read_adapter
 
+    if is_mos_dir(path):
+        info = inspect_mos(path)
+        click.echo(json.dumps(info, indent=2) if as_json else render_mos_inspect(info))
+        return
     info = inspect_lora(read_adapter(path))
     click.echo(json.dumps(info, indent=2) if as_json else render_lora_inspect(info))
+
+
+def render_report(report: dict) -> str:
+    """The short table printed after a conversion (and by inspect on a MoS folder)."""
+    t = report["totals"]
+    rows = [[k["kind"], k["structure"], k["nc"], f"{k['pool_A']}/{k['pool_B']}",
+             f"{k['params']:,}", f"{k['relative_error']:.4f}", f"{k['truncation_relative_error']:.4f}"]
+            for k in report["kinds"]]
+    out = [table(rows, ["kind", "structure", "nc", "pool A/B", "params", "rel.err", "trunc.err"]), ""]
+    fb = t.get("file_bytes_ratio")
+    out.append(
+        f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio']:.2f}, budget "
+        f"{t['budget']:,}); index {_fmt_bytes(t['index_bytes'])}"
+        + (f"; file x{fb:.2f} smaller" if fb else "")
+    )
+    out.append(
+        f"relative error {t['relative_error']:.4f}   truncation at the same budget "
+        f"{t['truncation_relative_error']:.4f}   (sharing gain {t['sharing_gain']:+.4f}, "
+        f"{t['kinds_shared']} of {len(report['kinds'])} kinds shared)"
+    )
+    return "\n".join(out)
+
+
+def render_mos_inspect(info: dict) -> str:
+    out = [
+        f"MoS adapter   format v{info['format_version']}, mosconv {info.get('mosconv_version')}",
+        f"source        {info['source_format']} ({info.get('base_model') or '-'})",
+        f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ratio {info.get('ratio')}",
+        f"params        {info['params']:,}  index {_fmt_bytes(info['index_bytes'])}",
+        f"command       {info.get('command') or '-'}",
+        "",
+    ]
+    if info.get("report"):
+        out.append(render_report(info["report"]))
+    else:
+        rows = [[k["kind"], k["nc"], k["pool_A"], k["pool_B"], k["public_A"], k["public_B"]]
+                for k in info["kinds"]]
+        out.append(table(rows, ["kind", "nc", "pool A", "pool B", "public A", "public B"]))
+    return "\n".join(out)
+
+
+@main.command()
+@click.argument("lora", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--ratio", type=float, default=8.0, show_default=True,
+              help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; 1 is lossless).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for clustering (deterministic output).")
+@click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]), default="fast",
+              show_default=True, help="truncation: all-private only; fast/thorough: also try shared pools.")
+@click.option("--iters", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Refinement iterations per MoS candidate.")
+@click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
+              help="Allow per-slot scalar weights (counted as parameters); off = the paper's plain form.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@handle_errors
+def compress(lora, out, ratio, seed, search, iters, routing_weights, overwrite, quiet, as_json):
+    """Convert the LoRA adapter LORA into a MoS adapter folder OUT.
+
+    Writes OUT/mos_adapter.safetensors, OUT/report.json and OUT/mos_config.json (last).
+    The report gives the relative error next to global SVD truncation at the same
+    parameter budget; the converter never does worse than that baseline.
+    """
+    from tqdm import tqdm
+
+    from .convert import ConvertConfig
+    from .pipeline import compress as run_compress
+    from .readers import read_adapter  # noqa: F401  (import errors surface early)
+
+    config = ConvertConfig(ratio=ratio, seed=seed, search=search, iters=iters,
+                           routing_weights=routing_weights)
+    config.validate()
+    bar = None if quiet else tqdm(desc="kinds", unit="kind", file=sys.stderr, leave=False)
+
+    def progress(kind: str) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    command = "mosconv " + " ".join(sys.argv[1:]) if sys.argv else None
+    try:
+        result = run_compress(lora, out, config, command=command, overwrite=overwrite,
+                              progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2))
+    elif not quiet:
+        click.echo(render_report(result.report))
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("mos_dir", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@handle_errors
+def export(mos_dir, out, overwrite):
+    """Materialize the MoS adapter MOS_DIR as a plain PEFT LoRA folder OUT.
+
+    Scale is folded into B and lora_alpha == r (per-module ranks in rank_pattern /
+    alpha_pattern), as vLLM and LoRAX expect; non-LoRA tensors are restored.
+    """
+    from .pipeline import export_lora
+
+    export_lora(mos_dir, out, overwrite=overwrite)
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

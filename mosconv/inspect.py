@@ -17,6 +17,13 @@ INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
 
 
+def _target(name: str) -> str:
+    """The ``target_modules`` entry naming a module: its last name part, or the last two
+    when the last is a bare index (diffusers' ``to_out.0``)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def _kind_summary(kind: str, modules, facts: dict[str, Factorization]) -> dict:
     srs = [stable_rank(facts[m.name].S) for m in modules]
     d90 = [directions_for_energy(facts[m.name].S, 0.9) for m in modules]
@@ -68,7 +75,7 @@ def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
         "ranks": ranks,
         "lora_alpha": adapter.config.get("lora_alpha"),
         "scales": sorted({round(m.scale, 8) for m in adapter.modules}),
-        "targets": sorted({m.name.rsplit(".", 1)[-1] for m in adapter.modules}),
+        "targets": sorted({_target(m.name) for m in adapter.modules}),
         "lora_params": adapter.params,
         "extra_tensors": {k: list(v.shape) for k, v in adapter.extra_tensors.items()},
         "extra_params": sum(v.numel() for v in adapter.extra_tensors.values()),
@@ -80,4 +87,39 @@ def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
             for m in adapter.modules
         ],
         "truncation": truncation,
+    }
+
+
+MOS_SCHEMA = "mosconv.inspect.mos/1"
+
+
+def inspect_mos(path) -> dict:
+    """JSON-ready summary of a MoS folder: structure, pools, sizes and its stored report."""
+    from .mos_format import load_mos, load_report
+
+    mos = load_mos(path)
+    kinds = [
+        {"kind": k, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
+         "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
+         "public_A": p.public_A, "public_B": p.public_B, "params": p.params,
+         "modules": sum(1 for m in mos.modules if m.kind == k)}
+        for k, p in mos.kinds.items()
+    ]
+    return {
+        "schema": MOS_SCHEMA,
+        "type": "mos",
+        "format_version": 1,
+        "mosconv_version": mos.info.get("mosconv_version"),
+        "source_format": mos.source.get("format"),
+        "base_model": mos.source.get("base_model"),
+        "ratio": mos.info.get("ratio"),
+        "command": mos.info.get("command"),
+        "num_modules": len(mos.modules),
+        "num_kinds": len(mos.kinds),
+        "params": mos.params,
+        "index_bytes": mos.index_bytes,
+        "kinds": kinds,
+        "modules": [{"name": m.name, "kind": m.kind, "r": m.r, "scale": m.scale,
+                     "weights": m.weights_A is not None} for m in mos.modules],
+        "report": load_report(path),
     }

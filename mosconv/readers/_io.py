@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -71,7 +72,12 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        # torch's first line is advice ("can still be loaded ..."); the reason is the
+        # "WeightsUnpickler error: Unsupported global ..." line, minus its own advice.
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+        lines = [ln for ln in lines if ln] or ["unsafe content"]
+        first = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0])
+        first = first.split(". Please use")[0]
         raise FormatError(
             f"{path}: refused to load: the pickle holds more than tensors "
             f"(weights_only=True said: {first[:200]})"

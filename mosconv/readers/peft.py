@@ -22,6 +22,7 @@ from ._io import dtype_name, load_tensor_file
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default lora_alpha (not r)
 _LORA_KEY = re.compile(
     r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?P<adapter>[A-Za-z_][\w-]*))?(?:\.weight)?$"
@@ -115,8 +116,10 @@ def read_peft(folder: Path) -> LoraAdapter:
         b = slot.get("lora_embedding_B" if embedding else "lora_B")
         r_key = pattern_key(rank_pattern, mod)
         a_key = pattern_key(alpha_pattern, mod)
-        r = rank_pattern[r_key] if r_key else config.get("r", a.shape[0] if a is not None else 8)
-        alpha = alpha_pattern[a_key] if a_key else config.get("lora_alpha", r)
+        r = rank_pattern[r_key] if r_key else config.get("r", a.shape[0] if a is not None and a.dim() else 8)
+        alpha = alpha_pattern[a_key] if a_key else config.get("lora_alpha")
+        if alpha is None:
+            alpha = PEFT_DEFAULT_ALPHA  # what LoraConfig gives a config without lora_alpha
         if a is not None and a.dim() >= 1 and a.shape[0] != r:
             r = int(a.shape[0])  # the tensor is the truth; PEFT could not load it otherwise
         if not r:

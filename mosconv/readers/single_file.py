@@ -94,7 +94,7 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
         a, b = slot.get(down), slot.get(up)
         r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
         alpha = alphas.get(mod, float(r))
-        modules.append(make_module(path, mod, a, b, alpha / r))
+        modules.append(make_module(path, mod, a, b, alpha / r if r else 1.0))  # r=0: refused there
         dtypes.add(dtype_name(a))
     orphan = set(alphas) - set(pairs)
     for mod in sorted(orphan):  # an alpha without factors is kept, not lost

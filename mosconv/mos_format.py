@@ -1,0 +1,342 @@
+"""The MoS adapter format, version 1: the one place that knows tensor names and file layout.
+
+A MoS folder holds ``mos_adapter.safetensors``, ``report.json`` and
+``mos_config.json`` (written last: its presence means the folder is complete).
+See ``docs/format.md`` for every tensor and field.
+
+Assembly (arXiv 2410.00938, with optional per-slot weights ``w``, 1 when absent)::
+
+    A_l[j, i*sA:(i+1)*sA] = wA[j*nc+i] * poolA[idx_A[j*nc+i]]      # A_l: (r, d_in)
+    B_l[i*sB:(i+1)*sB, j] = wB[j*nc+i] * poolB[idx_B[j*nc+i]]      # B_l: (d_out, r)
+    dW_l = scale_l * B_l @ A_l
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+from .fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
+from .readers._io import check_finite, load_tensor_file
+
+FORMAT_NAME = "mosconv.mos"
+FORMAT_VERSION = 1
+CONFIG_FILE = "mos_config.json"
+TENSOR_FILE = "mos_adapter.safetensors"
+REPORT_FILE = "report.json"
+
+
+@dataclass(frozen=True)
+class KindPools:
+    """The two shard pools of one module kind.
+
+    Attributes:
+        kind: the kind string (name pattern + shape), see :mod:`mosconv.adapter`.
+        d_in, d_out: the kind's matrix shape ``(d_out, d_in)``.
+        nc: shards per rank vector; divides ``d_in`` and ``d_out``.
+        pool_A: ``(N_A, d_in // nc)`` float32.
+        pool_B: ``(N_B, d_out // nc)`` float32.
+        public_A, public_B: the first ``public_*`` entries of each pool are public
+            (any module may route to them); the rest are private blocks.
+    """
+
+    kind: str
+    d_in: int
+    d_out: int
+    nc: int
+    pool_A: torch.Tensor
+    pool_B: torch.Tensor
+    public_A: int = 0
+    public_B: int = 0
+
+    @property
+    def params(self) -> int:
+        return self.pool_A.numel() + self.pool_B.numel()
+
+
+@dataclass(frozen=True)
+class MosModule:
+    """One module's routes into its kind's pools.
+
+    Attributes:
+        name: module path in the base model (as in the source adapter).
+        kind: key into :attr:`MosAdapter.kinds`.
+        r: rank of the assembled pair (0 means the update is dropped).
+        scale: multiplies ``B_l @ A_l``.
+        routes_A, routes_B: ``(r * nc,)`` int64 pool indices, slot ``j*nc + i``.
+        weights_A, weights_B: ``(r * nc,)`` float32 slot weights, or None (paper form).
+        private_A, private_B: ``(start, stop)`` pool index ranges used by this module only.
+    """
+
+    name: str
+    kind: str
+    r: int
+    scale: float
+    routes_A: torch.Tensor
+    routes_B: torch.Tensor
+    weights_A: torch.Tensor | None = None
+    weights_B: torch.Tensor | None = None
+    private_A: tuple[int, int] = (0, 0)
+    private_B: tuple[int, int] = (0, 0)
+    embedding: bool = False
+    conv_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MosAdapter:
+    """A Mixture-of-Shards adapter in memory.
+
+    Attributes:
+        kinds: pools per kind, in kind order.
+        modules: per-module routes, in the source's module order.
+        extra_tensors: non-LoRA tensors of the source, original keys, untouched.
+        source: provenance and the source's config (format, base_model, task_type,
+            fan_in_fan_out, config, metadata, files with sha256).
+        info: free-form conversion facts stored in ``mos_config.json`` (ratio, seed,
+            command, mosconv version, structure per kind).
+    """
+
+    kinds: dict[str, KindPools]
+    modules: tuple[MosModule, ...]
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters: pool entries (private included) plus slot weights."""
+        n = sum(k.params for k in self.kinds.values())
+        for m in self.modules:
+            for w in (m.weights_A, m.weights_B):
+                if w is not None:
+                    n += w.numel()
+        return n
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the stored routes (smallest integer dtype per pool)."""
+        total = 0
+        for m in self.modules:
+            pools = self.kinds[m.kind]
+            total += m.routes_A.numel() * route_dtype(pools.pool_A.shape[0]).itemsize
+            total += m.routes_B.numel() * route_dtype(pools.pool_B.shape[0]).itemsize
+        return total
+
+    def module(self, name: str) -> MosModule:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def assemble(self, name_or_module: str | MosModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_l, B_l)`` of a module, ``A_l: (r, d_in)``, ``B_l: (d_out, r)``; scale not folded."""
+        m = self.module(name_or_module) if isinstance(name_or_module, str) else name_or_module
+        return assemble(self.kinds[m.kind], m)
+
+
+def assemble(pools: KindPools, m: MosModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather a module's ``A_l (r, d_in)`` and ``B_l (d_out, r)`` from its pools."""
+    a = pools.pool_A[m.routes_A]  # (r*nc, sA)
+    b = pools.pool_B[m.routes_B]  # (r*nc, sB)
+    if m.weights_A is not None:
+        a = a * m.weights_A[:, None].to(a.dtype)
+    if m.weights_B is not None:
+        b = b * m.weights_B[:, None].to(b.dtype)
+    A = a.reshape(m.r, pools.d_in)
+    B = b.reshape(m.r, pools.d_out).T.contiguous()
+    return A, B
+
+
+def route_dtype(pool_size: int) -> torch.dtype:
+    """Smallest integer dtype that holds every index of a pool (as PEFT VB-LoRA does)."""
+    if pool_size <= 2**8:
+        return torch.uint8
+    if pool_size <= 2**15:
+        return torch.int16
+    if pool_size <= 2**31:
+        return torch.int32
+    return torch.int64
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _kind_ids(mos: MosAdapter) -> dict[str, str]:
+    return {kind: f"k{i}" for i, kind in enumerate(mos.kinds)}
+
+
+def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
+    """The safetensors dict and the JSON config of a MoS adapter (no I/O)."""
+    ids = _kind_ids(mos)
+    tensors: dict[str, torch.Tensor] = {}
+    kinds_cfg = []
+    for kind, p in mos.kinds.items():
+        kid = ids[kind]
+        tensors[f"mos.pools.{kid}.A"] = p.pool_A.to(torch.float32)
+        tensors[f"mos.pools.{kid}.B"] = p.pool_B.to(torch.float32)
+        kinds_cfg.append({
+            "id": kid, "kind": kind, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
+            "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
+            "public_A": p.public_A, "public_B": p.public_B,
+        })
+    modules_cfg = []
+    for m in mos.modules:
+        p = mos.kinds[m.kind]
+        tensors[f"mos.routes.{m.name}.A"] = m.routes_A.to(route_dtype(p.pool_A.shape[0]))
+        tensors[f"mos.routes.{m.name}.B"] = m.routes_B.to(route_dtype(p.pool_B.shape[0]))
+        if m.weights_A is not None:
+            tensors[f"mos.weights.{m.name}.A"] = m.weights_A.to(torch.float32)
+            tensors[f"mos.weights.{m.name}.B"] = m.weights_B.to(torch.float32)
+        modules_cfg.append({
+            "name": m.name, "kind": ids[m.kind], "r": m.r, "scale": m.scale,
+            "private_A": list(m.private_A), "private_B": list(m.private_B),
+            "weights": m.weights_A is not None, "embedding": m.embedding,
+            "conv_shape": list(m.conv_shape) if m.conv_shape else None,
+        })
+    for key, t in mos.extra_tensors.items():
+        tensors[f"extra.{key}"] = t
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **mos.info,
+        "params": mos.params,
+        "index_bytes": mos.index_bytes,
+        "source": mos.source,
+        "kinds": kinds_cfg,
+        "modules": modules_cfg,
+    }
+    return tensors, config
+
+
+def save_mos(mos: MosAdapter, out: str | Path, report: dict | None = None, *,
+             overwrite: bool = False) -> Path:
+    """Write a MoS folder: tensors, then ``report.json``, then ``mos_config.json`` (last)."""
+    out = Path(out)
+    prepare_output_dir(out, CONFIG_FILE, overwrite)
+    tensors, config = to_tensors(mos)
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    data = safetensors_bytes(tensors, meta)
+    atomic_write_bytes(out / TENSOR_FILE, data)
+    if report is not None:
+        totals = report.setdefault("totals", {})
+        totals["mos_file_bytes"] = len(data)
+        if totals.get("lora_file_bytes"):
+            totals["file_bytes_ratio"] = totals["lora_file_bytes"] / len(data)
+        atomic_write_json(out / REPORT_FILE, report)
+    atomic_write_json(out / CONFIG_FILE, config)
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def is_mos_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() or (p.is_file() and p.name == CONFIG_FILE)
+
+
+def _need(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{where}: invalid MoS adapter: {what}")
+
+
+def load_mos(path: str | Path) -> MosAdapter:
+    """Load and validate a MoS folder (routes in range, pool shapes, ranks).
+
+    Raises:
+        FormatError: missing or corrupt files, wrong version, inconsistent tensors.
+    """
+    folder = Path(path)
+    if folder.is_file() and folder.name in (CONFIG_FILE, TENSOR_FILE):
+        folder = folder.parent
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FormatError(f"{folder}: not a MoS adapter (no {CONFIG_FILE}; an incomplete "
+                          "or interrupted output has none)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{cfg_path}: cannot read MoS config ({e})") from None
+    _need(isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME, cfg_path,
+          f"'format' is not {FORMAT_NAME!r}")
+    version = cfg.get("format_version")
+    _need(version == FORMAT_VERSION, cfg_path,
+          f"format_version {version!r} is not supported (this mosconv reads {FORMAT_VERSION})")
+    tensors, _ = load_tensor_file(folder / TENSOR_FILE)
+    tpath = folder / TENSOR_FILE
+    try:
+        kinds: dict[str, KindPools] = {}
+        id_to_kind = {}
+        for k in cfg["kinds"]:
+            kid, nc, d_in, d_out = k["id"], int(k["nc"]), int(k["d_in"]), int(k["d_out"])
+            _need(nc >= 1 and d_in % nc == 0 and d_out % nc == 0, cfg_path,
+                  f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
+            pa = tensors.get(f"mos.pools.{kid}.A")
+            pb = tensors.get(f"mos.pools.{kid}.B")
+            _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
+            _need(pa.dim() == 2 and pa.shape[1] == d_in // nc, tpath,
+                  f"pool mos.pools.{kid}.A has shape {tuple(pa.shape)}, expected (N, {d_in // nc})")
+            _need(pb.dim() == 2 and pb.shape[1] == d_out // nc, tpath,
+                  f"pool mos.pools.{kid}.B has shape {tuple(pb.shape)}, expected (N, {d_out // nc})")
+            check_finite(tpath, f"mos.pools.{kid}", pa)
+            check_finite(tpath, f"mos.pools.{kid}", pb)
+            kinds[k["kind"]] = KindPools(k["kind"], d_in, d_out, nc, pa.float(), pb.float(),
+                                         int(k.get("public_A", 0)), int(k.get("public_B", 0)))
+            id_to_kind[kid] = k["kind"]
+        modules = []
+        for m in cfg["modules"]:
+            name, r = m["name"], int(m["r"])
+            _need(m["kind"] in id_to_kind, cfg_path, f"module {name} names unknown kind {m['kind']!r}")
+            pools = kinds[id_to_kind[m["kind"]]]
+            routes = []
+            for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+                t = tensors.get(f"mos.routes.{name}.{side}")
+                _need(t is not None, tpath, f"routes of module {name} ({side}) missing")
+                _need(t.dim() == 1 and t.numel() == r * pools.nc, tpath,
+                      f"routes of module {name} ({side}) have {t.numel()} entries, expected {r * pools.nc}")
+                t = t.to(torch.int64)
+                _need(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < pool.shape[0]), tpath,
+                      f"routes of module {name} ({side}) point outside the pool of {pool.shape[0]} shards")
+                routes.append(t)
+            weights = [None, None]
+            if m.get("weights"):
+                for i, side in enumerate("AB"):
+                    w = tensors.get(f"mos.weights.{name}.{side}")
+                    _need(w is not None and w.numel() == r * pools.nc, tpath,
+                          f"weights of module {name} ({side}) missing or of wrong size")
+                    check_finite(tpath, f"mos.weights.{name}.{side}", w)
+                    weights[i] = w.float().reshape(-1)
+            scale = float(m["scale"])
+            _need(math.isfinite(scale), cfg_path, f"module {name} has non-finite scale")
+            modules.append(MosModule(
+                name=name, kind=id_to_kind[m["kind"]], r=r, scale=scale,
+                routes_A=routes[0], routes_B=routes[1], weights_A=weights[0], weights_B=weights[1],
+                private_A=tuple(m.get("private_A", (0, 0))), private_B=tuple(m.get("private_B", (0, 0))),
+                embedding=bool(m.get("embedding", False)),
+                conv_shape=tuple(m["conv_shape"]) if m.get("conv_shape") else None,
+            ))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{cfg_path}: invalid MoS config ({type(e).__name__}: {e})") from None
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    info = {k: v for k, v in cfg.items()
+            if k not in ("format", "format_version", "source", "kinds", "modules", "params",
+                         "index_bytes")}
+    return MosAdapter(kinds=kinds, modules=tuple(modules), extra_tensors=extra,
+                      source=cfg.get("source", {}), info=info)
+
+
+def load_report(path: str | Path) -> dict | None:
+    p = Path(path) / REPORT_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{p}: cannot read report ({e})") from None
