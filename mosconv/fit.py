@@ -253,26 +253,51 @@ def _solve_pool(pool: torch.Tensor, contribs) -> torch.Tensor:
         return torch.linalg.lstsq(H, R).solution
 
 
-def _refine_A(kf: KindFit, targets: list[Factorization]) -> None:
-    def contribs():
-        for f, m in zip(targets, kf.modules):
-            A, B = factors(kf, m)
-            G = B.T @ B
-            C = ((B.T @ f.U) * f.S) @ f.V.T  # (r, d_in)
-            yield m.routes_A, m.weights_A, G, C.reshape(m.r, kf.nc, -1)
+def _side_terms(kf: KindFit, f: Factorization, m: ModuleRoutes, side: str):
+    """For one module and side: current X (r, d) (A rows, or B columns as rows), the
+    Gram G (r, r) of the other side and C (r, d), so the error is
+    ``||S||^2 - 2 tr(C X^T) + tr(G X X^T)``."""
+    A, B = factors(kf, m)
+    if side == "A":
+        return A, B.T @ B, ((B.T @ f.U) * f.S) @ f.V.T
+    return B.T.contiguous(), A @ A.T, ((A @ f.V) * f.S) @ f.U.T
 
-    kf.pool_A = _solve_pool(kf.pool_A, contribs())
 
+def _refine_side(kf: KindFit, targets: list[Factorization], side: str) -> None:
+    """Block coordinate least squares on one pool: first the public shards (every
+    module's public rows, private rows fixed), then each module's private shards
+    (a small ``p x p`` system per module).  Each step is an exact minimizer."""
+    pool = kf.pool_A if side == "A" else kf.pool_B
+    n_pub = kf.public_A if side == "A" else kf.public_B
+    nc = kf.nc
+    if n_pub:
+        def contribs():
+            for f, m in zip(targets, kf.modules):
+                q = m.public_rows
+                if q == 0:
+                    continue
+                X, G, C = _side_terms(kf, f, m, side)
+                rhs = C[:q] - G[:q, q:] @ X[q:]
+                routes = m.routes_A if side == "A" else m.routes_B
+                w = m.weights_A if side == "A" else m.weights_B
+                yield routes[:q], None if w is None else w[:q], G[:q, :q], rhs.reshape(q, nc, -1)
 
-def _refine_B(kf: KindFit, targets: list[Factorization]) -> None:
-    def contribs():
-        for f, m in zip(targets, kf.modules):
-            A, B = factors(kf, m)
-            G = A @ A.T
-            C = ((A @ f.V) * f.S) @ f.U.T  # (r, d_out)
-            yield m.routes_B, m.weights_B, G, C.reshape(m.r, kf.nc, -1)
-
-    kf.pool_B = _solve_pool(kf.pool_B, contribs())
+        pool[:n_pub] = _solve_pool(pool[:n_pub].clone(), contribs())
+    for f, m in zip(targets, kf.modules):
+        q, r = m.public_rows, m.r
+        if r == q:
+            continue
+        X, G, C = _side_terms(kf, f, m, side)
+        Gpp = G[q:, q:]
+        rhs = C[q:] - G[q:, :q] @ X[:q]
+        ridge = 1e-12 * float(Gpp.diagonal().max().clamp_min(1e-300))
+        Xp = torch.linalg.solve(Gpp + ridge * torch.eye(r - q, dtype=F64), rhs)
+        routes = (m.routes_A if side == "A" else m.routes_B)[q:]
+        w = m.weights_A if side == "A" else m.weights_B
+        seg = Xp.reshape(r - q, nc, -1)
+        if w is not None:
+            seg = seg / w[q:, :, None]
+        pool[routes.reshape(-1)] = seg.reshape((r - q) * nc, -1)
 
 
 def _reroute(kf: KindFit, targets: list[Factorization], side: str) -> None:
@@ -286,16 +311,10 @@ def _reroute(kf: KindFit, targets: list[Factorization], side: str) -> None:
     for f, m in zip(targets, kf.modules):
         if m.public_rows == 0:
             continue
-        A, B = factors(kf, m)
-        if side == "A":
-            G = B.T @ B
-            C = ((B.T @ f.U) * f.S) @ f.V.T
-            X, routes, w = A, m.routes_A, m.weights_A
-        else:
-            G = A @ A.T
-            C = ((A @ f.V) * f.S) @ f.U.T
-            X, routes, w = B.T.clone(), m.routes_B, m.weights_B
+        X, G, C = _side_terms(kf, f, m, side)
         X = X.clone()
+        routes = m.routes_A if side == "A" else m.routes_B
+        w = m.weights_A if side == "A" else m.weights_B
         for j in range(m.public_rows):
             gjj = float(G[j, j])
             if gjj <= 1e-300:
@@ -320,8 +339,8 @@ def refine(kf: KindFit, targets: list[Factorization], iters: int, tol: float = 1
     best_err = sum(kind_err_sq(kf, targets))
     total = sum(f.energy for f in targets) or 1.0
     for _ in range(iters):
-        _refine_A(kf, targets)
-        _refine_B(kf, targets)
+        _refine_side(kf, targets, "A")
+        _refine_side(kf, targets, "B")
         _reroute(kf, targets, "A")
         _reroute(kf, targets, "B")
         err = sum(kind_err_sq(kf, targets))

@@ -54,7 +54,8 @@ def allocate(
         g = gains[name].double().tolist()
         c = costs[name]
         for i, v in enumerate(g):
-            items.append((-v / c, pos, i))
+            if v > 0:  # a zero-energy triplet would spend budget for nothing
+                items.append((-v / c, pos, i))
     items.sort()
     counts = {name: 0 for name in order}
     left = budget

@@ -1,0 +1,625 @@
+"""Readers: every supported format -> LoraAdapter with the right A, B, scale, kind and extras."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    LLAMA_MODULES,
+    MODULES_TO_SAVE_EXTRAS,
+    PEFT_PREFIX,
+    ZOO_ADAPTERS,
+    dense_update,
+    raw_lora_pairs,
+    raw_tensors,
+    read_zoo,
+    zoo_adapter_path,
+    zoo_expected_scale,
+    zoo_weight_file,
+)
+
+from mosconv.adapter import name_pattern, natural_key
+from mosconv.readers import read_adapter, resolve_adapter_path
+from mosconv.readers.peft import pattern_key
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def assert_factors_written(adapter, written, a_key, b_key):
+    """Every module's A/B equal the written tensors (upcast to float32), bit for bit."""
+    assert len(adapter.modules) > 0
+    for m in adapter.modules:
+        A = written.tensors[a_key(m.name)]
+        B = written.tensors[b_key(m.name)]
+        assert m.A.dtype == torch.float32 and m.B.dtype == torch.float32
+        assert torch.equal(m.A, A.float()), m.name
+        assert torch.equal(m.B, B.float()), m.name
+        assert m.A.shape == (m.r, m.d_in) and m.B.shape == (m.d_out, m.r)
+
+
+def peft_a(name):
+    return f"{PEFT_PREFIX}{name}.lora_A.weight"
+
+
+def peft_b(name):
+    return f"{PEFT_PREFIX}{name}.lora_B.weight"
+
+
+# --------------------------------------------------------------------------- PEFT scaling
+
+
+def test_peft_scale_is_alpha_over_r(make):
+    w = make.peft(r=4, lora_alpha=8)
+    ad = read_adapter(w.path)
+    assert ad.format == "peft"
+    assert [m.name for m in ad.modules] == sorted(LLAMA_MODULES, key=natural_key)
+    assert all(m.scale == 2.0 for m in ad.modules)
+    assert_factors_written(ad, w, peft_a, peft_b)
+    assert ad.base_model == "tiny-llama-for-tests" and ad.task_type == "CAUSAL_LM"
+    assert ad.dtype == "float32" and ad.fan_in_fan_out is False
+    assert ad.config == w.config
+    assert ad.params == sum(4 * (d_in + d_out) for d_out, d_in in LLAMA_MODULES.values())
+
+
+def test_peft_scale_non_integer_alpha(make):
+    ad = read_adapter(make.peft(r=8, lora_alpha=12).path)
+    assert all(m.scale == 12 / 8 for m in ad.modules)
+
+
+def test_peft_rslora_scale_is_alpha_over_sqrt_r(make):
+    ad = read_adapter(make.peft(r=8, lora_alpha=16, use_rslora=True).path)
+    assert all(m.scale == 16 / math.sqrt(8) for m in ad.modules)
+
+
+def test_peft_rank_and_alpha_patterns_match_as_regex_suffixes(make):
+    modules = {
+        f"model.layers.{i}.self_attn.{p}": (24, 16)
+        for i in (0, 1, 11)
+        for p in ("q_proj", "v_proj")
+    }
+    modules["model.layers.0.mlp.down_proj"] = (16, 32)
+    rank_pattern = {"layers.1.self_attn.q_proj": 2, r"layers\.(0|11)\.self_attn\.v_proj": 6}
+    alpha_pattern = {
+        "layers.11.self_attn.q_proj": 3,  # "." is a regex wildcard, but it must still end the name
+        "proj": 100,  # not a suffix at a "." boundary of any name: never matches
+        "down_proj": 5,
+    }
+    ranks = {
+        "model.layers.1.self_attn.q_proj": 2,
+        "model.layers.0.self_attn.v_proj": 6,
+        "model.layers.11.self_attn.v_proj": 6,
+    }
+    w = make.peft(
+        modules,
+        r=4,
+        lora_alpha=8,
+        ranks=ranks,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    ad = read_adapter(w.path)
+    expected = {
+        "model.layers.0.self_attn.q_proj": 8 / 4,
+        "model.layers.0.self_attn.v_proj": 8 / 6,  # rank from the pattern, alpha from lora_alpha
+        "model.layers.1.self_attn.q_proj": 8 / 2,  # "layers.1." does not also match layers.11
+        "model.layers.1.self_attn.v_proj": 8 / 4,
+        "model.layers.11.self_attn.q_proj": 3 / 4,
+        "model.layers.11.self_attn.v_proj": 8 / 6,
+        "model.layers.0.mlp.down_proj": 5 / 4,
+    }
+    assert {m.name: m.scale for m in ad.modules} == expected
+    assert {m.name: m.r for m in ad.modules} == {n: ranks.get(n, 4) for n in modules}
+    assert_factors_written(ad, w, peft_a, peft_b)
+
+
+def test_peft_rank_pattern_with_rslora(make):
+    mods = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
+    w = make.peft(
+        mods,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        ranks={"model.layers.0.self_attn.v_proj": 9},
+        rank_pattern={"v_proj": 9},
+        alpha_pattern={"v_proj": 6},
+    )
+    ad = read_adapter(w.path)
+    assert ad.module("model.layers.0.self_attn.q_proj").scale == 8 / 2
+    assert ad.module("model.layers.0.self_attn.v_proj").scale == 6 / 3
+
+
+def test_pattern_key_first_match_wins_like_peft():
+    patterns = {"q_proj": 1, r"layers\.0\.self_attn\.q_proj": 2}
+    assert pattern_key(patterns, "model.layers.0.self_attn.q_proj") == "q_proj"
+    assert pattern_key(patterns, "q_proj") == "q_proj"  # a whole name matches too
+    assert pattern_key(patterns, "model.layers.0.self_attn.xq_proj") is None
+    assert pattern_key({}, "model.layers.0.q_proj") is None
+
+
+def test_peft_old_config_schema(make):
+    """Early PEFT configs: only target_modules, peft_type, r and lora_alpha."""
+    w = make.peft(r=4, lora_alpha=16, old_config=True)
+    assert set(w.config) == {"target_modules", "peft_type", "r", "lora_alpha"}
+    ad = read_adapter(w.path)
+    assert all(m.scale == 4.0 for m in ad.modules)
+    assert ad.base_model is None and ad.task_type is None and ad.fan_in_fan_out is False
+    assert_factors_written(ad, w, peft_a, peft_b)
+
+
+def test_peft_config_without_lora_alpha_uses_peft_default_8(make):
+    """PEFT's LoraConfig defaults lora_alpha to 8 (not to r)."""
+    ad = read_adapter(make.peft(r=16, lora_alpha=None, old_config=True).path)
+    assert all(m.scale == 8 / 16 for m in ad.modules)
+
+
+def test_peft_keys_with_adapter_name(make):
+    w = make.peft(adapter_name_in_keys=True)
+    ad = read_adapter(w.path)
+    assert len(ad.modules) == len(LLAMA_MODULES) and not ad.extra_tensors
+    assert_factors_written(
+        ad,
+        w,
+        lambda n: f"{PEFT_PREFIX}{n}.lora_A.default.weight",
+        lambda n: f"{PEFT_PREFIX}{n}.lora_B.default.weight",
+    )
+
+
+def test_peft_legacy_bin_reads_like_safetensors(make):
+    w = make.peft(weights="bin", extra={"base_model.model.score.weight": (3, 16)})
+    assert w.weights.name == "adapter_model.bin"
+    ad = read_adapter(w.path)
+    assert ad.source_files[-1] == w.weights
+    assert all(m.scale == 2.0 for m in ad.modules)
+    assert_factors_written(ad, w, peft_a, peft_b)
+    assert torch.equal(
+        ad.extra_tensors["base_model.model.score.weight"],
+        w.tensors["base_model.model.score.weight"],
+    )
+
+
+def test_peft_fan_in_fan_out_keeps_linear_orientation(make):
+    """GPT-2 Conv1D adapters: PEFT still stores A (r, d_in) and B (d_out, r)."""
+    mods = {f"transformer.h.{i}.attn.c_attn": (48, 16) for i in range(2)}
+    w = make.peft(mods, fan_in_fan_out=True)
+    ad = read_adapter(w.path)
+    assert ad.fan_in_fan_out is True
+    for m in ad.modules:
+        assert (m.d_out, m.d_in) == (48, 16)
+    assert_factors_written(ad, w, peft_a, peft_b)
+
+
+def test_peft_extra_tensors_pass_through_bit_identical(make):
+    extra = {k: make.randn(*s) for k, s in MODULES_TO_SAVE_EXTRAS.items()}
+    extra["base_model.model.classifier.weight"] = make.randn(2, 16).to(torch.bfloat16)
+    extra["base_model.model.embed.position_ids"] = torch.arange(7, dtype=torch.int64)
+    extra["base_model.model.model.norm.weight"] = make.randn(16).half()
+    w = make.peft(extra=extra)
+    ad = read_adapter(w.path)
+    assert set(ad.extra_tensors) == set(extra)
+    for key, t in extra.items():
+        got = ad.extra_tensors[key]
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got, t), key
+    assert {m.name for m in ad.modules} == set(LLAMA_MODULES)
+
+
+def test_peft_embedding_lora(make):
+    w = make.peft(
+        {"model.layers.0.self_attn.q_proj": (24, 16)},
+        r=4,
+        embeddings={"model.embed_tokens": (50, 16)},
+    )
+    ad = read_adapter(w.path)
+    emb = ad.module("model.embed_tokens")
+    assert emb.embedding is True
+    assert (emb.r, emb.d_in, emb.d_out) == (4, 50, 16)  # A (r, num_emb), B (dim, r)
+    assert torch.equal(emb.A, w.tensors[f"{PEFT_PREFIX}model.embed_tokens.lora_embedding_A"])
+    assert torch.equal(emb.B, w.tensors[f"{PEFT_PREFIX}model.embed_tokens.lora_embedding_B"])
+    assert emb.scale == 2.0
+    assert "emb" in emb.kind
+    assert ad.module("model.layers.0.self_attn.q_proj").embedding is False
+    assert not ad.extra_tensors
+
+
+def test_peft_safetensors_metadata_kept(make):
+    ad = read_adapter(make.peft(metadata={"format": "pt", "note": "x"}).path)
+    assert ad.metadata == {"format": "pt", "note": "x"}
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+@pytest.mark.parametrize("which", ["weights", "config"])
+def test_passing_a_file_of_a_peft_folder_reads_the_folder(make, weights, which):
+    w = make.peft(weights=weights)
+    target = w.weights if which == "weights" else w.path / "adapter_config.json"
+    assert resolve_adapter_path(target) == ("peft", w.path)
+    via_file, via_folder = read_adapter(target), read_adapter(w.path)
+    assert via_file.format == "peft"
+    assert [(m.name, m.scale) for m in via_file.modules] == [
+        (m.name, m.scale) for m in via_folder.modules
+    ]
+    for a, b in zip(via_file.modules, via_folder.modules):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "float16"), (torch.bfloat16, "bfloat16")])
+def test_half_precision_adapter_read_as_float32(make, dtype, name):
+    w = make.peft(dtype=dtype)
+    ad = read_adapter(w.path)
+    assert ad.dtype == name
+    assert_factors_written(ad, w, peft_a, peft_b)  # exact: every half value is a float32
+
+
+# --------------------------------------------------------------------------- kinds and layers
+
+
+def test_kinds_split_same_pattern_of_different_shapes(make):
+    mods = {f"transformer.h.{i}.attn.c_proj": (16, 16) for i in range(3)}
+    mods.update({f"transformer.h.{i}.mlp.c_proj": (16, 64) for i in range(3)})
+    mods.update({f"transformer.h.{i}.attn.c_attn": (48, 16) for i in range(3)})
+    ad = read_adapter(make.peft(mods).path)
+    kinds = ad.kinds
+    assert len(kinds) == 3
+    for ms in kinds.values():
+        assert len({(m.d_out, m.d_in) for m in ms}) == 1
+        assert len({name_pattern(m.name) for m in ms}) == 1
+        assert [m.layer for m in ms] == [0, 1, 2]
+        assert [m.name.split(".")[2] for m in ms] == ["0", "1", "2"]
+
+
+def test_kinds_split_sd_blocks_of_different_widths(make):
+    blocks = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1": (32, 32),
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn1": (32, 32),
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1": (64, 64),
+        "down_blocks.1.attentions.1.transformer_blocks.0.attn1": (64, 64),
+    }
+    ad = read_adapter(make.diffusers_legacy(blocks, projs=("to_q",)).path)
+    kinds = ad.kinds
+    assert len(kinds) == 2
+    pattern = "down_blocks.*.attentions.*.transformer_blocks.*.attn1.to_q"
+    assert sorted(kinds) == sorted(f"{pattern}[{w}x{w}]" for w in (32, 64))
+    for ms in kinds.values():
+        assert [m.layer for m in ms] == [0, 1]
+
+
+def test_layer_index_follows_natural_order(make):
+    mods = {f"model.layers.{i}.self_attn.q_proj": (24, 16) for i in (10, 2, 0, 1)}
+    ad = read_adapter(make.peft(mods).path)
+    assert [(m.name.split(".")[2], m.layer) for m in ad.modules] == [
+        ("0", 0),
+        ("1", 1),
+        ("2", 2),
+        ("10", 3),
+    ]
+
+
+# --------------------------------------------------------------------------- diffusers and kohya
+
+SD_MODULES = {
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 48),
+    "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0": (64, 64),
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (48, 48),
+}
+
+
+def test_diffusers_peft_style_scale_1_without_alpha(make):
+    w = make.diffusers(SD_MODULES, r=4, extra={"unet.conv_in.bias": (8,)})
+    ad = read_adapter(w.path)
+    assert ad.format == "diffusers"
+    assert {m.name for m in ad.modules} == set(SD_MODULES)
+    assert all(m.scale == 1.0 for m in ad.modules)
+    assert_factors_written(ad, w, lambda n: f"{n}.lora_A.weight", lambda n: f"{n}.lora_B.weight")
+    assert torch.equal(ad.extra_tensors["unet.conv_in.bias"], w.tensors["unet.conv_in.bias"])
+    assert ad.source_files == (w.weights,)
+
+
+def test_diffusers_peft_style_alpha_keys(make):
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    ad = read_adapter(make.diffusers(SD_MODULES, r=4, alphas={q: 2}).path)
+    assert ad.module(q).scale == 0.5
+    assert all(m.scale == 1.0 for m in ad.modules if m.name != q)
+    assert not ad.extra_tensors  # alphas are consumed, not passed through
+
+
+def test_diffusers_legacy_attention_processor_keys(make):
+    blocks = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2": (32, 48),
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn1": (64, 64),
+    }
+    w = make.diffusers_legacy(blocks, r=4)
+    ad = read_adapter(w.path)
+    assert ad.format == "diffusers-legacy"
+    expected = {f"{b}.{p}" for b in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert {m.name for m in ad.modules} == expected
+    assert all(m.scale == 1.0 for m in ad.modules)
+
+    def key(n, which):
+        block, proj = n.rsplit(".to_", 1)
+        proj = "to_" + proj.removesuffix(".0")
+        return f"{block}.processor.{proj}_lora.{which}.weight"
+
+    assert_factors_written(ad, w, lambda n: key(n, "down"), lambda n: key(n, "up"))
+    cross = ad.module("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+    assert (cross.d_out, cross.d_in) == (32, 48)
+
+
+def test_diffusers_file_found_in_a_folder_without_config(make):
+    w = make.diffusers(SD_MODULES)
+    assert resolve_adapter_path(w.path.parent) == ("file", w.path)
+    assert len(read_adapter(w.path.parent).modules) == len(SD_MODULES)
+
+
+KOHYA = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32),
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (64, 64),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (48, 48),
+    "lora_te_text_model_encoder_layers_1_self_attn_q_proj": (48, 48),
+}
+
+
+def test_kohya_scale_alpha_over_r_and_missing_alpha_is_1(make):
+    q0, q1, te0, te1 = KOHYA
+    w = make.kohya(
+        KOHYA,
+        r=8,
+        alphas={q0: 4, q1: None, te0: 1, te1: 8},
+        metadata={"ss_sd_model_name": "v1-5-pruned.safetensors"},
+    )
+    ad = read_adapter(w.path)
+    assert ad.format == "kohya"
+    assert {m.name: m.scale for m in ad.modules} == {q0: 0.5, q1: 1.0, te0: 1 / 8, te1: 1.0}
+    assert_factors_written(
+        ad, w, lambda n: f"{n}.lora_down.weight", lambda n: f"{n}.lora_up.weight"
+    )
+    assert not ad.extra_tensors
+    assert ad.base_model == "v1-5-pruned.safetensors"
+    assert ad.metadata["ss_sd_model_name"] == "v1-5-pruned.safetensors"
+
+
+def test_kohya_fp16_alpha_and_factors(make):
+    q0 = next(iter(KOHYA))
+    w = make.kohya(
+        {q0: KOHYA[q0]}, r=4, alphas={q0: 3}, alpha_dtype=torch.float16, dtype=torch.float16
+    )
+    ad = read_adapter(w.path)
+    assert ad.dtype == "float16" and ad.module(q0).scale == 0.75
+
+
+def test_kohya_kinds_split_blocks_of_different_widths(make):
+    ad = read_adapter(make.kohya(KOHYA).path)
+    assert len(ad.kinds) == 3  # two unet widths, one text-encoder kind of two layers
+    te = [m for m in ad.modules if m.name.startswith("lora_te_")]
+    assert len({m.kind for m in te}) == 1 and [m.layer for m in te] == [0, 1]
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
+def test_kohya_conv_module_flattened_exactly(make, kernel):
+    """A kxk down conv followed by a 1x1 up conv is the single kxk conv reshape(B @ A)."""
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    c_out, c_in = 12, 6
+    w = make.kohya({}, r=4, alphas={conv: 2}, convs={conv: (c_out, c_in, *kernel)})
+    ad = read_adapter(w.path)
+    m = ad.module(conv)
+    down = w.tensors[f"{conv}.lora_down.weight"]  # (r, in, kh, kw)
+    up = w.tensors[f"{conv}.lora_up.weight"]  # (out, r, 1, 1)
+    assert m.conv_shape == (c_out, c_in, *kernel)
+    assert (m.r, m.d_in, m.d_out) == (4, c_in * kernel[0] * kernel[1], c_out)
+    assert m.scale == 0.5
+    assert "conv" in m.kind
+    assert torch.equal(m.A, down.flatten(1)) and torch.equal(m.B, up.flatten(1))
+
+    kernel_w = (m.B.double() @ m.A.double()).reshape(m.conv_shape)
+    x = torch.randn(2, c_in, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    pad = kernel[0] // 2
+    composed = F.conv2d(F.conv2d(x, down.double(), padding=pad), up.double())
+    single = F.conv2d(x, kernel_w, padding=pad)
+    torch.testing.assert_close(single, composed, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the zoo
+
+
+def test_zoo_holds_every_listed_adapter(zoo):
+    missing = [name for name in ZOO_ADAPTERS if not (zoo / name).is_dir()]
+    assert not missing, f"{zoo}: missing {missing}"
+
+
+@pytest.mark.parametrize("name", ZOO_ADAPTERS)
+def test_zoo_reads_with_exact_factors_and_scale(name):
+    ad = read_zoo(name)
+    raw = raw_tensors(zoo_weight_file(name))
+    pairs = raw_lora_pairs(raw)
+    assert {m.name for m in ad.modules} == set(pairs)
+    scale = zoo_expected_scale(name)
+    for m in ad.modules:
+        A, B = pairs[m.name]
+        assert m.scale == scale
+        assert torch.equal(m.A, A.float()) and torch.equal(m.B, B.float())
+        assert m.A.shape == (m.r, m.d_in) and m.B.shape == (m.d_out, m.r)
+    lora_keys = {k for k in raw if any(t in k for t in ("lora_A", "lora_B", "_lora."))}
+    assert set(ad.extra_tensors) == set(raw) - lora_keys
+    expected_format = "diffusers-legacy" if name.startswith("sd15") else "peft"
+    assert ad.format == expected_format
+
+
+def test_zoo_distilbert_modules_to_save_pass_through():
+    name = "distilbert-imdb-seqcls"
+    ad = read_zoo(name)
+    raw = raw_tensors(zoo_weight_file(name))
+    expected = {k for k in raw if "classifier" in k}
+    assert expected and expected <= set(ad.extra_tensors)
+    for key in ad.extra_tensors:
+        assert ad.extra_tensors[key].dtype == raw[key].dtype
+        assert torch.equal(ad.extra_tensors[key], raw[key]), key
+    assert ad.task_type == "SEQ_CLS"
+
+
+def test_zoo_gpt2_tigrinya_kinds():
+    ad = read_zoo("gpt2-tigrinya-lora")
+    assert ad.fan_in_fan_out is True
+    kinds = ad.kinds
+    assert len(kinds) == 3
+    by_pattern = {name_pattern(ms[0].name): ms for ms in kinds.values()}
+    assert set(by_pattern) == {
+        "transformer.h.*.attn.c_attn",
+        "transformer.h.*.attn.c_proj",
+        "transformer.h.*.mlp.c_proj",
+    }
+    attn_proj, mlp_proj = (
+        by_pattern["transformer.h.*.attn.c_proj"],
+        by_pattern["transformer.h.*.mlp.c_proj"],
+    )
+    assert attn_proj[0].kind != mlp_proj[0].kind
+    assert {(m.d_out, m.d_in) for m in attn_proj} == {(768, 768)}
+    assert {(m.d_out, m.d_in) for m in mlp_proj} == {(768, 3072)}
+    for ms in kinds.values():
+        assert [m.layer for m in ms] == list(range(12))
+        assert [int(m.name.split(".")[2]) for m in ms] == list(range(12))
+
+
+def test_zoo_sd15_kinds_by_width():
+    ad = read_zoo("sd15-diffusers-attnproc-r4")
+    assert len(ad.modules) == 128
+    for ms in ad.kinds.values():
+        assert len({(m.d_out, m.d_in) for m in ms}) == 1
+        assert [m.layer for m in ms] == list(range(len(ms)))
+    q_kinds = {k for k in ad.kinds if k.startswith("down_blocks.") and ".attn1.to_q[" in k}
+    assert {k.split("[")[1] for k in q_kinds} == {"320x320]", "640x640]", "1280x1280]"}
+
+
+def test_zoo_open_calm_fp16_read_as_float32():
+    ad = read_zoo("open-calm-1b-r1-fp16")
+    assert ad.dtype == "float16"
+    assert all(
+        m.A.dtype == torch.float32 and (m.r, m.d_in, m.d_out) == (1, 2048, 6144) for m in ad.modules
+    )
+    assert all(m.scale == 32.0 for m in ad.modules)
+
+
+def test_zoo_legacy_bin():
+    ad = read_zoo("gpt2-great-tabular-bin")
+    assert ad.source_files[-1].name == "adapter_model.bin"
+    assert len(ad.modules) == 12 and all(m.scale == 4.0 for m in ad.modules)
+
+
+def test_zoo_weight_file_path_reads_the_folder():
+    name = "opt-125m-lora-ckpts/final"
+    via_file = read_adapter(zoo_adapter_path(name) / "adapter_model.safetensors")
+    via_folder = read_zoo(name)
+    assert via_file.format == "peft" and via_file.config == via_folder.config
+    assert [(m.name, m.scale) for m in via_file.modules] == [
+        (m.name, m.scale) for m in via_folder.modules
+    ]
+    for a, b in zip(via_file.modules, via_folder.modules):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+
+# --------------------------------------------------------------------------- against PEFT itself
+
+
+def test_scales_and_updates_match_peft(tmp_path):
+    """Adapters saved by PEFT itself read back with PEFT's own scaling and delta weights:
+    rslora, rank_pattern, alpha_pattern, embedding, Conv1D fan_in_fan_out, modules_to_save."""
+    peft = pytest.importorskip("peft")
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(16, 24), nn.Linear(16, 8)
+
+    class Tiny(nn.Module):
+        def __init__(self, conv1d=False):
+            super().__init__()
+            self.emb = nn.Embedding(30, 16)
+            self.layers = nn.ModuleList(Block() for _ in range(3))
+            self.c_attn = Conv1D(48, 16) if conv1d else nn.Linear(16, 48)
+            self.classifier = nn.Linear(16, 2)
+
+    cases = {
+        "rslora-patterns": {
+            "r": 4,
+            "lora_alpha": 8,
+            "use_rslora": True,
+            "target_modules": ["q_proj", "v_proj", "emb"],
+            "rank_pattern": {"layers.1.q_proj": 2, "v_proj": 6},
+            "alpha_pattern": {r"layers\.2\.q_proj": 5},
+            "modules_to_save": ["classifier"],
+        },
+        "conv1d": {"r": 8, "lora_alpha": 32, "target_modules": ["c_attn"], "fan_in_fan_out": True},
+    }
+    for label, kw in cases.items():
+        torch.manual_seed(0)
+        model = peft.get_peft_model(
+            Tiny(conv1d=kw.get("fan_in_fan_out", False)),
+            peft.LoraConfig(init_lora_weights=False, **kw),
+        )
+        for safe in (True, False):
+            out = tmp_path / f"{label}-{safe}"
+            model.save_pretrained(out, safe_serialization=safe)
+            ad = read_adapter(out)
+            layers = {
+                n.removeprefix("base_model.model."): mod
+                for n, mod in model.named_modules()
+                if isinstance(getattr(mod, "scaling", None), dict) and "default" in mod.scaling
+            }
+            assert {m.name for m in ad.modules} == set(layers), label
+            for m in ad.modules:
+                layer = layers[m.name]
+                assert m.scale == pytest.approx(layer.scaling["default"], rel=1e-15), (
+                    label,
+                    m.name,
+                )
+                delta = layer.get_delta_weight("default").double()
+                if m.embedding:
+                    delta = delta.T  # PEFT returns (num_embeddings, dim)
+                elif kw.get("fan_in_fan_out") and m.name == "c_attn":
+                    delta = delta.T  # Conv1D weight is (in, out)
+                torch.testing.assert_close(
+                    dense_update(m.A, m.B, m.scale), delta, rtol=1e-5, atol=1e-7
+                )
+            if "modules_to_save" in kw:
+                sd = model.state_dict()
+                assert {
+                    "base_model.model.classifier.weight",
+                    "base_model.model.classifier.bias",
+                } == set(ad.extra_tensors)
+                for key, t in ad.extra_tensors.items():
+                    src = [
+                        v
+                        for k, v in sd.items()
+                        if k.endswith("classifier.modules_to_save.default." + key.rsplit(".", 1)[1])
+                    ]
+                    assert torch.equal(t, src[0])
+
+
+def test_old_config_scale_matches_peft_loading(make):
+    """An early-schema config (no lora_alpha at all) loads in PEFT with its defaults."""
+    peft = pytest.importorskip("peft")
+    from torch import nn
+
+    mods = {f"layers.{i}.q_proj": (24, 16) for i in range(2)}
+    w = make.peft(mods, r=16, lora_alpha=None, old_config=True)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(16, 24)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    model = peft.PeftModel.from_pretrained(Tiny(), str(w.path))
+    ad = read_adapter(w.path)
+    for m in ad.modules:
+        layer = model.get_submodule(f"base_model.model.{m.name}")
+        assert m.scale == layer.scaling["default"]
+    assert json.loads((w.path / "adapter_config.json").read_text()) == w.config
