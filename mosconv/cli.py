@@ -199,18 +199,23 @@ def compress(lora, out, ratio, seed, search, iters, routing_weights, overwrite, 
     config = ConvertConfig(ratio=ratio, seed=seed, search=search, iters=iters,
                            routing_weights=routing_weights)
     config.validate()
-    bar = None if quiet else tqdm(desc="kinds", unit="kind", file=sys.stderr, leave=False)
+    bars = []
 
-    def progress(kind: str) -> None:
-        if bar is not None:
-            bar.update(1)
+    def progress(kind: str) -> None:  # the bar appears once fitting starts (terminals only)
+        if quiet:
+            return
+        if not bars:
+            bars.append(tqdm(desc="fitting kinds", unit="kind", file=sys.stderr, leave=False,
+                             disable=None))
+        bars[0].update(1)
+        bars[0].set_postfix_str(kind[-40:])
 
     command = "mosconv " + " ".join(sys.argv[1:]) if sys.argv else None
     try:
         result = run_compress(lora, out, config, command=command, overwrite=overwrite,
                               progress=progress)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     if as_json:
         click.echo(json.dumps(result.report, indent=2))

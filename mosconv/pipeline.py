@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from .convert import ConvertConfig, ConvertResult, convert
 from .errors import FormatError
-from .fileio import sha256_file
-from .mos_format import load_mos, save_mos
+from .fileio import prepare_output_dir, sha256_file
+from .mos_format import CONFIG_FILE, load_mos, save_mos
 from .readers import read_adapter
 from .writers import peft_config, write_peft_folder
 
@@ -29,18 +30,22 @@ def compress(
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
     Raises FormatError/ConfigError/MosconvError; a failed run leaves no ``mos_config.json``.
     """
-    from .fileio import prepare_output_dir
-    from .mos_format import CONFIG_FILE
-
-    prepare_output_dir(Path(out), CONFIG_FILE, overwrite)  # fail before the work, not after
-    adapter = read_adapter(lora_path)
-    result = convert(adapter, config, progress=progress)
-    files = [{"name": Path(p).name, "bytes": os.path.getsize(p), "sha256": sha256_file(Path(p))}
-             for p in adapter.source_files]
-    mos = replace(result.mos,
-                  source={**result.mos.source, "path": str(lora_path), "files": files},
-                  info={**result.mos.info, "command": command})
-    save_mos(mos, out, result.report, overwrite=True)
+    out = Path(out)
+    created = not out.exists()
+    prepare_output_dir(out, CONFIG_FILE, overwrite)  # fail before the work, not after
+    try:
+        adapter = read_adapter(lora_path)
+        result = convert(adapter, config, progress=progress)
+        files = [{"name": Path(p).name, "bytes": os.path.getsize(p), "sha256": sha256_file(Path(p))}
+                 for p in adapter.source_files]
+        mos = replace(result.mos,
+                      source={**result.mos.source, "path": str(lora_path), "files": files},
+                      info={**result.mos.info, "command": command})
+        save_mos(mos, out, result.report, overwrite=True)
+    except BaseException:
+        if created:  # leave nothing behind that we made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return ConvertResult(mos=mos, report=result.report)
 
 
