@@ -175,7 +175,7 @@ def render_mos_inspect(info: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for clustering (deterministic output).")
 @click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]), default="fast",
               show_default=True, help="truncation: all-private only; fast/thorough: also try shared pools.")
-@click.option("--iters", type=click.IntRange(min=0), default=8, show_default=True,
+@click.option("--iters", type=click.IntRange(min=0), default=4, show_default=True,
               help="Refinement iterations per MoS candidate.")
 @click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
               help="Allow per-slot scalar weights (counted as parameters); off = the paper's plain form.")

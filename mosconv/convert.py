@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from ._threads import one_thread
 from .adapter import LoraAdapter
 from .errors import ConfigError, MosconvError
 from .factorize import Factorization, factorize_adapter
@@ -50,7 +50,7 @@ class ConvertConfig:
     ratio: float = 8.0
     seed: int = 0
     search: str = "fast"
-    iters: int = 8
+    iters: int = 4
     routing_weights: bool = True
 
     def validate(self) -> None:
@@ -75,9 +75,10 @@ def _candidates(search: str, n_modules: int, d_in: int, d_out: int, routing_weig
     if search == "truncation" or n_modules < 2:
         return []
     ws = (False, True) if routing_weights else (False,)
-    if search == "fast":  # small shards share best (measured on the zoo); one size
-        ncs = divisors_for(d_in, d_out, (16, 8, 4, 2, 1))[:1]
-        return [(f, nc, q, w) for f in (0.125, 0.5) for nc in ncs for q in (1, 2) for w in ws]
+    if search == "fast":  # small shards share best (measured on the zoo); four mixes
+        nc = divisors_for(d_in, d_out, (16, 8, 4, 2, 1))[0]
+        mixes = [(0.125, 2, False), (0.5, 2, True), (0.125, 1, True), (0.5, 1, False)]
+        return [(f, nc, q, w and routing_weights) for f, q, w in mixes]
     ncs = divisors_for(d_in, d_out, (1, 2, 4, 8, 16))
     return [(f, nc, q, w) for f in (0.125, 0.25, 0.5) for nc in ncs for q in (1, 2) for w in ws]
 
@@ -129,7 +130,7 @@ def convert(
     trunc = truncate(facts, budget)
     torch.manual_seed(config.seed)
 
-    with _one_thread():
+    with one_thread():
         kinds, structures, mos_modules = _fit_kinds(adapter, facts, trunc, config, progress)
     order = {m.name: i for i, m in enumerate(adapter.modules)}
     mos_modules.sort(key=lambda m: order[m.name])
@@ -162,7 +163,7 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
     structures = {}
     mos_modules = []
     for kind, mods in adapter.kinds.items():
-        targets = [facts[m.name] for m in mods]
+        targets = [facts[m.name].double() for m in mods]  # float64 while this kind is fitted
         ranks = [trunc.ranks[m.name] for m in mods]
         d_in, d_out = mods[0].d_in, mods[0].d_out
         kind_budget = sum(ranks) * (d_in + d_out)
@@ -202,14 +203,3 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
         if progress:
             progress(kind)
     return kinds, structures, mos_modules
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Fitting works on many small matrices, where intra-op threads only add overhead."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -3,7 +3,7 @@
 ``dW = scale * B @ A`` (``B: (d_out, r)``, ``A: (r, d_in)``) is factorized as
 ``U diag(S) V^T`` through a QR of each factor and an ``r x r`` SVD, never forming
 the ``d_out x d_in`` matrix: ``O((d_in + d_out) r^2)`` instead of
-``O(d_out d_in min(d_out, d_in))`` for a dense SVD.  All arithmetic is float64.
+``O(d_out d_in min(d_out, d_in))`` for a dense SVD.  Arithmetic is float64.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._threads import one_thread
 from .adapter import LoraAdapter, LoraModule
 
 _EPS = 1e-300
@@ -23,19 +24,30 @@ class Factorization:
     """``dW = U @ diag(S) @ V.T``, singular values in descending order.
 
     Attributes:
-        U: ``(d_out, k)`` orthonormal columns, float64.
+        U: ``(d_out, k)`` orthonormal columns, float32.
         S: ``(k,)`` singular values, descending, float64.
-        V: ``(d_in, k)`` orthonormal columns, float64.
+        V: ``(d_in, k)`` orthonormal columns, float32.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+    norm_sq: float | None = None  # exact ||U S V^T||^2 when U, V are not exactly orthonormal
 
     @property
     def energy(self) -> float:
         """``||dW||_F^2``."""
-        return float((self.S**2).sum())
+        return self.norm_sq if self.norm_sq is not None else float((self.S**2).sum())
+
+    def double(self) -> "Factorization":
+        """The same factorization with float64 ``U`` and ``V`` (for accumulation).
+
+        Its ``energy`` is the exact ``||U S V^T||^2`` of the float64 factors, so Gram-based
+        errors against it do not inherit the float32 storage rounding (which the square
+        root in a relative error would amplify to ~1e-4)."""
+        U, V = self.U.double(), self.V.double()
+        e = float(((U.T @ U) * (self.S[:, None] * (V.T @ V) * self.S[None, :])).sum())
+        return Factorization(U, self.S, V, e)
 
     @property
     def d_out(self) -> int:
@@ -60,7 +72,9 @@ def factorize_pair(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> Fact
     qa, ra = torch.linalg.qr(A.T)  # (d_in, k2), (k2, r)
     core = scale * (rb @ ra.T)  # (k1, k2)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return Factorization(U=qb @ u, S=s, V=qa @ vh.T)
+    # U, V are stored in float32 (orthonormal to ~1e-7; half the memory of the adapter in
+    # float64); S stays float64.  Consumers upcast where they accumulate.
+    return Factorization(U=(qb @ u).float(), S=s, V=(qa @ vh.T).float())
 
 
 def factorize(module: LoraModule) -> Factorization:
@@ -70,7 +84,8 @@ def factorize(module: LoraModule) -> Factorization:
 
 def factorize_adapter(adapter: LoraAdapter) -> dict[str, Factorization]:
     """Factorizations of every module, keyed by module name."""
-    return {m.name: factorize(m) for m in adapter.modules}
+    with one_thread():
+        return {m.name: factorize(m) for m in adapter.modules}
 
 
 def frob_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:

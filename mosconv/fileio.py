@@ -48,7 +48,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize tensors deterministically (keys sorted by safetensors; contiguous CPU copies)."""
+    """Serialize tensors deterministically (keys sorted by safetensors; contiguous CPU copies).
+
+    ``metadata`` must have at most one key: safetensors writes several in hash-map order.
+    """
+    if metadata and len(metadata) > 1:
+        raise ValueError("safetensors metadata with more than one key is not byte-deterministic")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return st_save(clean, metadata=metadata)
 

@@ -95,7 +95,8 @@ def module_err_sq(f: Factorization, A: torch.Tensor, B: torch.Tensor) -> float:
     """``||U S V^T - B A||_F^2`` from Grams."""
     if A.shape[0] == 0:
         return f.energy
-    cross = ((f.U.T @ B) * (f.S[:, None] * (f.V.T @ A.T))).sum()
+    U, V = f.U.to(B.dtype), f.V.to(A.dtype)
+    cross = ((U.T @ B) * (f.S[:, None] * (V.T @ A.T))).sum()
     quad = ((B.T @ B) * (A @ A.T)).sum()
     return max(float(f.energy - 2 * cross + quad), 0.0)
 

@@ -219,7 +219,9 @@ def save_mos(mos: MosAdapter, out: str | Path, report: dict | None = None, *,
     out = Path(out)
     prepare_output_dir(out, CONFIG_FILE, overwrite)
     tensors, config = to_tensors(mos)
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    # one key only: safetensors writes metadata in hash-map order, so two keys would make
+    # the header bytes differ between runs
+    meta = {"format": f"{FORMAT_NAME}.v{FORMAT_VERSION}"}
     data = safetensors_bytes(tensors, meta)
     atomic_write_bytes(out / TENSOR_FILE, data)
     if report is not None:
@@ -283,6 +285,10 @@ def load_mos(path: str | Path) -> MosAdapter:
                   f"pool mos.pools.{kid}.A has shape {tuple(pa.shape)}, expected (N, {d_in // nc})")
             _need(pb.dim() == 2 and pb.shape[1] == d_out // nc, tpath,
                   f"pool mos.pools.{kid}.B has shape {tuple(pb.shape)}, expected (N, {d_out // nc})")
+            for side, pool in (("A", pa), ("B", pb)):
+                declared = k.get(f"pool_{side}")
+                _need(declared is None or int(declared) == pool.shape[0], cfg_path,
+                      f"kind {kid} declares pool_{side}={declared} but the tensor has {pool.shape[0]} shards")
             check_finite(tpath, f"mos.pools.{kid}", pa)
             check_finite(tpath, f"mos.pools.{kid}", pb)
             kinds[k["kind"]] = KindPools(k["kind"], d_in, d_out, nc, pa.float(), pb.float(),

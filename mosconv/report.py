@@ -13,8 +13,7 @@ import os
 import torch
 
 from .adapter import LoraAdapter
-from .factorize import Factorization, fro_retained
-from .fit import module_err_sq
+from .factorize import Factorization, fro_retained, frob_inner
 from .mos_format import MosAdapter
 from .truncation import Truncation
 
@@ -22,28 +21,32 @@ REPORT_SCHEMA = "mosconv.report/1"
 _TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def measure(mos: MosAdapter, facts: dict[str, Factorization]) -> dict[str, tuple[float, float]]:
-    """Per module ``(err_sq, kept_energy)`` of the MoS update against the exact target."""
+def measure(mos: MosAdapter, adapter: LoraAdapter) -> dict[str, tuple[float, float, float]]:
+    """Per module ``(err_sq, kept_energy, energy)`` of the MoS update against the source
+    LoRA's own factors ``scale * B @ A`` (float64, Gram matrices)."""
     out = {}
-    for m in mos.modules:
+    for src in adapter.modules:
+        m = mos.module(src.name)
         A, B = mos.assemble(m)
         A = A.to(torch.float64)
         B = B.to(torch.float64) * m.scale
-        err = module_err_sq(facts[m.name], A, B)
-        kept = float(((B.T @ B) * (A @ A.T)).sum()) if m.r else 0.0
-        out[m.name] = (err, kept)
+        A0 = src.A.to(torch.float64)
+        B0 = src.B.to(torch.float64) * src.scale
+        energy = frob_inner(B0, A0, B0, A0)
+        kept = frob_inner(B, A, B, A) if m.r else 0.0
+        err = max(energy + kept - 2 * frob_inner(B0, A0, B, A), 0.0) if m.r else energy
+        out[src.name] = (err, kept, energy)
     return out
 
 
 def build_report(adapter: LoraAdapter, facts: dict[str, Factorization], mos: MosAdapter,
                  trunc: Truncation, structures: dict, config) -> dict:
-    measured = measure(mos, facts)
+    measured = measure(mos, adapter)
     modules = []
     total_energy = total_err = 0.0
     for m in adapter.modules:
         f = facts[m.name]
-        err, kept = measured[m.name]
-        energy = f.energy
+        err, kept, energy = measured[m.name]
         total_energy += energy
         total_err += err
         rel = math.sqrt(err / energy) if energy > 0 else 0.0

@@ -36,16 +36,18 @@ def gen(seed: int) -> torch.Generator:
 
 def assert_exact_factorization(f, dense: torch.Tensor, tol: float, what=""):
     k = f.S.numel()
-    assert f.U.dtype == F64 and f.S.dtype == F64 and f.V.dtype == F64
+    # U, V are stored in float32 (half the memory), S in float64
+    assert f.U.dtype == torch.float32 and f.S.dtype == F64 and f.V.dtype == torch.float32
     assert f.U.shape == (dense.shape[0], k) and f.V.shape == (dense.shape[1], k)
     assert torch.all(f.S[:-1] >= f.S[1:]) and torch.all(f.S >= 0), what
     ref = float(torch.linalg.vector_norm(dense))
     # ||dense - U diag(S) V^T||_F, in place: the zoo's largest modules are 6144 x 2048
-    err = float(torch.linalg.vector_norm(dense.addmm_(f.U * f.S, f.V.T, alpha=-1)))
+    err = float(torch.linalg.vector_norm(dense.addmm_(f.U.double() * f.S, f.V.double().T, alpha=-1)))
     assert err <= tol * ref, (what, err / ref)
     eye = torch.eye(k, dtype=F64)
-    torch.testing.assert_close(f.U.T @ f.U, eye, atol=1e-10, rtol=0)
-    torch.testing.assert_close(f.V.T @ f.V, eye, atol=1e-10, rtol=0)
+    # float32 storage of U, V: orthonormal to float32 precision
+    torch.testing.assert_close(f.U.double().T @ f.U.double(), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.V.double().T @ f.V.double(), eye, atol=1e-5, rtol=0)
     assert f.energy == pytest.approx(ref**2, rel=1e-10)
 
 
@@ -72,7 +74,7 @@ def test_factorize_pair_random(d_out, d_in, r):
     torch.testing.assert_close(
         f.S, torch.linalg.svdvals(dense_update(A, B, 0.37))[: f.S.numel()], rtol=1e-10, atol=1e-12
     )
-    assert_exact_factorization(f, dense_update(A, B, 0.37), 1e-12)
+    assert_exact_factorization(f, dense_update(A, B, 0.37), 1e-6)
 
 
 def test_factorize_rank_deficient_and_zero():
@@ -103,11 +105,11 @@ def test_factorize_negative_scale_and_conv_and_embedding_modules(make):
         ),
     )
     m = ad.modules[0]
-    assert_exact_factorization(factorize(m), dense_update(m.A, m.B, m.scale), 1e-12)
+    assert_exact_factorization(factorize(m), dense_update(m.A, m.B, m.scale), 1e-6)
     kohya = read_adapter(make.kohya({}, r=4, alphas={conv: 2}, convs={conv: (12, 6, 3, 3)}).path)
     peft = read_adapter(make.peft({"x.q_proj": (24, 16)}, embeddings={"x.embed": (50, 16)}).path)
     for m in (*kohya.modules, *peft.modules):
-        assert_exact_factorization(factorize(m), dense_update(m.A, m.B, m.scale), 1e-12, m.name)
+        assert_exact_factorization(factorize(m), dense_update(m.A, m.B, m.scale), 1e-6, m.name)
 
 
 # --------------------------------------------------------------------------- metrics

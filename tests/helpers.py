@@ -1,0 +1,233 @@
+"""Small helpers shared by test_convert / test_mos_format / test_export / test_cli_compress.
+
+Self-contained on purpose (no dependency on conftest.py): a writer of small random PEFT
+folders, the zoo location with a skip helper, dense references in float64, and a cache of
+zoo conversions so several tests can look at one conversion without paying for it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Real trained adapters (read-only, never copied into the repo); see ../shared/zoo/README.md.
+ZOO = REPO_ROOT.parent / "shared" / "zoo"
+
+ZOO_ADAPTERS = [
+    "distilbert-imdb-seqcls",
+    "gemma3-270m-svg-x3/final",
+    "gemma3-270m-svg-x3/curriculum_stage1",
+    "gpt2-great-tabular-bin",
+    "gpt2-tigrinya-lora",
+    "open-calm-1b-r1-fp16",
+    "opt-125m-lora-ckpts/final",
+    "opt-125m-lora-ckpts/checkpoint-10",
+    "sd15-diffusers-attnproc-r4",
+    "smollm-135m-medical-r16/5epochs",
+]
+
+PEFT_PREFIX = "base_model.model."
+
+
+def zoo_path(name: str) -> Path:
+    """Path of a zoo adapter; skips the test (saying why) when the zoo or the adapter is absent."""
+    if not ZOO.is_dir():
+        pytest.skip(f"zoo of real adapters not present: {ZOO} does not exist "
+                    "(it lives next to the repo as ../shared/zoo and is not shipped with it)")
+    path = ZOO / name
+    if not path.exists():
+        pytest.skip(f"zoo adapter {name} not present under {ZOO}")
+    return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch / BLAS thread: these tests do many small products; on a busy 2-core
+    machine extra threads only spin."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_random_peft(
+    out: Path,
+    modules: dict[str, tuple[int, int]],
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 0,
+    fan_in_fan_out: bool = False,
+    extra: dict[str, torch.Tensor] | None = None,
+    config: dict | None = None,
+    shared_A: bool = False,
+    b_std: float = 1.0,
+    embeddings: dict[str, tuple[int, int]] | None = None,
+) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Write a random PEFT LoRA folder with :func:`mosconv.writers.write_peft_folder`.
+
+    Args:
+        modules: module name (without ``base_model.model.``) -> ``(d_out, d_in)``.
+        shared_A: every module of the same ``d_in`` gets the same ``A`` (as adapters
+            trained from one seed have), with its own random ``B``.
+        config: fields that override the generated adapter_config.json.
+        embeddings: embedding module name -> ``(num_embeddings, embedding_dim)``, written as
+            PEFT's ``lora_embedding_A (r, num_embeddings)`` / ``lora_embedding_B (dim, r)``.
+
+    Returns:
+        ``(folder, {name: (A, B)})`` with ``A: (r, d_in)``, ``B: (d_out, r)`` float32 as written.
+    """
+    from mosconv.writers import write_peft_folder
+
+    g = torch.Generator().manual_seed(seed)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    shared: dict[int, torch.Tensor] = {}
+    rows = []
+    for name, (d_out, d_in) in modules.items():
+        if shared_A:
+            if d_in not in shared:
+                shared[d_in] = torch.randn(r, d_in, generator=g)
+            A = shared[d_in].clone()
+        else:
+            A = torch.randn(r, d_in, generator=g)
+        B = torch.randn(d_out, r, generator=g) * b_std
+        pairs[name] = (A, B)
+        rows.append((name, A, B, False))
+    for name, (num_emb, dim) in (embeddings or {}).items():
+        A = torch.randn(r, num_emb, generator=g)
+        B = torch.randn(dim, r, generator=g) * b_std
+        pairs[name] = (A, B)
+        rows.append((name, A, B, True))
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-test-model",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted({n.rsplit(".", 1)[-1]
+                                  for n in [*modules, *(embeddings or {})]}),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+    }
+    cfg.update(config or {})
+    write_peft_folder(Path(out), rows, cfg, extra)
+    return Path(out), pairs
+
+
+def llama_like(layers: int = 4, d: int = 32, d_kv: int = 16) -> dict[str, tuple[int, int]]:
+    """A Llama-shaped module set (q: d x d, v: d_kv x d) over ``layers`` layers."""
+    return {
+        f"model.layers.{i}.self_attn.{proj}": shape
+        for i in range(layers)
+        for proj, shape in (("q_proj", (d, d)), ("v_proj", (d_kv, d)))
+    }
+
+
+def dense(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * B @ A`` in float64."""
+    return float(scale) * (B.double() @ A.double())
+
+
+def mos_dense(mos, name: str) -> torch.Tensor:
+    """The MoS update of one module, ``scale * B_l @ A_l`` in float64, from ``mos.assemble``."""
+    m = mos.module(name)
+    A, B = mos.assemble(m)
+    return dense(A, B, m.scale)
+
+
+@cache
+def _zoo_conversion(name: str, ratio: float, search: str, seed: int):
+    from mosconv import read_adapter
+    from mosconv.convert import ConvertConfig, convert
+
+    adapter = read_adapter(ZOO / name)
+    with one_thread():
+        result = convert(adapter, ConvertConfig(ratio=ratio, search=search, seed=seed))
+    return adapter, result
+
+
+def zoo_conversion(name: str, ratio: float = 8.0, search: str = "fast", seed: int = 0):
+    """``(adapter, ConvertResult)`` of a zoo adapter, cached for the whole session.
+
+    Callers must not mutate the result (``report`` is a dict)."""
+    zoo_path(name)
+    return _zoo_conversion(name, float(ratio), search, seed)
+
+
+def assert_same_mos(a, b) -> None:
+    """Two MoS adapters hold identical tensors (bit for bit) and identical structure."""
+    assert list(a.kinds) == list(b.kinds)
+    for kind in a.kinds:
+        pa, pb = a.kinds[kind], b.kinds[kind]
+        assert (pa.kind, pa.d_in, pa.d_out, pa.nc, pa.public_A, pa.public_B) == \
+            (pb.kind, pb.d_in, pb.d_out, pb.nc, pb.public_A, pb.public_B)
+        assert pa.pool_A.dtype == pb.pool_A.dtype and pa.pool_B.dtype == pb.pool_B.dtype
+        assert torch.equal(pa.pool_A, pb.pool_A) and torch.equal(pa.pool_B, pb.pool_B)
+    assert len(a.modules) == len(b.modules)
+    for ma, mb in zip(a.modules, b.modules):
+        assert (ma.name, ma.kind, ma.r, ma.scale, tuple(ma.private_A), tuple(ma.private_B),
+                ma.embedding, ma.conv_shape) == \
+            (mb.name, mb.kind, mb.r, mb.scale, tuple(mb.private_A), tuple(mb.private_B),
+             mb.embedding, mb.conv_shape)
+        assert torch.equal(ma.routes_A.long(), mb.routes_A.long())
+        assert torch.equal(ma.routes_B.long(), mb.routes_B.long())
+        for wa, wb in ((ma.weights_A, mb.weights_A), (ma.weights_B, mb.weights_B)):
+            assert (wa is None) == (wb is None)
+            if wa is not None:
+                assert torch.equal(wa, wb)
+    assert list(a.extra_tensors) == list(b.extra_tensors) or \
+        sorted(a.extra_tensors) == sorted(b.extra_tensors)
+    for key, t in a.extra_tensors.items():
+        assert t.dtype == b.extra_tensors[key].dtype
+        assert torch.equal(t, b.extra_tensors[key]), key
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """``(header, data)`` of a safetensors file: the parsed JSON header (with its
+    ``__metadata__``) and the raw tensor bytes after it."""
+    import json
+    import struct
+
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+# safetensors keeps ``__metadata__`` in a Rust HashMap, so with two or more metadata keys
+# the header's key order (and so the file's bytes) changes from one save to the next.
+NONDETERMINISTIC_METADATA = (
+    "package bug: mosconv.fileio.safetensors_bytes is not byte-deterministic: safetensors "
+    "serializes the header __metadata__ ({'format', 'format_version'}) in HashMap order, "
+    "which varies between calls, so two saves of the same MoS adapter differ in the header"
+)
+
+
+def lowrank_rel_diff(A1, B1, s1, A2, B2, s2) -> float:
+    """``||s1 B1 A1 - s2 B2 A2||_F / ||s1 B1 A1||_F`` in float64 without forming the dense
+    matrices: ``<X, Y> = tr((B_x^T B_y)(A_y A_x^T))`` (exact algebra, for wide modules)."""
+    X = (A1.double(), float(s1) * B1.double())
+    Y = (A2.double(), float(s2) * B2.double())
+
+    def inner(p, q):
+        return float(((p[1].T @ q[1]) * (p[0] @ q[0].T)).sum())
+
+    xx, yy, xy = inner(X, X), inner(Y, Y), inner(X, Y)
+    return max(xx + yy - 2 * xy, 0.0) ** 0.5 / xx ** 0.5
