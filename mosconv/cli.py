@@ -137,7 +137,7 @@ def render_report(report: dict) -> str:
     out = [table(rows, ["kind", "structure", "nc", "pool A/B", "params", "rel.err", "trunc.err"]), ""]
     fb = t.get("file_bytes_ratio")
     out.append(
-        f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio']:.2f}, budget "
+        f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio'] or 0:.2f}, budget "
         f"{t['budget']:,}); index {_fmt_bytes(t['index_bytes'])}"
         + (f"; file x{fb:.2f} smaller" if fb else "")
     )

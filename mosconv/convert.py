@@ -83,6 +83,16 @@ def _candidates(search: str, n_modules: int, d_in: int, d_out: int, routing_weig
     return [(f, nc, q, w) for f in (0.125, 0.25, 0.5) for nc in ncs for q in (1, 2) for w in ws]
 
 
+def _worth_searching(search: str, targets: list[Factorization], ranks: list[int]) -> bool:
+    """The fast search tries shared pools only for kinds where truncation starves some
+    module (rank 0 while its update is not zero): measured on the zoo and on synthetic
+    Llama-shaped adapters, that is where a small public pool beat truncation; where
+    every module keeps private directions no shared candidate won.  thorough always tries."""
+    if search == "thorough":
+        return True
+    return any(k == 0 and f.energy > 0 for f, k in zip(targets, ranks))
+
+
 def _try_shared(targets: list[Factorization], kind_budget: int, cand, seed: int,
                 iters: int) -> KindFit | None:
     frac, nc, q, weights = cand
@@ -148,6 +158,7 @@ def convert(
         "ratio": config.ratio,
         "seed": config.seed,
         "search": config.search,
+        "iters": config.iters,
         "routing_weights": config.routing_weights,
         "lora_params": adapter.params,
         "budget": budget,
@@ -163,7 +174,7 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
     structures = {}
     mos_modules = []
     for kind, mods in adapter.kinds.items():
-        targets = [facts[m.name].double() for m in mods]  # float64 while this kind is fitted
+        targets = [facts[m.name] for m in mods]
         ranks = [trunc.ranks[m.name] for m in mods]
         d_in, d_out = mods[0].d_in, mods[0].d_out
         kind_budget = sum(ranks) * (d_in + d_out)
@@ -171,8 +182,10 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
         best_err = sum(trunc.err_sq[m.name] for m in mods)
         trunc_err = best_err
         tried = 0
-        if kind_budget > 0:
-            for cand in _candidates(config.search, len(mods), d_in, d_out, config.routing_weights):
+        cands = _candidates(config.search, len(mods), d_in, d_out, config.routing_weights)
+        if kind_budget > 0 and cands and _worth_searching(config.search, targets, ranks):
+            targets = [f.double() for f in targets]  # float64 while this kind is fitted
+            for cand in cands:
                 kf = _try_shared(targets, kind_budget, cand, config.seed, config.iters)
                 tried += 1
                 if kf is None:

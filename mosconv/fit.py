@@ -115,8 +115,8 @@ def private_fit(targets: list[Factorization], ranks: list[int]) -> KindFit:
     start = 0
     for f, k in zip(targets, ranks):
         root = f.S[:k].sqrt()
-        a_rows.append(root[:, None] * f.V[:, :k].T)
-        b_rows.append(root[:, None] * f.U[:, :k].T)
+        a_rows.append(root[:, None] * f.V[:, :k].T.to(F64))
+        b_rows.append(root[:, None] * f.U[:, :k].T.to(F64))
         idx = torch.arange(start, start + k, dtype=torch.int64)[:, None]
         mods.append(ModuleRoutes(idx, idx.clone(), None, None, 0, (start, start + k), (start, start + k)))
         start += k

@@ -24,6 +24,11 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     """Return ``(tensor_entries, metadata)`` of a safetensors file without loading tensors."""
+    header, meta, _ = _read_header(path)
+    return header, meta
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -42,7 +47,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
-    return header, {str(k): str(v) for k, v in meta.items()}
+    return header, {str(k): str(v) for k, v in meta.items()}, 8 + n
 
 
 def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -59,13 +64,16 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if not path.is_file():
         raise FormatError(f"{path}: file not found")
     if path.suffix == ".safetensors":
-        _, meta = read_safetensors_header(path)
+        header, meta, data_start = _read_header(path)
         try:
-            tensors = {}
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, RuntimeError, ValueError, OSError) as e:
+            with safe_open(str(path), framework="pt", device="cpu") as f:  # validates the header
+                keys = list(f.keys())
+                tensors = {}
+                with open(path, "rb") as fh:
+                    for key in keys:
+                        t = _read_into(fh, data_start, header[key])
+                        tensors[key] = t if t is not None else f.get_tensor(key)
+        except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, TypeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FormatError(f"{path}: corrupt or truncated safetensors file ({msg})") from None
         return tensors, meta
@@ -90,6 +98,34 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     ):
         raise FormatError(f"{path}: not a state dict of named tensors")
     return dict(obj), {}
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_into(fh, data_start: int, entry: dict) -> torch.Tensor | None:
+    """Read one tensor straight into its own buffer (no mmap: peak memory = 1x the data).
+
+    Returns None for dtypes not listed here (the caller falls back to safetensors)."""
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        return None
+    shape = [int(d) for d in entry["shape"]]
+    start, end = (int(x) for x in entry["data_offsets"])
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if end - start != nbytes:
+        raise ValueError(f"tensor data size {end - start} does not match shape {shape}")
+    if nbytes:
+        fh.seek(data_start + start)
+        buf = t.reshape(-1).view(torch.uint8).numpy()
+        if fh.readinto(memoryview(buf)) != nbytes:
+            raise ValueError("file ends inside tensor data")
+    return t
 
 
 def check_finite(path: Path, key: str, t: torch.Tensor) -> None:
