@@ -66,15 +66,17 @@ def factorize_pair(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> Fact
         A: ``(r, d_in)``.
         scale: scalar multiplying the product.
     """
-    B = B.to(torch.float64)
-    A = A.to(torch.float64)
-    qb, rb = torch.linalg.qr(B)  # (d_out, k1), (k1, r)
-    qa, ra = torch.linalg.qr(A.T)  # (d_in, k2), (k2, r)
-    core = scale * (rb @ ra.T)  # (k1, k2)
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    with one_thread():  # tall-skinny QR: threads give 10-100x outliers on a busy machine
+        B = B.to(torch.float64)
+        A = A.to(torch.float64)
+        qb, rb = torch.linalg.qr(B)  # (d_out, k1), (k1, r)
+        qa, ra = torch.linalg.qr(A.T)  # (d_in, k2), (k2, r)
+        core = scale * (rb @ ra.T)  # (k1, k2)
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        U, V = (qb @ u).float(), (qa @ vh.T).float()
     # U, V are stored in float32 (orthonormal to ~1e-7; half the memory of the adapter in
     # float64); S stays float64.  Consumers upcast where they accumulate.
-    return Factorization(U=(qb @ u).float(), S=s, V=(qa @ vh.T).float())
+    return Factorization(U=U, S=s, V=V)
 
 
 def factorize(module: LoraModule) -> Factorization:
@@ -84,8 +86,7 @@ def factorize(module: LoraModule) -> Factorization:
 
 def factorize_adapter(adapter: LoraAdapter) -> dict[str, Factorization]:
     """Factorizations of every module, keyed by module name."""
-    with one_thread():
-        return {m.name: factorize(m) for m in adapter.modules}
+    return {m.name: factorize(m) for m in adapter.modules}
 
 
 def frob_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
