@@ -156,7 +156,8 @@ def test_report_error_matches_dense_recomputation_shared(tmp_path):
 def _check_report_fields(adapter, res):
     """The identities docs/format.md states between report fields."""
     rep, mos = res.report, res.mos
-    assert list(rep) == ["schema", "ratio", "seed", "search", "totals", "kinds", "modules"]
+    assert list(rep) == ["schema", "ratio", "seed", "search", "iters", "routing_weights",
+                         "totals", "kinds", "modules"]
     assert rep["schema"] == "mosconv.report/1"
     t = rep["totals"]
     assert t["energy_retained"] == pytest.approx(1 - t["relative_error"] ** 2, abs=1e-12)
@@ -199,7 +200,7 @@ def test_report_fields_are_consistent_zoo():
 
 def test_report_fields_are_consistent_shared(tmp_path):
     adapter, _ = _synthetic(tmp_path)
-    res = convert(adapter, ConvertConfig(ratio=2))
+    res = convert(adapter, ConvertConfig(ratio=2, search="thorough"))
     assert res.report["totals"]["kinds_shared"] >= 1
     _check_report_fields(adapter, res)
 
