@@ -43,6 +43,9 @@ class KindPools:
         pool_B: ``(N_B, d_out // nc)`` float32.
         public_A, public_B: the first ``public_*`` entries of each pool are public
             (any module may route to them); the rest are private blocks.
+        shared: None, or a reference to a pool file shared by a zoo of adapters
+            (``{"file", "sha256", "key_A", "key_B", "n_A", "n_B"}``): the first ``n_A`` /
+            ``n_B`` entries of the pools live in that file, not in the adapter's own.
     """
 
     kind: str
@@ -53,10 +56,19 @@ class KindPools:
     pool_B: torch.Tensor
     public_A: int = 0
     public_B: int = 0
+    shared: dict | None = None
 
     @property
     def params(self) -> int:
         return self.pool_A.numel() + self.pool_B.numel()
+
+    @property
+    def local_params(self) -> int:
+        """Parameters stored in this adapter's own file (shared pool entries excluded)."""
+        if not self.shared:
+            return self.params
+        sA, sB = self.d_in // self.nc, self.d_out // self.nc
+        return self.params - self.shared["n_A"] * sA - self.shared["n_B"] * sB
 
 
 @dataclass(frozen=True)
@@ -177,13 +189,17 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     kinds_cfg = []
     for kind, p in mos.kinds.items():
         kid = ids[kind]
-        tensors[f"mos.pools.{kid}.A"] = p.pool_A.to(torch.float32)
-        tensors[f"mos.pools.{kid}.B"] = p.pool_B.to(torch.float32)
-        kinds_cfg.append({
+        nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+        tensors[f"mos.pools.{kid}.A"] = p.pool_A[nA:].to(torch.float32)
+        tensors[f"mos.pools.{kid}.B"] = p.pool_B[nB:].to(torch.float32)
+        entry = {
             "id": kid, "kind": kind, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
             "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
             "public_A": p.public_A, "public_B": p.public_B,
-        })
+        }
+        if p.shared:
+            entry["shared_pool"] = dict(p.shared)
+        kinds_cfg.append(entry)
     modules_cfg = []
     for m in mos.modules:
         p = mos.kinds[m.kind]
@@ -205,6 +221,7 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
         "format_version": FORMAT_VERSION,
         **mos.info,
         "params": mos.params,
+        "local_params": sum(p.local_params for p in mos.kinds.values()),
         "index_bytes": mos.index_bytes,
         "source": mos.source,
         "kinds": kinds_cfg,
@@ -271,6 +288,7 @@ def load_mos(path: str | Path) -> MosAdapter:
           f"format_version {version!r} is not supported (this mosconv reads {FORMAT_VERSION})")
     tensors, _ = load_tensor_file(folder / TENSOR_FILE)
     tpath = folder / TENSOR_FILE
+    shared_cache: dict[str, dict[str, torch.Tensor]] = {}
     try:
         kinds: dict[str, KindPools] = {}
         id_to_kind = {}
@@ -281,6 +299,11 @@ def load_mos(path: str | Path) -> MosAdapter:
             pa = tensors.get(f"mos.pools.{kid}.A")
             pb = tensors.get(f"mos.pools.{kid}.B")
             _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
+            shared = k.get("shared_pool")
+            if shared:
+                sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache,
+                                       (d_in // nc, d_out // nc))
+                pa, pb = torch.cat([sa, pa.to(sa.dtype)]), torch.cat([sb, pb.to(sb.dtype)])
             _need(pa.dim() == 2 and pa.shape[1] == d_in // nc, tpath,
                   f"pool mos.pools.{kid}.A has shape {tuple(pa.shape)}, expected (N, {d_in // nc})")
             _need(pb.dim() == 2 and pb.shape[1] == d_out // nc, tpath,
@@ -292,7 +315,8 @@ def load_mos(path: str | Path) -> MosAdapter:
             check_finite(tpath, f"mos.pools.{kid}", pa)
             check_finite(tpath, f"mos.pools.{kid}", pb)
             kinds[k["kind"]] = KindPools(k["kind"], d_in, d_out, nc, pa.float(), pb.float(),
-                                         int(k.get("public_A", 0)), int(k.get("public_B", 0)))
+                                         int(k.get("public_A", 0)), int(k.get("public_B", 0)),
+                                         dict(shared) if shared else None)
             id_to_kind[kid] = k["kind"]
         modules = []
         for m in cfg["modules"]:
@@ -333,9 +357,41 @@ def load_mos(path: str | Path) -> MosAdapter:
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     info = {k: v for k, v in cfg.items()
             if k not in ("format", "format_version", "source", "kinds", "modules", "params",
+                         "local_params",
                          "index_bytes")}
     return MosAdapter(kinds=kinds, modules=tuple(modules), extra_tensors=extra,
                       source=cfg.get("source", {}), info=info)
+
+
+def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,
+                  widths: tuple[int, int]):
+    """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked."""
+    from .fileio import sha256_file
+
+    _need(isinstance(ref, dict) and isinstance(ref.get("file"), str), cfg_path,
+          f"kind {kid}: shared_pool has no file")
+    path = (folder / ref["file"]).resolve()
+    if str(path) not in cache:
+        if not path.is_file():
+            raise FormatError(f"{cfg_path}: kind {kid} needs the shared pool file {path}, "
+                              "which is missing")
+        digest = sha256_file(path)
+        _need(digest == ref.get("sha256"), cfg_path,
+              f"shared pool file {path} has sha256 {digest[:12]}..., expected "
+              f"{str(ref.get('sha256'))[:12]}... (changed or replaced)")
+        cache[str(path)] = load_tensor_file(path)[0]
+    tensors = cache[str(path)]
+    out = []
+    for side, width in zip("AB", widths):
+        key, n = ref.get(f"key_{side}"), int(ref.get(f"n_{side}", 0))
+        if n == 0:
+            out.append(torch.zeros(0, width))
+            continue
+        t = tensors.get(key)
+        _need(t is not None and tuple(t.shape) == (n, width), path,
+              f"shared pool tensor {key} missing or not of shape ({n}, {width})")
+        out.append(t.float())
+    return tuple(out)
 
 
 def load_report(path: str | Path) -> dict | None:
