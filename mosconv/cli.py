@@ -139,6 +139,8 @@ def render_report(report: dict) -> str:
     out.append(
         f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio'] or 0:.2f}, budget "
         f"{t['budget']:,}); index {_fmt_bytes(t['index_bytes'])}"
+        + (f"; own {t['local_params']:,} + shared pool" if t.get("local_params") is not None
+           and t["local_params"] != t["mos_params"] else "")
         + (f"; file x{fb:.2f} smaller" if fb else "")
     )
     out.append(
@@ -239,6 +241,89 @@ def export(mos_dir, out, overwrite):
 
     export_lora(mos_dir, out, overwrite=overwrite)
     click.echo(f"wrote {out}")
+
+
+def render_summary(summary) -> str:
+    rows = []
+    for a in summary.adapters:
+        err = f"{a['relative_error']:.4f}" if a["relative_error"] is not None else "-"
+        trunc = f"{a['truncation_relative_error']:.4f}" if a["truncation_relative_error"] is not None else "-"
+        params = (f"{a['lora_params']:,} -> {a['local_params']:,}" if a["lora_params"] is not None
+                  else "-")
+        rows.append([a["name"], a["status"], params, err, trunc, f"{a['seconds']:.1f}",
+                     (a["error"] or "")[:80]])
+    out = [table(rows, ["adapter", "status", "params (own)", "rel.err", "trunc.err", "s", "error"])]
+    t = summary.totals
+    out.append("")
+    line = (f"{t['adapters']} adapters: {t['converted']} converted, {t['skipped']} skipped, "
+            f"{t['failed']} failed; params {t['lora_params']:,} -> {t['mos_params']:,}")
+    if t["shared_pool_params"]:
+        line += f" (incl. {t['shared_pool_params']:,} in shared pools)"
+    out.append(line)
+    if t.get("relative_error") is not None:
+        out.append(f"zoo relative error {t['relative_error']:.4f}   truncation "
+                   f"{t['truncation_relative_error']:.4f} (energy-weighted over adapters)")
+    return "\n".join(out)
+
+
+@main.command()
+@click.argument("zoo", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--ratio", type=float, default=8.0, show_default=True,
+              help="Budget: MoS params <= LoRA params / RATIO (per adapter, or per group with --shared-pool).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]), default="fast",
+              show_default=True, help="As in compress (independent mode).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Adapters converted in parallel (processes; torch threads divided among them).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local processes, or tasks on a Ray cluster (pip install 'mosconv[ray]').")
+@click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT); default starts a local one.")
+@click.option("--shared-pool", is_flag=True,
+              help="One set of pools per group of adapters with the same base model and kinds.")
+@click.option("--overwrite", is_flag=True, help="Redo adapters whose output is already complete.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the table.")
+@handle_errors
+def batch(zoo, out, ratio, seed, search, jobs, engine, address, shared_pool, overwrite, quiet,
+          as_json):
+    """Convert every adapter under ZOO (a folder searched recursively, or a text file listing
+    adapter paths) into OUT, mirroring the layout.
+
+    Finished adapters (mos_config.json present, source sha256 unchanged) are skipped, so an
+    interrupted run can simply be rerun.  A broken adapter does not stop the others; the exit
+    code is 1 if any failed.  OUT/summary.json lists every adapter and the zoo totals.
+    """
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from .batch import BatchConfig, run_batch
+
+    config = BatchConfig(ratio=ratio, seed=seed, search=search, jobs=jobs, engine=engine,
+                         address=address, shared_pool=shared_pool, overwrite=overwrite)
+    bar = None if quiet else tqdm(desc="adapters", unit="adapter", file=sys.stderr,
+                                  leave=False, disable=None)
+
+    def progress(outcome) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{outcome.status} {outcome.name[-40:]}")
+
+    try:
+        summary = run_batch(zoo, out, config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(asdict(summary), indent=2))
+    elif not quiet:
+        click.echo(render_summary(summary))
+    for a in summary.adapters:
+        if a["status"] == "failed":
+            click.echo(f"mosconv: error: {a['error']}", err=True)
+    if summary.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,10 +36,8 @@ def compress(
     try:
         adapter = read_adapter(lora_path)
         result = convert(adapter, config, progress=progress)
-        files = [{"name": Path(p).name, "bytes": os.path.getsize(p), "sha256": sha256_file(Path(p))}
-                 for p in adapter.source_files]
         mos = replace(result.mos,
-                      source={**result.mos.source, "path": str(lora_path), "files": files},
+                      source={**result.mos.source, **source_provenance(lora_path, adapter)},
                       info={**result.mos.info, "command": command})
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
@@ -47,6 +45,13 @@ def compress(
             shutil.rmtree(out, ignore_errors=True)
         raise
     return ConvertResult(mos=mos, report=result.report)
+
+
+def source_provenance(lora_path: str | Path, adapter) -> dict:
+    """``{"path", "files": [{name, bytes, sha256}]}`` of the files an adapter was read from."""
+    files = [{"name": Path(p).name, "bytes": os.path.getsize(p), "sha256": sha256_file(Path(p))}
+             for p in adapter.source_files]
+    return {"path": str(lora_path), "files": files}
 
 
 def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
