@@ -81,5 +81,7 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool) -> None:
         (out / marker).unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a run that was killed mid-write
+            stale.unlink()
     except OSError as e:
         raise MosconvError(f"{out}: cannot create folder ({e.strerror or e})") from None

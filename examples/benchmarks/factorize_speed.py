@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed factorize_pair calls per shape (default 3)")
     ap.add_argument("--min-ratio", type=float, default=1000.0,
                     help="dense / factorize_pair time each shape must reach to PASS (default 1000)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the dense SVD (default: torch's choice); "
+                         "factorize_pair pins itself to one thread")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = ap.parse_args(argv)
@@ -241,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"overall: {verdict} (--quick: informational, small shapes)")
     else:
         print(f"overall: {verdict}")
-    print("dense = float32 dW = scale * B @ A, then torch.linalg.svd(dW, full_matrices=False) "
-          "(median of --dense-repeats); factorize_pair = median after warm-up.")
+    print(f"dense = float32 dW = scale * B @ A, then torch.linalg.svd(dW, full_matrices=False) on "
+          f"{info['torch_threads']} thread(s), median of {args.dense_repeats}; factorize_pair = "
+          f"median of {args.fast_repeats} after {args.warmup} warm-up calls (mosconv runs it on one thread).")
 
     if args.json:
         result = {
