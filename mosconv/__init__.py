@@ -19,7 +19,6 @@ from .readers import read_adapter
 from .truncation import Truncation, truncate
 
 __all__ = [
-    "__version__",
     "ConfigError",
     "Factorization",
     "FormatError",
@@ -28,6 +27,7 @@ __all__ = [
     "MosconvError",
     "Truncation",
     "UnsupportedAdapterError",
+    "__version__",
     "factorize",
     "factorize_adapter",
     "read_adapter",

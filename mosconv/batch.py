@@ -15,10 +15,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import ConfigError, FormatError, MosconvError
 from .fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file

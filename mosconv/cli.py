@@ -38,7 +38,7 @@ def handle_errors(fn):
             _fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             _fail("interrupted")
-        except Exception as e:  # a bug: say so in one line; -v shows the traceback
+        except Exception as e:  # noqa: BLE001  (a bug: one line; -v shows the traceback)
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
             _fail(f"internal error: {type(e).__name__}: {str(e)[:300]} (rerun with -v for details)")
@@ -87,9 +87,9 @@ def render_lora_inspect(info: dict) -> str:
         f"format        {info['format']}  (dtype {info['dtype']}"
         + (", fan_in_fan_out" if info["fan_in_fan_out"] else "") + ")",
         f"base model    {info['base_model'] or '-'}   task {info['task_type'] or '-'}",
-        f"files         " + ", ".join(f"{f['path']} ({_fmt_bytes(f['bytes'])})" for f in info["files"]),
-        f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ranks "
-        f"{info['ranks']}, alpha {info['lora_alpha']}, scales {info['scales']}",
+        "files         " + ", ".join(f"{f['path']} ({_fmt_bytes(f['bytes'])})" for f in info["files"]),
+        (f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ranks "
+         f"{info['ranks']}, alpha {info['lora_alpha']}, scales {info['scales']}"),
         f"LoRA params   {info['lora_params']:,}",
         f"extra tensors {len(info['extra_tensors'])} ({info['extra_params']:,} params, passed through)",
         "",

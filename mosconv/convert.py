@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -24,7 +24,13 @@ from .adapter import LoraAdapter
 from .errors import ConfigError, MosconvError
 from .factorize import Factorization, factorize_adapter
 from .fit import (
-    KindFit, divisors_for, kind_err_sq, private_fit, refine, shared_fit, shared_params,
+    KindFit,
+    divisors_for,
+    kind_err_sq,
+    private_fit,
+    refine,
+    shared_fit,
+    shared_params,
 )
 from .mos_format import KindPools, MosAdapter, MosModule
 from .report import build_report

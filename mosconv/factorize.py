@@ -39,7 +39,7 @@ class Factorization:
         """``||dW||_F^2``."""
         return self.norm_sq if self.norm_sq is not None else float((self.S**2).sum())
 
-    def double(self) -> "Factorization":
+    def double(self) -> Factorization:
         """The same factorization with float64 ``U`` and ``V`` (for accumulation).
 
         Its ``energy`` is the exact ``||U S V^T||^2`` of the float64 factors, so Gram-based

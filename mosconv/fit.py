@@ -67,7 +67,7 @@ class KindFit:
                 n += m.weights_A.numel() + m.weights_B.numel()
         return n
 
-    def copy(self) -> "KindFit":
+    def copy(self) -> KindFit:
         return KindFit(
             self.nc, self.pool_A.clone(), self.pool_B.clone(), self.public_A, self.public_B,
             [ModuleRoutes(m.routes_A.clone(), m.routes_B.clone(),
@@ -180,7 +180,7 @@ def shared_fit(
     pools, routes, gains = [], [], []
     for x, side_seed in ((xa, seed), (xb, seed + 1)):
         if weights:
-            unit, gain = _canonical(x)
+            unit, _ = _canonical(x)
             cent, labels = _kmeans(unit, n_public, side_seed)
             lab = torch.from_numpy(labels).long()
             c = cent[lab]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from .convert import ConvertConfig, ConvertResult, convert
 from .errors import FormatError
@@ -19,7 +19,7 @@ from .writers import peft_config, write_peft_folder
 def compress(
     lora_path: str | Path,
     out: str | Path,
-    config: ConvertConfig = ConvertConfig(),
+    config: ConvertConfig | None = None,
     *,
     command: str | None = None,
     overwrite: bool = False,
@@ -30,6 +30,7 @@ def compress(
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
     Raises FormatError/ConfigError/MosconvError; a failed run leaves no ``mos_config.json``.
     """
+    config = config or ConvertConfig()
     out = Path(out)
     created = not out.exists()
     prepare_output_dir(out, CONFIG_FILE, overwrite)  # fail before the work, not after

@@ -45,7 +45,6 @@ def build_report(adapter: LoraAdapter, facts: dict[str, Factorization], mos: Mos
     modules = []
     total_energy = total_err = 0.0
     for m in adapter.modules:
-        f = facts[m.name]
         err, kept, energy = measured[m.name]
         total_energy += energy
         total_err += err

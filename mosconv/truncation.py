@@ -81,4 +81,4 @@ def truncate(facts: dict[str, Factorization], budget: int) -> Truncation:
 
 def budget_for_ratio(lora_params: int, ratio: float) -> int:
     """Parameter budget ``floor(lora_params / ratio)``."""
-    return int(math.floor(lora_params / float(ratio) + 1e-9))
+    return math.floor(lora_params / float(ratio) + 1e-9)

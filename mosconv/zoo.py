@@ -108,20 +108,19 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
 
 
 def _independent(adapters, facts, indep, ratio, seed, totals) -> GroupResult:
-    from .convert import ConvertConfig, _to_pools
+    from .convert import _to_pools
     from .fit import private_fit
 
-    mos_list, reports = [], []
+    mos_list = []
     for i, (a, fa) in enumerate(zip(adapters, facts)):
         ranks = {n: indep.ranks[f"{i}\x00{n}"] for n in fa}
-        kinds, mods, structures = {}, [], {}
+        kinds, mods = {}, []
         for kind, ms in a.kinds.items():
             kf = private_fit([fa[m.name] for m in ms], [ranks[m.name] for m in ms])
             kinds[kind] = _to_pools(kind, kf, ms[0].d_in, ms[0].d_out)
             for m, mr in zip(ms, kf.modules):
                 mods.append(_module(m, kind, mr.routes_A.reshape(-1), mr.routes_B.reshape(-1),
                                     mr.private_A, mr.private_B))
-            structures[kind] = _structure("private", kinds[kind], fa, ms, ranks)
         mos_list.append(_mos(a, kinds, mods, ratio, seed, "independent"))
     reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
     return GroupResult("independent", mos_list, reports, {}, {**totals, "mode": "independent"})
@@ -174,12 +173,6 @@ def _module(m, kind, routes_A, routes_B, private_A, private_B) -> MosModule:
                      routes_B=routes_B.to(torch.int64).clone(),
                      private_A=tuple(private_A), private_B=tuple(private_B),
                      embedding=m.embedding, conv_shape=m.conv_shape)
-
-
-def _structure(name, pools, fa, ms, ranks) -> dict:
-    return {"structure": name, "nc": pools.nc, "public_A": pools.public_A,
-            "public_B": pools.public_B, "pool_A": int(pools.pool_A.shape[0]),
-            "pool_B": int(pools.pool_B.shape[0]), "params": pools.params}
 
 
 def _mos(a: LoraAdapter, kinds, mods, ratio, seed, mode) -> MosAdapter:
