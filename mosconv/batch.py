@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -45,6 +46,11 @@ class BatchConfig:
     address: str | None = None
     shared_pool: bool = False
     overwrite: bool = False
+
+    def settings(self) -> dict:
+        """What an output must have been made with to count as done on a rerun."""
+        return {"ratio": float(self.ratio), "seed": self.seed, "search": self.search,
+                "iters": self.iters, "shared_pool": self.shared_pool}
 
     def validate(self) -> None:
         if self.jobs < 1:
@@ -105,15 +111,31 @@ def safe_name(rel: str) -> str:
     return "/".join(parts)
 
 
-def discover(zoo: str | Path) -> list[Item]:
-    """Adapters under a folder (recursive, sorted) or listed in a text file (one per line)."""
+def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
+    """Adapters under a folder (recursive, sorted) or listed in a text file (one per line).
+
+    ``exclude`` (the output folder, when it lies inside the zoo) is not searched.  A zoo
+    that is itself one adapter (a PEFT folder or a weight file) gives a zoo of one.
+    """
     zoo = Path(zoo)
     if not zoo.exists():
         raise FormatError(f"{zoo}: no such file or folder")
+    skip = Path(exclude).resolve() if exclude is not None else None
     items: list[Item] = []
+    if zoo.is_file() and (zoo.suffix in (*_SUFFIXES, ".pt", ".pth") or zoo.name == CONFIG_NAME):
+        target = zoo.parent if zoo.name == CONFIG_NAME or (zoo.parent / CONFIG_NAME).is_file() \
+            else zoo
+        name = target.name if target.is_dir() else target.stem
+        return [Item(safe_name(name or "adapter"), str(target))]
+    if zoo.is_dir() and (zoo / CONFIG_NAME).is_file():
+        return [Item(safe_name(zoo.resolve().name or "adapter"), str(zoo))]
     if zoo.is_file():
         base = zoo.parent
-        for line in zoo.read_text().splitlines():
+        try:
+            lines = zoo.read_text().splitlines()
+        except (UnicodeDecodeError, OSError) as e:
+            raise FormatError(f"{zoo}: not a folder nor a text file listing adapters ({e})") from None
+        for line in lines:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -124,6 +146,9 @@ def discover(zoo: str | Path) -> list[Item]:
         for dirpath, dirnames, filenames in os.walk(zoo):
             dirnames.sort()
             d = Path(dirpath)
+            if skip is not None and d.resolve() == skip:
+                dirnames[:] = []
+                continue
             if CONFIG_NAME in filenames:
                 items.append(Item(safe_name(os.path.relpath(d, zoo)), str(d)))
                 dirnames[:] = []  # a PEFT folder's contents belong to it
@@ -149,20 +174,25 @@ def source_hashes(source: str) -> list[dict]:
     return [{"name": f.name, "sha256": sha256_file(f)} for f in files]
 
 
-def is_complete(out_dir: Path, source: str) -> bool:
-    """True when ``out_dir`` holds a finished conversion of the unchanged ``source``."""
-    cfg = out_dir / CONFIG_FILE
-    if not cfg.is_file():
+def is_complete(out_dir: Path, source: str, settings: dict | None = None,
+                group: str | None = None) -> bool:
+    """True when ``out_dir`` holds a finished conversion of the unchanged ``source``, made
+    with the same batch ``settings`` and in the same shared-pool ``group`` (None: none)."""
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
         return False
     try:
-        recorded = json.loads(cfg.read_text())["source"]["files"]
+        cfg = json.loads(path.read_text())
+        recorded = cfg["source"]["files"]
         want = source_hashes(source)
     except (OSError, ValueError, KeyError, TypeError, MosconvError):
         return False
     have = [{"name": f.get("name"), "sha256": f.get("sha256")} for f in recorded]
     if have != want:
         return False
-    for ref in _shared_refs(json.loads(cfg.read_text())):
+    if settings is not None and (cfg.get("batch") != settings or cfg.get("zoo_group") != group):
+        return False
+    for ref in _shared_refs(cfg):
         f = (out_dir / ref["file"])
         if not f.is_file() or sha256_file(f) != ref["sha256"]:
             return False
@@ -184,11 +214,12 @@ def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
     t0 = time.perf_counter()
     dest = Path(out) / item.name
     try:
-        if not config.overwrite and is_complete(dest, item.source):
+        if not config.overwrite and is_complete(dest, item.source, config.settings()):
             return outcome_from_report(item, dest, "skipped", time.perf_counter() - t0)
-        cc = ConvertConfig(ratio=config.ratio, seed=config.seed, search=config.search,
+        cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
                            iters=config.iters)
-        compress(item.source, dest, cc, command=None, overwrite=True)
+        compress(item.source, dest, cc, command=None, overwrite=True,
+                 extra_info={"batch": config.settings()})
         return outcome_from_report(item, dest, "converted", time.perf_counter() - t0)
     except (MosconvError, OSError) as e:
         return Outcome(item.name, item.source, "failed", time.perf_counter() - t0,
@@ -247,45 +278,81 @@ def _group_id(key: str) -> str:
     return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def fit_and_write_group(items: list[Item], out: str, config: BatchConfig, gid: str
-                        ) -> list[Outcome]:
-    """Fit one group's shared pools and write the pool file, then every adapter folder."""
-    from .pipeline import source_provenance
+def fit_group_items(items: list[Item], config: BatchConfig):
+    """Read and fit one group (where the group's vectors are); returns the GroupResult."""
     from .readers import read_adapter
     from .zoo import fit_group
 
-    t0 = time.perf_counter()
+    adapters = [read_adapter(i.source) for i in items]
+    return adapters, fit_group(adapters, float(config.ratio), config.seed,
+                               search=config.search, iters=config.iters)
+
+
+def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
+    """Write a group's shared pools once; returns ``(path, sha256)``."""
+    path = Path(out) / POOLS_DIR / f"{gid}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = safetensors_bytes(pools, {"format": "mosconv.pools.v1"})
+    atomic_write_bytes(path, data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def write_member(item: Item, adapter, mos, report: dict, out: str, config: BatchConfig,
+                 gid: str, pool: tuple[str, str] | None, seconds: float) -> Outcome:
+    """Write one adapter of a group (its own shards and routes; refs to the pool file)."""
+    from .pipeline import source_provenance
+
+    dest = Path(out) / item.name
     try:
-        adapters = [read_adapter(i.source) for i in items]
-        res = fit_group(adapters, config.ratio, config.seed)
+        kinds = mos.kinds
+        if pool is not None:
+            rel = os.path.relpath(pool[0], dest)
+            kinds = {k: replace(p, shared={**p.shared, "file": rel, "sha256": pool[1]})
+                     for k, p in mos.kinds.items()}
+        mos = replace(mos, kinds=kinds,
+                      source={**mos.source, **source_provenance(item.source, adapter)},
+                      info={**mos.info, "command": None, "batch": config.settings(),
+                            "zoo_group": gid})
+        save_mos(mos, dest, report, overwrite=True)
+        return outcome_from_report(item, dest, "converted", seconds, gid)
+    except (MosconvError, OSError) as e:
+        return Outcome(item.name, item.source, "failed", error=str(e).splitlines()[0], group=gid)
+
+
+def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
+                    ) -> Iterator[Outcome]:
+    """Fit where the group's vectors are, then fan the per-adapter writing out."""
+    t0 = time.perf_counter()
+    remote = config.engine == "ray"
+    try:
+        if remote:
+            import ray
+
+            adapters, res = ray.get(ray.remote(num_cpus=1)(fit_group_items).remote(members, config))
+        else:
+            adapters, res = fit_group_items(members, config)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return [Outcome(i.name, i.source, "failed", error=msg, group=gid) for i in items]
-    out = Path(out)
-    outcomes = []
+        for i in members:
+            yield Outcome(i.name, i.source, "failed", error=msg, group=gid)
+        return
     if res.mode == "shared":
-        (out / POOLS_DIR).mkdir(parents=True, exist_ok=True)
-        data = safetensors_bytes(res.shared_pools, {"format": "mosconv.pools.v1"})
-        pool_path = out / POOLS_DIR / f"{gid}.safetensors"
-        atomic_write_bytes(pool_path, data)
-        digest = hashlib.sha256(data).hexdigest()
-    for item, a, mos, report in zip(items, adapters, res.adapters, res.reports):
-        dest = out / item.name
-        try:
-            kinds = mos.kinds
-            if res.mode == "shared":
-                pool_rel = os.path.relpath(pool_path, dest)
-                kinds = {k: replace(p, shared={**p.shared, "file": pool_rel, "sha256": digest})
-                         for k, p in mos.kinds.items()}
-            mos = replace(mos, kinds=kinds,
-                          source={**mos.source, **source_provenance(item.source, a)},
-                          info={**mos.info, "command": None, "zoo_group": gid})
-            save_mos(mos, dest, report, overwrite=True)
-            outcomes.append(outcome_from_report(item, dest, "converted",
-                                                (time.perf_counter() - t0) / len(items), gid))
-        except (MosconvError, OSError) as e:
-            outcomes.append(Outcome(item.name, item.source, "failed", error=str(e), group=gid))
-    return outcomes
+        path, digest = write_pool_file(out, gid, res.shared_pools)
+        pool = (str(path), digest)
+    else:  # a pool file from an earlier run of this group is no longer used
+        pool = None
+        (Path(out) / POOLS_DIR / f"{gid}.safetensors").unlink(missing_ok=True)
+    per = (time.perf_counter() - t0) / len(members)
+    args = [(i, a, m, r, out, config, gid, pool, per)
+            for i, a, m, r in zip(members, adapters, res.adapters, res.reports)]
+    if remote:
+        import ray
+
+        task = ray.remote(num_cpus=1)(write_member)
+        yield from ray.get([task.remote(*x) for x in args])
+    else:
+        for x in args:
+            yield write_member(*x)
 
 
 def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
@@ -307,20 +374,35 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
     yield from convert_many(singles, out, config) if singles else iter(())
     for key, members in groups.items():
         gid = _group_id(key)
-        if not config.overwrite and all(is_complete(Path(out) / i.name, i.source) for i in members):
+        if not config.overwrite and all(
+                is_complete(Path(out) / i.name, i.source, config.settings(), gid) for i in members):
             for i in members:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, gid)
             continue
-        if config.engine == "ray":
-            import ray
-
-            task = ray.remote(num_cpus=1)(fit_and_write_group)
-            yield from ray.get(task.remote(members, out, config, gid))
-        else:
-            yield from fit_and_write_group(members, out, config, gid)
+        yield from _group_outcomes(members, out, config, gid)
 
 
 # ---------------------------------------------------------------- the whole run
+
+
+def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
+    """Parameters of the shared pool files that the given outputs refer to (each once)."""
+    from .readers._io import read_safetensors_header
+
+    files: set[Path] = set()
+    for dest in dests:
+        try:
+            cfg = json.loads((dest / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        files.update((dest / ref["file"]).resolve() for ref in _shared_refs(cfg))
+    total = 0
+    for f in sorted(files):
+        if f.is_file():
+            header, _ = read_safetensors_header(f)
+            for entry in header.values():
+                total += math.prod(int(d) for d in entry["shape"])
+    return total
 
 
 @dataclass
@@ -341,7 +423,7 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
               progress: Callable[[Outcome], None] | None = None) -> Summary:
     """Convert every adapter of ``zoo`` into ``out`` and write ``out/summary.json``."""
     config.validate()
-    items = discover(zoo)
+    items = discover(zoo, exclude=out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if config.engine == "ray":
@@ -357,21 +439,8 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
         if progress:
             progress(outcome)
     rows = [asdict(results[i.name]) for i in items]
-    if config.shared_pool:
-        pool_files = sorted((out / POOLS_DIR).glob("*.safetensors")) if (out / POOLS_DIR).is_dir() else []
-    else:
-        pool_files = []
     done = [r for r in rows if r["status"] != "failed" and r["lora_params"] is not None]
-    pool_params = 0
-    for f in pool_files:
-        from .readers._io import read_safetensors_header
-
-        header, _ = read_safetensors_header(f)
-        for entry in header.values():
-            n = 1
-            for d in entry["shape"]:
-                n *= int(d)
-            pool_params += n
+    pool_params = _pool_params_in_use(out, [out / r["name"] for r in done])
     lora = sum(r["lora_params"] for r in done)
     local = sum(r["local_params"] or 0 for r in done)
     energy = sum(r["energy"] or 0.0 for r in done)

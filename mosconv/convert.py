@@ -181,7 +181,7 @@ def convert(
     }
     info = {
         "mosconv_version": __version__,
-        "ratio": config.ratio,
+        "ratio": float(config.ratio),
         "seed": config.seed,
         "search": config.search,
         "iters": config.iters,

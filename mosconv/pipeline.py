@@ -24,6 +24,7 @@ def compress(
     command: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    extra_info: dict | None = None,
 ) -> ConvertResult:
     """Read a LoRA, convert it, and write the MoS folder ``out``.
 
@@ -39,7 +40,7 @@ def compress(
         result = convert(adapter, config, progress=progress)
         mos = replace(result.mos,
                       source={**result.mos.source, **source_provenance(lora_path, adapter)},
-                      info={**result.mos.info, "command": command})
+                      info={**result.mos.info, "command": command, **(extra_info or {})})
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
         if created:  # leave nothing behind that we made

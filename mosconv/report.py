@@ -74,7 +74,7 @@ def build_report(adapter: LoraAdapter, facts: dict[str, Factorization], mos: Mos
         })
     return {
         "schema": REPORT_SCHEMA,
-        "ratio": config.ratio,
+        "ratio": float(config.ratio),
         "seed": config.seed,
         "search": config.search,
         "iters": config.iters,

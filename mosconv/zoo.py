@@ -65,21 +65,31 @@ def _stack_rows(facts: list[Factorization]) -> torch.Tensor:
 
 
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
-              factorizations: list[dict[str, Factorization]] | None = None) -> GroupResult:
+              factorizations: list[dict[str, Factorization]] | None = None,
+              search: str = "fast", iters: int = 4) -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with pools shared across them.
 
+    The alternative is each adapter converted on its own (exactly what ``compress`` and a
+    plain ``batch`` give, with ``search``/``iters``); the group keeps whichever has the lower
+    total error, so ``--shared-pool`` is never worse than converting independently.
     The pool file tensors are named ``<kind id>.A`` (kind ids ``k0, k1, ...`` in the
     order of the first adapter's kinds).
     """
+    from .convert import ConvertConfig, convert
+
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     total_params = sum(a.params for a in adapters)
     budget = budget_for_ratio(total_params, ratio)
-
-    # independent baseline: global truncation over every adapter's modules at the same budget
     flat = {(i, n): f for i, fa in enumerate(facts) for n, f in fa.items()}
-    indep = truncate({f"{i}\x00{n}": f for (i, n), f in flat.items()}, budget)
-    energy = sum(indep.energy.values())
-    indep_err = math.sqrt(sum(indep.err_sq.values()) / energy) if energy > 0 else 0.0
+    energy = sum(f.energy for f in flat.values())
+
+    # independent: every adapter converted alone, as compress does
+    cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters)
+    alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
+    indep_err_sq = sum(m["energy"] * m["relative_error"] ** 2
+                       for r in alone for m in r.report["modules"])
+    indep_err = math.sqrt(indep_err_sq / energy) if energy > 0 else 0.0
+    indep_params = sum(r.report["totals"]["mos_params"] for r in alone)
 
     # shared row spaces: per module name, stacked over the adapters that have it
     names = [m.name for m in adapters[0].modules]
@@ -101,29 +111,11 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     params_shared = sum(ks[n] * costs[n] for n in names)
     totals = {"lora_params": total_params, "budget": budget, "adapters": len(adapters),
               "independent_relative_error": indep_err, "shared_relative_error": shared_err,
-              "independent_params": indep.params, "shared_params": params_shared}
+              "independent_params": indep_params, "shared_params": params_shared}
     if missing or shared_err >= indep_err:
-        return _independent(adapters, facts, indep, ratio, seed, totals)
+        return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone], {},
+                           {**totals, "mode": "independent", "mos_params": indep_params})
     return _shared(adapters, facts, bases, ks, ratio, seed, totals)
-
-
-def _independent(adapters, facts, indep, ratio, seed, totals) -> GroupResult:
-    from .convert import _to_pools
-    from .fit import private_fit
-
-    mos_list = []
-    for i, (a, fa) in enumerate(zip(adapters, facts)):
-        ranks = {n: indep.ranks[f"{i}\x00{n}"] for n in fa}
-        kinds, mods = {}, []
-        for kind, ms in a.kinds.items():
-            kf = private_fit([fa[m.name] for m in ms], [ranks[m.name] for m in ms])
-            kinds[kind] = _to_pools(kind, kf, ms[0].d_in, ms[0].d_out)
-            for m, mr in zip(ms, kf.modules):
-                mods.append(_module(m, kind, mr.routes_A.reshape(-1), mr.routes_B.reshape(-1),
-                                    mr.private_A, mr.private_B))
-        mos_list.append(_mos(a, kinds, mods, ratio, seed, "independent"))
-    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
-    return GroupResult("independent", mos_list, reports, {}, {**totals, "mode": "independent"})
 
 
 def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
@@ -181,7 +173,8 @@ def _mos(a: LoraAdapter, kinds, mods, ratio, seed, mode) -> MosAdapter:
     source = {"format": a.format, "base_model": a.base_model, "task_type": a.task_type,
               "dtype": a.dtype, "fan_in_fan_out": a.fan_in_fan_out, "config": a.config,
               "metadata": a.metadata}
-    info = {"mosconv_version": __version__, "ratio": ratio, "seed": seed, "search": f"zoo-{mode}",
+    info = {"mosconv_version": __version__, "ratio": float(ratio), "seed": seed,
+            "search": f"zoo-{mode}",
             "iters": 0, "routing_weights": False, "lora_params": a.params,
             "budget": budget_for_ratio(a.params, ratio)}
     return MosAdapter(kinds=kinds, modules=tuple(mods), extra_tensors=dict(a.extra_tensors),

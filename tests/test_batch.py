@@ -1,0 +1,806 @@
+"""``mosconv batch`` and :mod:`mosconv.batch`: discovery of a zoo, summary.json, resumable
+reruns (skip what is done, redo what changed or is incomplete, continue after an interrupt or
+a SIGKILL with the same bytes), a broken adapter among good ones, ``--jobs 2``, and
+``--shared-pool`` outputs through ``inspect`` / ``export`` and their pool-file checks.
+
+Every zoo here is synthetic and tiny (written with fixed seeds); nothing reads ../shared/zoo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+try:
+    from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
+except ImportError:  # tests/ imported as a package
+    from tests.helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
+
+import mosconv.batch
+from mosconv.batch import (
+    POOLS_DIR,
+    SUMMARY_FILE,
+    BatchConfig,
+    Item,
+    convert_many,
+    discover,
+    run_batch,
+    safe_name,
+)
+from mosconv.cli import main
+from mosconv.errors import ConfigError, FormatError
+from mosconv.fileio import sha256_file
+from mosconv.mos_format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE, load_mos
+from mosconv.readers import read_adapter
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+# ------------------------------------------------------------------ zoo writers
+
+
+def write_kohya(path: Path, seed: int, d: int = 32, r: int = 4) -> Path:
+    """A kohya / sd-scripts single-file LoRA with two modules (written without mosconv)."""
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for mod in ("lora_unet_down_blocks_0_attentions_0_proj_in",
+                "lora_unet_down_blocks_0_attentions_1_proj_in"):
+        t[f"{mod}.lora_down.weight"] = torch.randn(r, d, generator=g)
+        t[f"{mod}.lora_up.weight"] = torch.randn(d, r, generator=g)
+        t[f"{mod}.alpha"] = torch.tensor(float(r))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path))
+    return path
+
+
+def write_lora_like(folder: Path, index: int, *, layers: int = 4, d: int = 64, d_kv: int = 32,
+                    r: int = 8, base: str = "tiny-lm", seed: int = 0, shared_A: bool = True,
+                    drift: float = 0.01, decay: float = 0.8) -> Path:
+    """A PEFT folder as LoRA training leaves it: ``A`` is PEFT's kaiming-uniform init drawn
+    from one generator seed per layer (the same for every adapter of the zoo when
+    ``shared_A``) plus a small per-adapter drift; ``B`` is the adapter's own, with a decaying
+    column scale.  Written with safetensors, not with mosconv."""
+    g = torch.Generator().manual_seed(10_000 * seed + 97 * index + 1)
+    mods = {f"model.layers.{i}.self_attn.{p}": s for i in range(layers)
+            for p, s in (("q_proj", (d, d)), ("v_proj", (d_kv, d)))}
+    tensors = {}
+    for li, (name, (d_out, d_in)) in enumerate(mods.items()):
+        ga = torch.Generator().manual_seed(1_000 * seed + li + (0 if shared_A else 7919 * (index + 1)))
+        bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) weight
+        A = (torch.rand(r, d_in, generator=ga) * 2 - 1) * bound
+        A = A + drift * bound * torch.randn(r, d_in, generator=g)
+        B = torch.randn(d_out, r, generator=g) * decay ** torch.arange(r, dtype=torch.float32)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+           "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+SMALL_NAMES = ["c0", "kohya/style", "teamA/a0", "teamA/a1", "teamB/x/b0"]
+
+
+def make_small_zoo(root: Path) -> Path:
+    """Nested PEFT folders, one kohya single file, and non-adapter files to be ignored."""
+    mods = llama_like(layers=2, d=32, d_kv=16)
+    for seed, rel in enumerate(["teamA/a0", "teamA/a1", "teamB/x/b0", "c0"]):
+        write_random_peft(root / rel, mods, r=4, alpha=8, seed=seed)
+    write_kohya(root / "kohya" / "style.safetensors", seed=7)
+    (root / "teamA" / "SOURCE.txt").write_text("where these came from\n")
+    (root / "README.md").write_text("# a zoo\n")
+    (root / "teamB" / "notes.json").write_text("{}\n")
+    return root
+
+
+def make_big_zoo(root: Path, n: int = 8) -> Path:
+    """``n`` adapters big enough that converting one takes a noticeable time."""
+    mods = llama_like(layers=8, d=256, d_kv=128)
+    for i in range(n):
+        write_random_peft(root / f"ad{i}", mods, r=16, alpha=16, seed=100 + i)
+    return root
+
+
+def make_shared_zoo(root: Path) -> Path:
+    """Two groups: four LoRA-like adapters of ``tiny-lm`` (sharing pays) and two random ones
+    of ``tiny-test-model`` (it does not)."""
+    for i in range(4):
+        write_lora_like(root / "lm" / f"task{i}", i)
+    mods = llama_like(layers=2, d=32, d_kv=16)
+    for i in range(2):
+        write_random_peft(root / "other" / f"r{i}", mods, r=4, seed=50 + i)
+    return root
+
+
+# ------------------------------------------------------------------ tree helpers
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path (summary.json left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != SUMMARY_FILE}
+
+
+def summary_numbers(out: Path) -> tuple[list, dict]:
+    """summary.json without its timing and status fields."""
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    keep = ("name", "source", "lora_params", "mos_params", "local_params", "relative_error",
+            "truncation_relative_error", "energy", "group", "error")
+    rows = [{k: a[k] for k in keep} for a in s["adapters"]]
+    totals = {k: v for k, v in s["totals"].items()
+              if k not in ("seconds", "converted", "skipped")}
+    return rows, totals
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    fa, fb = files_of(a), files_of(b)
+    assert sorted(fa) == sorted(fb), (sorted(set(fa) ^ set(fb)))
+    differ = [k for k in fa if fa[k] != fb[k]]
+    assert not differ, f"files whose bytes differ: {differ}"
+    assert summary_numbers(a) == summary_numbers(b)
+
+
+def stale_tmp(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob(".*.tmp"))
+
+
+def assert_one_line_error(res, *words):
+    assert res.exit_code == 1, (res.exit_code, res.output)
+    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mosconv: error:")]
+    assert len(errors) == 1, res.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory) -> Path:
+    return make_small_zoo(tmp_path_factory.mktemp("small") / "zoo")
+
+
+@pytest.fixture(scope="module")
+def small_run(small_zoo, tmp_path_factory):
+    """``(out, CliRunner result)`` of ``mosconv batch ZOO OUT --ratio 8``."""
+    out = tmp_path_factory.mktemp("small_out") / "out"
+    with one_thread():
+        res = run_cli("batch", small_zoo, out, "--ratio", "8")
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    """``(zoo, out, seconds)``: the first, timed, run over eight d=256 r=16 adapters."""
+    root = tmp_path_factory.mktemp("big")
+    zoo = make_big_zoo(root / "zoo")
+    out = root / "out"
+    with one_thread():
+        t0 = time.perf_counter()
+        summary = run_batch(zoo, out, BatchConfig(ratio=8.0))
+        seconds = time.perf_counter() - t0
+    assert summary.totals["converted"] == 8 and summary.failed == 0
+    return zoo, out, seconds
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """``(zoo, out, CliRunner result)`` of ``mosconv batch ZOO OUT --ratio 8 --shared-pool``."""
+    root = tmp_path_factory.mktemp("shared")
+    zoo = make_shared_zoo(root / "zoo")
+    out = root / "out"
+    with one_thread():
+        res = run_cli("batch", zoo, out, "--ratio", "8", "--shared-pool")
+    assert res.exit_code == 0, res.output
+    return zoo, out, res
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def test_discover_folder_zoo(small_zoo):
+    items = discover(small_zoo)
+    assert [i.name for i in items] == SMALL_NAMES
+    by_name = {i.name: Path(i.source) for i in items}
+    for name in ("c0", "teamA/a0", "teamA/a1", "teamB/x/b0"):
+        assert by_name[name] == small_zoo / name  # the PEFT folder, not a file inside it
+    assert by_name["kohya/style"] == small_zoo / "kohya" / "style.safetensors"
+    # SOURCE.txt, README.md, notes.json are no adapters
+    assert all(Path(i.source).suffix not in (".txt", ".md", ".json") for i in items)
+
+
+def test_discover_does_not_descend_into_peft_folders(tmp_path):
+    zoo = tmp_path / "zoo"
+    write_random_peft(zoo / "a", llama_like(layers=1, d=16, d_kv=8), seed=0)
+    write_kohya(zoo / "a" / "checkpoints" / "old.safetensors", seed=1)  # belongs to a
+    assert [i.name for i in discover(zoo)] == ["a"]
+
+
+def test_discover_list_file(small_zoo, tmp_path):
+    lists = tmp_path / "lists" / "deep"
+    lists.mkdir(parents=True)
+    rel = os.path.relpath(small_zoo, lists)
+    listing = lists / "zoo.txt"
+    listing.write_text("\n".join([
+        "# adapters to convert",
+        f"{rel}/teamA/a0",
+        "",
+        "   ",
+        f"  {rel}/kohya/style.safetensors  ",
+        "# a comment in between",
+        str(small_zoo / "teamB" / "x" / "b0"),  # absolute
+    ]) + "\n")
+    items = discover(listing)
+    assert [Path(i.source).resolve() for i in items] == [
+        (small_zoo / "teamA" / "a0").resolve(),
+        (small_zoo / "kohya" / "style.safetensors").resolve(),
+        (small_zoo / "teamB" / "x" / "b0").resolve(),
+    ]
+    for i in items:  # names: the path relative to the list file, `..` dropped, suffix dropped
+        assert ".." not in i.name.split("/") and not i.name.startswith("/"), i.name
+    assert items[0].name.endswith("teamA/a0")
+    assert items[1].name.endswith("kohya/style")
+    assert items[2].name.endswith("teamB/x/b0")
+
+
+def test_list_file_paths_cannot_escape_out(small_zoo, tmp_path):
+    """Every listed path climbs out of the list's folder; the outputs stay under OUT."""
+    home = tmp_path / "run"
+    lists = home / "lists"
+    lists.mkdir(parents=True)
+    out = home / "out"
+    rel = os.path.relpath(small_zoo, lists)
+    climb = "../" * 40 + str(small_zoo / "c0").lstrip("/")  # far above / and back down
+    (lists / "zoo.txt").write_text(f"{rel}/teamA/a1\n{climb}\n")
+    outside_before = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    summary = run_batch(lists / "zoo.txt", out, BatchConfig(ratio=8.0, search="truncation"))
+    assert summary.failed == 0 and len(summary.adapters) == 2
+    for row in summary.adapters:
+        dest = (out / row["name"]).resolve()
+        assert out.resolve() in dest.parents, f"{row['name']!r} escapes {out}"
+        assert (dest / CONFIG_FILE).is_file()
+    outside_after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    assert outside_after == outside_before, "the run wrote outside OUT"
+
+
+@pytest.mark.parametrize("rel, want", [
+    ("../../etc/passwd", "etc/passwd"),
+    ("a/../../b", "a/b"),
+    ("./x/./y", "x/y"),
+    ("/abs/path", "abs/path"),
+    ("..\\..\\win\\dir", "win/dir"),
+    ("sp ace/.hidden", "sp_ace/hidden"),
+])
+def test_safe_name(rel, want):
+    assert safe_name(rel) == want
+
+
+@pytest.mark.parametrize("rel", ["..", "../..", ".", ""])
+def test_safe_name_refuses_empty(rel):
+    with pytest.raises(ConfigError):
+        safe_name(rel)
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(FormatError, match="no such file"):
+        discover(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "SOURCE.txt").write_text("x")
+    with pytest.raises(FormatError, match="no adapters"):
+        discover(tmp_path / "empty")
+    write_kohya(tmp_path / "dup" / "a.safetensors", seed=0)
+    write_kohya(tmp_path / "dup" / "a.bin", seed=1)  # same output name "a"
+    with pytest.raises(ConfigError, match="output name"):
+        discover(tmp_path / "dup")
+
+
+# ------------------------------------------------------------------ a whole run
+
+
+def test_batch_converts_all_and_writes_summary(small_zoo, small_run):
+    out, res = small_run
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["ratio"] == 8.0 and summary["shared_pool"] is False
+    rows = summary["adapters"]
+    assert [r["name"] for r in rows] == SMALL_NAMES
+    for r in rows:
+        assert r["status"] == "converted", r
+        assert r["error"] is None
+        assert isinstance(r["seconds"], float) and r["seconds"] >= 0
+        assert r["lora_params"] > 0 and 0 < r["mos_params"] <= r["lora_params"] / 8, r
+        assert 0 <= r["relative_error"] <= r["truncation_relative_error"] + 1e-9 <= 1 + 1e-9, r
+        dest = out / r["name"]  # the output mirrors the zoo's layout
+        assert sorted(p.name for p in dest.iterdir()) == sorted([CONFIG_FILE, REPORT_FILE,
+                                                                 TENSOR_FILE])
+        report = json.loads((dest / REPORT_FILE).read_text())
+        assert r["relative_error"] == report["totals"]["relative_error"]
+        assert r["lora_params"] == report["totals"]["lora_params"]
+        assert r["mos_params"] == report["totals"]["mos_params"]
+    t = summary["totals"]
+    assert t["adapters"] == t["converted"] == 5 and t["skipped"] == t["failed"] == 0
+    assert t["lora_params"] == sum(r["lora_params"] for r in rows)
+    assert t["mos_params"] == sum(r["local_params"] for r in rows)
+    assert t["shared_pool_params"] == 0
+    energy = sum(r["energy"] for r in rows)
+    for key in ("relative_error", "truncation_relative_error"):
+        want = math.sqrt(sum(r["energy"] * r[key] ** 2 for r in rows) / energy)
+        assert t[key] == pytest.approx(want, rel=1e-12)
+    assert t["seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+    for name in SMALL_NAMES:  # the table names every adapter
+        assert name in res.stdout
+    assert "5 adapters: 5 converted, 0 skipped, 0 failed" in res.stdout
+    assert not stale_tmp(out)
+
+
+def test_batch_json_prints_summary(small_zoo, small_run, tmp_path):
+    out, _ = small_run
+    res = run_cli("batch", small_zoo, out, "--json")
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout)
+    assert printed == json.loads((out / SUMMARY_FILE).read_text())
+
+
+@pytest.mark.parametrize("name", SMALL_NAMES)
+def test_batch_equals_compress(small_zoo, small_run, tmp_path, name):
+    """Each adapter of a batch is what ``mosconv compress`` makes of it alone."""
+    out, _ = small_run
+    source = next(i.source for i in discover(small_zoo) if i.name == name)
+    res = run_cli("compress", source, tmp_path / "alone", "--ratio", "8", "-q")
+    assert res.exit_code == 0, res.output
+    alone = json.loads((tmp_path / "alone" / REPORT_FILE).read_text())["totals"]
+    row = next(r for r in json.loads((out / SUMMARY_FILE).read_text())["adapters"]
+               if r["name"] == name)
+    assert row["relative_error"] == alone["relative_error"]
+    assert row["truncation_relative_error"] == alone["truncation_relative_error"]
+    assert row["mos_params"] == alone["mos_params"]
+    assert (out / name / TENSOR_FILE).read_bytes() == (tmp_path / "alone" / TENSOR_FILE).read_bytes()
+    a, b = (json.loads((d / CONFIG_FILE).read_text()) for d in (out / name, tmp_path / "alone"))
+    assert a["command"] is None and b["command"].startswith("mosconv")  # argv under CliRunner
+    assert a["source"]["files"] == b["source"]["files"]
+    assert a.pop("batch")["ratio"] == 8.0  # the batch settings, used to decide what to redo
+    for d in (a, b):
+        del d["command"]
+    assert a == b  # the same config but for the command line and the batch settings
+
+
+# ------------------------------------------------------------------ reruns
+
+
+def test_rerun_skips_everything_quickly(big_run):
+    zoo, out, first = big_run
+    before = files_of(out)
+    first_rows, first_totals = summary_numbers(out)
+    t0 = time.perf_counter()
+    summary = run_batch(zoo, out, BatchConfig(ratio=8.0))
+    again = time.perf_counter() - t0
+    assert [a["status"] for a in summary.adapters] == ["skipped"] * 8
+    assert summary.totals["converted"] == 0 and summary.totals["skipped"] == 8
+    rows, totals = summary_numbers(out)
+    assert rows == first_rows and totals == first_totals  # numbers still filled in
+    assert all(r["relative_error"] is not None and r["lora_params"] for r in rows)
+    assert files_of(out) == before
+    print(f"first run {first:.3f} s, rerun {again:.4f} s, ratio {again / first:.4f}")
+    assert again < 0.10 * first, f"rerun took {again:.3f} s, first run {first:.3f} s"
+
+
+def test_modified_source_is_redone(small_zoo, small_run, tmp_path):
+    out0, _ = small_run
+    zoo = shutil.copytree(small_zoo, tmp_path / "zoo")
+    out = shutil.copytree(out0, tmp_path / "out")  # sources differ in path only: still complete
+    assert run_batch(zoo, out).totals["skipped"] == 5
+    # new weights for teamA/a1 (same shapes), a new alpha for teamB/x/b0
+    shutil.rmtree(zoo / "teamA" / "a1")
+    write_random_peft(zoo / "teamA" / "a1", llama_like(layers=2, d=32, d_kv=16), r=4, alpha=8,
+                      seed=99)
+    cfg = json.loads((zoo / "teamB" / "x" / "b0" / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 16
+    (zoo / "teamB" / "x" / "b0" / "adapter_config.json").write_text(json.dumps(cfg))
+    summary = run_batch(zoo, out)
+    status = {a["name"]: a["status"] for a in summary.adapters}
+    assert status == {"c0": "skipped", "kohya/style": "skipped", "teamA/a0": "skipped",
+                      "teamA/a1": "converted", "teamB/x/b0": "converted"}
+    fresh = tmp_path / "fresh"
+    run_batch(zoo, fresh)
+    for name in SMALL_NAMES:
+        assert (out / name / TENSOR_FILE).read_bytes() == (fresh / name / TENSOR_FILE).read_bytes()
+    assert (out / "teamA/a1" / TENSOR_FILE).read_bytes() != \
+        (out0 / "teamA/a1" / TENSOR_FILE).read_bytes()
+
+
+def test_incomplete_output_is_redone(small_zoo, small_run, tmp_path):
+    out0, _ = small_run
+    out = shutil.copytree(out0, tmp_path / "out")
+    (out / "teamA" / "a0" / CONFIG_FILE).unlink()  # as a run killed before the last write
+    (out / "c0" / TENSOR_FILE).write_bytes(b"garbage")  # config intact: still counts as done
+    shutil.rmtree(out / "kohya")  # never started
+    (out / "teamB" / "x" / "b0" / ".mos_adapter.safetensors.x1y2.tmp").write_bytes(b"partial")
+    (out / "teamB" / "x" / "b0" / CONFIG_FILE).unlink()
+    summary = run_batch(small_zoo, out)
+    status = {a["name"]: a["status"] for a in summary.adapters}
+    assert status == {"c0": "skipped", "kohya/style": "converted", "teamA/a0": "converted",
+                      "teamA/a1": "skipped", "teamB/x/b0": "converted"}
+    for name in ("kohya/style", "teamA/a0", "teamB/x/b0"):
+        for f in (CONFIG_FILE, REPORT_FILE, TENSOR_FILE):
+            assert (out / name / f).read_bytes() == (out0 / name / f).read_bytes(), (name, f)
+    assert not stale_tmp(out)
+    # --overwrite redoes everything, including the damaged-but-"complete" c0
+    res = run_cli("batch", small_zoo, out, "--overwrite", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / SUMMARY_FILE).read_text())["totals"]["converted"] == 5
+    assert files_of(out) == files_of(out0)
+
+
+# ------------------------------------------------------------------ failures
+
+
+def write_truncated(folder: Path) -> Path:
+    write_random_peft(folder, llama_like(layers=2, d=32, d_kv=16), r=4, seed=42)
+    f = folder / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 3 // 5])
+    return f
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["independent", "shared-pool"])
+def test_corrupt_adapter_does_not_stop_the_others(small_zoo, tmp_path, shared):
+    zoo = shutil.copytree(small_zoo, tmp_path / "zoo")
+    write_truncated(zoo / "teamA" / "broken")
+    out = tmp_path / "out"
+    res = run_cli("batch", zoo, out, "--ratio", "8", *(["--shared-pool"] if shared else []))
+    line = assert_one_line_error(res, "broken", "adapter_model.safetensors")
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    rows = {a["name"]: a for a in summary["adapters"]}
+    assert sorted(rows) == sorted([*SMALL_NAMES, "teamA/broken"])
+    bad = rows.pop("teamA/broken")
+    assert bad["status"] == "failed" and "adapter_model.safetensors" in bad["error"]
+    assert "\n" not in bad["error"] and bad["error"] in line
+    assert bad["relative_error"] is None and bad["lora_params"] is None
+    assert all(r["status"] == "converted" for r in rows.values()), rows
+    assert summary["totals"]["failed"] == 1 and summary["totals"]["converted"] == 5
+    assert summary["totals"]["lora_params"] == sum(r["lora_params"] for r in rows.values())
+    assert not (out / "teamA" / "broken" / CONFIG_FILE).exists()
+    for name in rows:
+        load_mos(out / name)
+    assert not stale_tmp(out)
+    # a rerun retries the broken one only, and still fails on it
+    res = run_cli("batch", zoo, out, "--ratio", "8", "-q", *(["--shared-pool"] if shared else []))
+    assert_one_line_error(res, "broken")
+    rows = json.loads((out / SUMMARY_FILE).read_text())["adapters"]
+    assert {a["status"] for a in rows if a["name"] != "teamA/broken"} == {"skipped"}
+
+
+def test_batch_usage_errors(small_zoo, tmp_path):
+    res = run_cli("batch", tmp_path / "nope", tmp_path / "out")
+    assert_one_line_error(res, "nope")
+    res = run_cli("batch", small_zoo, tmp_path / "out", "--jobs", "0")
+    assert res.exit_code == 2
+    with pytest.raises(ConfigError):
+        run_batch(small_zoo, tmp_path / "o2", BatchConfig(engine="spark"))
+    with pytest.raises(ConfigError):
+        list(convert_many([Item("x", str(small_zoo / "c0"))], tmp_path / "o3",
+                          BatchConfig(jobs=0)))
+
+
+# ------------------------------------------------------------------ interrupted runs
+
+
+def test_keyboard_interrupt_then_rerun_gives_the_same_tree(small_zoo, small_run, tmp_path,
+                                                          monkeypatch):
+    ref, _ = small_run
+    out = tmp_path / "out"
+    real = mosconv.batch.convert_one
+    calls = []
+    k = 2
+
+    def interrupting(item, out_, config):
+        calls.append(item.name)
+        if len(calls) == k + 1:
+            raise KeyboardInterrupt
+        return real(item, out_, config)
+
+    monkeypatch.setattr(mosconv.batch, "convert_one", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(small_zoo, out, BatchConfig(ratio=8.0, jobs=1))
+    monkeypatch.undo()
+    done = sorted(str(p.parent.relative_to(out)) for p in out.rglob(CONFIG_FILE))
+    assert done == SMALL_NAMES[:k]
+    assert not (out / SUMMARY_FILE).exists()
+    # what a kill in the middle of the next adapter leaves: a tensor file, a temp file
+    partial = out / SMALL_NAMES[k]
+    partial.mkdir(parents=True)
+    (partial / TENSOR_FILE).write_bytes(b"half a file")
+    (partial / f".{CONFIG_FILE}.abc123.tmp").write_bytes(b"{")
+    summary = run_batch(small_zoo, out, BatchConfig(ratio=8.0, jobs=1))
+    assert [a["status"] for a in summary.adapters] == ["skipped"] * k + ["converted"] * (5 - k)
+    assert not stale_tmp(out)
+    assert_same_tree(out, ref)
+
+
+def test_sigkill_then_rerun_gives_the_same_tree(big_run, tmp_path):
+    zoo, ref, _ = big_run
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "mosconv.cli", "batch", str(zoo), str(out),
+                             "--ratio", "8", "-q"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(out.rglob(CONFIG_FILE))):
+            assert proc.poll() is None, f"batch exited early: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no adapter finished within 120 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    finished = len(list(out.rglob(CONFIG_FILE)))
+    assert 1 <= finished < 8, f"{finished} adapters were done when the run was killed"
+    assert not (out / SUMMARY_FILE).exists()
+
+    res = run_cli("batch", zoo, out, "--ratio", "8", "-q")
+    assert res.exit_code == 0, res.output
+    statuses = [a["status"] for a in json.loads((out / SUMMARY_FILE).read_text())["adapters"]]
+    assert statuses.count("skipped") >= finished and "failed" not in statuses
+    assert not stale_tmp(out)
+    assert_same_tree(out, ref)
+
+
+# ------------------------------------------------------------------ parallel jobs
+
+
+def test_jobs_2_gives_the_same_bytes(small_zoo, small_run, tmp_path):
+    ref, _ = small_run
+    out = tmp_path / "out"
+    res = run_cli("batch", small_zoo, out, "--ratio", "8", "--jobs", "2", "-q")
+    assert res.exit_code == 0, res.output
+    assert_same_tree(out, ref)
+    assert [a["name"] for a in json.loads((out / SUMMARY_FILE).read_text())["adapters"]] == \
+        SMALL_NAMES  # zoo order, not completion order
+
+
+# ------------------------------------------------------------------ shared pools
+
+
+def test_shared_pool_run(shared_run):
+    _, out, res = shared_run
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["shared_pool"] is True
+    rows = {a["name"]: a for a in summary["adapters"]}
+    assert sorted(rows) == ["lm/task0", "lm/task1", "lm/task2", "lm/task3", "other/r0",
+                            "other/r1"]
+    assert all(r["status"] == "converted" for r in rows.values())
+    pools = sorted((out / POOLS_DIR).iterdir())
+    assert len(pools) == 1 and pools[0].suffix == ".safetensors", pools  # only the lm group
+    groups = {r["group"] for n, r in rows.items() if n.startswith("lm/")}
+    assert len(groups) == 1 and pools[0].stem == groups.pop()
+    t = summary["totals"]
+    pool_params = sum(t.numel() for t in load_pool(pools[0]).values())
+    assert t["shared_pool_params"] == pool_params > 0
+    assert t["mos_params"] == pool_params + sum(r["local_params"] for r in rows.values())
+    assert t["mos_params"] <= t["lora_params"] / 8
+    lm_lora = sum(r["lora_params"] for n, r in rows.items() if n.startswith("lm/"))
+    lm_local = sum(r["local_params"] for n, r in rows.items() if n.startswith("lm/"))
+    assert lm_local + pool_params <= lm_lora / 8
+    for name in rows:
+        cfg = json.loads((out / name / CONFIG_FILE).read_text())
+        refs = [k["shared_pool"] for k in cfg["kinds"] if k.get("shared_pool")]
+        if name.startswith("lm/"):
+            assert refs and all((out / name / r["file"]).resolve() == pools[0].resolve()
+                                for r in refs)
+            assert not Path(refs[0]["file"]).is_absolute()  # OUT can be moved
+            assert all(r["sha256"] == sha256_file(pools[0]) for r in refs)
+        else:
+            assert not refs
+        load_mos(out / name)
+    assert "shared pools" in res.stdout
+    assert not stale_tmp(out)
+
+
+def load_pool(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_shared_pool_rerun_skips(shared_run, tmp_path):
+    zoo, out0, _ = shared_run
+    out = shutil.copytree(out0, tmp_path / "out")
+    summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    assert {a["status"] for a in summary.adapters} == {"skipped"}
+    assert summary.totals["shared_pool_params"] > 0
+    assert files_of(out) == files_of(out0)
+
+
+def test_inspect_and_export_shared_adapter(shared_run, tmp_path):
+    _, out, _ = shared_run
+    folder = out / "lm" / "task2"
+    res = run_cli("inspect", folder)
+    assert res.exit_code == 0, res.output
+    assert "MoS adapter" in res.stdout and "shared pool" in res.stdout
+    res = run_cli("inspect", folder, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    mos = load_mos(folder)
+    assert info["params"] == mos.params
+    assert info["report"]["totals"]["local_params"] < info["params"]
+
+    res = run_cli("export", folder, tmp_path / "peft")
+    assert res.exit_code == 0, res.output
+    exported = read_adapter(tmp_path / "peft")
+    assert [m.name for m in exported.modules] == [m.name for m in mos.modules]
+    for m in mos.modules:
+        A, B = mos.assemble(m)
+        want = m.scale * (B.double() @ A.double())
+        e = exported.module(m.name)
+        got = e.scale * (e.B.double() @ e.A.double())
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max())), m.name
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_pool_file_fails_to_load(shared_run, tmp_path, damage):
+    zoo, out0, _ = shared_run
+    out = shutil.copytree(out0, tmp_path / "out")
+    pool = next((out / POOLS_DIR).iterdir())
+    if damage == "flip":
+        data = bytearray(pool.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        pool.write_bytes(bytes(data))
+    else:
+        pool.unlink()
+    with pytest.raises(FormatError) as e:
+        load_mos(out / "lm" / "task0")
+    msg = str(e.value)
+    assert "\n" not in msg and pool.name in msg, msg
+    assert ("missing" if damage == "delete" else "sha256") in msg, msg
+    load_mos(out / "other" / "r0")  # adapters without shared pools are unaffected
+    res = run_cli("inspect", out / "lm" / "task0")
+    assert_one_line_error(res, pool.name)
+    res = run_cli("export", out / "lm" / "task0", tmp_path / "peft")
+    assert_one_line_error(res, pool.name)
+    assert not (tmp_path / "peft" / "adapter_config.json").exists()
+    # a shared-pool rerun notices and refits the group: back to the original bytes
+    summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    status = {a["name"]: a["status"] for a in summary.adapters}
+    assert all(status[f"lm/task{i}"] == "converted" for i in range(4)), status
+    assert status["other/r0"] == status["other/r1"] == "skipped"
+    assert files_of(out) == files_of(out0)
+    load_mos(out / "lm" / "task0")
+
+
+def test_shared_pool_modified_member_refits_the_group(shared_run, tmp_path):
+    zoo0, out0, _ = shared_run
+    zoo = shutil.copytree(zoo0, tmp_path / "zoo")
+    out = shutil.copytree(out0, tmp_path / "out")
+    shutil.rmtree(zoo / "lm" / "task1")
+    write_lora_like(zoo / "lm" / "task1", 1, seed=5)  # retrained: other weights, same shapes
+    summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    status = {a["name"]: a["status"] for a in summary.adapters}
+    assert status == {"lm/task0": "converted", "lm/task1": "converted", "lm/task2": "converted",
+                      "lm/task3": "converted", "other/r0": "skipped", "other/r1": "skipped"}
+    fresh = tmp_path / "fresh"
+    run_batch(zoo, fresh, BatchConfig(ratio=8.0, shared_pool=True))
+    a, b = files_of(out), files_of(fresh)
+    for skipped in ("other/r0", "other/r1"):  # their configs keep the first zoo's path
+        a.pop(f"{skipped}/{CONFIG_FILE}")
+        b.pop(f"{skipped}/{CONFIG_FILE}")
+    assert a == b
+    assert summary_numbers(out)[1] == summary_numbers(fresh)[1]
+    for name in status:
+        load_mos(out / name)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_shared_pool_interrupted_group_then_rerun(shared_run, tmp_path, monkeypatch, k):
+    """Interrupted while writing a group's adapters (after its pool file, after k of them)."""
+    zoo, ref, _ = shared_run
+    out = tmp_path / "out"
+    real = mosconv.batch.save_mos
+    saved = []
+
+    def interrupting(mos, dest, *args, **kwargs):
+        if mos.info.get("zoo_group") and len(saved) == k:
+            raise KeyboardInterrupt
+        if mos.info.get("zoo_group"):
+            saved.append(dest)
+        return real(mos, dest, *args, **kwargs)
+
+    monkeypatch.setattr(mosconv.batch, "save_mos", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    monkeypatch.undo()
+    assert len(saved) == k and any((out / POOLS_DIR).iterdir())
+    summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    assert summary.failed == 0
+    assert not stale_tmp(out)
+    assert_same_tree(out, ref)
+
+
+# ------------------------------------------------------------------ settings changes, stale pools, odd zoo paths
+
+
+@pytest.mark.parametrize("first, second", [
+    (["--ratio", "8"], ["--ratio", "4"]),
+    (["--ratio", "8"], ["--ratio", "8", "--shared-pool"]),
+    (["--ratio", "8", "--shared-pool"], ["--ratio", "8"]),
+], ids=["ratio", "to-shared", "to-independent"])
+def test_rerun_with_other_settings_redoes(tmp_path, first, second):
+    zoo = make_shared_zoo(tmp_path / "zoo")
+    out = tmp_path / "out"
+    assert run_cli("batch", zoo, out, "-q", *first).exit_code == 0
+    res = run_cli("batch", zoo, out, "-q", *second)
+    assert res.exit_code == 0, res.output
+    fresh = tmp_path / "fresh"
+    assert run_cli("batch", zoo, fresh, "-q", *second).exit_code == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["totals"]["skipped"] == 0, [a["status"] for a in summary["adapters"]]
+    for a in summary["adapters"]:
+        cfg = json.loads((out / a["name"] / CONFIG_FILE).read_text())
+        assert cfg["ratio"] == summary["ratio"], (a["name"], cfg["ratio"], summary["ratio"])
+    assert summary_numbers(out)[0] == summary_numbers(fresh)[0]
+
+
+def test_summary_counts_only_pools_in_use(shared_run, tmp_path):
+    zoo0, out0, _ = shared_run
+    zoo = shutil.copytree(zoo0, tmp_path / "zoo")
+    out = shutil.copytree(out0, tmp_path / "out")
+    for i in range(4):  # the lm adapters now name another base model: a new group
+        p = zoo / "lm" / f"task{i}" / "adapter_config.json"
+        cfg = json.loads(p.read_text())
+        cfg["base_model_name_or_path"] = "tiny-lm-v2"
+        p.write_text(json.dumps(cfg))
+    again = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True)).totals
+    fresh = run_batch(zoo, tmp_path / "fresh", BatchConfig(ratio=8.0, shared_pool=True)).totals
+    assert again["shared_pool_params"] == fresh["shared_pool_params"], (again, fresh)
+    assert again["mos_params"] == fresh["mos_params"] <= again["lora_params"] / 8, (again, fresh)
+
+
+def test_out_inside_zoo_rerun(small_zoo, tmp_path):
+    zoo = shutil.copytree(small_zoo, tmp_path / "zoo")
+    assert run_cli("batch", zoo, zoo / "mos", "-q").exit_code == 0
+    res = run_cli("batch", zoo, zoo / "mos", "-q")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((zoo / "mos" / SUMMARY_FILE).read_text())
+    assert [a["name"] for a in summary["adapters"]] == SMALL_NAMES
+    assert {a["status"] for a in summary["adapters"]} == {"skipped"}
+
+
+def test_zoo_that_is_an_adapter_file(small_zoo, tmp_path):
+    res = run_cli("batch", small_zoo / "kohya" / "style.safetensors", tmp_path / "out")
+    if res.exit_code == 0:  # read as a zoo of one adapter: fine too
+        assert (tmp_path / "out" / "style" / CONFIG_FILE).is_file()
+        return
+    line = assert_one_line_error(res, "style.safetensors")
+    assert "internal error" not in line, line

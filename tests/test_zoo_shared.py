@@ -1,0 +1,285 @@
+"""Pools shared across a zoo (:func:`mosconv.zoo.fit_group`, ``run_batch(shared_pool=True)``).
+
+Errors are measured here, in float64, from the assembled MoS adapters against the source
+LoRA updates; the independent baseline (global SVD truncation over every module of every
+adapter at the same total budget) is recomputed here too, with a greedy written apart from
+mosconv.truncation.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from helpers import ZOO, assert_same_mos, one_thread, zoo_path
+    from test_batch import files_of, summary_numbers, write_lora_like
+except ImportError:  # tests/ imported as a package
+    from tests.helpers import ZOO, assert_same_mos, one_thread, zoo_path
+    from tests.test_batch import files_of, summary_numbers, write_lora_like
+
+from mosconv.batch import POOLS_DIR, SUMMARY_FILE, BatchConfig, run_batch
+from mosconv.mos_format import load_mos
+from mosconv.readers import read_adapter
+from mosconv.zoo import fit_group
+
+RATIO = 8.0
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+# ------------------------------------------------------------------ references
+
+
+def update(m) -> torch.Tensor:
+    """A LoRA module's ``scale * B @ A`` in float64."""
+    return float(m.scale) * (m.B.double() @ m.A.double())
+
+
+def mos_update(mos, name: str) -> torch.Tensor:
+    mm = mos.module(name)
+    A, B = mos.assemble(mm)
+    return float(mm.scale) * (B.double() @ A.double())
+
+
+def measured_error(adapters, moses) -> tuple[float, list[float]]:
+    """Energy-weighted relative error over all adapters, and each adapter's own."""
+    tot_err = tot_energy = 0.0
+    per = []
+    for a, mos in zip(adapters, moses):
+        err = energy = 0.0
+        for m in a.modules:
+            dw = update(m)
+            err += float(((dw - mos_update(mos, m.name)) ** 2).sum())
+            energy += float((dw**2).sum())
+        per.append(math.sqrt(err / energy))
+        tot_err += err
+        tot_energy += energy
+    return math.sqrt(tot_err / tot_energy), per
+
+
+def singular_values(m) -> torch.Tensor:
+    """Singular values of ``scale * B @ A`` via QR of both factors (float64)."""
+    _, rb = torch.linalg.qr(m.B.double())
+    _, ra = torch.linalg.qr(m.A.double().T)
+    return float(abs(m.scale)) * torch.linalg.svdvals(rb @ ra.T)
+
+
+def independent_measured(adapters, ratio: float) -> float:
+    """Energy-weighted error of every adapter converted alone (what compress / plain batch
+    give), measured densely here."""
+    from mosconv.convert import ConvertConfig, convert
+
+    moses = [convert(a, ConvertConfig(ratio=ratio)).mos for a in adapters]
+    return measured_error(adapters, moses)[0]
+
+
+def independent_reference(adapters, ratio: float) -> tuple[float, int, int]:
+    """``(relative error, params used, budget)`` of global truncation over every module of
+    every adapter at ``floor(sum(lora_params) / ratio)``: take triplets by sigma^2 per
+    parameter, skipping those that no longer fit."""
+    budget = math.floor(sum(a.params for a in adapters) / ratio + 1e-9)
+    spectra, costs, heap = [], [], []
+    energy = 0.0
+    for a in adapters:
+        for m in a.modules:
+            s = singular_values(m) ** 2
+            j = len(spectra)
+            spectra.append(s.tolist())
+            costs.append(m.d_in + m.d_out)
+            energy += float(s.sum())
+            if len(s) and s[0] > 0:
+                heapq.heappush(heap, (-s[0].item() / costs[j], j, 0))
+    left, used, kept = budget, 0, 0.0
+    while heap:
+        _, j, i = heapq.heappop(heap)
+        if costs[j] > left:
+            continue  # this module's later triplets cannot fit either
+        left -= costs[j]
+        used += costs[j]
+        kept += spectra[j][i]
+        if i + 1 < len(spectra[j]) and spectra[j][i + 1] > 0:
+            heapq.heappush(heap, (-spectra[j][i + 1] / costs[j], j, i + 1))
+    return math.sqrt(max(energy - kept, 0.0) / energy), used, budget
+
+
+def group_params(res) -> int:
+    """Parameters of a fitted group: pool file tensors once, plus every adapter's own."""
+    pool = sum(t.numel() for t in res.shared_pools.values())
+    return pool + sum(sum(p.local_params for p in m.kinds.values()) for m in res.adapters)
+
+
+# ------------------------------------------------------------------ the zoo pairs
+
+
+# in discovery order (sorted), as run_batch fits them
+PAIRS = {
+    "gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
+    "opt-125m-lora-ckpts": ("checkpoint-10", "final"),
+}
+
+
+@cache
+def _pair_fit(project: str):
+    adapters = [read_adapter(ZOO / project / name) for name in PAIRS[project]]
+    with one_thread():
+        res = fit_group(adapters, RATIO, seed=0)
+    return adapters, res
+
+
+def pair_fit(project: str):
+    for name in PAIRS[project]:
+        zoo_path(f"{project}/{name}")  # skips with the reason when the zoo is absent
+    return _pair_fit(project)
+
+
+@pytest.mark.parametrize("project", sorted(PAIRS))
+def test_zoo_pair_shared_beats_independent(project):
+    adapters, res = pair_fit(project)
+    t = res.totals
+    lora = sum(a.params for a in adapters)
+    measured, per = measured_error(adapters, res.adapters)
+    ref_err, ref_params, budget = independent_reference(adapters, RATIO)
+    numbers = (f"{project}: mode {res.mode}, params {t.get('mos_params')} (budget {budget}, "
+               f"lora {lora}), shared error measured {measured:.5f} (claimed "
+               f"{t['shared_relative_error']:.5f}; per adapter "
+               f"{', '.join(f'{e:.4f}' for e in per)}), independent {t['independent_relative_error']:.5f} "
+               f"(reference {ref_err:.5f} at {ref_params} params)")
+    print(numbers)
+    assert res.mode == "shared", numbers
+    assert t["mos_params"] <= lora / RATIO, numbers
+    assert group_params(res) == t["mos_params"], numbers
+    # "independent" = each adapter converted alone at the same ratio (never more params)
+    assert t["independent_relative_error"] == pytest.approx(
+        independent_measured(adapters, RATIO), rel=1e-4), numbers
+    assert measured == pytest.approx(t["shared_relative_error"], rel=1e-3), numbers
+    assert measured < t["independent_relative_error"], numbers
+    assert measured < ref_err, numbers
+    # each adapter's report measures that adapter against its own source
+    for e, report in zip(per, res.reports):
+        assert report["totals"]["relative_error"] == pytest.approx(e, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("project", sorted(PAIRS))
+def test_zoo_pair_run_batch_shared(project, tmp_path):
+    adapters, res = pair_fit(project)
+    out = tmp_path / "out"
+    summary = run_batch(ZOO / project, out, BatchConfig(ratio=RATIO, shared_pool=True))
+    assert summary.failed == 0
+    assert [a["name"] for a in summary.adapters] == list(PAIRS[project])
+    t = summary.totals
+    pools = sorted((out / POOLS_DIR).iterdir())
+    assert len(pools) == 1
+    assert t["shared_pool_params"] == sum(x.numel() for x in res.shared_pools.values())
+    assert t["mos_params"] == res.totals["mos_params"] <= t["lora_params"] / RATIO
+    by_name = dict(zip(PAIRS[project], zip(adapters, res.adapters)))
+    loaded = [load_mos(out / a["name"]) for a in summary.adapters]
+    sources = [by_name[a["name"]][0] for a in summary.adapters]
+    for mos, a in zip(loaded, summary.adapters):  # the saved adapters are the fitted ones
+        assert_same_mos(mos, by_name[a["name"]][1])
+    measured, _ = measured_error(sources, loaded)
+    print(f"{project}: saved adapters' error {measured:.5f}, zoo totals {t['relative_error']:.5f}, "
+          f"params {t['lora_params']} -> {t['mos_params']}")
+    assert measured < res.totals["independent_relative_error"]
+    assert t["relative_error"] == pytest.approx(measured, rel=1e-3)
+
+
+# ------------------------------------------------------------------ synthetic zoos
+
+
+def lora_like_zoo(root: Path, n: int = 8, **kw) -> list[Path]:
+    return [write_lora_like(root / f"task{i}", i, layers=4, d=256, d_kv=64, r=16, **kw)
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """Eight adapters with the same seeded A init (plus 1% drift) and their own B."""
+    root = tmp_path_factory.mktemp("trained_like") / "zoo"
+    return root, [read_adapter(p) for p in lora_like_zoo(root)]
+
+
+def test_same_init_zoo_shared_clearly_beats_independent(trained_like):
+    _, adapters = trained_like
+    res = fit_group(adapters, RATIO, seed=0)
+    t = res.totals
+    lora = sum(a.params for a in adapters)
+    measured, per = measured_error(adapters, res.adapters)
+    ref_err, _, budget = independent_reference(adapters, RATIO)
+    numbers = (f"8 same-init adapters: mode {res.mode}, params {t.get('mos_params')} "
+               f"(budget {budget}), shared error {measured:.4f} (claimed "
+               f"{t['shared_relative_error']:.4f}), independent {t['independent_relative_error']:.4f} "
+               f"(reference {ref_err:.4f}), ratio {measured / ref_err:.3f}")
+    print(numbers)
+    assert res.mode == "shared", numbers
+    assert t["mos_params"] <= lora / RATIO and group_params(res) == t["mos_params"], numbers
+    assert t["independent_relative_error"] == pytest.approx(
+        independent_measured(adapters, RATIO), rel=1e-4), numbers
+    assert measured == pytest.approx(t["shared_relative_error"], rel=1e-3), numbers
+    assert measured <= 0.8 * ref_err, numbers
+    assert measured <= 0.8 * t["independent_relative_error"], numbers
+    # every adapter got a share of the pools: none is left far behind
+    assert max(per) < ref_err, numbers
+    for mos in res.adapters:
+        for p in mos.kinds.values():
+            assert p.shared and p.shared["n_A"] == res.shared_pools[p.shared["key_A"]].shape[0]
+            assert torch.equal(p.pool_A[: p.shared["n_A"]], res.shared_pools[p.shared["key_A"]])
+
+
+def test_independent_init_falls_back(tmp_path):
+    """A different random A per adapter: stacking finds no common row space."""
+    adapters = [read_adapter(p) for p in lora_like_zoo(tmp_path / "zoo", shared_A=False)]
+    res = fit_group(adapters, RATIO, seed=0)
+    t = res.totals
+    measured, _ = measured_error(adapters, res.adapters)
+    ref_err, _, _ = independent_reference(adapters, RATIO)
+    numbers = (f"independent inits: mode {res.mode}, error {measured:.4f}, independent "
+               f"{t['independent_relative_error']:.4f} (reference {ref_err:.4f}), shared would "
+               f"be {t['shared_relative_error']:.4f}")
+    print(numbers)
+    # the floor: never worse than converting each adapter alone (a plain batch run)
+    assert measured <= independent_measured(adapters, RATIO) * (1 + 1e-4), numbers
+    assert res.mode == "independent", numbers
+    assert not res.shared_pools
+    assert all(not p.shared for m in res.adapters for p in m.kinds.values())
+    assert sum(m.params for m in res.adapters) <= sum(a.params for a in adapters) / RATIO
+
+
+def test_fit_group_is_deterministic(trained_like):
+    _, adapters = trained_like
+    a, b = fit_group(adapters, RATIO, seed=0), fit_group(adapters, RATIO, seed=0)
+    assert a.mode == b.mode == "shared"
+    assert list(a.shared_pools) == list(b.shared_pools)
+    for key in a.shared_pools:
+        assert torch.equal(a.shared_pools[key], b.shared_pools[key]), key
+    for ma, mb in zip(a.adapters, b.adapters, strict=True):
+        assert_same_mos(ma, mb)
+    assert json.dumps(a.reports) == json.dumps(b.reports)
+    assert a.totals == b.totals
+
+
+def test_run_batch_shared_is_deterministic(trained_like, tmp_path):
+    zoo, _ = trained_like
+    outs = [tmp_path / "one", tmp_path / "two"]
+    for out in outs:
+        summary = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True))
+        assert summary.failed == 0 and summary.totals["converted"] == 8
+        assert summary.totals["shared_pool_params"] > 0
+        assert summary.totals["mos_params"] <= summary.totals["lora_params"] / RATIO
+    one, two = files_of(outs[0]), files_of(outs[1])
+    assert sorted(one) == sorted(two)
+    assert any(k.startswith(f"{POOLS_DIR}/") for k in one)
+    assert [k for k in one if one[k] != two[k]] == []
+    assert summary_numbers(outs[0]) == summary_numbers(outs[1])
+    s = json.loads((outs[0] / SUMMARY_FILE).read_text())
+    assert len({a["group"] for a in s["adapters"]}) == 1
