@@ -23,19 +23,7 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO_ROOT / ".." / "shared" / "zoo"
 
-# Real trained adapters in ../shared/zoo (see its README.md); read-only, never copied here.
-ZOO_ADAPTERS = [
-    "distilbert-imdb-seqcls",
-    "gemma3-270m-svg-x3/final",
-    "gemma3-270m-svg-x3/curriculum_stage1",
-    "gpt2-great-tabular-bin",
-    "gpt2-tigrinya-lora",
-    "open-calm-1b-r1-fp16",
-    "opt-125m-lora-ckpts/final",
-    "opt-125m-lora-ckpts/checkpoint-10",
-    "sd15-diffusers-attnproc-r4",
-    "smollm-135m-medical-r16/5epochs",
-]
+from helpers import ZOO_ADAPTERS  # noqa: E402,F401  (one list for every test file)
 
 PEFT_PREFIX = "base_model.model."
 

@@ -23,10 +23,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-try:
-    from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
+from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
 
 import mosconv.batch
 from mosconv.batch import (

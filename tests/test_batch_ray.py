@@ -10,18 +10,8 @@ import json
 
 import pytest
 
-try:
-    from helpers import one_thread
-    from test_batch import files_of, make_shared_zoo, make_small_zoo, run_cli, summary_numbers
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import one_thread
-    from tests.test_batch import (
-        files_of,
-        make_shared_zoo,
-        make_small_zoo,
-        run_cli,
-        summary_numbers,
-    )
+from helpers import one_thread
+from test_batch import files_of, make_shared_zoo, make_small_zoo, run_cli, summary_numbers
 
 from mosconv.batch import SUMMARY_FILE, BatchConfig, run_batch
 

@@ -9,24 +9,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-try:
-    from helpers import (
-        NONDETERMINISTIC_METADATA,
-        llama_like,
-        one_thread,
-        safetensors_parts,
-        write_random_peft,
-        zoo_path,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        NONDETERMINISTIC_METADATA,
-        llama_like,
-        one_thread,
-        safetensors_parts,
-        write_random_peft,
-        zoo_path,
-    )
+from helpers import (
+    NONDETERMINISTIC_METADATA,
+    llama_like,
+    one_thread,
+    safetensors_parts,
+    write_random_peft,
+    zoo_path,
+)
 
 import mosconv.mos_format
 from mosconv.cli import main

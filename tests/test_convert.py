@@ -9,30 +9,17 @@ import math
 import pytest
 import torch
 
-try:
-    from helpers import (
-        ZOO_ADAPTERS,
-        assert_same_mos,
-        dense,
-        llama_like,
-        mos_dense,
-        one_thread,
-        write_random_peft,
-        zoo_conversion,
-        zoo_path,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        ZOO_ADAPTERS,
-        assert_same_mos,
-        dense,
-        llama_like,
-        mos_dense,
-        one_thread,
-        write_random_peft,
-        zoo_conversion,
-        zoo_path,
-    )
+from helpers import (
+    ZOO_ADAPTERS,
+    assert_same_mos,
+    dense,
+    llama_like,
+    mos_dense,
+    one_thread,
+    write_random_peft,
+    zoo_conversion,
+    zoo_path,
+)
 
 from mosconv import ConfigError, read_adapter
 from mosconv.convert import ConvertConfig, convert

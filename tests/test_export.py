@@ -11,28 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-try:
-    from helpers import (
-        PEFT_PREFIX,
-        dense,
-        llama_like,
-        lowrank_rel_diff,
-        mos_dense,
-        one_thread,
-        write_random_peft,
-        zoo_path,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        PEFT_PREFIX,
-        dense,
-        llama_like,
-        lowrank_rel_diff,
-        mos_dense,
-        one_thread,
-        write_random_peft,
-        zoo_path,
-    )
+from helpers import (
+    PEFT_PREFIX,
+    dense,
+    llama_like,
+    lowrank_rel_diff,
+    mos_dense,
+    one_thread,
+    write_random_peft,
+    zoo_path,
+)
 
 from mosconv import FormatError, MosconvError, read_adapter
 from mosconv.convert import ConvertConfig

@@ -11,24 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-try:
-    from helpers import (
-        NONDETERMINISTIC_METADATA,
-        assert_same_mos,
-        llama_like,
-        one_thread,
-        safetensors_parts,
-        write_random_peft,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import (
-        NONDETERMINISTIC_METADATA,
-        assert_same_mos,
-        llama_like,
-        one_thread,
-        safetensors_parts,
-        write_random_peft,
-    )
+from helpers import (
+    NONDETERMINISTIC_METADATA,
+    assert_same_mos,
+    llama_like,
+    one_thread,
+    safetensors_parts,
+    write_random_peft,
+)
 
 from mosconv import FormatError, read_adapter
 from mosconv.convert import ConvertConfig, convert

@@ -17,12 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from helpers import ZOO, assert_same_mos, one_thread, zoo_path
-    from test_batch import files_of, summary_numbers, write_lora_like
-except ImportError:  # tests/ imported as a package
-    from tests.helpers import ZOO, assert_same_mos, one_thread, zoo_path
-    from tests.test_batch import files_of, summary_numbers, write_lora_like
+from helpers import ZOO, assert_same_mos, one_thread, zoo_path
+from test_batch import files_of, summary_numbers, write_lora_like
 
 from mosconv.batch import POOLS_DIR, SUMMARY_FILE, BatchConfig, run_batch
 from mosconv.mos_format import load_mos

@@ -58,17 +58,7 @@ from pathlib import Path
 
 T_START = time.perf_counter()  # before the heavy imports, for the inner steps
 
-RANK, ALPHA = 16, 32
-# (d_out, d_in) of each Llama-2-7B linear kind, and the submodule it lives in.
-LLAMA2_7B = {
-    "self_attn.q_proj": (4096, 4096),
-    "self_attn.k_proj": (4096, 4096),
-    "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (11008, 4096),
-    "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
+from _llama import ALPHA, LLAMA2_7B, RANK  # noqa: E402  (shapes shared by the benchmarks)
 STEPS = {
     "a": ("baseline", "python + import torch, mosconv"),
     "b": ("load", "read_adapter + factorize_adapter"),
