@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO_ROOT / ".." / "shared" / "zoo"
 
-from helpers import ZOO_ADAPTERS  # noqa: E402,F401  (one list for every test file)
+from helpers import ZOO_ADAPTERS  # noqa: F401  (one list for every test file)
 
 PEFT_PREFIX = "base_model.model."
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
-
 from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
+from safetensors.torch import save_file
 
 import mosconv.batch
 from mosconv.batch import (

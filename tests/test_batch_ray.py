@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import one_thread
 from test_batch import files_of, make_shared_zoo, make_small_zoo, run_cli, summary_numbers
 

@@ -8,9 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from helpers import (
-    NONDETERMINISTIC_METADATA,
     llama_like,
     one_thread,
     safetensors_parts,

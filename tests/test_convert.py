@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import (
     ZOO_ADAPTERS,
     assert_same_mos,

@@ -9,8 +9,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import (
     PEFT_PREFIX,
     dense,
@@ -21,6 +19,7 @@ from helpers import (
     write_random_peft,
     zoo_path,
 )
+from safetensors.torch import load_file
 
 from mosconv import FormatError, MosconvError, read_adapter
 from mosconv.convert import ConvertConfig

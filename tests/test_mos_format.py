@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from helpers import (
-    NONDETERMINISTIC_METADATA,
     assert_same_mos,
     llama_like,
     one_thread,
     safetensors_parts,
     write_random_peft,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mosconv import FormatError, read_adapter
 from mosconv.convert import ConvertConfig, convert

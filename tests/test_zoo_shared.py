@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ZOO, assert_same_mos, one_thread, zoo_path
 from test_batch import files_of, summary_numbers, write_lora_like
 
