@@ -58,7 +58,8 @@ from pathlib import Path
 
 T_START = time.perf_counter()  # before the heavy imports, for the inner steps
 
-from _llama import ALPHA, LLAMA2_7B, RANK  # noqa: E402  (shapes shared by the benchmarks)
+from _llama import ALPHA, LLAMA2_7B, RANK
+
 STEPS = {
     "a": ("baseline", "python + import torch, mosconv"),
     "b": ("load", "read_adapter + factorize_adapter"),

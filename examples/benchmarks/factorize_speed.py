@@ -44,11 +44,11 @@ import sys
 import time
 
 import torch
+from _llama import ALPHA, LLAMA2_7B, RANK
 
 import mosconv
 from mosconv.factorize import factorize_pair
 
-from _llama import ALPHA, LLAMA2_7B, RANK  # noqa: E402  (shapes shared by the benchmarks)
 QUICK = {
     "self_attn.q_proj": (1024, 1024),
     "self_attn.k_proj": (1024, 1024),
