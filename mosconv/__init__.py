@@ -12,11 +12,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapter import LoraAdapter, LoraModule
 from .errors import ConfigError, FormatError, MosconvError, UnsupportedAdapterError
-from .factorize import Factorization, factorize, factorize_adapter
-from .readers import read_adapter
-from .truncation import Truncation, truncate
+
+# The rest imports torch: loaded on first use, so that `mosconv --help` and the batch
+# bookkeeping (what is done, what to skip) start without paying for torch.
+_LAZY = {
+    "LoraAdapter": "adapter", "LoraModule": "adapter",
+    "Factorization": "factorize", "factorize": "factorize", "factorize_adapter": "factorize",
+    "read_adapter": "readers",
+    "Truncation": "truncation", "truncate": "truncation",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mosconv' has no attribute {name!r}")
 
 __all__ = [
     "ConfigError",

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from .errors import ConfigError, FormatError, MosconvError
 from .fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
-from .mos_format import CONFIG_FILE, save_mos
+from .names import CONFIG_FILE
+from .names import PEFT_CONFIG as CONFIG_NAME
 from .readers import resolve_adapter_path
-from .readers.peft import CONFIG_NAME
 
 SUMMARY_FILE = "summary.json"
 POOLS_DIR = "pools"
@@ -208,14 +208,14 @@ def _shared_refs(cfg: dict) -> list[dict]:
 
 def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
     """Convert one adapter as ``compress`` does; never raises for a bad adapter."""
-    from .convert import ConvertConfig
-    from .pipeline import compress
-
     t0 = time.perf_counter()
     dest = Path(out) / item.name
     try:
         if not config.overwrite and is_complete(dest, item.source, config.settings()):
             return outcome_from_report(item, dest, "skipped", time.perf_counter() - t0)
+        from .convert import ConvertConfig  # torch is needed only from here on
+        from .pipeline import compress
+
         cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
                            iters=config.iters)
         compress(item.source, dest, cc, command=None, overwrite=True,
@@ -238,9 +238,20 @@ def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Out
             yield convert_one(item, out, config)
         return
     import multiprocessing as mp
+    import sys
 
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
-    with ProcessPoolExecutor(config.jobs, mp_context=mp.get_context("spawn"),
+    if "torch" not in sys.modules and "fork" in mp.get_all_start_methods():
+        # Import the heavy modules once here and fork: workers start without re-importing.
+        # Safe because this process has run no torch operation (no OpenMP pool to inherit).
+        import sklearn.cluster  # noqa: F401
+
+        from . import pipeline  # noqa: F401
+
+        ctx = mp.get_context("fork")
+    else:  # torch already ran here (e.g. --shared-pool read the adapters): fresh workers
+        ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(config.jobs, mp_context=ctx,
                              initializer=_init_worker, initargs=(threads,)) as pool:
         futures = [pool.submit(convert_one, item, out, config) for item in items]
         for fut in as_completed(futures):
@@ -300,6 +311,7 @@ def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
 def write_member(item: Item, adapter, mos, report: dict, out: str, config: BatchConfig,
                  gid: str, pool: tuple[str, str] | None, seconds: float) -> Outcome:
     """Write one adapter of a group (its own shards and routes; refs to the pool file)."""
+    from .mos_format import save_mos
     from .pipeline import source_provenance
 
     dest = Path(out) / item.name
@@ -387,8 +399,6 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
 
 def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
     """Parameters of the shared pool files that the given outputs refer to (each once)."""
-    from .readers._io import read_safetensors_header
-
     files: set[Path] = set()
     for dest in dests:
         try:
@@ -397,6 +407,8 @@ def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
             continue
         files.update((dest / ref["file"]).resolve() for ref in _shared_refs(cfg))
     total = 0
+    if files:
+        from .readers._io import read_safetensors_header
     for f in sorted(files):
         if f.is_file():
             header, _ = read_safetensors_header(f)

@@ -8,11 +8,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from .errors import MosconvError
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -52,6 +53,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
     ``metadata`` must have at most one key: safetensors writes several in hash-map order.
     """
+    from safetensors.torch import save as st_save
+
     if metadata and len(metadata) > 1:
         raise ValueError("safetensors metadata with more than one key is not byte-deterministic")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

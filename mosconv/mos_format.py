@@ -22,13 +22,8 @@ import torch
 
 from .errors import FormatError
 from .fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
+from .names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE
 from .readers._io import check_finite, load_tensor_file
-
-FORMAT_NAME = "mosconv.mos"
-FORMAT_VERSION = 1
-CONFIG_FILE = "mos_config.json"
-TENSOR_FILE = "mos_adapter.safetensors"
-REPORT_FILE = "report.json"
 
 
 @dataclass(frozen=True)

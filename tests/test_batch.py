@@ -25,6 +25,7 @@ from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
 from safetensors.torch import save_file
 
 import mosconv.batch
+import mosconv.mos_format
 from mosconv.batch import (
     POOLS_DIR,
     SUMMARY_FILE,
@@ -723,7 +724,7 @@ def test_shared_pool_interrupted_group_then_rerun(shared_run, tmp_path, monkeypa
     """Interrupted while writing a group's adapters (after its pool file, after k of them)."""
     zoo, ref, _ = shared_run
     out = tmp_path / "out"
-    real = mosconv.batch.save_mos
+    real = mosconv.mos_format.save_mos  # batch imports it at call time
     saved = []
 
     def interrupting(mos, dest, *args, **kwargs):
@@ -733,7 +734,7 @@ def test_shared_pool_interrupted_group_then_rerun(shared_run, tmp_path, monkeypa
             saved.append(dest)
         return real(mos, dest, *args, **kwargs)
 
-    monkeypatch.setattr(mosconv.batch, "save_mos", interrupting)
+    monkeypatch.setattr(mosconv.mos_format, "save_mos", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
     monkeypatch.undo()

@@ -9,11 +9,14 @@ folder is read as that folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..adapter import LoraAdapter
 from ..errors import FormatError
-from .peft import CONFIG_NAME, WEIGHT_NAMES, read_peft
-from .single_file import read_single_file
+from ..names import PEFT_CONFIG as CONFIG_NAME
+from ..names import PEFT_WEIGHTS as WEIGHT_NAMES
+
+if TYPE_CHECKING:
+    from ..adapter import LoraAdapter
 
 _SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -50,6 +53,9 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         FormatError: missing path, unknown format, corrupt file, invalid tensors.
         UnsupportedAdapterError: adapters mosconv refuses on purpose (DoRA, LoHa, ...).
     """
+    from .peft import read_peft  # torch is imported only when an adapter is read
+    from .single_file import read_single_file
+
     family, p = resolve_adapter_path(path)
     if family == "peft":
         return read_peft(p)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from ..adapter import LoraAdapter, assign_kinds
 from ..errors import FormatError, UnsupportedAdapterError
+from ..names import PEFT_CONFIG as CONFIG_NAME
+from ..names import PEFT_WEIGHTS as WEIGHT_NAMES
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default lora_alpha (not r)
 _LORA_KEY = re.compile(
