@@ -367,7 +367,20 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
             yield write_member(*x)
 
 
+def _recorded_group(dest: Path) -> str | None:
+    try:
+        return json.loads((dest / CONFIG_FILE).read_text()).get("zoo_group")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+    if not config.overwrite:  # all done already: skip without reading (or importing) anything
+        done = [(i, _recorded_group(Path(out) / i.name)) for i in items]
+        if all(is_complete(Path(out) / i.name, i.source, config.settings(), g) for i, g in done):
+            for i, g in done:
+                yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
+            return
     from .readers import read_adapter
     from .zoo import group_key
 
@@ -408,7 +421,7 @@ def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
         files.update((dest / ref["file"]).resolve() for ref in _shared_refs(cfg))
     total = 0
     if files:
-        from .readers._io import read_safetensors_header
+        from .readers._header import read_safetensors_header
     for f in sorted(files):
         if f.is_file():
             header, _ = read_safetensors_header(f)
