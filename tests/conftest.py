@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO_ROOT / ".." / "shared" / "zoo"
 
-from helpers import ZOO_ADAPTERS  # noqa: F401  (one list for every test file)
+from helpers import ZOO_ADAPTERS, one_thread  # noqa: F401  (shared with the test files)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -44,21 +44,12 @@ MODULES_TO_SAVE_EXTRAS = {
 
 @pytest.fixture
 def single_thread():
-    """Run a test on one BLAS / intra-op thread (torch and numpy), then restore.
-
-    These tests do many small float64 products and SVDs: a second thread buys nothing
-    there, and on a busy 2-core machine spinning OpenMP/OpenBLAS threads made them ~20-50x
-    slower.  Opt in per module with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
-    """
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    """Run a test on one BLAS / intra-op thread (torch and numpy), then restore: these tests
+    do many small float64 products, where a second thread on a busy 2-core machine made them
+    ~20-50x slower.  Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield
 
 
 # --------------------------------------------------------------------------- the zoo

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from mosconv.cli import table
 from mosconv.writers import write_peft_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,16 +62,6 @@ def machine_line() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads){load}")
 
 
-def table(rows: list[list], headers: list[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def shown(cmd: list[str]) -> str:
