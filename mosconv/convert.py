@@ -22,7 +22,7 @@ from . import __version__
 from ._threads import one_thread
 from .adapter import LoraAdapter
 from .errors import ConfigError, MosconvError
-from .factorize import Factorization, factorize_adapter
+from .factorize import Factorization, factorize
 from .fit import (
     KindFit,
     divisors_for,
@@ -161,13 +161,16 @@ def convert(
         ConfigError: invalid settings.
     """
     config.validate()
-    facts = factorizations or factorize_adapter(adapter)
+    # Spectra first (singular vectors dropped), then each kind is factorized again while it
+    # is fitted: peak memory holds one kind's singular vectors, not the whole adapter's.
+    spectra = factorizations or {m.name: _spectrum(m) for m in adapter.modules}
     budget = budget_for_ratio(adapter.params, config.ratio)
-    trunc = truncate(facts, budget)
+    trunc = truncate(spectra, budget)
     torch.manual_seed(config.seed)
 
     with one_thread():
-        kinds, structures, mos_modules = _fit_kinds(adapter, facts, trunc, config, progress)
+        kinds, structures, mos_modules = _fit_kinds(adapter, factorizations, trunc, config,
+                                                    progress)
     order = {m.name: i for i, m in enumerate(adapter.modules)}
     mos_modules.sort(key=lambda m: order[m.name])
     source = {
@@ -191,8 +194,14 @@ def convert(
     }
     mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
                      extra_tensors=dict(adapter.extra_tensors), source=source, info=info)
-    report = build_report(adapter, facts, mos, trunc, structures, config)
+    report = build_report(adapter, mos, trunc, structures, config)
     return ConvertResult(mos=mos, report=report)
+
+
+def _spectrum(module) -> Factorization:
+    """A module's singular values, with empty singular-vector matrices of the right heights."""
+    f = factorize(module)
+    return Factorization(torch.empty(f.d_out, 0), f.S, torch.empty(f.d_in, 0))
 
 
 def _fit_kinds(adapter, facts, trunc, config, progress):
@@ -200,7 +209,7 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
     structures = {}
     mos_modules = []
     for kind, mods in adapter.kinds.items():
-        targets = [facts[m.name] for m in mods]
+        targets = [facts[m.name] if facts else factorize(m) for m in mods]
         ranks = [trunc.ranks[m.name] for m in mods]
         d_in, d_out = mods[0].d_in, mods[0].d_out
         kind_budget = sum(ranks) * (d_in + d_out)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .adapter import LoraAdapter
-from .factorize import Factorization, fro_retained, frob_inner
+from .factorize import fro_retained, frob_inner
 from .mos_format import MosAdapter
 from .truncation import Truncation
 
@@ -39,8 +39,8 @@ def measure(mos: MosAdapter, adapter: LoraAdapter) -> dict[str, tuple[float, flo
     return out
 
 
-def build_report(adapter: LoraAdapter, facts: dict[str, Factorization], mos: MosAdapter,
-                 trunc: Truncation, structures: dict, config) -> dict:
+def build_report(adapter: LoraAdapter, mos: MosAdapter, trunc: Truncation, structures: dict,
+                 config) -> dict:
     measured = measure(mos, adapter)
     modules = []
     total_energy = total_err = 0.0
@@ -66,7 +66,7 @@ def build_report(adapter: LoraAdapter, facts: dict[str, Factorization], mos: Mos
                           if str(p).endswith(_TENSOR_SUFFIXES) and os.path.exists(p))
     kinds = []
     for kind, s in structures.items():
-        e = sum(facts[m.name].energy for m in adapter.kinds[kind])
+        e = sum(trunc.energy[m.name] for m in adapter.kinds[kind])
         kinds.append({
             "kind": kind, **{k: v for k, v in s.items() if not k.endswith("err_sq")},
             "relative_error": math.sqrt(s["err_sq"] / e) if e > 0 else 0.0,

@@ -197,7 +197,7 @@ def _report(a: LoraAdapter, fa, mos: MosAdapter, ratio: float, seed: int) -> dic
             "truncation_err_sq": sum(trunc.err_sq[m.name] for m in a.kinds[kind]),
             "err_sq": e,  # replaced below by the measured value
         }
-    report = build_report(a, fa, mos, trunc, structures,
+    report = build_report(a, mos, trunc, structures,
                           ConvertConfig(ratio=max(ratio, 1.0), seed=seed, search="truncation", iters=0))
     err_by_kind: dict[str, float] = {}
     for row in report["modules"]:
