@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -58,7 +57,7 @@ from pathlib import Path
 
 T_START = time.perf_counter()  # before the heavy imports, for the inner steps
 
-from _llama import ALPHA, LLAMA2_7B, RANK
+from _llama import ALPHA, LLAMA2_7B, RANK, machine_info
 
 STEPS = {
     "a": ("baseline", "python + import torch, mosconv"),
@@ -128,32 +127,6 @@ def inner(step: str, lora: str, out: str | None, ratio: float, profile: str | No
 
 
 # ---------------------------------------------------------------- outer driver
-
-
-def machine_info() -> dict:
-    """Facts about the machine; no torch import here (see run_step)."""
-    proc = platform.processor()
-    if not proc or proc == platform.machine():
-        try:  # Linux: platform.processor() is often empty or just "x86_64"
-            with open("/proc/cpuinfo") as f:
-                proc = next((line.split(":", 1)[1].strip() for line in f
-                             if line.startswith("model name")), proc)
-        except OSError:
-            pass
-    u = platform.uname()
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = next((int(line.split()[1]) for line in f if line.startswith("MemTotal")), None)
-    except OSError:
-        pass
-    return {
-        "processor": proc or u.machine,
-        "system": f"{u.system} {u.release} {u.machine}",
-        "cpu_count": os.cpu_count(),
-        "mem_total_kib": mem,
-        "python": platform.python_version(),
-    }
 
 
 def source_state() -> dict | None:

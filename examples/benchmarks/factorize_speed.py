@@ -38,13 +38,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 from _llama import ALPHA, LLAMA2_7B, RANK
+from _llama import machine_info as base_machine_info
 
 import mosconv
 from mosconv.factorize import factorize_pair
@@ -61,23 +61,11 @@ QUICK = {
 
 
 def machine_info() -> dict:
-    proc = platform.processor()
-    if not proc or proc == platform.machine():
-        try:  # Linux: platform.processor() is often empty or just "x86_64"
-            with open("/proc/cpuinfo") as f:
-                proc = next((line.split(":", 1)[1].strip() for line in f
-                             if line.startswith("model name")), proc)
-        except OSError:
-            pass
-    u = platform.uname()
     return {
-        "processor": proc or u.machine,
-        "system": f"{u.system} {u.release} {u.machine}",
-        "cpu_count": os.cpu_count(),
+        **base_machine_info(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
         "mosconv": mosconv.__version__,
     }
 
