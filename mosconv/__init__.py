@@ -21,6 +21,10 @@ _LAZY = {
     "Factorization": "factorize", "factorize": "factorize", "factorize_adapter": "factorize",
     "read_adapter": "readers",
     "Truncation": "truncation", "truncate": "truncation",
+    "apply": "runtime", "remove": "runtime", "merge": "runtime", "set_active": "runtime",
+    "adapter_names": "runtime", "active_adapter": "runtime",
+    "trainable_parameters": "runtime", "AdapterLayer": "runtime",
+    "load_base_model": "models",
 }
 
 
@@ -34,6 +38,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mosconv' has no attribute {name!r}")
 
 __all__ = [
+    "AdapterLayer",
     "ConfigError",
     "Factorization",
     "FormatError",
@@ -43,8 +48,16 @@ __all__ = [
     "Truncation",
     "UnsupportedAdapterError",
     "__version__",
+    "active_adapter",
+    "adapter_names",
+    "apply",
     "factorize",
     "factorize_adapter",
+    "load_base_model",
+    "merge",
     "read_adapter",
+    "remove",
+    "set_active",
+    "trainable_parameters",
     "truncate",
 ]

@@ -38,6 +38,8 @@ def handle_errors(fn):
             _fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             _fail("interrupted")
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # usage errors: click prints them and exits 2
         except Exception as e:  # noqa: BLE001  (a bug: one line; -v shows the traceback)
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
@@ -148,6 +150,17 @@ def render_report(report: dict) -> str:
         f"{t['truncation_relative_error']:.4f}   (sharing gain {t['sharing_gain']:+.4f}, "
         f"{t['kinds_shared']} of {len(report['kinds'])} kinds shared)"
     )
+    if t.get("metric") == "data":
+        out.append(
+            f"data-aware error {t['data_relative_error']:.4f}   data-aware truncation "
+            f"{t['data_truncation_relative_error']:.4f}   plain truncation "
+            f"{t['plain_truncation_data_relative_error']:.4f}   ({t['calib_tokens']:,} tokens)")
+    d = report.get("distill")
+    if d:
+        out.append(
+            f"held-out KL(teacher||student) {d['kl_before']:.5f} -> {d['kl_after']:.5f} after "
+            f"{d['steps']} steps ({d['device']}, {d['steps_per_s']:.2f} steps/s); truncation at "
+            f"the same budget {d['truncation_kl']:.5f}")
     return "\n".join(out)
 
 
@@ -169,6 +182,28 @@ def render_mos_inspect(info: dict) -> str:
     return "\n".join(out)
 
 
+def _data_options(fn):
+    """Options shared by calibrate, compress and eval: base model, text, device."""
+    opts = [
+        click.option("--base-model", default=None, metavar="PATH",
+                     help="Local transformers model folder, or a folder holding --gguf-file (never downloaded)."),
+        click.option("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --base-model."),
+        click.option("--data", default=None, metavar="FILE",
+                     help="Text: plain text (blank lines separate documents) or JSONL with 'text'."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=50_000, show_default=True,
+                     help="Tokens of --data used at most."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+                     help="Tokens per block."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Blocks per forward pass / optimizer step."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when available), cpu or cuda."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("lora", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
@@ -181,27 +216,71 @@ def render_mos_inspect(info: dict) -> str:
               help="Refinement iterations per MoS candidate.")
 @click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
               help="Allow per-slot scalar weights (counted as parameters); off = the paper's plain form.")
+@click.option("--calib", default=None, metavar="STATS_OR_DATA",
+              help="Data-aware conversion: a calibration file (mosconv calibrate) or a text/JSONL "
+                   "file to run --base-model on (stats saved as OUT/calib_stats.safetensors).")
+@click.option("--distill", is_flag=True,
+              help="Fine-tune the converted adapter against the LoRA (KL of next-token "
+                   "distributions) on --data with --base-model.")
+@_data_options
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Distillation steps at most (early stopping on the held-out split).")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Distillation peak learning rate.")
+@click.option("--held-out", type=float, default=0.1, show_default=True,
+              help="Share of the data blocks held out for early stopping and the KL figures.")
+@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+              help="Weight of hidden-state matching added to the KL loss (0 = KL only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
 @handle_errors
-def compress(lora, out, ratio, seed, search, iters, routing_weights, overwrite, quiet, as_json):
+def compress(lora, out, ratio, seed, search, iters, routing_weights, calib, distill, base_model,
+             gguf_file, data, max_tokens, seq_len, batch_size, device, steps, lr, held_out,
+             hidden_weight, overwrite, quiet, as_json):
     """Convert the LoRA adapter LORA into a MoS adapter folder OUT.
 
     Writes OUT/mos_adapter.safetensors, OUT/report.json and OUT/mos_config.json (last).
     The report gives the relative error next to global SVD truncation at the same
     parameter budget; the converter never does worse than that baseline.
+
+    \b
+    With --calib the error that is minimized is ||(dW - dW') X|| on the inputs X the
+    base model feeds each module; the baseline is then data-aware truncation, and both
+    metrics are reported. With --distill the adapter is then fine-tuned end to end:
+      mosconv compress LORA OUT --ratio 8 --distill --base-model MODEL_DIR \\
+          --gguf-file model.gguf --data text.txt --steps 100 --device auto
     """
     from tqdm import tqdm
 
     from .convert import ConvertConfig
+    from .distill import DistillConfig
+    from .pipeline import DataSpec
     from .pipeline import compress as run_compress
     from .readers import read_adapter  # noqa: F401  (import errors surface early)
 
     config = ConvertConfig(ratio=ratio, seed=seed, search=search, iters=iters,
                            routing_weights=routing_weights)
     config.validate()
+    spec = DataSpec(base_model=base_model, gguf_file=gguf_file, data=data,
+                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device)
+    dconfig = None
+    if distill:
+        dconfig = DistillConfig(steps=steps, lr=lr, batch_size=batch_size, device=device,
+                                hidden_weight=hidden_weight, seed=seed)
+        dconfig.validate()
+    elif data is not None and calib is None:
+        raise click.UsageError("--data is used with --distill or --calib")
     bars = []
+    step_bar = []
+
+    def on_step(step: int, loss: float) -> None:
+        if quiet:
+            return
+        if not step_bar:
+            step_bar.append(tqdm(desc="distilling", total=steps, unit="step", file=sys.stderr,
+                                 leave=False, disable=None))
+        step_bar[0].update(1)
+        step_bar[0].set_postfix_str(f"KL {loss:.4f}")
 
     def progress(kind: str) -> None:  # the bar appears once fitting starts (terminals only)
         if quiet:
@@ -215,15 +294,85 @@ def compress(lora, out, ratio, seed, search, iters, routing_weights, overwrite, 
     command = "mosconv " + " ".join(sys.argv[1:]) if sys.argv else None
     try:
         result = run_compress(lora, out, config, command=command, overwrite=overwrite,
-                              progress=progress)
+                              progress=progress, calib=calib, data=spec, distill=dconfig,
+                              held_out=held_out, on_step=on_step)
     finally:
-        for bar in bars:
+        for bar in bars + step_bar:
             bar.close()
     if as_json:
         click.echo(json.dumps(result.report, indent=2))
     elif not quiet:
         click.echo(render_report(result.report))
         click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("lora", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@_data_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@handle_errors
+def calibrate(lora, out, base_model, gguf_file, data, max_tokens, seq_len, batch_size, device,
+              quiet, as_json):
+    """Collect the input second moment of every module LORA adapts, running --base-model on
+    --data, into the file OUT (.safetensors), for `compress --calib OUT` (no model needed then).
+    """
+    import resource
+
+    from tqdm import tqdm
+
+    from .pipeline import DataSpec
+    from .pipeline import calibrate as run_calibrate
+
+    if not out.endswith(".safetensors"):
+        raise click.UsageError(f"OUT must end in .safetensors, got {out!r}")
+    spec = DataSpec(base_model=base_model, gguf_file=gguf_file, data=data, max_tokens=max_tokens,
+                    seq_len=seq_len, batch_size=batch_size, device=device)
+    bar = None if quiet else tqdm(desc="calibrating", unit="tok", unit_scale=True,
+                                  file=sys.stderr, leave=False, disable=None)
+    try:
+        stats = run_calibrate(lora, spec, out, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {"out": out, "modules": len(stats.moments), "tokens": stats.tokens,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               **stats.info}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        click.echo(f"wrote {out}: {summary['modules']} modules, {stats.tokens:,} tokens, "
+                   f"peak RSS {summary['peak_rss_mib']:.0f} MiB")
+
+
+@main.command(name="eval")
+@click.option("--teacher", required=True, metavar="LORA", help="The original LoRA adapter.")
+@click.option("--student", required=True, metavar="MOS_OR_LORA",
+              help="A MoS folder or a LoRA (e.g. an export or a truncation) to compare.")
+@_data_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@handle_errors
+def eval_cmd(teacher, student, base_model, gguf_file, data, max_tokens, seq_len, batch_size,
+             device, as_json):
+    """Fidelity of STUDENT to TEACHER on --data: mean per-token KL(teacher||student),
+    perplexities of base / teacher / student and
+    effect_retained = 1 - KL(teacher||student) / KL(teacher||base).
+    """
+    from .pipeline import DataSpec, evaluate_adapters
+
+    spec = DataSpec(base_model=base_model, gguf_file=gguf_file, data=data, max_tokens=max_tokens,
+                    seq_len=seq_len, batch_size=batch_size, device=device)
+    res = evaluate_adapters(teacher, student, spec)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    rows = [["base", f"{res['ppl_base']:.3f}", f"{res['kl_teacher_base']:.5f}", "0"],
+            ["teacher", f"{res['ppl_teacher']:.3f}", "0", "1"],
+            ["student", f"{res['ppl_student']:.3f}", f"{res['kl_teacher_student']:.5f}",
+             f"{res['effect_retained']:.4f}" if res["effect_retained"] is not None else "-"]]
+    click.echo(table(rows, ["model", "perplexity", "KL(teacher||.)", "effect retained"]))
+    click.echo(f"{res['tokens']:,} tokens of {data}")
 
 
 @main.command()

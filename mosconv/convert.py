@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from ._threads import one_thread
 from .adapter import LoraAdapter
+from .datafit import data_target, kind_data_err_sq, refine_data, regularize
 from .errors import ConfigError, MosconvError
 from .factorize import Factorization, factorize
 from .fit import (
@@ -74,6 +75,10 @@ class ConvertResult:
 
     mos: MosAdapter
     report: dict = field(default_factory=dict)
+    # what the report was built from, so that a later stage (distillation) can rebuild it
+    trunc: object = None
+    dtrunc: object = None
+    structures: dict | None = None
 
 
 def _candidates(search: str, n_modules: int, d_in: int, d_out: int, routing_weights: bool):
@@ -120,7 +125,7 @@ def _worth_searching(search: str, targets: list[Factorization], ranks: list[int]
 
 
 def _try_shared(targets: list[Factorization], kind_budget: int, cand, seed: int,
-                iters: int) -> KindFit | None:
+                iters: int, data_targets=None) -> KindFit | None:
     frac, nc, q, weights = cand
     d_in, d_out = targets[0].d_in, targets[0].d_out
     gains = {i: f.S**2 for i, f in enumerate(targets)}
@@ -134,6 +139,8 @@ def _try_shared(targets: list[Factorization], kind_budget: int, cand, seed: int,
     kf = shared_fit(targets, private_ranks, q, n_public, nc, weights, seed)
     if kf.params > kind_budget:  # k-means may return fewer shards, never more
         return None
+    if data_targets is not None:
+        return refine_data(kf, data_targets, iters)
     return refine(kf, targets, iters)
 
 
@@ -148,6 +155,7 @@ def convert(
     *,
     progress: Callable[[str], None] | None = None,
     factorizations: dict[str, Factorization] | None = None,
+    calib=None,
 ) -> ConvertResult:
     """Convert a LoRA adapter into a MoS adapter under ``lora_params / ratio`` parameters.
 
@@ -156,9 +164,12 @@ def convert(
         config: ratio, seed, search level.
         progress: called with the kind's name after each kind (for progress bars).
         factorizations: precomputed :func:`factorize_adapter` output, to skip recomputing.
+        calib: :class:`mosconv.calib.CalibStats` with an input second moment for every
+            module: data-aware conversion (search, refinement and the truncation baseline
+            in the metric ``||(dW - dW') X||``); both metrics are reported.
 
     Raises:
-        ConfigError: invalid settings.
+        ConfigError: invalid settings, or ``calib`` that does not match the adapter.
     """
     config.validate()
     # Spectra first (singular vectors dropped), then each kind is factorized again while it
@@ -166,11 +177,18 @@ def convert(
     spectra = factorizations or {m.name: _spectrum(m) for m in adapter.modules}
     budget = budget_for_ratio(adapter.params, config.ratio)
     trunc = truncate(spectra, budget)
+    data_targets = dtrunc = None
+    if calib is not None:
+        moments = check_calib(adapter, calib)
+        with one_thread():
+            data_targets = {m.name: data_target(m, regularize(moments[m.name]))
+                            for m in adapter.modules}
+        dtrunc = truncate({n: t.f for n, t in data_targets.items()}, budget)
     torch.manual_seed(config.seed)
 
     with one_thread():
-        kinds, structures, mos_modules = _fit_kinds(adapter, factorizations, trunc, config,
-                                                    progress)
+        kinds, structures, mos_modules = _fit_kinds(adapter, factorizations, dtrunc or trunc,
+                                                    config, progress, data_targets)
     order = {m.name: i for i, m in enumerate(adapter.modules)}
     mos_modules.sort(key=lambda m: order[m.name])
     source = {
@@ -191,11 +209,31 @@ def convert(
         "routing_weights": config.routing_weights,
         "lora_params": adapter.params,
         "budget": budget,
+        "metric": "data" if calib is not None else "weight",
     }
+    if calib is not None:
+        info["calib"] = {"tokens": calib.tokens, **calib.info}
     mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
                      extra_tensors=dict(adapter.extra_tensors), source=source, info=info)
-    report = build_report(adapter, mos, trunc, structures, config)
-    return ConvertResult(mos=mos, report=report)
+    report = build_report(adapter, mos, trunc, structures, config, calib=calib, dtrunc=dtrunc)
+    return ConvertResult(mos=mos, report=report, trunc=trunc, dtrunc=dtrunc,
+                         structures=structures)
+
+
+def check_calib(adapter: LoraAdapter, calib) -> dict[str, torch.Tensor]:
+    """The moments of ``calib`` for every module of ``adapter``, shapes checked."""
+    moments = {}
+    for m in adapter.modules:
+        C = calib.moments.get(m.name)
+        if C is None:
+            raise ConfigError(f"calibration statistics have no entry for module {m.name} "
+                              f"({len(calib.moments)} modules; collected for another adapter?)")
+        if tuple(C.shape) != (m.d_in, m.d_in):
+            raise ConfigError(f"calibration statistics of module {m.name} are "
+                              f"{C.shape[0]}x{C.shape[1]}, but its d_in is {m.d_in} "
+                              "(base model and adapter do not match)")
+        moments[m.name] = C
+    return moments
 
 
 def _spectrum(module) -> Factorization:
@@ -204,12 +242,18 @@ def _spectrum(module) -> Factorization:
     return Factorization(torch.empty(f.d_out, 0), f.S, torch.empty(f.d_in, 0))
 
 
-def _fit_kinds(adapter, facts, trunc, config, progress):
+def _fit_kinds(adapter, facts, trunc, config, progress, data_targets=None):
+    """Per kind: the all-private structure from ``trunc`` (plain or data-aware truncation),
+    then shared candidates; the lowest error in the conversion's metric wins."""
     kinds: dict[str, KindPools] = {}
     structures = {}
     mos_modules = []
     for kind, mods in adapter.kinds.items():
-        targets = [facts[m.name] if facts else factorize(m) for m in mods]
+        dts = [data_targets[m.name] for m in mods] if data_targets else None
+        if dts:
+            targets = [t.f for t in dts]
+        else:
+            targets = [facts[m.name] if facts else factorize(m) for m in mods]
         ranks = [trunc.ranks[m.name] for m in mods]
         d_in, d_out = mods[0].d_in, mods[0].d_out
         kind_budget = sum(ranks) * (d_in + d_out)
@@ -218,14 +262,14 @@ def _fit_kinds(adapter, facts, trunc, config, progress):
         trunc_err = best_err
         tried = 0
         cands = _candidates(config.search, len(mods), d_in, d_out, config.routing_weights)
-        if kind_budget > 0 and cands and _worth_searching(config.search, targets, ranks):
-            targets = [f.double() for f in targets]  # float64 while this kind is fitted
+        if kind_budget > 0 and cands and (dts or _worth_searching(config.search, targets, ranks)):
+            targets = [f.double() for f in targets] if not dts else targets  # float64 to fit
             for cand in cands:
-                kf = _try_shared(targets, kind_budget, cand, config.seed, config.iters)
+                kf = _try_shared(targets, kind_budget, cand, config.seed, config.iters, dts)
                 tried += 1
                 if kf is None:
                     continue
-                err = sum(kind_err_sq(kf, targets))
+                err = sum(kind_data_err_sq(kf, dts) if dts else kind_err_sq(kf, targets))
                 if err < best_err * (1 - 1e-9):
                     best, best_err = kf, err
         if best.params > kind_budget:

@@ -5,15 +5,123 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .calib import is_stats_file, save_stats
 from .convert import ConvertConfig, ConvertResult, convert
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .fileio import prepare_output_dir, sha256_file
 from .mos_format import CONFIG_FILE, load_mos, save_mos
 from .readers import read_adapter
 from .writers import peft_config, write_peft_folder
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the base model and the text for data-aware conversion, distillation and
+    evaluation come from.
+
+    Attributes:
+        base_model: local model folder (or ``.gguf`` file).
+        gguf_file: name of a GGUF file inside ``base_model``.
+        data: plain text or JSONL file (:mod:`mosconv.data`).
+        max_tokens: tokens of ``data`` used at most.
+        seq_len: tokens per block.
+        batch_size: blocks per forward pass.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    base_model: str | Path | None = None
+    gguf_file: str | None = None
+    data: str | Path | None = None
+    max_tokens: int = 50_000
+    seq_len: int = 256
+    batch_size: int = 4
+    device: str = "auto"
+
+    def need(self, what: str) -> None:
+        if self.base_model is None or self.data is None:
+            raise ConfigError(f"{what} needs --base-model and --data")
+
+
+CALIB_FILE = "calib_stats.safetensors"
+
+
+class _Session:
+    """The base model, tokenizer and token blocks, loaded once and shared by the stages."""
+
+    def __init__(self, spec: DataSpec) -> None:
+        self.spec = spec
+        self._model = None
+        self._blocks: dict[str, object] = {}
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .distill import resolve_device
+            from .models import load_base_model
+
+            device = resolve_device(self.spec.device)
+            self._model = load_base_model(self.spec.base_model, gguf_file=self.spec.gguf_file,
+                                          device=device)
+        return self._model
+
+    def blocks(self, data: str | Path | None = None):
+        """``(n, seq_len)`` token blocks of ``data`` (default: the spec's data file)."""
+        key = str(data if data is not None else self.spec.data)
+        if key not in self._blocks:
+            from .data import read_texts, token_blocks
+
+            texts = read_texts(key)
+            self._blocks[key] = token_blocks(self.model[1], texts, self.spec.seq_len,
+                                             self.spec.max_tokens, source=key)
+        return self._blocks[key]
+
+
+def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
+              progress: Callable[[int], None] | None = None, session: _Session | None = None):
+    """Input second moments of ``adapter``'s modules on ``spec.data`` run through
+    ``spec.base_model``; written to ``out`` (``.safetensors``) when given.
+
+    Raises:
+        ConfigError: missing base model or data, modules missing from the model or of
+            other shapes; FormatError: unreadable model or data.
+    """
+    from .calib import collect_moments, save_stats
+    from .runtime import find_layers
+
+    spec.need("calibration")
+    if not hasattr(adapter, "modules"):
+        adapter = read_adapter(adapter)
+    session = session or _Session(spec)
+    model, _ = session.model
+    layers = find_layers(model, adapter)
+    info = {
+        "base_model": str(spec.base_model), "gguf_file": spec.gguf_file,
+        "data": str(spec.data), "data_sha256": sha256_file(Path(spec.data)),
+        "seq_len": spec.seq_len, "max_tokens": spec.max_tokens,
+    }
+    stats = collect_moments(model, layers, session.blocks(spec.data), batch_size=spec.batch_size,
+                            progress=progress, info=info)
+    if out is not None:
+        save_stats(stats, out)
+    return stats
+
+
+def load_calib(calib, adapter, spec: DataSpec, session: _Session, progress=None):
+    """``calib`` as CalibStats: a stats file is read (the model is not run); a data file is
+    run through the base model."""
+    from .calib import CalibStats, is_stats_file, load_stats
+
+    if calib is None or isinstance(calib, CalibStats):
+        return calib
+    if is_stats_file(calib):
+        return load_stats(calib)
+    if spec.base_model is None:
+        raise ConfigError(f"{calib}: not a calibration file; computing statistics from this "
+                          "text needs --base-model")
+    return calibrate(adapter, replace(spec, data=calib), progress=progress, session=session)
 
 
 def compress(
@@ -25,28 +133,84 @@ def compress(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     extra_info: dict | None = None,
+    calib=None,
+    data: DataSpec | None = None,
+    distill=None,
+    held_out: float = 0.1,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> ConvertResult:
-    """Read a LoRA, convert it, and write the MoS folder ``out``.
+    """Read a LoRA, convert it, optionally distill it, and write the MoS folder ``out``.
+
+    Args:
+        calib: None (weight-space conversion), a :class:`~mosconv.calib.CalibStats`, a
+            calibration file, or a data file (then ``data.base_model`` is run on it and the
+            statistics are saved as ``out/calib_stats.safetensors`` for reuse).
+        data: base model and text (for ``calib`` from text and for ``distill``).
+        distill: a :class:`~mosconv.distill.DistillConfig` to fine-tune the converted
+            adapter against the LoRA on ``data.data`` (``held_out`` of the blocks held out).
 
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
     Raises FormatError/ConfigError/MosconvError; a failed run leaves no ``mos_config.json``.
     """
     config = config or ConvertConfig()
+    data = data or DataSpec()
+    if distill is not None:
+        distill.validate()
+        data.need("distillation")
     out = Path(out)
     created = not out.exists()
     prepare_output_dir(out, CONFIG_FILE, overwrite)  # fail before the work, not after
     try:
         adapter = read_adapter(lora_path)
-        result = convert(adapter, config, progress=progress)
-        mos = replace(result.mos,
-                      source={**result.mos.source, **source_provenance(lora_path, adapter)},
-                      info={**result.mos.info, "command": command, **(extra_info or {})})
-        save_mos(mos, out, result.report, overwrite=True)
+        session = _Session(data)
+        stats = load_calib(calib, adapter, data, session)
+        if isinstance(calib, (str, Path)) and not is_stats_file(calib):  # computed: keep it
+            save_stats(stats, out / CALIB_FILE)
+        result = convert(adapter, config, progress=progress, calib=stats)
+        mos, report = result.mos, result.report
+        if distill is not None:
+            mos, report = _distill(adapter, result, config, stats, session, distill, held_out,
+                                   on_step)
+        mos = replace(mos,
+                      source={**mos.source, **source_provenance(lora_path, adapter)},
+                      info={**mos.info, "command": command, **(extra_info or {})})
+        save_mos(mos, out, report, overwrite=True)
     except BaseException:
         if created:  # leave nothing behind that we made
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return ConvertResult(mos=mos, report=result.report)
+    return ConvertResult(mos=mos, report=report)
+
+
+def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step):
+    """Distill ``result.mos``; the report is rebuilt for the distilled adapter and gains a
+    ``distill`` section with the truncation baseline's held-out KL next to the student's."""
+    from .data import split_blocks
+    from .distill import distill as run_distill
+    from .distill import mean_kl, resolve_device
+    from .report import build_report
+    from .runtime import apply, remove
+
+    model, _ = session.model
+    train, held = split_blocks(session.blocks(), held_out)
+    res = run_distill(model, adapter, result.mos, train, held, dconfig, progress=on_step)
+    baseline = convert(adapter, replace(config, search="truncation")).mos
+    device = resolve_device(dconfig.device)
+    apply(model, adapter, name="teacher", activate=False)
+    try:
+        apply(model, baseline, name="truncation", activate=False)
+        trunc_kl = mean_kl(model, held, "teacher", "truncation", batch_size=dconfig.batch_size,
+                           device=device)
+    finally:
+        remove(model)
+    info = {**res.info, "truncation_kl": trunc_kl, "data": str(session.spec.data),
+            "data_sha256": sha256_file(Path(session.spec.data)),
+            "base_model": str(session.spec.base_model), "gguf_file": session.spec.gguf_file}
+    mos = replace(res.mos, info={**res.mos.info, "distilled": True})
+    report = build_report(adapter, mos, result.trunc, result.structures, config, calib=stats,
+                          dtrunc=result.dtrunc)
+    report["distill"] = info
+    return mos, report
 
 
 def source_provenance(lora_path: str | Path, adapter) -> dict:
@@ -88,3 +252,27 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         base.pop(key, None)
     cfg = peft_config(base, ranks)
     return write_peft_folder(Path(out), modules, cfg, mos.extra_tensors, overwrite=overwrite)
+
+
+def evaluate_adapters(teacher, student, spec: DataSpec) -> dict:
+    """``mosconv eval``: the fidelity of ``student`` (MoS folder or LoRA) to ``teacher`` (LoRA)
+    on ``spec.data`` (see :func:`mosconv.distill.evaluate`).
+
+    Raises:
+        ConfigError: missing base model or data, adapters that do not fit the model.
+    """
+    from .distill import evaluate, resolve_device
+    from .runtime import apply, remove
+
+    spec.need("eval")
+    session = _Session(spec)
+    model, _ = session.model
+    blocks = session.blocks()
+    apply(model, teacher, name="teacher", activate=False)
+    try:
+        apply(model, student, name="student", activate=False)
+        res = evaluate(model, blocks, "teacher", "student", batch_size=spec.batch_size,
+                       device=resolve_device(spec.device))
+    finally:
+        remove(model)
+    return {"teacher": str(teacher), "student": str(student), "data": str(spec.data), **res}

@@ -460,3 +460,30 @@ def reference_greedy_ranks(
             return ranks
         ranks[best[1]] += 1
         left -= costs[best[1]]
+
+
+# --------------------------------------------------------------------------- tiny real LM
+
+
+@dataclass(frozen=True)
+class TinyLM:
+    """A tiny Llama folder (save_pretrained, real BPE tokenizer), a text file, and a LoRA
+    for it whose effect on the outputs is clearly measurable."""
+
+    model: Path
+    data: Path
+    lora: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> TinyLM:
+    from helpers import prose, tiny_llama_modules, write_random_peft, write_tiny_llama
+
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny_lm")
+    model = write_tiny_llama(root / "model")
+    data = root / "prose.txt"
+    data.write_text(prose(40_000))
+    lora, _ = write_random_peft(root / "lora", tiny_llama_modules(), r=4, alpha=8, seed=5,
+                                b_std=0.5)
+    return TinyLM(model=model, data=data, lora=lora)

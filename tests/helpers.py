@@ -231,3 +231,41 @@ def lowrank_rel_diff(A1, B1, s1, A2, B2, s2) -> float:
 
     xx, yy, xy = inner(X, X), inner(Y, Y), inner(X, Y)
     return max(xx + yy - 2 * xy, 0.0) ** 0.5 / xx ** 0.5
+
+
+TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
+
+
+def prose(chars: int = 60_000) -> str:
+    """Real English prose available offline (Python's own pydoc topics), deterministic."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
+
+
+def write_tiny_llama(out: Path, *, seed: int = 0, vocab: int = 256) -> Path:
+    """A tiny randomly initialized Llama causal LM with a real (byte-level BPE) tokenizer
+    trained on :func:`prose`, saved with ``save_pretrained`` as a local model folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([prose(20_000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), eos_token_id=fast.eos_token_id, **TINY_LLAMA)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def tiny_llama_modules() -> dict[str, tuple[int, int]]:
+    """The q/v modules of :func:`write_tiny_llama`'s model (q 32x32, v 16x32)."""
+    return llama_like(layers=TINY_LLAMA["num_hidden_layers"], d=32, d_kv=16)

@@ -85,8 +85,9 @@ def test_compress_writes_three_files_and_prints_table(lora, compressed):
     assert t["mos_params"] <= t["lora_params"] / 2
     assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
     cfg = json.loads((out / CONFIG_FILE).read_text())
-    assert list(cfg)[:14] == ["format", "format_version", "mosconv_version", "ratio", "seed",
-                              "search", "iters", "routing_weights", "lora_params", "budget", "command",
+    assert list(cfg)[:15] == ["format", "format_version", "mosconv_version", "ratio", "seed",
+                              "search", "iters", "routing_weights", "lora_params", "budget", "metric",
+                              "command",
                               "params", "local_params", "index_bytes"]
     assert cfg["command"].startswith("mosconv")
     assert cfg["ratio"] == 2.0 and cfg["seed"] == 0 and cfg["search"] == "fast"

@@ -389,7 +389,8 @@ def test_config_layout_and_file_modes(converted, tmp_path):
     assert text.endswith("}\n") and text.startswith('{\n  "format": "mosconv.mos",\n')
     cfg = json.loads(text)
     assert list(cfg) == ["format", "format_version", "mosconv_version", "ratio", "seed", "search", "iters",
-                         "routing_weights", "lora_params", "budget", "params", "local_params", "index_bytes",
+                         "routing_weights", "lora_params", "budget", "metric", "params", "local_params",
+                         "index_bytes",
                          "source", "kinds", "modules"]  # no command: save_mos called directly
     assert [k["id"] for k in cfg["kinds"]] == [f"k{i}" for i in range(len(cfg["kinds"]))]
     assert list(cfg["kinds"][0]) == ["id", "kind", "d_in", "d_out", "nc", "pool_A", "pool_B",

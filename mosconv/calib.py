@@ -1,0 +1,144 @@
+"""Calibration statistics: the input second moment of every adapted module.
+
+For module ``m`` with inputs ``x_t`` (``d_in`` each, over ``n`` tokens), the statistic is
+``C_m = (1/n) sum_t x_t x_t^T`` (``d_in x d_in``, float64), so that the data-aware error of
+an approximation ``dW'`` is ``||(dW - dW') X||_F^2 / n = tr((dW - dW') C (dW - dW')^T)``.
+
+Collection streams the text through the base model in batches, with forward pre-hooks that
+add ``X^T X`` of each batch to a float64 accumulator: memory is the model, one batch of
+activations and one ``d_in x d_in`` matrix per module, whatever the number of tokens.
+Modules that see the same input tensor (``q``/``k``/``v`` of one attention block) share one
+product per batch.
+
+The file (``.safetensors``): tensor ``calib.<module name>`` per module (float64) and one
+metadata key ``mosconv.calib`` holding JSON (tokens, base model, data file and sha256).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+from .fileio import atomic_write_bytes, safetensors_bytes
+
+CALIB_SCHEMA = "mosconv.calib/1"
+_META_KEY = "mosconv.calib"
+
+
+@dataclass(frozen=True)
+class CalibStats:
+    """Input second moments of adapted modules.
+
+    Attributes:
+        moments: module name -> ``(d_in, d_in)`` float64 ``(1/n) X^T X``.
+        tokens: ``n``, the number of tokens seen.
+        info: provenance (base model, data file and sha256, seq_len, ...).
+    """
+
+    moments: dict[str, torch.Tensor]
+    tokens: int
+    info: dict = field(default_factory=dict)
+
+
+def collect_moments(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                    blocks: torch.Tensor, *, batch_size: int = 4,
+                    progress: Callable[[int], None] | None = None,
+                    info: dict | None = None) -> CalibStats:
+    """Run ``model`` on ``blocks`` ``(n_blocks, seq_len)`` and collect the input second
+    moment of each module in ``modules`` (adapter module name -> layer of ``model``).
+
+    ``progress`` is called with the number of tokens of each finished batch.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    last: dict = {"key": None, "value": None}
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            if last["key"] != key:  # q/k/v of one block see the same tensor: one product
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                last["key"], last["value"] = key, flat.T @ flat
+            acc = sums.get(name)
+            sums[name] = last["value"].clone() if acc is None else acc.add_(last["value"])
+        return hook
+
+    for name, layer in modules.items():
+        hooks.append(layer.register_forward_pre_hook(make_hook(name)))
+    device = next(model.parameters()).device
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                batch = blocks[start:start + batch_size].to(device)
+                model(input_ids=batch)
+                last["key"] = last["value"] = None
+                tokens += batch.numel()
+                if progress:
+                    progress(batch.numel())
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in modules if n not in sums]
+    if missing:
+        raise FormatError(f"{missing[0]}: the model never called this module on the data")
+    moments = {n: (sums[n] / tokens).cpu() for n in modules}
+    return CalibStats(moments=moments, tokens=tokens, info=dict(info or {}))
+
+
+def save_stats(stats: CalibStats, path: str | Path) -> Path:
+    """Write ``stats`` to one ``.safetensors`` file (atomic)."""
+    path = Path(path)
+    meta = {"schema": CALIB_SCHEMA, "tokens": stats.tokens, **stats.info}
+    tensors = {f"calib.{n}": m.contiguous() for n, m in stats.moments.items()}
+    atomic_write_bytes(path, safetensors_bytes(tensors, {_META_KEY: json.dumps(meta)}))
+    return path
+
+
+def is_stats_file(path: str | Path) -> bool:
+    """Whether ``path`` is a calibration file written by :func:`save_stats`."""
+    from .readers._header import read_safetensors_header
+
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return False
+    try:
+        _, meta = read_safetensors_header(p)
+    except (FormatError, OSError, ValueError):
+        return False
+    return _META_KEY in (meta or {})
+
+
+def load_stats(path: str | Path) -> CalibStats:
+    """Read a calibration file and validate every matrix (square, finite, symmetric).
+
+    Raises:
+        FormatError: not a calibration file, or a corrupt matrix.
+    """
+    from .readers._io import load_tensor_file
+
+    path = Path(path)
+    tensors, meta = load_tensor_file(path)
+    try:
+        info = json.loads(meta[_META_KEY])
+        if info.get("schema") != CALIB_SCHEMA:
+            raise ValueError(f"schema {info.get('schema')!r}")
+        tokens = int(info.pop("tokens"))
+        info.pop("schema")
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a mosconv calibration file ({e})") from None
+    moments = {}
+    for key, t in tensors.items():
+        name = key.removeprefix("calib.")
+        if t.dim() != 2 or t.shape[0] != t.shape[1] or not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{path}: {key} is not a finite square matrix")
+        moments[name] = t.to(torch.float64)
+    if tokens < 1 or not moments:
+        raise FormatError(f"{path}: calibration file holds no statistics")
+    return CalibStats(moments=moments, tokens=tokens, info=info)

@@ -1,0 +1,85 @@
+"""Calibration statistics on a tiny real causal LM: values against an independent
+computation, shared inputs, the file round trip, reuse without the model, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_random_peft
+
+import mosconv
+from mosconv import ConfigError, FormatError
+from mosconv.calib import CalibStats, collect_moments, is_stats_file, load_stats, save_stats
+from mosconv.data import read_texts, token_blocks
+from mosconv.fileio import safetensors_bytes
+from mosconv.models import load_base_model
+from mosconv.pipeline import DataSpec, calibrate
+from mosconv.runtime import find_layers
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm):
+    model, tok = load_base_model(tiny_lm.model)
+    blocks = token_blocks(tok, read_texts(tiny_lm.data), 32, 32 * 6)
+    return model, tok, blocks, mosconv.read_adapter(tiny_lm.lora)
+
+
+def test_moments_match_an_independent_computation(lm):
+    model, _, blocks, adapter = lm
+    layers = find_layers(model, adapter)
+    stats = collect_moments(model, layers, blocks, batch_size=4)  # 2 batches: 4 + 2 blocks
+    seen = {n: [] for n in layers}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0]))
+             for n, layer in layers.items()]
+    with torch.no_grad():
+        model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    assert stats.tokens == blocks.numel()
+    for name, xs in seen.items():
+        X = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+        ref = X.T @ X / X.shape[0]
+        C = stats.moments[name]
+        assert C.dtype == torch.float64 and C.shape == (32, 32)
+        assert torch.allclose(C, ref, rtol=1e-4, atol=1e-6), name
+    q = stats.moments["model.layers.0.self_attn.q_proj"]
+    v = stats.moments["model.layers.0.self_attn.v_proj"]
+    assert torch.equal(q, v)  # same input tensor: one product, the same statistic
+
+
+def test_stats_file_round_trip_and_determinism(lm, tmp_path):
+    model, _, blocks, adapter = lm
+    stats = collect_moments(model, find_layers(model, adapter), blocks, info={"data": "x"})
+    a, b = save_stats(stats, tmp_path / "a.safetensors"), save_stats(stats, tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    assert is_stats_file(a) and not is_stats_file(tmp_path / "missing.safetensors")
+    back = load_stats(a)
+    assert back.tokens == stats.tokens and back.info == {"data": "x"}
+    for n, C in stats.moments.items():
+        assert torch.equal(back.moments[n], C)
+
+
+def test_stats_file_errors(tmp_path):
+    p = tmp_path / "lora.safetensors"
+    p.write_bytes(safetensors_bytes({"x": torch.zeros(2, 2)}))
+    assert not is_stats_file(p)
+    with pytest.raises(FormatError, match="not a mosconv calibration file"):
+        load_stats(p)
+    bad = CalibStats({"m": torch.full((3, 3), float("nan"), dtype=torch.float64)}, 10)
+    save_stats(bad, tmp_path / "nan.safetensors")
+    with pytest.raises(FormatError, match="not a finite square matrix"):
+        load_stats(tmp_path / "nan.safetensors")
+
+
+def test_calibrate_pipeline_and_shape_mismatch(tiny_lm, tmp_path):
+    spec = DataSpec(base_model=tiny_lm.model, data=tiny_lm.data, max_tokens=256, seq_len=32)
+    stats = calibrate(tiny_lm.lora, spec, tmp_path / "c.safetensors")
+    assert stats.tokens == 256 and len(stats.moments) == 4
+    assert stats.info["data_sha256"] and load_stats(tmp_path / "c.safetensors").tokens == 256
+    other, _ = write_random_peft(tmp_path / "other", {"model.layers.0.self_attn.q_proj": (48, 48)})
+    with pytest.raises(ConfigError, match="base model and adapter do not match"):
+        calibrate(other, spec)
+    with pytest.raises(ConfigError, match="needs --base-model and --data"):
+        calibrate(tiny_lm.lora, DataSpec(data=tiny_lm.data))

