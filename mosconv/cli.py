@@ -14,7 +14,7 @@ import traceback
 import click
 
 from . import __version__
-from .errors import MosconvError
+from .errors import ConfigError, MosconvError
 
 log = logging.getLogger("mosconv")
 
@@ -79,6 +79,10 @@ def main(verbose: bool) -> None:
     Typical use:
       mosconv inspect LORA_DIR              what the adapter holds, truncation errors
       mosconv compress LORA_DIR OUT --ratio 8
+      mosconv export OUT LORA_OUT           back to a plain PEFT LoRA for servers
+      mosconv batch ZOO_DIR OUT_DIR         a whole zoo, resumable
+      mosconv calibrate / compress --calib / --distill / eval   with a local base model
+    Shell completion: eval "$(_MOSCONV_COMPLETE=bash_source mosconv)" (see docs/cli.md).
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="mosconv: %(message)s")
@@ -111,8 +115,11 @@ def render_lora_inspect(info: dict) -> str:
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema instead of tables.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="Also draw a PNG: spectra and truncation errors of a LoRA, or per-module "
+                   "errors of a MoS folder's report.json (pip install 'mosconv[plot]').")
 @handle_errors
-def inspect(path: str, as_json: bool) -> None:
+def inspect(path: str, as_json: bool, plot_path: str | None) -> None:
     """Show what an adapter holds: format, modules, kinds, spectra, truncation errors.
 
     PATH is a PEFT folder, an adapter_model.* file inside one, or a diffusers/kohya
@@ -122,12 +129,31 @@ def inspect(path: str, as_json: bool) -> None:
     from .mos_format import is_mos_dir
     from .readers import read_adapter
 
+    if plot_path is not None:
+        from .plot import check_plot_path
+
+        check_plot_path(plot_path)
     if is_mos_dir(path):
         info = inspect_mos(path)
+        if plot_path is not None and not info.get("report"):
+            raise ConfigError(f"{path}: no report.json, nothing to plot")
         click.echo(json.dumps(info, indent=2) if as_json else render_mos_inspect(info))
+        if plot_path is not None:
+            from .plot import plot_mos
+
+            plot_mos(info["report"], plot_path)
+            if not as_json:
+                click.echo(f"wrote {plot_path}")
         return
-    info = inspect_lora(read_adapter(path))
+    adapter = read_adapter(path)
+    info = inspect_lora(adapter)
     click.echo(json.dumps(info, indent=2) if as_json else render_lora_inspect(info))
+    if plot_path is not None:
+        from .plot import lora_spectra, plot_lora
+
+        plot_lora(info, plot_path, spectra=lora_spectra(adapter))
+        if not as_json:
+            click.echo(f"wrote {plot_path}")
 
 
 def render_report(report: dict) -> str:
@@ -233,10 +259,13 @@ def _data_options(fn):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="Also draw the report as a PNG: per-module errors, MoS next to truncation "
+                   "(pip install 'mosconv[plot]').")
 @handle_errors
 def compress(lora, out, ratio, seed, search, iters, routing_weights, calib, distill, base_model,
              gguf_file, data, max_tokens, seq_len, batch_size, device, steps, lr, held_out,
-             hidden_weight, overwrite, quiet, as_json):
+             hidden_weight, overwrite, quiet, as_json, plot_path):
     """Convert the LoRA adapter LORA into a MoS adapter folder OUT.
 
     Writes OUT/mos_adapter.safetensors, OUT/report.json and OUT/mos_config.json (last).
@@ -254,13 +283,22 @@ def compress(lora, out, ratio, seed, search, iters, routing_weights, calib, dist
 
     from .convert import ConvertConfig
     from .distill import DistillConfig
+    from .errors import FormatError
+    from .mos_format import is_mos_dir
     from .pipeline import DataSpec
     from .pipeline import compress as run_compress
     from .readers import read_adapter  # noqa: F401  (import errors surface early)
 
+    if is_mos_dir(lora):
+        raise FormatError(f"{lora}: is a MoS adapter, not a LoRA (compress converts LoRAs; "
+                          "`mosconv export` turns a MoS adapter back into a LoRA)")
     config = ConvertConfig(ratio=ratio, seed=seed, search=search, iters=iters,
                            routing_weights=routing_weights)
     config.validate()
+    if plot_path is not None:  # before the work: a missing matplotlib fails at once
+        from .plot import check_plot_path
+
+        check_plot_path(plot_path)
     spec = DataSpec(base_model=base_model, gguf_file=gguf_file, data=data,
                     max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device)
     dconfig = None
@@ -280,7 +318,7 @@ def compress(lora, out, ratio, seed, search, iters, routing_weights, calib, dist
             step_bar.append(tqdm(desc="distilling", total=steps, unit="step", file=sys.stderr,
                                  leave=False, disable=None))
         step_bar[0].update(1)
-        step_bar[0].set_postfix_str(f"KL {loss:.4f}")
+        step_bar[0].set_postfix_str(f"loss {loss:.4f}")
 
     def progress(kind: str) -> None:  # the bar appears once fitting starts (terminals only)
         if quiet:
@@ -304,6 +342,13 @@ def compress(lora, out, ratio, seed, search, iters, routing_weights, calib, dist
     elif not quiet:
         click.echo(render_report(result.report))
         click.echo(f"wrote {out}")
+    if plot_path is not None:
+        from .mos_format import load_report
+        from .plot import plot_mos
+
+        plot_mos(load_report(out) or result.report, plot_path)
+        if not quiet and not as_json:
+            click.echo(f"wrote {plot_path}")
 
 
 @main.command()
@@ -379,8 +424,10 @@ def eval_cmd(teacher, student, base_model, gguf_file, data, max_tokens, seq_len,
 @click.argument("mos_dir", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary of what was written.")
 @handle_errors
-def export(mos_dir, out, overwrite):
+def export(mos_dir, out, overwrite, quiet, as_json):
     """Materialize the MoS adapter MOS_DIR as a plain PEFT LoRA folder OUT.
 
     Scale is folded into B and lora_alpha == r (per-module ranks in rank_pattern /
@@ -388,8 +435,15 @@ def export(mos_dir, out, overwrite):
     """
     from .pipeline import export_lora
 
-    export_lora(mos_dir, out, overwrite=overwrite)
-    click.echo(f"wrote {out}")
+    folder = export_lora(mos_dir, out, overwrite=overwrite)
+    if as_json:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        click.echo(json.dumps({"out": str(folder), "files": files, "r": cfg["r"],
+                               "lora_alpha": cfg["lora_alpha"],
+                               "rank_pattern": cfg.get("rank_pattern", {})}, indent=2))
+    elif not quiet:
+        click.echo(f"wrote {out}")
 
 
 def render_summary(summary) -> str:

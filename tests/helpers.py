@@ -234,36 +234,32 @@ def lowrank_rel_diff(A1, B1, s1, A2, B2, s2) -> float:
 
 
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _example_model_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "make_example_model.py"
+    spec = importlib.util.spec_from_file_location("make_example_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def prose(chars: int = 60_000) -> str:
     """Real English prose available offline (Python's own pydoc topics), deterministic."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))[:chars]
+    return _example_model_module().prose(chars)
 
 
 def write_tiny_llama(out: Path, *, seed: int = 0, vocab: int = 256) -> Path:
     """A tiny randomly initialized Llama causal LM with a real (byte-level BPE) tokenizer
-    trained on :func:`prose`, saved with ``save_pretrained`` as a local model folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(out)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([prose(20_000)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(fast), eos_token_id=fast.eos_token_id, **TINY_LLAMA)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    trained on :func:`prose`, saved as a local model folder (examples/make_example_model.py
+    with tiny shapes)."""
+    # a wide initialization gives peaked next-token distributions, so that a LoRA's effect
+    # on them (and a student's distance to it) is clearly measurable
+    return _example_model_module().write_model(out, seed=seed, vocab=vocab,
+                                               initializer_range=0.2, **TINY_LLAMA)
 
 
 def tiny_llama_modules() -> dict[str, tuple[int, int]]:

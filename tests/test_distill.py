@@ -101,3 +101,15 @@ def test_distill_on_cuda(lm):
                   DistillConfig(steps=10, device="cuda", eval_every=5))
     model.to("cpu")
     assert res.info["device"] == "cuda" and res.info["kl_after"] <= res.info["kl_before"]
+
+
+def test_hidden_state_matching_term(lm):
+    model, blocks, adapter = lm
+    train, held = split_blocks(blocks, 0.2)
+    mos = convert(adapter, ConvertConfig(ratio=4)).mos
+    res = distill(model, adapter, mos, train, held,
+                  DistillConfig(steps=10, lr=2e-2, eval_every=5, device="cpu", hidden_weight=1.0))
+    assert res.info["hidden_weight"] == 1.0
+    # the loss includes the (positive) hidden-state term, so it exceeds the held-out KL at start
+    assert res.info["loss_first"] > res.info["kl_before"] * 0.5
+    assert res.info["kl_after"] <= res.info["kl_before"]
