@@ -8,18 +8,20 @@ from __future__ import annotations
 import click
 
 WIDTH = 100
+HELP = ["-h", "--help"]  # as main's context_settings (click caches the help option per command)
 
 
 def _help(cmd: click.Command, name: str, parent: click.Context | None = None) -> str:
     ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=WIDTH,
-                        max_content_width=WIDTH)
+                        max_content_width=WIDTH, help_option_names=HELP)
     return ctx.get_help()
 
 
 def render() -> str:
     from .cli import main
 
-    root = click.Context(main, info_name="mosconv", terminal_width=WIDTH, max_content_width=WIDTH)
+    root = click.Context(main, info_name="mosconv", terminal_width=WIDTH, max_content_width=WIDTH,
+                         help_option_names=HELP)
     out = [
         "# Command-line reference",
         "",

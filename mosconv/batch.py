@@ -53,6 +53,10 @@ class BatchConfig:
                 "iters": self.iters, "shared_pool": self.shared_pool}
 
     def validate(self) -> None:
+        import math
+
+        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
+            raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
         if self.jobs < 1:
             raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if self.engine not in ("local", "ray"):

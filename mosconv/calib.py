@@ -125,20 +125,41 @@ def load_stats(path: str | Path) -> CalibStats:
 
     path = Path(path)
     tensors, meta = load_tensor_file(path)
+
+    def refuse(why: str) -> FormatError:
+        return FormatError(f"{path}: not a mosconv calibration file ({why})")
+
+    if _META_KEY not in meta:
+        raise refuse(f"no {_META_KEY!r} metadata")
     try:
         info = json.loads(meta[_META_KEY])
-        if info.get("schema") != CALIB_SCHEMA:
-            raise ValueError(f"schema {info.get('schema')!r}")
-        tokens = int(info.pop("tokens"))
-        info.pop("schema")
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not a mosconv calibration file ({e})") from None
+    except (ValueError, RecursionError) as e:  # also absurd numbers or nesting
+        raise refuse(f"metadata is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(info, dict):
+        raise refuse("metadata is not a JSON object")
+    if info.get("schema") != CALIB_SCHEMA:
+        raise refuse(f"schema {str(info.get('schema'))[:60]!r}")
+    tokens = info.pop("tokens", None)
+    if not isinstance(tokens, int) or isinstance(tokens, bool):
+        raise refuse(f"tokens {str(tokens)[:60]!r} is not an integer")
+    info.pop("schema")
     moments = {}
     for key, t in tensors.items():
+        if not key.startswith("calib."):
+            raise FormatError(f"{path}: unexpected tensor {key[:80]!r} in a calibration file")
         name = key.removeprefix("calib.")
-        if t.dim() != 2 or t.shape[0] != t.shape[1] or not bool(torch.isfinite(t).all()):
-            raise FormatError(f"{path}: {key} is not a finite square matrix")
-        moments[name] = t.to(torch.float64)
+        if t.dim() != 2 or t.shape[0] != t.shape[1] or t.shape[0] == 0:
+            raise FormatError(f"{path}: {key} is not a square matrix (shape {tuple(t.shape)})")
+        if not t.is_floating_point():
+            raise FormatError(f"{path}: {key} has dtype {t.dtype}, expected float")
+        t = t.to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise FormatError(f"{path}: {key} is not a finite square matrix (NaN or Inf)")
+        # symmetric: (C - C^T) v ~ 0 for a fixed generic v (two mat-vecs, no n x n temporary)
+        v = torch.linspace(-1.0, 2.0, t.shape[0], dtype=torch.float64).exp()
+        if float((t @ v - t.T @ v).norm()) > 1e-6 * float(t.norm()) * float(v.norm()):
+            raise FormatError(f"{path}: {key} is not symmetric (a second moment X^T X is)")
+        moments[name] = t
     if tokens < 1 or not moments:
         raise FormatError(f"{path}: calibration file holds no statistics")
     return CalibStats(moments=moments, tokens=tokens, info=info)

@@ -19,6 +19,13 @@ from .errors import ConfigError, MosconvError
 log = logging.getLogger("mosconv")
 
 
+class _EchoHandler(logging.Handler):
+    """mosconv's log records on the current stderr (click's, so tests capture them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"mosconv: {record.getMessage()}", err=True)
+
+
 def _fail(message: str) -> None:
     click.echo(f"mosconv: error: {message}", err=True)
     sys.exit(1)
@@ -84,8 +91,10 @@ def main(verbose: bool) -> None:
       mosconv calibrate / compress --calib / --distill / eval   with a local base model
     Shell completion: eval "$(_MOSCONV_COMPLETE=bash_source mosconv)" (see docs/cli.md).
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="mosconv: %(message)s")
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler())
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)  # only mosconv's own logs
 
 
 def render_lora_inspect(info: dict) -> str:

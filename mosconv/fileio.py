@@ -20,28 +20,37 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    On any failure (disk full, permissions, interrupt) the temp file is removed and
+    ``path`` is left as it was; OS errors become ``MosconvError("<path>: cannot write
+    (<reason>)")``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise MosconvError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -69,11 +78,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_output_dir(out: Path, marker: str, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
+                       remove_marker: bool = True) -> None:
     """Create ``out``; refuse to touch a folder holding a finished output unless ``overwrite``.
 
     ``marker`` is the file whose presence means "finished" (written last); with
-    ``overwrite`` it is removed first so the folder never looks complete mid-write.
+    ``overwrite`` it is removed first (unless ``remove_marker`` is False: a check before
+    the work, which leaves an old output intact should the work fail), so the folder
+    never looks complete mid-write.
+
+    What happens to an old output on ``overwrite``: its marker goes first, then each
+    file is replaced atomically, the new marker last.  A run that fails in between (disk
+    full, interrupt) leaves a folder without marker, which every reader treats as
+    incomplete (``load_mos`` / ``read_adapter`` refuse it, ``batch`` redoes it): the old
+    output is not restored, and files not yet replaced keep their old bytes.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -81,7 +99,12 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool) -> None:
     if (out / marker).exists():
         if not overwrite:
             raise MosconvError(f"{out}: already holds an output ({marker}); pass --overwrite to replace it")
-        (out / marker).unlink()
+        if remove_marker:
+            try:
+                (out / marker).unlink()
+            except OSError as e:
+                raise MosconvError(f"{out / marker}: cannot remove the old output's marker "
+                                   f"({e.strerror or e})") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # left by a run that was killed mid-write

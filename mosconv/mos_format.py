@@ -259,6 +259,26 @@ def _need(cond: bool, where: Path, what: str) -> None:
         raise FormatError(f"{where}: invalid MoS adapter: {what}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _show(value) -> str:
+    """``repr`` of a JSON value, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(obj: dict, key: str, cfg_path: Path, where: str, *, lo: int = 0,
+           hi: int | None = None, default=None) -> int:
+    """``obj[key]``: a JSON integer in ``[lo, hi]`` (``default`` when absent)."""
+    value = obj.get(key, default)
+    _need(_is_int(value) and value >= lo and (hi is None or value <= hi), cfg_path,
+          f"{where}: {key} is {_show(value)}, expected an integer >= {lo}"
+          + (f" and <= {hi}" if hi is not None else ""))
+    return value
+
+
 def load_mos(path: str | Path) -> MosAdapter:
     """Load and validate a MoS folder (routes in range, pool shapes, ranks).
 
@@ -274,81 +294,30 @@ def load_mos(path: str | Path) -> MosAdapter:
                           "or interrupted output has none)")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{cfg_path}: cannot read MoS config ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, absurd numbers, nesting
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{cfg_path}: cannot read MoS config ({msg})") from None
     _need(isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME, cfg_path,
           f"'format' is not {FORMAT_NAME!r}")
     version = cfg.get("format_version")
-    _need(version == FORMAT_VERSION, cfg_path,
-          f"format_version {version!r} is not supported (this mosconv reads {FORMAT_VERSION})")
+    _need(_is_int(version) and version == FORMAT_VERSION, cfg_path,
+          f"format_version {_show(version)} is not supported (this mosconv reads {FORMAT_VERSION})")
+    for key, kind in (("kinds", list), ("modules", list), ("source", dict)):
+        _need(isinstance(cfg.get(key, {} if key == "source" else None), kind), cfg_path,
+              f"{key!r} is {_show(cfg.get(key))}, expected a JSON {kind.__name__}")
+    source_cfg = cfg.get("source", {}).get("config")
+    _need(source_cfg is None or isinstance(source_cfg, dict), cfg_path,
+          f"source.config is {_show(source_cfg)}, expected an object or null")
     tensors, _ = load_tensor_file(folder / TENSOR_FILE)
     tpath = folder / TENSOR_FILE
-    shared_cache: dict[str, dict[str, torch.Tensor]] = {}
     try:
-        kinds: dict[str, KindPools] = {}
-        id_to_kind = {}
-        for k in cfg["kinds"]:
-            kid, nc, d_in, d_out = k["id"], int(k["nc"]), int(k["d_in"]), int(k["d_out"])
-            _need(nc >= 1 and d_in % nc == 0 and d_out % nc == 0, cfg_path,
-                  f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
-            pa = tensors.get(f"mos.pools.{kid}.A")
-            pb = tensors.get(f"mos.pools.{kid}.B")
-            _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
-            shared = k.get("shared_pool")
-            if shared:
-                sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache,
-                                       (d_in // nc, d_out // nc))
-                pa, pb = torch.cat([sa, pa.to(sa.dtype)]), torch.cat([sb, pb.to(sb.dtype)])
-            _need(pa.dim() == 2 and pa.shape[1] == d_in // nc, tpath,
-                  f"pool mos.pools.{kid}.A has shape {tuple(pa.shape)}, expected (N, {d_in // nc})")
-            _need(pb.dim() == 2 and pb.shape[1] == d_out // nc, tpath,
-                  f"pool mos.pools.{kid}.B has shape {tuple(pb.shape)}, expected (N, {d_out // nc})")
-            for side, pool in (("A", pa), ("B", pb)):
-                declared = k.get(f"pool_{side}")
-                _need(declared is None or int(declared) == pool.shape[0], cfg_path,
-                      f"kind {kid} declares pool_{side}={declared} but the tensor has {pool.shape[0]} shards")
-            check_finite(tpath, f"mos.pools.{kid}", pa)
-            check_finite(tpath, f"mos.pools.{kid}", pb)
-            kinds[k["kind"]] = KindPools(k["kind"], d_in, d_out, nc, pa.float(), pb.float(),
-                                         int(k.get("public_A", 0)), int(k.get("public_B", 0)),
-                                         dict(shared) if shared else None)
-            id_to_kind[kid] = k["kind"]
-        modules = []
-        for m in cfg["modules"]:
-            name, r = m["name"], int(m["r"])
-            _need(m["kind"] in id_to_kind, cfg_path, f"module {name} names unknown kind {m['kind']!r}")
-            pools = kinds[id_to_kind[m["kind"]]]
-            routes = []
-            for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
-                t = tensors.get(f"mos.routes.{name}.{side}")
-                _need(t is not None, tpath, f"routes of module {name} ({side}) missing")
-                _need(t.dim() == 1 and t.numel() == r * pools.nc, tpath,
-                      f"routes of module {name} ({side}) have {t.numel()} entries, expected {r * pools.nc}")
-                t = t.to(torch.int64)
-                _need(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < pool.shape[0]), tpath,
-                      f"routes of module {name} ({side}) point outside the pool of {pool.shape[0]} shards")
-                routes.append(t)
-            weights = [None, None]
-            if m.get("weights"):
-                for i, side in enumerate("AB"):
-                    w = tensors.get(f"mos.weights.{name}.{side}")
-                    _need(w is not None and w.numel() == r * pools.nc, tpath,
-                          f"weights of module {name} ({side}) missing or of wrong size")
-                    check_finite(tpath, f"mos.weights.{name}.{side}", w)
-                    weights[i] = w.float().reshape(-1)
-            scale = float(m["scale"])
-            _need(math.isfinite(scale), cfg_path, f"module {name} has non-finite scale")
-            modules.append(MosModule(
-                name=name, kind=id_to_kind[m["kind"]], r=r, scale=scale,
-                routes_A=routes[0], routes_B=routes[1], weights_A=weights[0], weights_B=weights[1],
-                private_A=tuple(m.get("private_A", (0, 0))), private_B=tuple(m.get("private_B", (0, 0))),
-                embedding=bool(m.get("embedding", False)),
-                conv_shape=tuple(m["conv_shape"]) if m.get("conv_shape") else None,
-            ))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{cfg_path}: invalid MoS config ({type(e).__name__}: {e})") from None
+        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
+        # a safety net: every field is checked above, so this means a check is missing
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise FormatError(f"{cfg_path}: invalid MoS config ({type(e).__name__}: {msg})") from None
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     info = {k: v for k, v in cfg.items()
             if k not in ("format", "format_version", "source", "kinds", "modules", "params",
@@ -358,33 +327,149 @@ def load_mos(path: str | Path) -> MosAdapter:
                       source=cfg.get("source", {}), info=info)
 
 
+def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict):
+    """The validated pools and modules of a MoS config whose top level is checked."""
+    shared_cache: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, KindPools] = {}
+    id_to_kind: dict[str, str] = {}
+    for i, k in enumerate(cfg["kinds"]):
+        _need(isinstance(k, dict), cfg_path, f"kinds[{i}] is {_show(k)}, expected an object")
+        kid, kind = k.get("id"), k.get("kind")
+        _need(isinstance(kid, str) and isinstance(kind, str) and kid.isprintable()
+              and kind.isprintable(), cfg_path,
+              f"kinds[{i}] has id {_show(kid)} and kind {_show(kind)}, expected strings")
+        _need(kid not in id_to_kind and kind not in kinds, cfg_path,
+              f"kind {kid} ({kind}) appears twice")
+        nc, d_in, d_out = (_field(k, f, cfg_path, f"kind {kid}", lo=1) for f in ("nc", "d_in", "d_out"))
+        _need(d_in % nc == 0 and d_out % nc == 0, cfg_path,
+              f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
+        sA, sB = d_in // nc, d_out // nc
+        pa = tensors.get(f"mos.pools.{kid}.A")
+        pb = tensors.get(f"mos.pools.{kid}.B")
+        _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
+        for side, pool, width in (("A", pa, sA), ("B", pb, sB)):
+            _need(pool.is_floating_point() and pool.dim() == 2 and pool.shape[1] == width, tpath,
+                  f"pool mos.pools.{kid}.{side} has shape {tuple(pool.shape)} {pool.dtype}, "
+                  f"expected float (N, {width})")
+        shared = k.get("shared_pool")
+        if shared is not None:
+            _need(isinstance(shared, dict), cfg_path,
+                  f"kind {kid}: shared_pool is {_show(shared)}, expected an object")
+        if shared:
+            sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache, (sA, sB))
+            pa, pb = torch.cat([sa, pa.to(sa.dtype)]), torch.cat([sb, pb.to(sb.dtype)])
+        for side, pool in (("A", pa), ("B", pb)):
+            declared = k.get(f"pool_{side}")
+            _need(declared is None or (_is_int(declared) and declared == pool.shape[0]), cfg_path,
+                  f"kind {kid} declares pool_{side}={_show(declared)} but the tensor has "
+                  f"{pool.shape[0]} shards")
+        check_finite(tpath, f"mos.pools.{kid}", pa)
+        check_finite(tpath, f"mos.pools.{kid}", pb)
+        public = [_field(k, f"public_{side}", cfg_path, f"kind {kid}", default=0,
+                         hi=int(pool.shape[0])) for side, pool in (("A", pa), ("B", pb))]
+        kinds[kind] = KindPools(kind, d_in, d_out, nc, pa.float(), pb.float(), public[0],
+                                public[1], dict(shared) if shared else None)
+        id_to_kind[kid] = kind
+    modules = []
+    names = set()
+    for i, m in enumerate(cfg["modules"]):
+        _need(isinstance(m, dict), cfg_path, f"modules[{i}] is {_show(m)}, expected an object")
+        name = m.get("name")
+        _need(isinstance(name, str) and name.isprintable() and name not in names, cfg_path,
+              f"modules[{i}] has name {_show(name)}, expected a string that no other module has")
+        names.add(name)
+        where = f"module {name}"
+        _need(isinstance(m.get("kind"), str) and m["kind"] in id_to_kind, cfg_path,
+              f"{where} names unknown kind {_show(m.get('kind'))}")
+        r = _field(m, "r", cfg_path, where)
+        pools = kinds[id_to_kind[m["kind"]]]
+        routes = []
+        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+            t = tensors.get(f"mos.routes.{name}.{side}")
+            _need(t is not None, tpath, f"routes of {where} ({side}) missing")
+            _need(t.dim() == 1, tpath,
+                  f"routes of {where} ({side}) have shape {tuple(t.shape)}, expected 1-D")
+            _need(t.numel() == r * pools.nc, tpath,
+                  f"routes of {where} ({side}) have {t.numel()} entries, expected {r * pools.nc}")
+            _need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+                  tpath, f"routes of {where} ({side}) have dtype {t.dtype}, expected integers")
+            t = t.to(torch.int64)
+            _need(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < pool.shape[0]), tpath,
+                  f"routes of {where} ({side}) point outside the pool of {pool.shape[0]} shards")
+            routes.append(t)
+        weights = [None, None]
+        flags = {f: m.get(f, False) for f in ("weights", "embedding")}
+        for flag, value in flags.items():
+            _need(isinstance(value, bool), cfg_path,
+                  f"{where}: {flag} is {_show(value)}, expected true or false")
+        if flags["weights"]:
+            for j, side in enumerate("AB"):
+                w = tensors.get(f"mos.weights.{name}.{side}")
+                _need(w is not None and w.is_floating_point() and w.numel() == r * pools.nc, tpath,
+                      f"weights of {where} ({side}) missing, not float or of wrong size")
+                check_finite(tpath, f"mos.weights.{name}.{side}", w)
+                weights[j] = w.float().reshape(-1)
+        scale = m.get("scale")
+        _need(isinstance(scale, (int, float)) and not isinstance(scale, bool), cfg_path,
+              f"{where} has scale {_show(scale)}, expected a number")
+        _need(math.isfinite(scale), cfg_path, f"{where} has non-finite scale")
+        private = []
+        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+            rng = m.get(f"private_{side}", [0, 0])
+            _need(isinstance(rng, list) and len(rng) == 2 and all(_is_int(x) for x in rng)
+                  and 0 <= rng[0] <= rng[1] <= pool.shape[0], cfg_path,
+                  f"{where}: private_{side} is {_show(rng)}, expected [start, stop] within the "
+                  f"pool of {pool.shape[0]} shards")
+            private.append(tuple(rng))
+        conv = m.get("conv_shape")
+        _need(conv is None or (isinstance(conv, list) and len(conv) == 4
+                               and all(_is_int(x) and x >= 1 for x in conv)
+                               and conv[0] == pools.d_out
+                               and conv[1] * conv[2] * conv[3] == pools.d_in), cfg_path,
+              f"{where}: conv_shape is {_show(conv)}, expected null or [out, in, kh, kw] with "
+              f"out = {pools.d_out} and in*kh*kw = {pools.d_in}")
+        modules.append(MosModule(
+            name=name, kind=id_to_kind[m["kind"]], r=r, scale=float(scale),
+            routes_A=routes[0], routes_B=routes[1], weights_A=weights[0], weights_B=weights[1],
+            private_A=private[0], private_B=private[1], embedding=flags["embedding"],
+            conv_shape=tuple(conv) if conv else None,
+        ))
+    return kinds, modules
+
+
 def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,
                   widths: tuple[int, int]):
     """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked."""
     from .fileio import sha256_file
 
-    _need(isinstance(ref, dict) and isinstance(ref.get("file"), str), cfg_path,
-          f"kind {kid}: shared_pool has no file")
+    _need(isinstance(ref, dict) and isinstance(ref.get("file"), str)
+          and "\0" not in ref["file"], cfg_path, f"kind {kid}: shared_pool has no file")
+    _need(isinstance(ref.get("sha256"), str), cfg_path,
+          f"kind {kid}: shared_pool has sha256 {_show(ref.get('sha256'))}, expected a string")
     path = (folder / ref["file"]).resolve()
     if str(path) not in cache:
         if not path.is_file():
             raise FormatError(f"{cfg_path}: kind {kid} needs the shared pool file {path}, "
                               "which is missing")
-        digest = sha256_file(path)
-        _need(digest == ref.get("sha256"), cfg_path,
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read shared pool file ({e.strerror or e})") from None
+        _need(digest == ref["sha256"], cfg_path,
               f"shared pool file {path} has sha256 {digest[:12]}..., expected "
-              f"{str(ref.get('sha256'))[:12]}... (changed or replaced)")
+              f"{ref['sha256'][:12]}... (changed or replaced)")
         cache[str(path)] = load_tensor_file(path)[0]
     tensors = cache[str(path)]
     out = []
     for side, width in zip("AB", widths):
-        key, n = ref.get(f"key_{side}"), int(ref.get(f"n_{side}", 0))
+        key = ref.get(f"key_{side}")
+        n = _field(ref, f"n_{side}", cfg_path, f"kind {kid}: shared_pool", default=0)
         if n == 0:
             out.append(torch.zeros(0, width))
             continue
-        t = tensors.get(key)
-        _need(t is not None and tuple(t.shape) == (n, width), path,
-              f"shared pool tensor {key} missing or not of shape ({n}, {width})")
+        t = tensors.get(key) if isinstance(key, str) else None
+        _need(t is not None and t.is_floating_point() and tuple(t.shape) == (n, width), path,
+              f"shared pool tensor {_show(key)} missing or not a float ({n}, {width}) matrix")
         out.append(t.float())
     return tuple(out)
 
@@ -394,6 +479,58 @@ def load_report(path: str | Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{p}: cannot read report ({e})") from None
+        report = json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{p}: cannot read report ({msg})") from None
+    problem = _report_problem(report)
+    if problem:
+        raise FormatError(f"{p}: invalid report ({problem})")
+    return report
+
+
+# report.json fields that readers (inspect's table, plots) use: name -> allowed JSON types
+_NUM, _OPT = (int, float), (int, float, type(None))
+_REPORT_TOTALS = {"lora_params": _NUM, "mos_params": _NUM, "budget": _NUM, "index_bytes": _NUM,
+                  "relative_error": _NUM, "truncation_relative_error": _NUM,
+                  "sharing_gain": _NUM, "kinds_shared": _NUM, "param_ratio": _OPT,
+                  "local_params": _OPT, "file_bytes_ratio": _OPT, "mos_file_bytes": _OPT}
+_REPORT_DATA_TOTALS = {"data_relative_error": _NUM, "data_truncation_relative_error": _NUM,
+                       "plain_truncation_data_relative_error": _NUM, "calib_tokens": _NUM}
+_REPORT_KIND = {"kind": (str,), "structure": (str,), "nc": _NUM, "pool_A": _NUM,
+                "pool_B": _NUM, "params": _NUM, "relative_error": _NUM,
+                "truncation_relative_error": _NUM}
+_REPORT_DISTILL = {"kl_before": _NUM, "kl_after": _NUM, "steps": _NUM, "device": (str,),
+                   "steps_per_s": _OPT, "truncation_kl": _NUM}
+
+
+def _report_problem(report) -> str | None:
+    """Why ``report`` is not a usable ``mosconv.report/1`` object, or None."""
+
+    def bad(obj: dict, fields: dict, where: str) -> str | None:
+        for key, kinds in fields.items():
+            if key not in obj and type(None) in kinds:
+                continue
+            value = obj.get(key)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                return f"{where}{key} is {_show(value)}"
+        return None
+
+    if not isinstance(report, dict):
+        return "not a JSON object"
+    totals, kinds = report.get("totals"), report.get("kinds")
+    if not isinstance(totals, dict) or not isinstance(kinds, list):
+        return "no totals object or kinds list"
+    problem = bad(totals, _REPORT_TOTALS, "totals.")
+    if not problem and totals.get("metric") == "data":
+        problem = bad(totals, _REPORT_DATA_TOTALS, "totals.")
+    for i, k in enumerate(kinds):
+        if problem:
+            break
+        problem = bad(k, _REPORT_KIND, f"kinds[{i}].") if isinstance(k, dict) \
+            else f"kinds[{i}] is {_show(k)}"
+    d = report.get("distill")
+    if not problem and d is not None:
+        problem = bad(d, _REPORT_DISTILL, "distill.") if isinstance(d, dict) \
+            else f"distill is {_show(d)}"
+    return problem

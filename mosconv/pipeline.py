@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from .fileio import prepare_output_dir, sha256_file
 from .mos_format import CONFIG_FILE, load_mos, save_mos
 from .readers import read_adapter
 from .writers import peft_config, write_peft_folder
+
+log = logging.getLogger("mosconv")  # mosconv -v shows these
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class _Session:
             from .models import load_base_model
 
             device = resolve_device(self.spec.device)
+            log.info("loading base model %s%s on %s", self.spec.base_model,
+                     f" ({self.spec.gguf_file})" if self.spec.gguf_file else "", device)
             self._model = load_base_model(self.spec.base_model, gguf_file=self.spec.gguf_file,
                                           device=device)
         return self._model
@@ -102,6 +107,7 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
         "data": str(spec.data), "data_sha256": sha256_file(Path(spec.data)),
         "seq_len": spec.seq_len, "max_tokens": spec.max_tokens,
     }
+    log.info("calibrating %d modules on %s", len(layers), spec.data)
     stats = collect_moments(model, layers, session.blocks(spec.data), batch_size=spec.batch_size,
                             progress=progress, info=info)
     if out is not None:
@@ -159,13 +165,19 @@ def compress(
         data.need("distillation")
     out = Path(out)
     created = not out.exists()
-    prepare_output_dir(out, CONFIG_FILE, overwrite)  # fail before the work, not after
+    # fail before the work, not after; with overwrite an old output stays complete and
+    # untouched until the first new file is written (a bad input leaves it as it was)
+    prepare_output_dir(out, CONFIG_FILE, overwrite, remove_marker=False)
     try:
+        log.info("reading %s", lora_path)
         adapter = read_adapter(lora_path)
         session = _Session(data)
         stats = load_calib(calib, adapter, data, session)
         if isinstance(calib, (str, Path)) and not is_stats_file(calib):  # computed: keep it
+            prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
             save_stats(stats, out / CALIB_FILE)
+        log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),
+                 config.ratio, "data" if stats is not None else "weight")
         result = convert(adapter, config, progress=progress, calib=stats)
         mos, report = result.mos, result.report
         if distill is not None:
@@ -174,6 +186,7 @@ def compress(
         mos = replace(mos,
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
+        log.info("writing %s", out)
         save_mos(mos, out, report, overwrite=True)
     except BaseException:
         if created:  # leave nothing behind that we made
@@ -193,6 +206,8 @@ def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step
 
     model, _ = session.model
     train, held = split_blocks(session.blocks(), held_out)
+    log.info("distilling: %d train / %d held-out blocks, up to %d steps", train.shape[0],
+             held.shape[0], dconfig.steps)
     res = run_distill(model, adapter, result.mos, train, held, dconfig, progress=on_step)
     baseline = convert(adapter, replace(config, search="truncation")).mos
     device = resolve_device(dconfig.device)
@@ -251,7 +266,14 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
     for key in ("rank_pattern", "alpha_pattern"):
         base.pop(key, None)
     cfg = peft_config(base, ranks)
-    return write_peft_folder(Path(out), modules, cfg, mos.extra_tensors, overwrite=overwrite)
+    out = Path(out)
+    created = not out.exists()
+    try:  # adapter_model.safetensors, then adapter_config.json (the marker) last
+        return write_peft_folder(out, modules, cfg, mos.extra_tensors, overwrite=overwrite)
+    except BaseException:
+        if created:  # a failed export (disk full, interrupt) leaves no folder we made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def evaluate_adapters(teacher, student, spec: DataSpec) -> dict:

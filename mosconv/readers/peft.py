@@ -45,13 +45,25 @@ def read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd numbers or nesting
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{path}: not valid JSON ({msg})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: not a JSON object")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise FormatError(f"{path}: {field} must be true or false, got {_show(config[field])}")
+    for field in ("base_model_name_or_path", "task_type"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise FormatError(f"{path}: {field} must be a string, got {_show(config[field])}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise FormatError(f"{path}: target_modules must be a string or a list of strings, "
+                          f"got {_show(targets)}")
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapterError(f"{path}: peft_type {peft_type!r} is not LORA")
+        raise UnsupportedAdapterError(f"{path}: peft_type {_show(peft_type)} is not LORA")
     if config.get("use_dora"):
         raise UnsupportedAdapterError(
             f"{path}: DoRA adapter (use_dora=true): its update needs the base weights; not supported"
@@ -59,16 +71,40 @@ def read_config(folder: Path) -> dict:
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise UnsupportedAdapterError(
-            f"{path}: init_lora_weights={init!r} modifies the base weights, so A/B alone do not "
+            f"{path}: init_lora_weights={_show(init)} modifies the base weights, so A/B alone do not "
             "define the update; convert it with PEFT's path_initial_model_for_weight_conversion first"
         )
     for field, kind in (("lora_alpha", (int, float)), ("r", int)):
-        if field in config and config[field] is not None and not isinstance(config[field], kind):
-            raise FormatError(f"{path}: {field} must be a number, got {config[field]!r}")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
-            raise FormatError(f"{path}: {field} must be an object, got {config[field]!r}")
+        value = config.get(field)
+        if value is not None and not _is_number(value, kind):
+            raise FormatError(f"{path}: {field} must be a number, got {_show(value)}")
+    for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise FormatError(f"{path}: {field} must be an object, got {_show(config[field])}")
+        for key, value in pattern.items():
+            if not _is_number(value, kind):
+                raise FormatError(f"{path}: {field}[{_show(key)}] must be a number, "
+                                  f"got {_show(value)}")
+            try:
+                re.compile(rf"(.*\.)?({key})$")  # as pattern_key uses it
+            except (re.error, RecursionError, OverflowError) as e:
+                raise FormatError(f"{path}: {field} key {_show(key)} is not a valid regular "
+                                  f"expression ({e})") from None
     return config
+
+
+def _is_number(value, kind) -> bool:
+    """A JSON number of ``kind`` (bools and NaN/Infinity are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _show(value) -> str:
+    """``repr`` of a config value, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def weight_file(folder: Path) -> Path:
@@ -106,7 +142,6 @@ def read_peft(folder: Path) -> LoraAdapter:
         slot = pairs.setdefault(mod, {})
         slot[m["which"]] = t
 
-    rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules = []
     dtypes = set()
@@ -114,17 +149,21 @@ def read_peft(folder: Path) -> LoraAdapter:
         embedding = "lora_embedding_A" in slot or "lora_embedding_B" in slot
         a = slot.get("lora_embedding_A" if embedding else "lora_A")
         b = slot.get("lora_embedding_B" if embedding else "lora_B")
-        r_key = pattern_key(rank_pattern, mod)
+        if a is None or a.dim() < 1:
+            make_module(path, mod, a, b, 1.0, embedding=embedding)  # raises the precise error
+        # the tensor is the truth for r (PEFT could not load it otherwise); rank_pattern and
+        # the config's r only agree with it or are ignored
+        r = int(a.shape[0])
         a_key = pattern_key(alpha_pattern, mod)
-        r = rank_pattern[r_key] if r_key else config.get("r", a.shape[0] if a is not None and a.dim() else 8)
         alpha = alpha_pattern[a_key] if a_key else config.get("lora_alpha")
         if alpha is None:
             alpha = PEFT_DEFAULT_ALPHA  # what LoraConfig gives a config without lora_alpha
-        if a is not None and a.dim() >= 1 and a.shape[0] != r:
-            r = int(a.shape[0])  # the tensor is the truth; PEFT could not load it otherwise
         if not r:
             raise FormatError(f"{path}: module {mod} has rank 0")
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        try:
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        except OverflowError:
+            scale = math.inf  # a huge integer alpha: refused as non-finite below
         module = make_module(path, mod, a, b, scale, embedding=embedding)
         modules.append(module)
         dtypes.add(dtype_name(a))

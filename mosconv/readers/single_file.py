@@ -85,7 +85,10 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
             continue
         a = alpha_re.match(key) if alpha_re else None
         if a and t.numel() == 1:
-            alphas[a["mod"]] = float(t.reshape(()).item())
+            if t.is_complex() or t.dtype == torch.bool:
+                raise FormatError(f"{path}: alpha tensor {key} has dtype {dtype_name(t)}, "
+                                  "expected a real number")
+            alphas[a["mod"]] = float(t.reshape(()).to(torch.float64).item())
             continue
         extra[key] = t
     modules = []
@@ -94,7 +97,8 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
         a, b = slot.get(down), slot.get(up)
         r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
         alpha = alphas.get(mod, float(r))
-        modules.append(make_module(path, mod, a, b, alpha / r if r else 1.0))  # r=0: refused there
+        scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
+        modules.append(make_module(path, mod, a, b, scale))
         dtypes.add(dtype_name(a))
     orphan = set(alphas) - set(pairs)
     for mod in sorted(orphan):  # an alpha without factors is kept, not lost
