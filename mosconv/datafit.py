@@ -26,7 +26,7 @@ import torch
 
 from .adapter import LoraModule
 from .factorize import Factorization
-from .fit import KindFit, factors, gather
+from .fit import KindFit, best_of_rounds, factors, gather
 
 F64 = torch.float64
 
@@ -179,18 +179,9 @@ def refine_data(kf: KindFit, targets: list[DataTarget], iters: int, cg_iters: in
                 tol: float = 1e-7) -> KindFit:
     """Alternate conjugate-gradient solves of the A- and B-pools in the data metric (routes
     and slot weights fixed); return the best state seen."""
-    best = kf.copy()
-    best_err = sum(kind_data_err_sq(kf, targets))
-    total = sum(t.energy for t in targets) or 1.0
-    for _ in range(iters):
+    def round_() -> None:
         kf.pool_A = _cg_pool(kf.pool_A, _side_problem(kf, targets, "A"), cg_iters)
         kf.pool_B = _cg_pool(kf.pool_B, _side_problem(kf, targets, "B"), cg_iters)
-        err = sum(kind_data_err_sq(kf, targets))
-        if err < best_err:
-            improved = (best_err - err) / total
-            best, best_err = kf.copy(), err
-            if improved < tol:
-                break
-        else:
-            break
-    return best
+
+    return best_of_rounds(kf, round_, lambda: sum(kind_data_err_sq(kf, targets)),
+                          sum(t.energy for t in targets), iters, tol)

@@ -137,41 +137,56 @@ def mean_kl(model, blocks: torch.Tensor, teacher: str | None, student: str | Non
     return total / max(n, 1)
 
 
-@torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, teacher: str, student: str, *, batch_size: int = 4,
              device: torch.device | None = None) -> dict:
     """Fidelity of ``student`` to ``teacher`` (adapter names attached to ``model``):
     mean per-token KL(teacher||student) and KL(teacher||base), perplexities of base,
     teacher and student on the text, and ``effect_retained``."""
+    return evaluate_many(model, blocks, teacher, [student], batch_size=batch_size,
+                         device=device)[student]
+
+
+@torch.no_grad()
+def evaluate_many(model, blocks: torch.Tensor, teacher: str, students: list[str], *,
+                  batch_size: int = 4, device: torch.device | None = None) -> dict[str, dict]:
+    """:func:`evaluate` for several students at once: the base and the teacher run once per
+    batch, each student once."""
     from .runtime import set_active
 
     device = device or next(model.parameters()).device
-    kl_ts = kl_tb = 0.0
-    nll = {"base": 0.0, "teacher": 0.0, "student": 0.0}
+    kl_tb = nll_b = nll_t = 0.0
+    kl_ts = dict.fromkeys(students, 0.0)
+    nll_s = dict.fromkeys(students, 0.0)
     n = n_pred = 0
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)
-        logits = {}
         with _autocast(device):
-            for key, name in (("base", None), ("teacher", teacher), ("student", student)):
+            set_active(model, None)
+            base, _ = _logits(model, ids)
+            set_active(model, teacher)
+            t, _ = _logits(model, ids)
+        kl_tb += float(token_kl(t, base).sum())
+        nll_b += float(_nll(base, ids))
+        nll_t += float(_nll(t, ids))
+        del base
+        for name in students:
+            with _autocast(device):
                 set_active(model, name)
-                logits[key], _ = _logits(model, ids)
-        kl_ts += float(token_kl(logits["teacher"], logits["student"]).sum())
-        kl_tb += float(token_kl(logits["teacher"], logits["base"]).sum())
-        for key, lg in logits.items():
-            nll[key] += float(_nll(lg, ids))
+                s, _ = _logits(model, ids)
+            kl_ts[name] += float(token_kl(t, s).sum())
+            nll_s[name] += float(_nll(s, ids))
         n += ids.numel()
         n_pred += ids.numel() - ids.shape[0]
-    kl_ts, kl_tb = kl_ts / n, kl_tb / n
-    return {
+    kl_tb /= n
+    return {name: {
         "tokens": n,
-        "kl_teacher_student": kl_ts,
+        "kl_teacher_student": kl_ts[name] / n,
         "kl_teacher_base": kl_tb,
-        "effect_retained": 1.0 - kl_ts / kl_tb if kl_tb > 0 else None,
-        "ppl_base": math.exp(nll["base"] / n_pred),
-        "ppl_teacher": math.exp(nll["teacher"] / n_pred),
-        "ppl_student": math.exp(nll["student"] / n_pred),
-    }
+        "effect_retained": 1.0 - kl_ts[name] / n / kl_tb if kl_tb > 0 else None,
+        "ppl_base": math.exp(nll_b / n_pred),
+        "ppl_teacher": math.exp(nll_t / n_pred),
+        "ppl_student": math.exp(nll_s[name] / n_pred),
+    } for name in students}
 
 
 def _schedule(step: int, steps: int, warmup: int) -> float:

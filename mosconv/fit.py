@@ -336,21 +336,32 @@ def _reroute(kf: KindFit, targets: list[Factorization], side: str) -> None:
 
 def refine(kf: KindFit, targets: list[Factorization], iters: int, tol: float = 1e-7) -> KindFit:
     """Alternate pool least squares and re-routing; return the best state seen."""
-    best = kf.copy()
-    best_err = sum(kind_err_sq(kf, targets))
-    total = sum(f.energy for f in targets) or 1.0
-    for _ in range(iters):
+    def round_() -> None:
         _refine_side(kf, targets, "A")
         _refine_side(kf, targets, "B")
         _reroute(kf, targets, "A")
         _reroute(kf, targets, "B")
-        err = sum(kind_err_sq(kf, targets))
-        if err < best_err:
-            improved = (best_err - err) / total
-            best, best_err = kf.copy(), err
-            if improved < tol:
-                break
-        else:
+
+    return best_of_rounds(kf, round_, lambda: sum(kind_err_sq(kf, targets)),
+                          sum(f.energy for f in targets), iters, tol)
+
+
+def best_of_rounds(kf: KindFit, round_, error, total: float, iters: int,
+                   tol: float = 1e-7) -> KindFit:
+    """Run ``round_()`` (which updates ``kf`` in place) up to ``iters`` times and return a copy
+    of the best state by ``error()``; stop at the first round that does not lower the error,
+    or lowers it by less than ``tol`` of ``total`` (the kind's energy)."""
+    best = kf.copy()
+    best_err = error()
+    total = total or 1.0
+    for _ in range(iters):
+        round_()
+        err = error()
+        if err >= best_err:
+            break
+        improved = (best_err - err) / total
+        best, best_err = kf.copy(), err
+        if improved < tol:
             break
     return best
 

@@ -7,15 +7,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import llama_like, one_thread, write_random_peft
+from helpers import llama_like, write_random_peft
 
 from mosconv.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def main() -> None:
     from mosconv.calib import load_stats
     from mosconv.convert import ConvertConfig, convert
     from mosconv.data import read_texts, split_blocks, token_blocks
-    from mosconv.distill import DistillConfig, distill, evaluate, resolve_device
+    from mosconv.distill import DistillConfig, distill, evaluate_many, resolve_device
     from mosconv.models import load_base_model
     from mosconv.readers import read_adapter
     from mosconv.runtime import apply, remove
@@ -128,16 +128,17 @@ def main() -> None:
                           patience=3, device=args.device)
 
     def score(students: dict) -> dict:
+        """Every student on the eval blocks; base and teacher run once per batch."""
         apply(model, adapter, name="teacher", activate=False)
-        out = {}
+        names = {key: f"s{i}" for i, key in enumerate(students)}
         try:
             for key, mos in students.items():
-                apply(model, mos, name=key, activate=False)
-                out[key] = evaluate(model, eval_blocks, "teacher", key, device=device)
-                remove(model, key)
+                apply(model, mos, name=names[key], activate=False)
+            res = evaluate_many(model, eval_blocks, "teacher", list(names.values()),
+                                device=device)
         finally:
             remove(model)
-        return out
+        return {key: res[name] for key, name in names.items()}
 
     rows = []
     for ratio in args.ratios:
