@@ -200,7 +200,9 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
             config: DistillConfig = DistillConfig(), *,
             progress: Callable[[int, float], None] | None = None) -> DistillResult:
     """Fine-tune ``student``'s pools (and slot weights) so that ``model + student`` matches
-    ``model + teacher``; ``model`` is left as it was (adapters removed, base frozen).
+    ``model + teacher``. ``model`` is moved to the chosen device and its parameters are set
+    to ``requires_grad=False``; its weights are not changed and both adapters are removed
+    again at the end (also on error).
 
     Args:
         model: a transformers causal LM (base weights are not changed).
