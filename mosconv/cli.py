@@ -168,10 +168,18 @@ def inspect(path: str, as_json: bool, plot_path: str | None) -> None:
 def render_report(report: dict) -> str:
     """The short table printed after a conversion (and by inspect on a MoS folder)."""
     t = report["totals"]
-    rows = [[k["kind"], k["structure"], k["nc"], f"{k['pool_A']}/{k['pool_B']}",
-             f"{k['params']:,}", f"{k['relative_error']:.4f}", f"{k['truncation_relative_error']:.4f}"]
-            for k in report["kinds"]]
-    out = [table(rows, ["kind", "structure", "nc", "pool A/B", "params", "rel.err", "trunc.err"]), ""]
+    data = t.get("metric") == "data"
+    headers = ["kind", "structure", "nc", "pool A/B", "params", "rel.err", "trunc.err"]
+    if data:
+        headers += ["data err", "data trunc"]
+    rows = []
+    for k in report["kinds"]:
+        rows.append([k["kind"], k["structure"], k["nc"], f"{k['pool_A']}/{k['pool_B']}",
+                     f"{k['params']:,}", f"{k['relative_error']:.4f}",
+                     f"{k['truncation_relative_error']:.4f}"])
+        if data:
+            rows[-1] += [f"{k['data_relative_error']:.4f}", f"{k['data_truncation_relative_error']:.4f}"]
+    out = [table(rows, headers), ""]
     fb = t.get("file_bytes_ratio")
     out.append(
         f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio'] or 0:.2f}, budget "
@@ -180,16 +188,18 @@ def render_report(report: dict) -> str:
            and t["local_params"] != t["mos_params"] else "")
         + (f"; file x{fb:.2f} smaller" if fb else "")
     )
+    gain = (f"   (sharing gain {t['sharing_gain']:+.4f}, {t['kinds_shared']} of "
+            f"{len(report['kinds'])} kinds shared)")
     out.append(
         f"relative error {t['relative_error']:.4f}   truncation at the same budget "
-        f"{t['truncation_relative_error']:.4f}   (sharing gain {t['sharing_gain']:+.4f}, "
-        f"{t['kinds_shared']} of {len(report['kinds'])} kinds shared)"
+        f"{t['truncation_relative_error']:.4f}" + ("" if data else gain)
     )
-    if t.get("metric") == "data":
+    if data:  # the conversion minimized this metric; its baseline is data-aware truncation
         out.append(
             f"data-aware error {t['data_relative_error']:.4f}   data-aware truncation "
             f"{t['data_truncation_relative_error']:.4f}   plain truncation "
-            f"{t['plain_truncation_data_relative_error']:.4f}   ({t['calib_tokens']:,} tokens)")
+            f"{t['plain_truncation_data_relative_error']:.4f}   ({t['calib_tokens']:,} tokens)"
+            + gain)
     d = report.get("distill")
     if d:
         out.append(
