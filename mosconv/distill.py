@@ -217,6 +217,9 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
     from .runtime import apply, remove, trainable_parameters
 
     config.validate()
+    if any(p.shared for p in student.kinds.values()):
+        raise ConfigError("distillation of an adapter whose pools live in a zoo's shared pool "
+                          "file is not supported (the shared entries belong to other adapters too)")
     device = resolve_device(config.device)
     model.to(device)
     for p in model.parameters():

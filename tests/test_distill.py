@@ -79,6 +79,19 @@ def test_evaluate_numbers(lm):
     assert e["ppl_base"] != pytest.approx(e["ppl_teacher"])
 
 
+def test_shared_pool_adapters_are_refused(lm):
+    from dataclasses import replace
+
+    model, blocks, adapter = lm
+    mos = convert(adapter, ConvertConfig(ratio=4)).mos
+    kind = next(iter(mos.kinds))
+    shared = replace(mos, kinds={**mos.kinds, kind: replace(mos.kinds[kind], shared={"file": "x"})})
+    train, held = split_blocks(blocks, 0.2)
+    with pytest.raises(ConfigError, match="shared pool"):
+        distill(model, adapter, shared, train, held, DistillConfig(steps=1, device="cpu"))
+    assert adapter_names(model) == []
+
+
 def test_devices_and_settings():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
