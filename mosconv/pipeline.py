@@ -118,7 +118,7 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
 def load_calib(calib, adapter, spec: DataSpec, session: _Session, progress=None):
     """``calib`` as CalibStats: a stats file is read (the model is not run); a data file is
     run through the base model."""
-    from .calib import CalibStats, is_stats_file, load_stats
+    from .calib import CalibStats, load_stats
 
     if calib is None or isinstance(calib, CalibStats):
         return calib
