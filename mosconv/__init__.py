@@ -12,7 +12,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import ConfigError, FormatError, MosconvError, UnsupportedAdapterError
+from .errors import (
+    ConfigError,
+    FormatError,
+    MosconvError,
+    NumericalError,
+    UnsupportedAdapterError,
+)
 
 # The rest imports torch: loaded on first use, so that `mosconv --help` and the batch
 # bookkeeping (what is done, what to skip) start without paying for torch.
@@ -45,6 +51,7 @@ __all__ = [
     "LoraAdapter",
     "LoraModule",
     "MosconvError",
+    "NumericalError",
     "Truncation",
     "UnsupportedAdapterError",
     "__version__",

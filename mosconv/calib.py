@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, NumericalError
 from .fileio import atomic_write_bytes, safetensors_bytes
 
 CALIB_SCHEMA = "mosconv.calib/1"
@@ -55,16 +55,26 @@ def collect_moments(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
     ``progress`` is called with the number of tokens of each finished batch.
     """
     sums: dict[str, torch.Tensor] = {}
-    last: dict = {"key": None, "value": None}
+    # The last input seen, held by reference: q/k/v of one block are called with the same
+    # tensor object, so ``is`` (plus its version counter, against in-place edits) finds the
+    # sharing. Holding the reference keeps its memory from being handed to a later input; a
+    # key made of the address (``data_ptr``) collides when the allocator reuses freed memory.
+    last: dict = {"input": None, "version": -1, "value": None}
+    state = {"batch": 0}
     hooks = []
 
     def make_hook(name: str):
         def hook(_module, args):
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            if last["key"] != key:  # q/k/v of one block see the same tensor: one product
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                last["key"], last["value"] = key, flat.T @ flat
+            x = args[0]
+            if last["input"] is not x or last["version"] != x._version:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                value = flat.T @ flat
+                if not bool(torch.isfinite(value).all()):
+                    raise NumericalError(
+                        f"module {name}: its input is not finite (NaN or Inf) in batch "
+                        f"{state['batch'] + 1}: the base model overflows in its dtype or holds "
+                        "NaN/Inf weights; no statistics were written")
+                last["input"], last["version"], last["value"] = x, x._version, value
             acc = sums.get(name)
             sums[name] = last["value"].clone() if acc is None else acc.add_(last["value"])
         return hook
@@ -75,16 +85,18 @@ def collect_moments(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
     tokens = 0
     try:
         with torch.no_grad():
-            for start in range(0, blocks.shape[0], batch_size):
+            for i, start in enumerate(range(0, blocks.shape[0], batch_size)):
+                state["batch"] = i
                 batch = blocks[start:start + batch_size].to(device)
                 model(input_ids=batch)
-                last["key"] = last["value"] = None
+                last["input"] = last["value"] = None
                 tokens += batch.numel()
                 if progress:
                     progress(batch.numel())
     finally:
         for h in hooks:
             h.remove()
+        last.clear()
     missing = [n for n in modules if n not in sums]
     if missing:
         raise FormatError(f"{missing[0]}: the model never called this module on the data")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 from .mos_format import KindPools, MosAdapter
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -234,6 +234,7 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
             opt, lambda s: _schedule(s, config.steps, warm))
         bs = config.batch_size
         kl_before = mean_kl(model, held_out, "teacher", "student", batch_size=bs, device=device)
+        _check_finite(kl_before, "the held-out KL of the converted adapter before training")
         best = (kl_before, 0, [p.detach().clone() for p in params])
         evals = [(0, kl_before)]
         losses = []
@@ -259,6 +260,7 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
             if want_hidden:
                 mse = (s_hidden - t_hidden).pow(2).mean() / t_hidden.pow(2).mean().clamp_min(1e-12)
                 loss = loss + config.hidden_weight * mse
+            _check_finite(float(loss.detach()), f"the loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -268,6 +270,7 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
                 progress(step, losses[-1])
             if step % config.eval_every == 0 or step == config.steps:
                 kl = mean_kl(model, held_out, "teacher", "student", batch_size=bs, device=device)
+                _check_finite(kl, f"the held-out KL at step {step}")
                 evals.append((step, kl))
                 if kl < best[0]:
                     best, since_best = (kl, step, [p.detach().clone() for p in params]), 0
@@ -305,6 +308,15 @@ def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: 
         "steps_per_s": step / seconds if seconds > 0 else None,
     }
     return DistillResult(mos=mos, info=info)
+
+
+def _check_finite(value: float, what: str) -> None:
+    """Stop distillation when a number turns NaN or Inf (nothing is written)."""
+    if not math.isfinite(value):
+        raise NumericalError(
+            f"distillation stopped: {what} is not finite ({value}): the base model's outputs "
+            "overflow or hold NaN (run it in float32), or training diverged (lower the "
+            "learning rate); no adapter was written")
 
 
 def trained_mos(model, name: str, template: MosAdapter) -> MosAdapter:

@@ -23,3 +23,8 @@ class ConfigError(MosconvError, ValueError):
 
 class UnsupportedAdapterError(FormatError):
     """A well-formed adapter that mosconv refuses on purpose (e.g. DoRA)."""
+
+
+class NumericalError(MosconvError, ValueError):
+    """Numbers turned non-finite (NaN or Inf) while computing: a base model that overflows,
+    a diverging optimization. Nothing is written when it is raised."""

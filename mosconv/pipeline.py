@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .calib import is_stats_file, save_stats
 from .convert import ConvertConfig, ConvertResult, convert
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, NumericalError
 from .fileio import prepare_output_dir, sha256_file
 from .mos_format import CONFIG_FILE, load_mos, save_mos
 from .readers import read_adapter
@@ -108,8 +108,11 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
         "seq_len": spec.seq_len, "max_tokens": spec.max_tokens,
     }
     log.info("calibrating %d modules on %s", len(layers), spec.data)
-    stats = collect_moments(model, layers, session.blocks(spec.data), batch_size=spec.batch_size,
-                            progress=progress, info=info)
+    try:
+        stats = collect_moments(model, layers, session.blocks(spec.data),
+                                batch_size=spec.batch_size, progress=progress, info=info)
+    except NumericalError as e:
+        raise NumericalError(f"{spec.base_model} on {spec.data}: {e}") from None
     if out is not None:
         save_stats(stats, out)
     return stats
@@ -208,7 +211,10 @@ def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step
     train, held = split_blocks(session.blocks(), held_out)
     log.info("distilling: %d train / %d held-out blocks, up to %d steps", train.shape[0],
              held.shape[0], dconfig.steps)
-    res = run_distill(model, adapter, result.mos, train, held, dconfig, progress=on_step)
+    try:
+        res = run_distill(model, adapter, result.mos, train, held, dconfig, progress=on_step)
+    except NumericalError as e:
+        raise NumericalError(f"{session.spec.base_model} on {session.spec.data}: {e}") from None
     baseline = convert(adapter, replace(config, search="truncation")).mos
     device = resolve_device(dconfig.device)
     apply(model, adapter, name="teacher", activate=False)

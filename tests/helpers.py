@@ -265,3 +265,20 @@ def write_tiny_llama(out: Path, *, seed: int = 0, vocab: int = 256) -> Path:
 def tiny_llama_modules() -> dict[str, tuple[int, int]]:
     """The q/v modules of :func:`write_tiny_llama`'s model (q 32x32, v 16x32)."""
     return llama_like(layers=TINY_LLAMA["num_hidden_layers"], d=32, d_kv=16)
+
+
+def assert_one_line_error(result, path: Path | str, *problem: str) -> str:
+    """exit 1; stderr is one line 'mosconv: error: ...' naming ``path`` and every ``problem``."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("mosconv: error: "), line
+    assert str(path) in line, (str(path), line)
+    for word in problem:
+        assert word.lower() in line.lower(), (word, line)
+    assert "Traceback" not in result.output and "internal error" not in line, line
+    assert "\x1b" not in line  # no terminal escape codes leak through
+    assert isinstance(result.exception, SystemExit)
+    return line

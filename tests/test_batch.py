@@ -358,7 +358,7 @@ def test_batch_converts_all_and_writes_summary(small_zoo, small_run):
 
 
 def test_batch_json_prints_summary(small_zoo, small_run, tmp_path):
-    out, _ = small_run
+    out = shutil.copytree(small_run[0], tmp_path / "out")  # the shared run stays as it was
     res = run_cli("batch", small_zoo, out, "--json")
     assert res.exit_code == 0, res.output
     printed = json.loads(res.stdout)

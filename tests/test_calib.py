@@ -3,6 +3,7 @@ computation, shared inputs, the file round trip, reuse without the model, and er
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_random_peft
@@ -47,6 +48,48 @@ def test_moments_match_an_independent_computation(lm):
     q = stats.moments["model.layers.0.self_attn.q_proj"]
     v = stats.moments["model.layers.0.self_attn.v_proj"]
     assert torch.equal(q, v)  # same input tensor: one product, the same statistic
+
+
+class _ReusedStorage(torch.nn.Module):
+    """Two linears whose inputs are different tensors on the same memory, each fresh (version 0)
+    and of the same shape: what the allocator does when it frees one module's input and hands
+    its address to the next module's input. Made deterministic here with one numpy buffer that
+    both inputs are built on (``torch.from_numpy`` gives a new tensor, version 0, same address)."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.buf: np.ndarray | None = None
+
+    def forward(self, input_ids):
+        x = torch.sin(input_ids.double().unsqueeze(-1) * torch.arange(1, 9)).float()
+        if self.buf is None or self.buf.shape != tuple(x.shape):
+            self.buf = np.zeros(tuple(x.shape), dtype=np.float32)
+        self.buf[...] = x.numpy()
+        y = self.a(torch.from_numpy(self.buf))
+        self.buf[...] = torch.tanh(3 * y).numpy()  # a's input is dead; b's lands on its memory
+        return self.b(torch.from_numpy(self.buf))
+
+
+def test_moments_do_not_collide_when_memory_is_reused():
+    torch.manual_seed(0)
+    model = _ReusedStorage().eval()
+    blocks = torch.arange(40).reshape(5, 8) % 7
+    stats = collect_moments(model, {"a": model.a, "b": model.b}, blocks, batch_size=2)
+    seen = {"a": [], "b": []}
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, n=n: seen[n].append(args[0].detach().clone()))
+        for n, layer in (("a", model.a), ("b", model.b))]
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            model(blocks[start:start + 2])
+    for h in hooks:
+        h.remove()
+    for name, xs in seen.items():
+        X = torch.cat(xs).reshape(-1, 8).double()
+        ref = X.T @ X / X.shape[0]
+        assert torch.allclose(stats.moments[name], ref, rtol=1e-10, atol=1e-12), name
+    assert not torch.allclose(stats.moments["a"], stats.moments["b"], rtol=1e-2)
 
 
 def test_stats_file_round_trip_and_determinism(lm, tmp_path):

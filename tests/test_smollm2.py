@@ -64,6 +64,39 @@ def test_runtime_matches_peft_on_the_real_model(smollm, tmp_path):
     assert (got - ref).abs().max() < 1e-3  # fp32 through 30 layers
 
 
+def test_moments_of_every_module_match_an_independent_computation(smollm):
+    """The issue's case: 8 blocks of 128 tokens, batch 4. An address-based dedup key gave 10 of
+    60 modules another module's statistics here (off by 19-51%)."""
+    from mosconv.calib import collect_moments
+    from mosconv.runtime import find_layers
+
+    _, model, tok, lora, data = smollm
+    blocks = token_blocks(tok, [data.read_text()], 128, 128 * 8)
+    assert blocks.shape == (8, 128)
+    layers = find_layers(model, mosconv.read_adapter(lora))
+    stats = collect_moments(model, layers, blocks, batch_size=4)
+    sums = {n: torch.zeros(576, 576, dtype=torch.float64) for n in layers}
+
+    def store(name):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.T @ x
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(store(n)) for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for start in range(0, 8, 4):
+                model(input_ids=blocks[start:start + 4])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(layers) == 60 and stats.tokens == 1024
+    worst = max(float((stats.moments[n] - sums[n] / 1024).norm() / (sums[n] / 1024).norm())
+                for n in layers)
+    assert worst < 1e-6, worst
+
+
 def test_calibrate_convert_and_distill_on_real_text(smollm, tmp_path):
     folder, model, tok, lora, data = smollm
     spec = DataSpec(base_model=folder, gguf_file=GGUF, data=data, max_tokens=2048, seq_len=128)

@@ -58,10 +58,18 @@ def make_module(
     if not math.isfinite(scale):
         raise FormatError(f"{path}: module {name} has a non-finite scale ({scale}): check its "
                           "alpha and rank")
+    A = down.detach().to(torch.float32).contiguous()
+    B = up.detach().to(torch.float32).contiguous()
+    # ||dW||_F <= |scale| ||A||_F ||B||_F: its square (the energy every metric uses) must be
+    # a float64 number, and the float32 copies must not overflow (a float64 source can)
+    bound = abs(scale) * float(A.double().norm()) * float(B.double().norm())
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all() and math.isfinite(bound * bound)):
+        raise FormatError(f"{path}: module {name} has values too large to compute with "
+                          "(they overflow float32, or scale * |B| * |A| overflows)")
     return LoraModule(
         name=name,
-        A=down.detach().to(torch.float32).contiguous(),
-        B=up.detach().to(torch.float32).contiguous(),
+        A=A,
+        B=B,
         scale=float(scale),
         embedding=embedding,
         conv_shape=conv_shape,

@@ -107,6 +107,18 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _check_rank(path: Path, config: dict, mod: str, r: int) -> None:
+    """The tensors' rank must be the one the config gives (``rank_pattern`` or ``r``): the
+    scale ``alpha / r`` depends on it, and PEFT cannot load a file that disagrees."""
+    patterns = config.get("rank_pattern") or {}
+    key = pattern_key(patterns, mod)
+    expected = patterns[key] if key else config.get("r")
+    if expected is not None and expected != r:
+        where = f"rank_pattern[{_show(key)}]" if key else "r"
+        raise FormatError(f"{path}: module {mod} has rank {r} in its tensors but "
+                          f"{CONFIG_NAME} gives {where}={expected}")
+
+
 def weight_file(folder: Path) -> Path:
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
@@ -151,9 +163,8 @@ def read_peft(folder: Path) -> LoraAdapter:
         b = slot.get("lora_embedding_B" if embedding else "lora_B")
         if a is None or a.dim() < 1:
             make_module(path, mod, a, b, 1.0, embedding=embedding)  # raises the precise error
-        # the tensor is the truth for r (PEFT could not load it otherwise); rank_pattern and
-        # the config's r only agree with it or are ignored
         r = int(a.shape[0])
+        _check_rank(path, config, mod, r)
         a_key = pattern_key(alpha_pattern, mod)
         alpha = alpha_pattern[a_key] if a_key else config.get("lora_alpha")
         if alpha is None:
