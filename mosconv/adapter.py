@@ -33,6 +33,11 @@ class LoraModule:
         embedding: True for PEFT ``lora_embedding_A/B`` (the update is ``(B @ A).T``).
         conv_shape: kernel shape ``(out, in, kh, kw)`` for a kohya conv module flattened
             to a matrix, else None.
+        stored_params: parameters the source FILE stores for this module (the numel of its
+            factor tensors) when they differ in kind from ``A``/``B`` (LyCORIS LoHa/LoKr,
+            whose ``A``/``B`` are an exact factorization of the update), else None.
+        source_type: how the source stores the update: ``lora`` (``B @ A``), ``loha``
+            (Hadamard product of two low-rank products) or ``lokr`` (Kronecker product).
     """
 
     name: str
@@ -43,6 +48,8 @@ class LoraModule:
     layer: int = 0
     embedding: bool = False
     conv_shape: tuple[int, ...] | None = None
+    stored_params: int | None = None
+    source_type: str = "lora"
 
     @property
     def r(self) -> int:
@@ -61,13 +68,21 @@ class LoraModule:
         """LoRA parameters of this module: ``r * (d_in + d_out)``."""
         return self.r * (self.d_in + self.d_out)
 
+    @property
+    def file_params(self) -> int:
+        """Parameters the source file stores: ``stored_params`` if set, else ``params``."""
+        return self.stored_params if self.stored_params is not None else self.params
+
 
 @dataclass(frozen=True)
 class LoraAdapter:
     """A LoRA adapter read from disk.
 
     Attributes:
-        format: ``peft``, ``diffusers``, ``diffusers-legacy`` or ``kohya``.
+        format: ``peft``, ``diffusers``, ``diffusers-legacy``, ``kohya``, or for a LyCORIS
+            file ``lycoris-`` and its module types joined by ``+`` in the order ``loha``,
+            ``lokr``, ``lora`` (``lycoris-loha``, ``lycoris-lokr``, ``lycoris-loha+lokr``,
+            ``lycoris-lokr+lora``, ...).
         modules: the adapted modules in natural name order.
         extra_tensors: every non-LoRA tensor of the source (``modules_to_save``,
             biases, ...) under its original key, passed through untouched.
@@ -93,7 +108,14 @@ class LoraAdapter:
 
     @property
     def params(self) -> int:
+        """LoRA parameters, ``sum r * (d_in + d_out)``: the reference of every ratio."""
         return sum(m.params for m in self.modules)
+
+    @property
+    def stored_params(self) -> int:
+        """Parameters the source files store for the modules (``params`` for plain LoRA;
+        the LoHa/LoKr factors' own count for LyCORIS)."""
+        return sum(m.file_params for m in self.modules)
 
     @property
     def kinds(self) -> dict[str, list[LoraModule]]:

@@ -98,6 +98,11 @@ def main(verbose: bool) -> None:
 
 
 def render_lora_inspect(info: dict) -> str:
+    lora = info["lora_params"]
+    stored = info.get("stored_params", lora)  # LyCORIS: the file's own count differs
+    params = (f"LoRA params   {lora:,}" if stored == lora else
+              f"params        {stored:,} stored in the file; LoRA-equivalent {lora:,} (the "
+              "exact factorization, the reference for --ratio)")
     out = [
         f"format        {info['format']}  (dtype {info['dtype']}"
         + (", fan_in_fan_out" if info["fan_in_fan_out"] else "") + ")",
@@ -105,7 +110,7 @@ def render_lora_inspect(info: dict) -> str:
         "files         " + ", ".join(f"{f['path']} ({_fmt_bytes(f['bytes'])})" for f in info["files"]),
         (f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ranks "
          f"{info['ranks']}, alpha {info['lora_alpha']}, scales {info['scales']}"),
-        f"LoRA params   {info['lora_params']:,}",
+        params,
         f"extra tensors {len(info['extra_tensors'])} ({info['extra_params']:,} params, passed through)",
         "",
     ]
@@ -131,8 +136,8 @@ def render_lora_inspect(info: dict) -> str:
 def inspect(path: str, as_json: bool, plot_path: str | None) -> None:
     """Show what an adapter holds: format, modules, kinds, spectra, truncation errors.
 
-    PATH is a PEFT folder, an adapter_model.* file inside one, or a diffusers/kohya
-    .safetensors file.
+    PATH is a PEFT folder, an adapter_model.* file inside one, or a diffusers, kohya or
+    LyCORIS (LoHa/LoKr) .safetensors file.
     """
     from .inspect import inspect_lora, inspect_mos
     from .mos_format import is_mos_dir
@@ -184,10 +189,16 @@ def render_report(report: dict) -> str:
     out.append(
         f"params {t['lora_params']:,} -> {t['mos_params']:,} (x{t['param_ratio'] or 0:.2f}, budget "
         f"{t['budget']:,}); index {_fmt_bytes(t['index_bytes'])}"
+        + (f"; the {t['source_format']} file stores {t['source_params']:,}"
+           if t.get("source_params", t["lora_params"]) != t["lora_params"] else "")
         + (f"; own {t['local_params']:,} + shared pool" if t.get("local_params") is not None
            and t["local_params"] != t["mos_params"] else "")
         + (f"; file x{fb:.2f} smaller" if fb else "")
     )
+    if t.get("source_params") is not None and t["mos_params"] > t["source_params"]:
+        out.append(f"note: the MoS adapter holds more parameters than the {t['source_format']} "
+                   f"file ({t['source_params']:,}): its Hadamard/Kronecker structure stores less "
+                   "than a LoRA of the update's rank; a larger --ratio gives a smaller file")
     gain = (f"   (sharing gain {t['sharing_gain']:+.4f}, {t['kinds_shared']} of "
             f"{len(report['kinds'])} kinds shared)")
     out.append(

@@ -36,6 +36,7 @@ def _kind_summary(kind: str, modules, facts: dict[str, Factorization]) -> dict:
         "ranks": sorted({m.r for m in modules}),
         "scales": sorted({round(m.scale, 8) for m in modules}),
         "params": sum(m.params for m in modules),
+        "stored_params": sum(m.file_params for m in modules),
         "energy": sum(facts[m.name].energy for m in modules),
         "stable_rank_mean": sum(srs) / len(srs),
         "stable_rank_max": max(srs),
@@ -77,13 +78,16 @@ def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
         "scales": sorted({round(m.scale, 8) for m in adapter.modules}),
         "targets": sorted({_target(m.name) for m in adapter.modules}),
         "lora_params": adapter.params,
+        "stored_params": adapter.stored_params,
+        "lora_equivalent_params": adapter.params,
         "extra_tensors": {k: list(v.shape) for k, v in adapter.extra_tensors.items()},
         "extra_params": sum(v.numel() for v in adapter.extra_tensors.values()),
         "kinds": [_kind_summary(k, ms, facts) for k, ms in kinds.items()],
         "modules": [
             {"name": m.name, "kind": m.kind, "r": m.r, "d_in": m.d_in, "d_out": m.d_out,
              "scale": m.scale, "stable_rank": stable_rank(facts[m.name].S),
-             "energy": facts[m.name].energy}
+             "energy": facts[m.name].energy, "source_type": m.source_type,
+             "stored_params": m.file_params}
             for m in adapter.modules
         ],
         "truncation": truncation,

@@ -132,6 +132,8 @@ def build_report(adapter: LoraAdapter, mos: MosAdapter, trunc: Truncation, struc
         "routing_weights": config.routing_weights,
         "totals": {
             "lora_params": adapter.params,
+            "source_params": adapter.stored_params,
+            "source_format": adapter.format,
             "budget": trunc.budget,
             "mos_params": mos.params,
             "param_ratio": adapter.params / mos.params if mos.params else None,

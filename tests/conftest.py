@@ -52,6 +52,14 @@ def single_thread():
         yield
 
 
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Print the shuffled run's seed where -q still shows it (pytest-randomly's own header
+    line is hidden by -q), so that a failing order can be replayed."""
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed", None)
+        terminalreporter.write_line(f"random test order: --randomly-seed={seed}")
+
+
 # --------------------------------------------------------------------------- the zoo
 
 

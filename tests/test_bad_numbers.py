@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import PEFT_PREFIX
-from safetensors.torch import load_file, save_file
 from helpers import assert_one_line_error
+from safetensors.torch import load_file, save_file
 
 from mosconv.calib import CalibStats, save_stats
 from mosconv.cli import main

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import LLAMA_MODULES, PEFT_PREFIX
+from helpers import assert_one_line_error
 
 from mosconv.cli import main
 from mosconv.errors import ConfigError, FormatError, MosconvError, UnsupportedAdapterError
@@ -23,23 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def run_inspect(*args: str):
     return CliRunner().invoke(main, ["inspect", *map(str, args)])
-
-
-def assert_one_line_error(result, path: Path | str, *problem: str) -> str:
-    """exit 1; stderr is one line 'mosconv: error: ...' naming ``path`` and every ``problem``."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
-    assert line.startswith("mosconv: error: "), line
-    assert str(path) in line, (str(path), line)
-    for word in problem:
-        assert word.lower() in line.lower(), (word, line)
-    assert "Traceback" not in result.output and "internal error" not in line, line
-    assert "\x1b" not in line  # no terminal escape codes leak through
-    assert isinstance(result.exception, SystemExit)
-    return line
 
 
 def assert_raises_format_error(path: Path, cls=FormatError) -> FormatError:
@@ -246,16 +230,21 @@ def test_base_modifying_init_refused(make):
 
 
 def test_lycoris_tensors_refused(make):
-    w = make.raw_file(
-        "loha.safetensors",
-        {
-            "lora_unet_x_to_q.lora_down.weight": torch.ones(2, 8),
-            "lora_unet_x_to_q.lora_up.weight": torch.ones(8, 2),
-            "lora_unet_y_to_q.hada_w1_a": torch.ones(8, 2),
-        },
-    )
-    line = assert_one_line_error(run_inspect(w.path), w.path, "LyCORIS", "not supported")
-    assert "hada_w1_a" in line
+    """LoHa/LoKr are read (tests/test_lycoris.py); an incomplete LoHa module is a format
+    error naming the missing factor, and a Tucker LoHa is refused as LyCORIS."""
+    tensors = {
+        "lora_unet_x_to_q.lora_down.weight": torch.ones(2, 8),
+        "lora_unet_x_to_q.lora_up.weight": torch.ones(8, 2),
+        "lora_unet_y_to_q.hada_w1_a": torch.ones(8, 2),
+    }
+    w = make.raw_file("loha.safetensors", tensors)
+    line = assert_one_line_error(run_inspect(w.path), w.path, "LoHa", "lora_unet_y_to_q")
+    assert "hada_w1_b" in line
+    assert not isinstance(assert_raises_format_error(w.path), UnsupportedAdapterError)
+    tensors["lora_unet_y_to_q.hada_t1"] = torch.ones(2, 2, 3, 3)
+    w = make.raw_file("tucker.safetensors", tensors)
+    line = assert_one_line_error(run_inspect(w.path), w.path, "LyCORIS", "Tucker", "not supported")
+    assert "hada_t1" in line
     assert_raises_format_error(w.path, UnsupportedAdapterError)
 
 
