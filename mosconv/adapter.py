@@ -93,6 +93,8 @@ class LoraAdapter:
         dtype: the source's storage dtype of the LoRA factors, e.g. ``float16``.
         source_files: the files the adapter was read from.
         fan_in_fan_out: True when the base layers are GPT-2 style ``Conv1D``.
+        source_bytes: size of the tensor file the adapter was read from, as stored (0 when
+            it was not read from disk): the reference of the report's file size ratio.
     """
 
     format: str
@@ -105,6 +107,7 @@ class LoraAdapter:
     dtype: str = "float32"
     source_files: tuple[Path, ...] = ()
     fan_in_fan_out: bool = False
+    source_bytes: int = 0
 
     @property
     def params(self) -> int:

@@ -23,12 +23,11 @@ from pathlib import Path
 
 from .errors import ConfigError, FormatError, MosconvError
 from .fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
-from .names import CONFIG_FILE
+from .names import CONFIG_FILE, PEFT_WEIGHTS, pool_file
 from .names import PEFT_CONFIG as CONFIG_NAME
 from .readers import resolve_adapter_path
 
 SUMMARY_FILE = "summary.json"
-POOLS_DIR = "pools"
 _SUFFIXES = (".safetensors", ".bin")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -173,8 +172,8 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
 def source_hashes(source: str) -> list[dict]:
     """``[{name, sha256}]`` of the files an adapter is read from (as ``compress`` records)."""
     family, p = resolve_adapter_path(source)
-    files = ([p / CONFIG_NAME] + [p / n for n in ("adapter_model.safetensors", "adapter_model.bin")
-                                  if (p / n).is_file()][:1]) if family == "peft" else [p]
+    files = ([p / CONFIG_NAME] + [p / n for n in PEFT_WEIGHTS if (p / n).is_file()][:1]
+             if family == "peft" else [p])
     return [{"name": f.name, "sha256": sha256_file(f)} for f in files]
 
 
@@ -305,7 +304,7 @@ def fit_group_items(items: list[Item], config: BatchConfig):
 
 def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
     """Write a group's shared pools once; returns ``(path, sha256)``."""
-    path = Path(out) / POOLS_DIR / f"{gid}.safetensors"
+    path = pool_file(out, gid)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes(pools, {"format": "mosconv.pools.v1"})
     atomic_write_bytes(path, data)
@@ -357,7 +356,7 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
         pool = (str(path), digest)
     else:  # a pool file from an earlier run of this group is no longer used
         pool = None
-        (Path(out) / POOLS_DIR / f"{gid}.safetensors").unlink(missing_ok=True)
+        pool_file(out, gid).unlink(missing_ok=True)
     per = (time.perf_counter() - t0) / len(members)
     args = [(i, a, m, r, out, config, gid, pool, per)
             for i, a, m, r in zip(members, adapters, res.adapters, res.reports)]

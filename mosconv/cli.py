@@ -467,7 +467,9 @@ def export(mos_dir, out, overwrite, quiet, as_json):
 
     folder = export_lora(mos_dir, out, overwrite=overwrite)
     if as_json:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
+        from .names import PEFT_CONFIG
+
+        cfg = json.loads((folder / PEFT_CONFIG).read_text())
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         click.echo(json.dumps({"out": str(folder), "files": files, "r": cfg["r"],
                                "lora_alpha": cfg["lora_alpha"],

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError, NumericalError
 from .mos_format import KindPools, MosAdapter
+from .names import kind_ids
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -326,8 +327,9 @@ def trained_mos(model, name: str, template: MosAdapter) -> MosAdapter:
 
     container = getattr(model, POOLS_ATTR)[name]
     kinds = {}
-    for i, (kind, p) in enumerate(template.kinds.items()):
-        pm = container[f"k{i}"]
+    ids = kind_ids(template.kinds)
+    for kind, p in template.kinds.items():
+        pm = container[ids[kind]]
         kinds[kind] = KindPools(kind, p.d_in, p.d_out, p.nc, pm.pool_A.detach().float().cpu(),
                                 pm.pool_B.detach().float().cpu(), p.public_A, p.public_B,
                                 p.shared)

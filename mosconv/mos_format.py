@@ -22,7 +22,7 @@ import torch
 
 from .errors import FormatError
 from .fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
-from .names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE
+from .names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE, kind_ids
 from .readers._io import check_finite, load_tensor_file
 
 
@@ -173,13 +173,9 @@ def route_dtype(pool_size: int) -> torch.dtype:
 # ---------------------------------------------------------------- saving
 
 
-def _kind_ids(mos: MosAdapter) -> dict[str, str]:
-    return {kind: f"k{i}" for i, kind in enumerate(mos.kinds)}
-
-
 def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     """The safetensors dict and the JSON config of a MoS adapter (no I/O)."""
-    ids = _kind_ids(mos)
+    ids = kind_ids(mos.kinds)
     tensors: dict[str, torch.Tensor] = {}
     kinds_cfg = []
     for kind, p in mos.kinds.items():

@@ -1,9 +1,10 @@
 """File and format names, in a module that imports nothing heavy (no torch), so that the
 CLI and batch bookkeeping (what is done, what to skip) start fast."""
 
-# PEFT folders
+# PEFT folders: every PEFT file name and key prefix mosconv reads or writes
 PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # written: the first
+PEFT_PREFIX = "base_model.model."
 
 # MoS folders (see docs/format.md)
 FORMAT_NAME = "mosconv.mos"
@@ -11,3 +12,22 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "mos_config.json"
 TENSOR_FILE = "mos_adapter.safetensors"
 REPORT_FILE = "report.json"
+POOLS_DIR = "pools"  # a zoo's shared pools: OUT/pools/<group>.safetensors
+
+
+def kind_id(index: int) -> str:
+    """The id of the ``index``-th kind of a MoS adapter (``k0``, ``k1``, ...): the tensor
+    names ``mos.pools.<id>.A``, a module's ``kind`` field and shared pool keys use it."""
+    return f"k{index}"
+
+
+def kind_ids(kinds) -> dict[str, str]:
+    """Kind name -> id, for kinds in their order (a dict or list of kind names)."""
+    return {kind: kind_id(i) for i, kind in enumerate(kinds)}
+
+
+def pool_file(out, group: str):
+    """``OUT/pools/<group>.safetensors``: where a zoo group's shared pools are written."""
+    from pathlib import Path
+
+    return Path(out) / POOLS_DIR / f"{group}.safetensors"

@@ -8,7 +8,6 @@ the exact factorization of the source, with Gram matrices (no dense updates).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -19,7 +18,6 @@ from .mos_format import MosAdapter
 from .truncation import Truncation
 
 REPORT_SCHEMA = "mosconv.report/1"
-_TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def measure(mos: MosAdapter, adapter: LoraAdapter) -> dict[str, tuple[float, float, float]]:
@@ -103,8 +101,6 @@ def build_report(adapter: LoraAdapter, mos: MosAdapter, trunc: Truncation, struc
                 "plain_truncation_data_relative_error": _rel(dplain, denergy),
             })
     rel = math.sqrt(total_err / total_energy) if total_energy > 0 else 0.0
-    lora_file_bytes = sum(os.path.getsize(p) for p in adapter.source_files
-                          if str(p).endswith(_TENSOR_SUFFIXES) and os.path.exists(p))
     kinds = []
     for kind, s in structures.items():
         names = [m.name for m in adapter.kinds[kind]]
@@ -138,7 +134,7 @@ def build_report(adapter: LoraAdapter, mos: MosAdapter, trunc: Truncation, struc
             "mos_params": mos.params,
             "param_ratio": adapter.params / mos.params if mos.params else None,
             "index_bytes": mos.index_bytes,
-            "lora_file_bytes": lora_file_bytes,
+            "lora_file_bytes": adapter.source_bytes,
             "mos_file_bytes": None,
             "file_bytes_ratio": None,
             "relative_error": rel,

@@ -23,6 +23,7 @@ from torch import nn
 from .adapter import LoraAdapter, LoraModule
 from .errors import ConfigError, UnsupportedAdapterError
 from .mos_format import MosAdapter, MosModule
+from .names import kind_ids
 
 POOLS_ATTR = "mos_adapters"
 
@@ -275,12 +276,13 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
         for m, _, base in plan:
             first.setdefault(m.kind, base.weight)
         container = nn.ModuleDict()
-        for i, (kind, p) in enumerate(ad.kinds.items()):
+        ids = kind_ids(ad.kinds)
+        for kind, p in ad.kinds.items():
             w = first.get(kind)
             dev, dt = (w.device, _float_dtype(w)) if w is not None else ("cpu", torch.float32)
             pa, pb = p.pool_A.to(dev, dt, copy=True), p.pool_B.to(dev, dt, copy=True)
             pools[kind] = KindPoolModule(pa, pb, p.d_in, p.d_out, p.nc, trainable)
-            container[f"k{i}"] = pools[kind]
+            container[ids[kind]] = pools[kind]
         if not hasattr(model, POOLS_ATTR):
             setattr(model, POOLS_ATTR, nn.ModuleDict())
         getattr(model, POOLS_ATTR)[name] = container

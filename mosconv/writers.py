@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
-
-PREFIX = "base_model.model."
+from .names import PEFT_CONFIG, PEFT_WEIGHTS
+from .names import PEFT_PREFIX as PREFIX
 
 
 def peft_state_dict(modules: list[tuple[str, torch.Tensor, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
@@ -68,10 +68,10 @@ def write_peft_folder(
 ) -> Path:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (last) into ``out``."""
     out = Path(out)
-    prepare_output_dir(out, "adapter_config.json", overwrite)
+    prepare_output_dir(out, PEFT_CONFIG, overwrite)
     sd = peft_state_dict(modules)
     sd.update(extra_tensors or {})
-    atomic_write_bytes(out / "adapter_model.safetensors",
+    atomic_write_bytes(out / PEFT_WEIGHTS[0],
                        safetensors_bytes(sd, metadata or {"format": "pt"}))
-    atomic_write_json(out / "adapter_config.json", config)
+    atomic_write_json(out / PEFT_CONFIG, config)
     return out

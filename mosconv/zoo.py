@@ -27,6 +27,7 @@ from . import __version__
 from .adapter import LoraAdapter
 from .factorize import Factorization, factorize_adapter
 from .mos_format import KindPools, MosAdapter, MosModule
+from .names import kind_ids
 from .report import build_report
 from .truncation import allocate, budget_for_ratio, truncate
 
@@ -119,7 +120,7 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
 
 
 def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
-    kind_ids = {kind: f"k{j}" for j, kind in enumerate(adapters[0].kinds)}
+    ids = kind_ids(adapters[0].kinds)
     pools: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
     for kind, ms in adapters[0].kinds.items():
@@ -128,12 +129,12 @@ def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
             offsets[m.name] = start
             rows.append(bases[m.name][:ks[m.name]])
             start += ks[m.name]
-        pools[f"{kind_ids[kind]}.A"] = torch.cat(rows).float().contiguous()
+        pools[f"{ids[kind]}.A"] = torch.cat(rows).float().contiguous()
     mos_list = []
     for a, fa in zip(adapters, facts):
         kinds, mods = {}, []
         for kind, ms in a.kinds.items():
-            shared_A = pools[f"{kind_ids[kind]}.A"]
+            shared_A = pools[f"{ids[kind]}.A"]
             b_rows, start = [], 0
             for m in ms:
                 k, f = ks[m.name], fa[m.name]
@@ -145,7 +146,7 @@ def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
                 mods.append(_module(m, kind, routes_A, routes_B, (0, 0), (start, start + k)))
                 start += k
             d_in, d_out = ms[0].d_in, ms[0].d_out
-            ref = {"file": None, "sha256": None, "key_A": f"{kind_ids[kind]}.A", "key_B": None,
+            ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A", "key_B": None,
                    "n_A": int(shared_A.shape[0]), "n_B": 0}
             local_B = torch.cat(b_rows) if b_rows else torch.zeros(0, d_out)
             kinds[kind] = KindPools(kind, d_in, d_out, 1, shared_A, local_B.contiguous(),

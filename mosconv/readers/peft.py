@@ -17,11 +17,11 @@ from pathlib import Path
 from ..adapter import LoraAdapter, assign_kinds
 from ..errors import FormatError, UnsupportedAdapterError
 from ..names import PEFT_CONFIG as CONFIG_NAME
+from ..names import PEFT_PREFIX as PREFIX
 from ..names import PEFT_WEIGHTS as WEIGHT_NAMES
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 
-PREFIX = "base_model.model."
 PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default lora_alpha (not r)
 _LORA_KEY = re.compile(
     r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
@@ -191,4 +191,5 @@ def read_peft(folder: Path) -> LoraAdapter:
         dtype="/".join(sorted(dtypes)),
         source_files=(folder / CONFIG_NAME, path),
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        source_bytes=path.stat().st_size,
     )

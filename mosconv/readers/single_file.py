@@ -96,6 +96,7 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
         base_model=meta.get("ss_sd_model_name") or meta.get("ss_base_model_version"),
         dtype="/".join(sorted(dtypes)),
         source_files=(path,),
+        source_bytes=path.stat().st_size,
     )
 
 
