@@ -33,7 +33,7 @@ from .fit import (
     shared_fit,
     shared_params,
 )
-from .mos_format import KindPools, MosAdapter, MosModule
+from .mos_types import KindPools, MosAdapter, MosModule
 from .report import build_report
 from .truncation import allocate, budget_for_ratio, truncate
 

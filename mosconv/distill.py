@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, NumericalError
-from .mos_format import KindPools, MosAdapter
+from .mos_types import KindPools, MosAdapter
 from .names import kind_ids
 
 DEVICES = ("auto", "cpu", "cuda")

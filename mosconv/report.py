@@ -14,7 +14,7 @@ import torch
 from .adapter import LoraAdapter
 from .datafit import data_err_sq
 from .factorize import Factorization, factorize, fro_retained, frob_inner
-from .mos_format import MosAdapter
+from .mos_types import MosAdapter
 from .truncation import Truncation
 
 REPORT_SCHEMA = "mosconv.report/1"

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import LoraAdapter, LoraModule
 from .errors import ConfigError, UnsupportedAdapterError
-from .mos_format import MosAdapter, MosModule
+from .mos_types import MosAdapter, MosModule
 from .names import kind_ids
 
 POOLS_ATTR = "mos_adapters"

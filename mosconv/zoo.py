@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .adapter import LoraAdapter
 from .factorize import Factorization, factorize_adapter
-from .mos_format import KindPools, MosAdapter, MosModule
+from .mos_types import KindPools, MosAdapter, MosModule
 from .names import kind_ids
 from .report import build_report
 from .truncation import allocate, budget_for_ratio, truncate

@@ -42,12 +42,10 @@ from mosconv.errors import FormatError, MosconvError
 from mosconv.mos_format import (
     CONFIG_FILE,
     TENSOR_FILE,
-    KindPools,
-    MosAdapter,
-    MosModule,
     load_mos,
     save_mos,
 )
+from mosconv.mos_types import KindPools, MosAdapter, MosModule
 
 CASE_SECONDS = 5.0
 RSS_LIMIT = 200 * 2**20  # bytes of RSS growth allowed per case

@@ -26,14 +26,11 @@ from mosconv.mos_format import (
     FORMAT_VERSION,
     REPORT_FILE,
     TENSOR_FILE,
-    KindPools,
-    MosAdapter,
-    MosModule,
-    assemble,
     load_mos,
     route_dtype,
     save_mos,
 )
+from mosconv.mos_types import KindPools, MosAdapter, MosModule, assemble
 
 
 @pytest.fixture(autouse=True)
