@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from mosconv.writers import write_peft_folder
+from mosconv.lora.write import write_peft_folder
 
 HIDDEN, KV, LAYERS, RANK, ALPHA = 512, 128, 8, 16, 32
 SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN)}

@@ -4,7 +4,7 @@
         [--out docs/img/error_vs_ratio.png]
 
 For each adapter and ratio it converts with ``search="fast"`` (library calls only:
-``mosconv.read_adapter`` and ``mosconv.convert.convert``), prints a Markdown table of the report
+``mosconv.read_adapter`` and ``mosconv.fit.convert.convert``), prints a Markdown table of the report
 totals ``relative_error`` (MoS) and ``truncation_relative_error`` (global SVD truncation at the
 same budget), and draws both against the ratio (left) and their difference (right) into one PNG.
 The adapters are read where they are; nothing is copied.  Needs matplotlib
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from mosconv import factorize_adapter, read_adapter
-from mosconv.convert import ConvertConfig, convert
 from mosconv.fileio import atomic_write_bytes
+from mosconv.fit.convert import ConvertConfig, convert
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_ADAPTERS = [

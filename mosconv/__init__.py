@@ -23,14 +23,16 @@ from .errors import (
 # The rest imports torch: loaded on first use, so that `mosconv --help` and the batch
 # bookkeeping (what is done, what to skip) start without paying for torch.
 _LAZY = {
-    "LoraAdapter": "adapter", "LoraModule": "adapter",
-    "Factorization": "factorize", "factorize": "factorize", "factorize_adapter": "factorize",
-    "read_adapter": "readers",
-    "Truncation": "truncation", "truncate": "truncation",
-    "apply": "runtime", "remove": "runtime", "merge": "runtime", "set_active": "runtime",
-    "adapter_names": "runtime", "active_adapter": "runtime",
-    "trainable_parameters": "runtime", "AdapterLayer": "runtime",
-    "load_base_model": "models",
+    "LoraAdapter": "lora.types", "LoraModule": "lora.types",
+    "Factorization": "fit.factorize", "factorize": "fit.factorize",
+    "factorize_adapter": "fit.factorize",
+    "read_adapter": "lora.read",
+    "Truncation": "fit.truncation", "truncate": "fit.truncation",
+    "apply": "model.runtime", "remove": "model.runtime", "merge": "model.runtime",
+    "set_active": "model.runtime", "adapter_names": "model.runtime",
+    "active_adapter": "model.runtime", "trainable_parameters": "model.runtime",
+    "AdapterLayer": "model.runtime",
+    "load_base_model": "model.hf",
 }
 
 

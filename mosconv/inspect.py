@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .adapter import LoraAdapter
-from .factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
-from .truncation import budget_for_ratio, truncate
+from .fit.factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
+from .fit.truncation import budget_for_ratio, truncate
+from .lora.types import LoraAdapter
 
 INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
@@ -99,7 +99,7 @@ MOS_SCHEMA = "mosconv.inspect.mos/1"
 
 def inspect_mos(path) -> dict:
     """JSON-ready summary of a MoS folder: structure, pools, sizes and its stored report."""
-    from .mos_format import load_mos, load_report
+    from .mos.format import load_mos, load_report
 
     mos = load_mos(path)
     kinds = [

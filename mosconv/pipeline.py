@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .calib import is_stats_file, save_stats
-from .convert import ConvertConfig, ConvertResult, convert
 from .errors import ConfigError, FormatError, NumericalError
 from .fileio import prepare_output_dir, sha256_file
-from .mos_format import CONFIG_FILE, load_mos, save_mos
-from .readers import read_adapter
-from .writers import peft_config, write_peft_folder
+from .fit.convert import ConvertConfig, ConvertResult, convert
+from .lora.read import read_adapter
+from .lora.write import peft_config, write_peft_folder
+from .model.calib import is_stats_file, save_stats
+from .mos.format import CONFIG_FILE, load_mos, save_mos
 
 log = logging.getLogger("mosconv")  # mosconv -v shows these
 
@@ -28,7 +28,7 @@ class DataSpec:
     Attributes:
         base_model: local model folder (or ``.gguf`` file).
         gguf_file: name of a GGUF file inside ``base_model``.
-        data: plain text or JSONL file (:mod:`mosconv.data`).
+        data: plain text or JSONL file (:mod:`mosconv.model.data`).
         max_tokens: tokens of ``data`` used at most.
         seq_len: tokens per block.
         batch_size: blocks per forward pass.
@@ -62,8 +62,8 @@ class _Session:
     @property
     def model(self):
         if self._model is None:
-            from .distill import resolve_device
-            from .models import load_base_model
+            from .model.distill import resolve_device
+            from .model.hf import load_base_model
 
             device = resolve_device(self.spec.device)
             log.info("loading base model %s%s on %s", self.spec.base_model,
@@ -76,7 +76,7 @@ class _Session:
         """``(n, seq_len)`` token blocks of ``data`` (default: the spec's data file)."""
         key = str(data if data is not None else self.spec.data)
         if key not in self._blocks:
-            from .data import read_texts, token_blocks
+            from .model.data import read_texts, token_blocks
 
             texts = read_texts(key)
             self._blocks[key] = token_blocks(self.model[1], texts, self.spec.seq_len,
@@ -93,8 +93,8 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
         ConfigError: missing base model or data, modules missing from the model or of
             other shapes; FormatError: unreadable model or data.
     """
-    from .calib import collect_moments, save_stats
-    from .runtime import find_layers
+    from .model.calib import collect_moments, save_stats
+    from .model.runtime import find_layers
 
     spec.need("calibration")
     if not hasattr(adapter, "modules"):
@@ -121,7 +121,7 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
 def load_calib(calib, adapter, spec: DataSpec, session: _Session, progress=None):
     """``calib`` as CalibStats: a stats file is read (the model is not run); a data file is
     run through the base model."""
-    from .calib import CalibStats, load_stats
+    from .model.calib import CalibStats, load_stats
 
     if calib is None or isinstance(calib, CalibStats):
         return calib
@@ -151,11 +151,11 @@ def compress(
     """Read a LoRA, convert it, optionally distill it, and write the MoS folder ``out``.
 
     Args:
-        calib: None (weight-space conversion), a :class:`~mosconv.calib.CalibStats`, a
+        calib: None (weight-space conversion), a :class:`~mosconv.model.calib.CalibStats`, a
             calibration file, or a data file (then ``data.base_model`` is run on it and the
             statistics are saved as ``out/calib_stats.safetensors`` for reuse).
         data: base model and text (for ``calib`` from text and for ``distill``).
-        distill: a :class:`~mosconv.distill.DistillConfig` to fine-tune the converted
+        distill: a :class:`~mosconv.model.distill.DistillConfig` to fine-tune the converted
             adapter against the LoRA on ``data.data`` (``held_out`` of the blocks held out).
 
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
@@ -201,11 +201,11 @@ def compress(
 def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step):
     """Distill ``result.mos``; the report is rebuilt for the distilled adapter and gains a
     ``distill`` section with the truncation baseline's held-out KL next to the student's."""
-    from .data import split_blocks
-    from .distill import distill as run_distill
-    from .distill import mean_kl, resolve_device
-    from .report import build_report
-    from .runtime import apply, remove
+    from .fit.report import build_report
+    from .model.data import split_blocks
+    from .model.distill import distill as run_distill
+    from .model.distill import mean_kl, resolve_device
+    from .model.runtime import apply, remove
 
     model, _ = session.model
     train, held = split_blocks(session.blocks(), held_out)
@@ -284,13 +284,13 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
 
 def evaluate_adapters(teacher, student, spec: DataSpec) -> dict:
     """``mosconv eval``: the fidelity of ``student`` (MoS folder or LoRA) to ``teacher`` (LoRA)
-    on ``spec.data`` (see :func:`mosconv.distill.evaluate`).
+    on ``spec.data`` (see :func:`mosconv.model.distill.evaluate`).
 
     Raises:
         ConfigError: missing base model or data, adapters that do not fit the model.
     """
-    from .distill import evaluate, resolve_device
-    from .runtime import apply, remove
+    from .model.distill import evaluate, resolve_device
+    from .model.runtime import apply, remove
 
     spec.need("eval")
     session = _Session(spec)

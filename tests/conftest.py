@@ -87,7 +87,7 @@ def zoo() -> Path:
 
 @cache
 def _read_zoo_cached(name: str):
-    from mosconv.readers import read_adapter
+    from mosconv.lora.read import read_adapter
 
     return read_adapter(ZOO_DIR / name)
 
@@ -451,7 +451,7 @@ def reference_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float) ->
 def reference_greedy_ranks(
     spectra: dict[str, list[float]], costs: dict[str, int], budget: int
 ) -> dict[str, int]:
-    """Global-budget rank allocation, written independently of mosconv.truncation: repeatedly
+    """Global-budget rank allocation, written independently of mosconv.fit.truncation: repeatedly
     take, among the modules whose next singular triplet still fits in what is left, the one
     with the largest sigma^2 / (d_in + d_out) (ties: the earlier module)."""
     ranks = {n: 0 for n in spectra}

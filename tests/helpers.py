@@ -74,7 +74,7 @@ def write_random_peft(
     b_std: float = 1.0,
     embeddings: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Write a random PEFT LoRA folder with :func:`mosconv.writers.write_peft_folder`.
+    """Write a random PEFT LoRA folder with :func:`mosconv.lora.write.write_peft_folder`.
 
     Args:
         modules: module name (without ``base_model.model.``) -> ``(d_out, d_in)``.
@@ -87,7 +87,7 @@ def write_random_peft(
     Returns:
         ``(folder, {name: (A, B)})`` with ``A: (r, d_in)``, ``B: (d_out, r)`` float32 as written.
     """
-    from mosconv.writers import write_peft_folder
+    from mosconv.lora.write import write_peft_folder
 
     g = torch.Generator().manual_seed(seed)
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -156,7 +156,7 @@ def mos_dense(mos, name: str) -> torch.Tensor:
 @cache
 def _zoo_conversion(name: str, ratio: float, search: str, seed: int):
     from mosconv import read_adapter
-    from mosconv.convert import ConvertConfig, convert
+    from mosconv.fit.convert import ConvertConfig, convert
 
     adapter = read_adapter(ZOO / name)
     with one_thread():

@@ -16,8 +16,8 @@ from conftest import PEFT_PREFIX
 from helpers import assert_one_line_error
 from safetensors.torch import load_file, save_file
 
-from mosconv.calib import CalibStats, save_stats
-from mosconv.cli import main
+from mosconv.cli.commands import main
+from mosconv.model.calib import CalibStats, save_stats
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -93,7 +93,7 @@ def test_calibrate_refuses_before_running_the_model(make, tiny_lm, tmp_path, cas
 
 @pytest.mark.parametrize("shared", [False, True], ids=["independent", "shared-pool"])
 def test_batch_fails_the_bad_adapter_and_converts_the_others(make, tmp_path, shared):
-    from mosconv.mos_format import CONFIG_FILE, load_mos
+    from mosconv.mos.format import CONFIG_FILE, load_mos
 
     zoo = tmp_path / "zoo"
     for i, case in enumerate(["nan-in-A", "config-r-differs"]):

@@ -1,4 +1,4 @@
-"""``mosconv batch`` and :mod:`mosconv.batch`: discovery of a zoo, summary.json, resumable
+"""``mosconv batch`` and :mod:`mosconv.batch.run`: discovery of a zoo, summary.json, resumable
 reruns (skip what is done, redo what changed or is incomplete, continue after an interrupt or
 a SIGKILL with the same bytes), a broken adapter among good ones, ``--jobs 2``, and
 ``--shared-pool`` outputs through ``inspect`` / ``export`` and their pool-file checks.
@@ -24,10 +24,9 @@ from click.testing import CliRunner
 from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
 from safetensors.torch import save_file
 
-import mosconv.batch
-import mosconv.mos_format
-from mosconv.batch import (
-    POOLS_DIR,
+import mosconv.batch.run
+import mosconv.mos.format
+from mosconv.batch.run import (
     SUMMARY_FILE,
     BatchConfig,
     Item,
@@ -36,11 +35,12 @@ from mosconv.batch import (
     run_batch,
     safe_name,
 )
-from mosconv.cli import main
+from mosconv.cli.commands import main
 from mosconv.errors import ConfigError, FormatError
 from mosconv.fileio import sha256_file
-from mosconv.mos_format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE, load_mos
-from mosconv.readers import read_adapter
+from mosconv.lora.read import read_adapter
+from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE, load_mos
+from mosconv.names import POOLS_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -513,7 +513,7 @@ def test_keyboard_interrupt_then_rerun_gives_the_same_tree(small_zoo, small_run,
                                                           monkeypatch):
     ref, _ = small_run
     out = tmp_path / "out"
-    real = mosconv.batch.convert_one
+    real = mosconv.batch.run.convert_one
     calls = []
     k = 2
 
@@ -523,7 +523,7 @@ def test_keyboard_interrupt_then_rerun_gives_the_same_tree(small_zoo, small_run,
             raise KeyboardInterrupt
         return real(item, out_, config)
 
-    monkeypatch.setattr(mosconv.batch, "convert_one", interrupting)
+    monkeypatch.setattr(mosconv.batch.run, "convert_one", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_batch(small_zoo, out, BatchConfig(ratio=8.0, jobs=1))
     monkeypatch.undo()
@@ -724,7 +724,7 @@ def test_shared_pool_interrupted_group_then_rerun(shared_run, tmp_path, monkeypa
     """Interrupted while writing a group's adapters (after its pool file, after k of them)."""
     zoo, ref, _ = shared_run
     out = tmp_path / "out"
-    real = mosconv.mos_format.save_mos  # batch imports it at call time
+    real = mosconv.mos.format.save_mos  # batch imports it at call time
     saved = []
 
     def interrupting(mos, dest, *args, **kwargs):
@@ -734,7 +734,7 @@ def test_shared_pool_interrupted_group_then_rerun(shared_run, tmp_path, monkeypa
             saved.append(dest)
         return real(mos, dest, *args, **kwargs)
 
-    monkeypatch.setattr(mosconv.mos_format, "save_mos", interrupting)
+    monkeypatch.setattr(mosconv.mos.format, "save_mos", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
     monkeypatch.undo()

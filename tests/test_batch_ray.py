@@ -12,7 +12,7 @@ import pytest
 from helpers import one_thread
 from test_batch import files_of, make_shared_zoo, make_small_zoo, run_cli, summary_numbers
 
-from mosconv.batch import SUMMARY_FILE, BatchConfig, run_batch
+from mosconv.batch.run import SUMMARY_FILE, BatchConfig, run_batch
 
 pytestmark = pytest.mark.slow
 

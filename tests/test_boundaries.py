@@ -1,10 +1,12 @@
-"""Boundary rules of the package, read from the source (no import is run):
+"""The package's boundary rules (docs/architecture.md), read from the source; nothing is imported:
 
-* the fitting modules work on tensors in memory: they import no file-system module
-  (``os``, ``pathlib``, ``shutil``) and no reader or writer, so ``convert()`` does no I/O;
-* every file name, key prefix and kind id of the LoRA and MoS formats is spelled in
-  ``mosconv/names.py`` only (the format modules and the readers import it from there);
-* only the command line imports click.
+* stages import downward only: core < lora < fit and mos.types < mos.format < model <
+  pipeline and inspect < batch < cli;
+* ``fit/`` works on tensors in memory: no file-system module, no reader, writer or format, so
+  ``convert()`` does no I/O;
+* file names, key prefixes and kind ids of the LoRA and MoS formats are spelled in
+  ``mosconv/names.py`` only, and the MoS tensor names in ``mosconv/mos/format.py`` only;
+* only ``cli/`` imports click.
 """
 
 from __future__ import annotations
@@ -15,58 +17,118 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mosconv"
-FITTING = ["convert", "datafit", "factorize", "fit", "report", "truncation", "zoo"]
-FILE_SYSTEM = {"os", "pathlib", "shutil", "tempfile", "glob"}
-IO_MODULES = {"readers", "writers", "fileio", "pipeline", "batch", "cli"}
-# literals that belong to names.py: PEFT file names and key prefix, MoS file names, kind ids,
-# the shared pool folder
-FORMAT_LITERALS = ["base_model.model.", "adapter_model.safetensors", "adapter_model.bin",
-                   "adapter_config.json", "mos_config.json", "mos_adapter.safetensors"]
+# the rank of each stage: a module may import from its own rank or below
+RANKS = {
+    "mosconv": 0, "mosconv.errors": 0, "mosconv.names": 0, "mosconv._threads": 0,
+    "mosconv.fileio": 0,
+    "mosconv.lora": 1,
+    "mosconv.mos.types": 2, "mosconv.fit": 2,
+    "mosconv.mos.format": 3, "mosconv.mos": 3,
+    "mosconv.model": 4,
+    "mosconv.pipeline": 5, "mosconv.inspect": 5,
+    "mosconv.batch": 6,
+    "mosconv.cli": 7,
+}
+FILE_SYSTEM = {"os", "pathlib", "shutil", "tempfile", "glob", "io"}
+FORMAT_LITERALS = {"base_model.model.", "adapter_model.safetensors", "adapter_model.bin",
+                   "adapter_config.json", "mos_config.json", "mos_adapter.safetensors",
+                   "report.json", "pools"}
+TENSOR_PREFIXES = ("mos.pools.", "mos.routes.", "mos.weights.", "extra.")
 
 
-def sources() -> dict[str, ast.Module]:
-    return {str(p.relative_to(PKG.parent)): ast.parse(p.read_text())
-            for p in sorted(PKG.rglob("*.py"))}
+def module_name(path: Path) -> tuple[str, list[str]]:
+    """``(module, package parts)`` of a file under mosconv/."""
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+        return ".".join(parts), parts
+    return ".".join(parts), parts[:-1]
 
 
-def imported(tree: ast.Module) -> set[str]:
-    """Top-level names of absolute imports and first parts of relative ones (``.readers``)."""
-    out = set()
+def rank(module: str) -> int:
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in RANKS:
+            return RANKS[".".join(parts[:i])]
+    raise AssertionError(f"{module}: no rank in RANKS (add the new module there)")
+
+
+def files() -> list[tuple[Path, str, ast.Module]]:
+    return [(p, module_name(p)[0], ast.parse(p.read_text())) for p in sorted(PKG.rglob("*.py"))]
+
+
+def imports(path: Path, tree: ast.Module) -> tuple[set[str], set[str]]:
+    """``(mosconv modules, other top-level modules)`` that a file imports (lazy ones too)."""
+    _, pkg = module_name(path)
+    ours, others = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names)
+            for a in node.names:
+                (ours if a.name.startswith("mosconv") else others).add(
+                    a.name if a.name.startswith("mosconv") else a.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module:
-                out.add(node.module.split(".")[0])
+            if node.level:
+                base = ".".join(pkg[: len(pkg) - (node.level - 1)])
+                if node.module:
+                    ours.add(f"{base}.{node.module}")
+                else:  # from .. import x: x is a module or a name of the package
+                    ours.update(f"{base}.{a.name}" if f"{base}.{a.name}".replace(".", "/")
+                                in _MODULE_PATHS else base for a in node.names)
+            elif node.module and node.module.startswith("mosconv"):
+                ours.add(node.module)
             elif node.module:
-                out.add("." + node.module.split(".")[0])
-    return out
+                others.add(node.module.split(".")[0])
+    return ours, others
 
 
-@pytest.mark.parametrize("name", FITTING)
-def test_fitting_modules_do_no_io(name):
-    names = imported(ast.parse((PKG / f"{name}.py").read_text()))
-    assert not names & FILE_SYSTEM, (name, names & FILE_SYSTEM)
-    assert not {n.lstrip(".") for n in names if n.startswith(".")} & IO_MODULES, (name, names)
+_MODULE_PATHS = {str(p.relative_to(PKG.parent).with_suffix("")).removesuffix("/__init__")
+                 for p in PKG.rglob("*.py")}
 
 
-def test_format_names_are_spelled_in_names_py_only():
-    found = []
-    for path, tree in sources().items():
-        if path == "mosconv/names.py":
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    mod = module_name(path)[0]
+    ours, _ = imports(path, ast.parse(path.read_text()))
+    upward = sorted(d for d in ours if rank(d) > rank(mod))
+    assert not upward, f"{mod} (rank {rank(mod)}) imports {upward}"
+
+
+def test_fitting_does_no_io():
+    for path, mod, tree in files():
+        if not mod.startswith("mosconv.fit"):
             continue
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and isinstance(node.value, str)  # exact names
-                    and (node.value in FORMAT_LITERALS or node.value == "pools")):
-                found.append((path, node.lineno, node.value))
-            if isinstance(node, ast.JoinedStr):  # an f"k{i}" kind id built by hand
-                parts = node.values
-                if (len(parts) == 2 and isinstance(parts[0], ast.Constant)
-                        and parts[0].value == "k" and isinstance(parts[1], ast.FormattedValue)):
-                    found.append((path, node.lineno, "f'k{...}'"))
+        ours, others = imports(path, tree)
+        assert not others & FILE_SYSTEM, (mod, others & FILE_SYSTEM)
+        bad = sorted(d for d in ours if d.startswith(("mosconv.mos.format", "mosconv.lora.read",
+                                                      "mosconv.lora.write", "mosconv.fileio")))
+        assert not bad, (mod, bad)
+
+
+def _strings(tree: ast.Module):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+        elif isinstance(node, ast.JoinedStr):
+            head = node.values[0] if node.values else None
+            text = head.value if isinstance(head, ast.Constant) else ""
+            if (text == "k" and len(node.values) == 2
+                    and isinstance(node.values[1], ast.FormattedValue)):
+                yield node.lineno, "f'k{...}' (a kind id)"
+            elif text:
+                yield node.lineno, text
+
+
+def test_format_names_have_one_owner():
+    found = []
+    for path, mod, tree in files():
+        for line, text in _strings(tree):
+            if mod != "mosconv.names" and (text in FORMAT_LITERALS or text.startswith("f'k{")):
+                found.append((mod, line, text))
+            if mod != "mosconv.mos.format" and text.startswith(TENSOR_PREFIXES):
+                found.append((mod, line, text))
     assert not found, found
 
 
 def test_only_the_cli_imports_click():
-    users = sorted(p for p, tree in sources().items() if "click" in imported(tree))
-    assert users == ["mosconv/_cli_docs.py", "mosconv/cli.py"], users
+    users = sorted(mod for path, mod, tree in files() if "click" in imports(path, tree)[1])
+    assert users and all(u.startswith("mosconv.cli") for u in users), users

@@ -10,12 +10,12 @@ from helpers import write_random_peft
 
 import mosconv
 from mosconv import ConfigError, FormatError
-from mosconv.calib import CalibStats, collect_moments, is_stats_file, load_stats, save_stats
-from mosconv.data import read_texts, token_blocks
 from mosconv.fileio import safetensors_bytes
-from mosconv.models import load_base_model
+from mosconv.model.calib import CalibStats, collect_moments, is_stats_file, load_stats, save_stats
+from mosconv.model.data import read_texts, token_blocks
+from mosconv.model.hf import load_base_model
+from mosconv.model.runtime import find_layers
 from mosconv.pipeline import DataSpec, calibrate
-from mosconv.runtime import find_layers
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -16,9 +16,9 @@ from helpers import (
     zoo_path,
 )
 
-import mosconv.mos_format
-from mosconv.cli import main
-from mosconv.mos_format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
+import mosconv.mos.format
+from mosconv.cli.commands import main
+from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
 
 
 @pytest.fixture(autouse=True)
@@ -166,14 +166,14 @@ def test_missing_input_fails_cleanly(tmp_path):
 
 
 def _fail_on(monkeypatch, name):
-    real = getattr(mosconv.mos_format, name)
+    real = getattr(mosconv.mos.format, name)
 
     def failing(path, data):
         if path.name == failing.target:
             raise OSError(28, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(mosconv.mos_format, name, failing)
+    monkeypatch.setattr(mosconv.mos.format, name, failing)
     return failing
 
 

@@ -1,5 +1,5 @@
 """docs/cli.md is exactly what the commands' --help print (regenerate with
-``python -m mosconv._cli_docs > docs/cli.md``), and every command is in it."""
+``python -m mosconv.cli.docs > docs/cli.md``), and every command is in it."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from mosconv._cli_docs import render
-from mosconv.cli import main
+from mosconv.cli.commands import main
+from mosconv.cli.docs import render
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def test_cli_md_matches_help():
-    assert DOC.read_text() == render(), "docs/cli.md is stale: python -m mosconv._cli_docs > docs/cli.md"
+    assert DOC.read_text() == render(), "docs/cli.md is stale: python -m mosconv.cli.docs > docs/cli.md"
 
 
 def test_every_command_documented_and_help_works():

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import write_random_peft
 
-import mosconv.models
-from mosconv.calib import is_stats_file
-from mosconv.cli import main
-from mosconv.mos_format import CONFIG_FILE, load_mos
+import mosconv.model.hf
+from mosconv.cli.commands import main
+from mosconv.model.calib import is_stats_file
+from mosconv.mos.format import CONFIG_FILE, load_mos
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -40,7 +40,7 @@ def test_calibrate_then_compress_reuses_stats_without_the_model(tiny_lm, tmp_pat
     def no_model(*a, **k):
         raise AssertionError("the base model must not be loaded when statistics are reused")
 
-    monkeypatch.setattr(mosconv.models, "load_base_model", no_model)
+    monkeypatch.setattr(mosconv.model.hf, "load_base_model", no_model)
     res = run("compress", tiny_lm.lora, tmp_path / "out", "--ratio", 4, "--calib", stats)
     assert res.exit_code == 0, res.output
     assert "data-aware error" in res.output and "data-aware truncation" in res.output

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import llama_like, write_random_peft
 
-from mosconv.cli import main
+from mosconv.cli.commands import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

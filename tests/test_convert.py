@@ -21,7 +21,7 @@ from helpers import (
 )
 
 from mosconv import ConfigError, read_adapter
-from mosconv.convert import ConvertConfig, convert
+from mosconv.fit.convert import ConvertConfig, convert
 
 
 @pytest.fixture(autouse=True)
@@ -204,7 +204,7 @@ def test_sharing_gain_is_exactly_zero_when_every_kind_is_private(tmp_path):
 def test_zero_modules_are_handled(tmp_path):
     """Modules whose update is exactly zero (B = 0, as PEFT initializes it): finite report,
     the total error still matches a dense recomputation, budget and floor hold."""
-    from mosconv.writers import write_peft_folder
+    from mosconv.lora.write import write_peft_folder
 
     g = torch.Generator().manual_seed(0)
     rows = []

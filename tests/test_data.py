@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mosconv import ConfigError, FormatError
-from mosconv.data import read_texts, split_blocks, token_blocks
+from mosconv.model.data import read_texts, split_blocks, token_blocks
 
 
 class CharTokenizer:

@@ -11,10 +11,8 @@ from helpers import llama_like, write_random_peft
 
 import mosconv
 from mosconv import ConfigError
-from mosconv.adapter import LoraModule
-from mosconv.calib import CalibStats
-from mosconv.convert import ConvertConfig, convert
-from mosconv.datafit import (
+from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.fit.datafit import (
     data_err_sq,
     data_target,
     kind_data_err_sq,
@@ -22,9 +20,11 @@ from mosconv.datafit import (
     regularize,
     whitened_factorization,
 )
-from mosconv.factorize import factorize
-from mosconv.fit import private_fit, shared_fit
-from mosconv.mos_format import save_mos
+from mosconv.fit.factorize import factorize
+from mosconv.fit.pools import private_fit, shared_fit
+from mosconv.lora.types import LoraModule
+from mosconv.model.calib import CalibStats
+from mosconv.mos.format import save_mos
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64

@@ -8,11 +8,11 @@ import torch
 
 import mosconv
 from mosconv import ConfigError
-from mosconv.convert import ConvertConfig, convert
-from mosconv.data import read_texts, split_blocks, token_blocks
-from mosconv.distill import DistillConfig, distill, evaluate, resolve_device
-from mosconv.models import load_base_model
-from mosconv.runtime import adapter_names, apply, remove
+from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.model.data import read_texts, split_blocks, token_blocks
+from mosconv.model.distill import DistillConfig, distill, evaluate, resolve_device
+from mosconv.model.hf import load_base_model
+from mosconv.model.runtime import adapter_names, apply, remove
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 

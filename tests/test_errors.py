@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from conftest import LLAMA_MODULES, PEFT_PREFIX
 from helpers import assert_one_line_error
 
-from mosconv.cli import main
+from mosconv.cli.commands import main
 from mosconv.errors import ConfigError, FormatError, MosconvError, UnsupportedAdapterError
-from mosconv.readers import read_adapter
+from mosconv.lora.read import read_adapter
 
 Q0 = "model.layers.0.self_attn.q_proj"
 

@@ -22,10 +22,10 @@ from helpers import (
 from safetensors.torch import load_file
 
 from mosconv import FormatError, MosconvError, read_adapter
-from mosconv.convert import ConvertConfig
-from mosconv.mos_format import load_mos
+from mosconv.fit.convert import ConvertConfig
+from mosconv.lora.write import write_peft_folder
+from mosconv.mos.format import load_mos
 from mosconv.pipeline import compress, export_lora
-from mosconv.writers import write_peft_folder
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import ZOO_ADAPTERS, dense_update, read_zoo, reference_greedy_ranks
 
-from mosconv.adapter import LoraAdapter, LoraModule, assign_kinds
-from mosconv.factorize import (
+from mosconv.fit.factorize import (
     directions_for_energy,
     energy_retained,
     factorize,
@@ -22,8 +21,9 @@ from mosconv.factorize import (
     squared_error,
     stable_rank,
 )
-from mosconv.readers import read_adapter
-from mosconv.truncation import allocate, budget_for_ratio, truncate
+from mosconv.fit.truncation import allocate, budget_for_ratio, truncate
+from mosconv.lora.read import read_adapter
+from mosconv.lora.types import LoraAdapter, LoraModule, assign_kinds
 
 F64 = torch.float64
 

@@ -37,15 +37,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mosconv import read_adapter
-from mosconv.calib import CalibStats, load_stats, save_stats
 from mosconv.errors import FormatError, MosconvError
-from mosconv.mos_format import (
+from mosconv.model.calib import CalibStats, load_stats, save_stats
+from mosconv.mos.format import (
     CONFIG_FILE,
     TENSOR_FILE,
     load_mos,
     save_mos,
 )
-from mosconv.mos_types import KindPools, MosAdapter, MosModule
+from mosconv.mos.types import KindPools, MosAdapter, MosModule
 
 CASE_SECONDS = 5.0
 RSS_LIMIT = 200 * 2**20  # bytes of RSS growth allowed per case
@@ -301,7 +301,7 @@ def _hand_built_mos() -> MosAdapter:
 def mos_dirs(root) -> dict[str, Path]:
     """A converted adapter (public and private pools) and a hand-built one (slot weights,
     embedding, conv)."""
-    from mosconv.convert import ConvertConfig, convert
+    from mosconv.fit.convert import ConvertConfig, convert
 
     lora, _ = write_random_peft(root / "src" / "lora", llama_like(layers=2, d=32, d_kv=16),
                                 r=4, shared_A=True,
@@ -319,7 +319,7 @@ def shared_out(root) -> Path:
     """``batch --shared-pool`` output: members refer to ``pools/<group>.safetensors``."""
     from test_batch import write_lora_like
 
-    from mosconv.batch import BatchConfig, run_batch
+    from mosconv.batch.run import BatchConfig, run_batch
 
     zoo = root / "src" / "zoo"
     for i in range(3):
@@ -566,7 +566,7 @@ def test_safetensors_header_lies_are_refused(root, peft_st, lie):
 
 def test_huge_declared_shape_is_refused_before_any_allocation(root, peft_st, monkeypatch):
     """Refused from the header alone: neither safetensors nor torch.empty is reached."""
-    import mosconv.readers._io as io_mod
+    import mosconv.lora.read._io as io_mod
 
     case = _mutated_header(peft_st, root / "case-huge",
                            _set_entry(A0, shape=[2**40, 2**40]))

@@ -22,9 +22,9 @@ from conftest import (
     zoo_weight_file,
 )
 
-from mosconv.cli import main
+from mosconv.cli.commands import main
 from mosconv.inspect import INSPECT_RATIOS, LORA_SCHEMA, inspect_lora
-from mosconv.readers import read_adapter
+from mosconv.lora.read import read_adapter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -238,7 +238,7 @@ def test_inspect_synthetic_peft_matches_direct_computation(make):
 
 
 def test_inspect_targets_of_diffusers_to_out():
-    from mosconv.adapter import LoraAdapter, LoraModule, assign_kinds
+    from mosconv.lora.types import LoraAdapter, LoraModule, assign_kinds
 
     mods = [
         LoraModule(

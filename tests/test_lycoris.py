@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from helpers import assert_one_line_error, mos_dense, one_thread
 
 from mosconv import read_adapter
-from mosconv.cli import main
+from mosconv.cli.commands import main
 from mosconv.errors import FormatError, UnsupportedAdapterError
-from mosconv.mos_format import REPORT_FILE, load_mos
+from mosconv.mos.format import REPORT_FILE, load_mos
 
 META = {"ss_network_module": "lycoris.kohya"}
 Q = "lora_unet_down_blocks_0_attentions_0_proj_in"

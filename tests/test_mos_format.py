@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mosconv import FormatError, read_adapter
-from mosconv.convert import ConvertConfig, convert
-from mosconv.mos_format import (
+from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.mos.format import (
     CONFIG_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -30,7 +30,7 @@ from mosconv.mos_format import (
     route_dtype,
     save_mos,
 )
-from mosconv.mos_types import KindPools, MosAdapter, MosModule, assemble
+from mosconv.mos.types import KindPools, MosAdapter, MosModule, assemble
 
 
 @pytest.fixture(autouse=True)

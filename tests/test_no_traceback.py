@@ -20,26 +20,26 @@ from click.testing import CliRunner
 from helpers import llama_like, one_thread, write_random_peft
 from safetensors.torch import save_file
 
-from mosconv.calib import CalibStats, save_stats
-from mosconv.cli import main
-from mosconv.convert import ConvertConfig
-from mosconv.mos_format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
+from mosconv.cli.commands import main
+from mosconv.fit.convert import ConvertConfig
+from mosconv.model.calib import CalibStats, save_stats
+from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
 from mosconv.pipeline import compress
 
 
 @pytest.fixture(autouse=True)
 def _guards(monkeypatch):
     """One thread; and no real model is ever loaded by these tests."""
-    import mosconv.models
+    import mosconv.model.hf
 
-    real = mosconv.models.load_base_model
+    real = mosconv.model.hf.load_base_model
 
     def guarded(path, *a, **kw):
         if Path(path).exists():
             pytest.fail(f"test_no_traceback tried to load a real model from {path}")
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(mosconv.models, "load_base_model", guarded)
+    monkeypatch.setattr(mosconv.model.hf, "load_base_model", guarded)
     with one_thread():
         yield
 

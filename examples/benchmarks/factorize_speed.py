@@ -2,7 +2,7 @@
 
 mosconv factorizes every LoRA update ``dW = scale * B @ A`` (``B: d_out x r``,
 ``A: r x d_in``) through a QR of each factor and an ``r x r`` SVD
-(:func:`mosconv.factorize.factorize_pair`), never forming the ``d_out x d_in``
+(:func:`mosconv.fit.factorize.factorize_pair`), never forming the ``d_out x d_in``
 matrix.  Rank-resizing tools such as kohya's ``resize_lora.py`` instead materialize
 ``dW`` and run a dense SVD on it.  This script measures both, in one run, on a
 Llama-2-7B-shaped rank-16 adapter on all 7 linear kinds (32 layers, 224 modules,
@@ -47,7 +47,7 @@ from _llama import ALPHA, LLAMA2_7B, RANK
 from _llama import machine_info as base_machine_info
 
 import mosconv
-from mosconv.factorize import factorize_pair
+from mosconv.fit.factorize import factorize_pair
 
 QUICK = {
     "self_attn.q_proj": (1024, 1024),

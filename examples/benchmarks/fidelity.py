@@ -90,13 +90,13 @@ def main() -> None:
 
     import torch
 
-    from mosconv.calib import load_stats
-    from mosconv.convert import ConvertConfig, convert
-    from mosconv.data import read_texts, split_blocks, token_blocks
-    from mosconv.distill import DistillConfig, distill, evaluate_many, resolve_device
-    from mosconv.models import load_base_model
-    from mosconv.readers import read_adapter
-    from mosconv.runtime import apply, remove
+    from mosconv.fit.convert import ConvertConfig, convert
+    from mosconv.lora.read import read_adapter
+    from mosconv.model.calib import load_stats
+    from mosconv.model.data import read_texts, split_blocks, token_blocks
+    from mosconv.model.distill import DistillConfig, distill, evaluate_many, resolve_device
+    from mosconv.model.hf import load_base_model
+    from mosconv.model.runtime import apply, remove
 
     tmp = Path(tempfile.mkdtemp(prefix="mosconv-fidelity-"))
     train_txt, eval_txt = write_texts(tmp)

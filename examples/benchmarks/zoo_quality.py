@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mosconv import factorize_adapter, read_adapter
-from mosconv.convert import ConvertConfig, convert
+from mosconv.fit.convert import ConvertConfig, convert
 
 ZOO_ADAPTERS = [
     "distilbert-imdb-seqcls", "gemma3-270m-svg-x3/final", "gemma3-270m-svg-x3/curriculum_stage1",

@@ -1,0 +1,495 @@
+"""Converting whole adapter zoos: discovery, resumable runs, parallel jobs, shared pools.
+
+``OUT`` mirrors the zoo: the adapter at ``ZOO/a/b`` is written to ``OUT/a/b`` (a single
+file ``ZOO/a/x.safetensors`` to ``OUT/a/x``).  A finished adapter folder holds
+``mos_config.json`` with the sha256 of its source files; a rerun skips it when those still
+match and redoes anything incomplete, so a killed run continued later ends with the same
+bytes as an uninterrupted one.  In shared-pool mode each group's pools are written to
+``OUT/pools/<group>.safetensors`` (before its adapters, which refer to it by sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ..errors import ConfigError, FormatError, MosconvError
+from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
+from ..lora.read import resolve_adapter_path
+from ..names import CONFIG_FILE, PEFT_WEIGHTS, REPORT_FILE, pool_file
+from ..names import PEFT_CONFIG as CONFIG_NAME
+
+SUMMARY_FILE = "summary.json"
+_SUFFIXES = (".safetensors", ".bin")
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Settings of a batch run (the per-adapter ones are those of ``compress``)."""
+
+    ratio: float = 8.0
+    seed: int = 0
+    search: str = "fast"
+    iters: int = 4
+    jobs: int = 1
+    engine: str = "local"
+    address: str | None = None
+    shared_pool: bool = False
+    overwrite: bool = False
+
+    def settings(self) -> dict:
+        """What an output must have been made with to count as done on a rerun."""
+        return {"ratio": float(self.ratio), "seed": self.seed, "search": self.search,
+                "iters": self.iters, "shared_pool": self.shared_pool}
+
+    def validate(self) -> None:
+        import math
+
+        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
+            raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
+        if self.jobs < 1:
+            raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One adapter of the zoo: its source path and its output folder name (relative)."""
+
+    name: str
+    source: str
+
+
+@dataclass
+class Outcome:
+    """What happened to one adapter (a row of ``summary.json``)."""
+
+    name: str
+    source: str
+    status: str  # converted | skipped | failed
+    seconds: float = 0.0
+    lora_params: int | None = None
+    mos_params: int | None = None
+    local_params: int | None = None
+    relative_error: float | None = None
+    truncation_relative_error: float | None = None
+    group: str | None = None
+    error: str | None = None
+    energy: float | None = None
+
+
+def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
+                        group: str | None = None) -> Outcome:
+    """An outcome whose numbers come from the ``report.json`` in ``dest``."""
+    try:
+        report = json.loads((dest / REPORT_FILE).read_text())
+        t = report["totals"]
+        energy = sum(m["energy"] for m in report["modules"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Outcome(item.name, item.source, status, seconds, group=group)
+    return Outcome(item.name, item.source, status, seconds, t["lora_params"], t["mos_params"],
+                   t.get("local_params", t["mos_params"]), t["relative_error"],
+                   t["truncation_relative_error"], group, None, energy)
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def safe_name(rel: str) -> str:
+    """A relative output path that cannot escape the output folder."""
+    parts = [p for p in re.split(r"[\\/]+", rel) if p not in ("", ".", "..")]
+    parts = [_SAFE.sub("_", p).lstrip(".") or "_" for p in parts]
+    if not parts:
+        raise ConfigError(f"adapter path {rel!r} gives an empty output name")
+    return "/".join(parts)
+
+
+def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
+    """Adapters under a folder (recursive, sorted) or listed in a text file (one per line).
+
+    ``exclude`` (the output folder, when it lies inside the zoo) is not searched.  A zoo
+    that is itself one adapter (a PEFT folder or a weight file) gives a zoo of one.
+    """
+    zoo = Path(zoo)
+    if not zoo.exists():
+        raise FormatError(f"{zoo}: no such file or folder")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    items: list[Item] = []
+    if zoo.is_file() and (zoo.suffix in (*_SUFFIXES, ".pt", ".pth") or zoo.name == CONFIG_NAME):
+        target = zoo.parent if zoo.name == CONFIG_NAME or (zoo.parent / CONFIG_NAME).is_file() \
+            else zoo
+        name = target.name if target.is_dir() else target.stem
+        return [Item(safe_name(name or "adapter"), str(target))]
+    if zoo.is_dir() and (zoo / CONFIG_NAME).is_file():
+        return [Item(safe_name(zoo.resolve().name or "adapter"), str(zoo))]
+    if zoo.is_file():
+        base = zoo.parent
+        try:
+            lines = zoo.read_text().splitlines()
+        except (UnicodeDecodeError, OSError) as e:
+            raise FormatError(f"{zoo}: not a folder nor a text file listing adapters ({e})") from None
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line) if Path(line).is_absolute() else base / line
+            rel = os.path.relpath(p, base)
+            items.append(Item(safe_name(rel.removesuffix(p.suffix) if p.is_file() else rel), str(p)))
+    else:
+        for dirpath, dirnames, filenames in os.walk(zoo):
+            dirnames.sort()
+            d = Path(dirpath)
+            if skip is not None and d.resolve() == skip:
+                dirnames[:] = []
+                continue
+            if CONFIG_NAME in filenames:
+                items.append(Item(safe_name(os.path.relpath(d, zoo)), str(d)))
+                dirnames[:] = []  # a PEFT folder's contents belong to it
+                continue
+            for fn in sorted(filenames):
+                if fn.endswith(_SUFFIXES):
+                    rel = os.path.relpath(d / fn, zoo)
+                    items.append(Item(safe_name(rel.rsplit(".", 1)[0]), str(d / fn)))
+    names = [i.name for i in items]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{zoo}: several adapters map to the output name(s) {sorted(dup)}")
+    if not items:
+        raise FormatError(f"{zoo}: no adapters found")
+    return items
+
+
+def source_hashes(source: str) -> list[dict]:
+    """``[{name, sha256}]`` of the files an adapter is read from (as ``compress`` records)."""
+    family, p = resolve_adapter_path(source)
+    files = ([p / CONFIG_NAME] + [p / n for n in PEFT_WEIGHTS if (p / n).is_file()][:1]
+             if family == "peft" else [p])
+    return [{"name": f.name, "sha256": sha256_file(f)} for f in files]
+
+
+def is_complete(out_dir: Path, source: str, settings: dict | None = None,
+                group: str | None = None) -> bool:
+    """True when ``out_dir`` holds a finished conversion of the unchanged ``source``, made
+    with the same batch ``settings`` and in the same shared-pool ``group`` (None: none)."""
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        cfg = json.loads(path.read_text())
+        recorded = cfg["source"]["files"]
+        want = source_hashes(source)
+    except (OSError, ValueError, KeyError, TypeError, MosconvError):
+        return False
+    have = [{"name": f.get("name"), "sha256": f.get("sha256")} for f in recorded]
+    if have != want:
+        return False
+    if settings is not None and (cfg.get("batch") != settings or cfg.get("zoo_group") != group):
+        return False
+    for ref in _shared_refs(cfg):
+        f = (out_dir / ref["file"])
+        if not f.is_file() or sha256_file(f) != ref["sha256"]:
+            return False
+    return True
+
+
+def _shared_refs(cfg: dict) -> list[dict]:
+    return [k["shared_pool"] for k in cfg.get("kinds", []) if k.get("shared_pool")]
+
+
+# ---------------------------------------------------------------- one adapter
+
+
+def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
+    """Convert one adapter as ``compress`` does; never raises for a bad adapter."""
+    t0 = time.perf_counter()
+    dest = Path(out) / item.name
+    try:
+        if not config.overwrite and is_complete(dest, item.source, config.settings()):
+            return outcome_from_report(item, dest, "skipped", time.perf_counter() - t0)
+        from ..fit.convert import ConvertConfig  # torch is needed only from here on
+        from ..pipeline import compress
+
+        cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
+                           iters=config.iters)
+        compress(item.source, dest, cc, command=None, overwrite=True,
+                 extra_info={"batch": config.settings()})
+        return outcome_from_report(item, dest, "converted", time.perf_counter() - t0)
+    except (MosconvError, OSError) as e:
+        return Outcome(item.name, item.source, "failed", time.perf_counter() - t0,
+                       error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+    if config.jobs == 1 or len(items) == 1:
+        for item in items:
+            yield convert_one(item, out, config)
+        return
+    import multiprocessing as mp
+    import sys
+
+    threads = max(1, (os.cpu_count() or 1) // config.jobs)
+    if "torch" not in sys.modules and "fork" in mp.get_all_start_methods():
+        # Import the heavy modules once here and fork: workers start without re-importing.
+        # Safe because this process has run no torch operation (no OpenMP pool to inherit).
+        import sklearn.cluster  # noqa: F401
+
+        from .. import pipeline  # noqa: F401
+
+        ctx = mp.get_context("fork")
+    else:  # torch already ran here (e.g. --shared-pool read the adapters): fresh workers
+        ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(config.jobs, mp_context=ctx,
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = [pool.submit(convert_one, item, out, config) for item in items]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
+def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'mosconv[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(num_cpus=1)(convert_one)
+    pending = [task.remote(item, out, config) for item in items]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def convert_many(items: list[Item], out: str | Path, config: BatchConfig = BatchConfig()
+                 ) -> Iterator[Outcome]:
+    """Convert adapters independently, yielding an :class:`Outcome` as each finishes."""
+    config.validate()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    mapper = _ray_map if config.engine == "ray" else _local_map
+    yield from mapper(items, str(out), config)
+
+
+# ---------------------------------------------------------------- shared pools
+
+
+def _group_id(key: str) -> str:
+    base = _SAFE.sub("_", key.split("|", 1)[0]).strip("_")[-40:] or "group"
+    return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def fit_group_items(items: list[Item], config: BatchConfig):
+    """Read and fit one group (where the group's vectors are); returns the GroupResult."""
+    from ..fit.zoo import fit_group
+    from ..lora.read import read_adapter
+
+    adapters = [read_adapter(i.source) for i in items]
+    return adapters, fit_group(adapters, float(config.ratio), config.seed,
+                               search=config.search, iters=config.iters)
+
+
+def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
+    """Write a group's shared pools once; returns ``(path, sha256)``."""
+    path = pool_file(out, gid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = safetensors_bytes(pools, {"format": "mosconv.pools.v1"})
+    atomic_write_bytes(path, data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def write_member(item: Item, adapter, mos, report: dict, out: str, config: BatchConfig,
+                 gid: str, pool: tuple[str, str] | None, seconds: float) -> Outcome:
+    """Write one adapter of a group (its own shards and routes; refs to the pool file)."""
+    from ..mos.format import save_mos
+    from ..pipeline import source_provenance
+
+    dest = Path(out) / item.name
+    try:
+        kinds = mos.kinds
+        if pool is not None:
+            rel = os.path.relpath(pool[0], dest)
+            kinds = {k: replace(p, shared={**p.shared, "file": rel, "sha256": pool[1]})
+                     for k, p in mos.kinds.items()}
+        mos = replace(mos, kinds=kinds,
+                      source={**mos.source, **source_provenance(item.source, adapter)},
+                      info={**mos.info, "command": None, "batch": config.settings(),
+                            "zoo_group": gid})
+        save_mos(mos, dest, report, overwrite=True)
+        return outcome_from_report(item, dest, "converted", seconds, gid)
+    except (MosconvError, OSError) as e:
+        return Outcome(item.name, item.source, "failed", error=str(e).splitlines()[0], group=gid)
+
+
+def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
+                    ) -> Iterator[Outcome]:
+    """Fit where the group's vectors are, then fan the per-adapter writing out."""
+    t0 = time.perf_counter()
+    remote = config.engine == "ray"
+    try:
+        if remote:
+            import ray
+
+            adapters, res = ray.get(ray.remote(num_cpus=1)(fit_group_items).remote(members, config))
+        else:
+            adapters, res = fit_group_items(members, config)
+    except (MosconvError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        for i in members:
+            yield Outcome(i.name, i.source, "failed", error=msg, group=gid)
+        return
+    if res.mode == "shared":
+        path, digest = write_pool_file(out, gid, res.shared_pools)
+        pool = (str(path), digest)
+    else:  # a pool file from an earlier run of this group is no longer used
+        pool = None
+        pool_file(out, gid).unlink(missing_ok=True)
+    per = (time.perf_counter() - t0) / len(members)
+    args = [(i, a, m, r, out, config, gid, pool, per)
+            for i, a, m, r in zip(members, adapters, res.adapters, res.reports)]
+    if remote:
+        import ray
+
+        task = ray.remote(num_cpus=1)(write_member)
+        yield from ray.get([task.remote(*x) for x in args])
+    else:
+        for x in args:
+            yield write_member(*x)
+
+
+def _recorded_group(dest: Path) -> str | None:
+    try:
+        return json.loads((dest / CONFIG_FILE).read_text()).get("zoo_group")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+    if not config.overwrite:  # all done already: skip without reading (or importing) anything
+        done = [(i, _recorded_group(Path(out) / i.name)) for i in items]
+        if all(is_complete(Path(out) / i.name, i.source, config.settings(), g) for i, g in done):
+            for i, g in done:
+                yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
+            return
+    from ..fit.zoo import group_key
+    from ..lora.read import read_adapter
+
+    groups: dict[str, list[Item]] = {}
+    singles: list[Item] = []
+    for item in items:
+        try:
+            key = group_key(read_adapter(item.source))
+        except (MosconvError, OSError) as e:
+            yield Outcome(item.name, item.source, "failed", error=str(e).splitlines()[0])
+            continue
+        groups.setdefault(key, []).append(item)
+    for key in list(groups):
+        if len(groups[key]) == 1:
+            singles.append(groups.pop(key)[0])
+    yield from convert_many(singles, out, config) if singles else iter(())
+    for key, members in groups.items():
+        gid = _group_id(key)
+        if not config.overwrite and all(
+                is_complete(Path(out) / i.name, i.source, config.settings(), gid) for i in members):
+            for i in members:
+                yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, gid)
+            continue
+        yield from _group_outcomes(members, out, config, gid)
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
+    """Parameters of the shared pool files that the given outputs refer to (each once)."""
+    files: set[Path] = set()
+    for dest in dests:
+        try:
+            cfg = json.loads((dest / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        files.update((dest / ref["file"]).resolve() for ref in _shared_refs(cfg))
+    total = 0
+    if files:
+        from ..lora.read._header import read_safetensors_header
+    for f in sorted(files):
+        if f.is_file():
+            header, _ = read_safetensors_header(f)
+            for entry in header.values():
+                total += math.prod(int(d) for d in entry["shape"])
+    return total
+
+
+@dataclass
+class Summary:
+    """``summary.json``: per adapter outcomes and zoo totals."""
+
+    ratio: float
+    shared_pool: bool
+    adapters: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for a in self.adapters if a["status"] == "failed")
+
+
+def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfig(),
+              progress: Callable[[Outcome], None] | None = None) -> Summary:
+    """Convert every adapter of ``zoo`` into ``out`` and write ``out/summary.json``."""
+    config.validate()
+    items = discover(zoo, exclude=out)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("--engine ray needs Ray: pip install 'mosconv[ray]'") from None
+    stream = _shared_map(items, str(out), config) if config.shared_pool else \
+        convert_many(items, out, config)
+    results = {}
+    for outcome in stream:
+        results[outcome.name] = outcome
+        if progress:
+            progress(outcome)
+    rows = [asdict(results[i.name]) for i in items]
+    done = [r for r in rows if r["status"] != "failed" and r["lora_params"] is not None]
+    pool_params = _pool_params_in_use(out, [out / r["name"] for r in done])
+    lora = sum(r["lora_params"] for r in done)
+    local = sum(r["local_params"] or 0 for r in done)
+    energy = sum(r["energy"] or 0.0 for r in done)
+
+    def weighted(key: str) -> float | None:
+        if not done or energy <= 0:
+            return None
+        return (sum((r["energy"] or 0.0) * r[key] ** 2 for r in done) / energy) ** 0.5
+
+    totals = {
+        "adapters": len(rows),
+        "converted": sum(1 for r in rows if r["status"] == "converted"),
+        "skipped": sum(1 for r in rows if r["status"] == "skipped"),
+        "failed": sum(1 for r in rows if r["status"] == "failed"),
+        "lora_params": lora,
+        "mos_params": local + pool_params,
+        "shared_pool_params": pool_params,
+        "relative_error": weighted("relative_error"),
+        "truncation_relative_error": weighted("truncation_relative_error"),
+        "seconds": sum(r["seconds"] for r in rows),
+    }
+    summary = Summary(config.ratio, config.shared_pool, rows, totals)
+    atomic_write_json(out / SUMMARY_FILE, asdict(summary))
+    return summary

@@ -1,0 +1,297 @@
+"""``convert(adapter, config) -> ConvertResult``: LoRA in memory -> MoS in memory, no I/O.
+
+1. Factorize every module exactly and compute global-budget truncation at
+   ``budget = floor(lora_params / ratio)``; this fixes each kind's budget.
+2. Per kind, the all-private structure that reproduces truncation is the first
+   candidate.  With ``search != "truncation"``, MoS structures with public pools
+   (k-means initialized, refined by least squares and re-routing; see
+   :mod:`mosconv.fit.pools`) compete under the same kind budget.  A kind keeps the
+   candidate with the lowest exact error, so the result is never worse than
+   truncation and sharing is used only where it earns its place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from .._threads import one_thread
+from ..errors import ConfigError, MosconvError
+from ..lora.types import LoraAdapter
+from ..mos.types import KindPools, MosAdapter, MosModule
+from .datafit import data_target, kind_data_err_sq, refine_data, regularize
+from .factorize import Factorization, factorize
+from .pools import (
+    KindFit,
+    divisors_for,
+    kind_err_sq,
+    private_fit,
+    refine,
+    shared_fit,
+    shared_params,
+)
+from .report import build_report
+from .truncation import allocate, budget_for_ratio, truncate
+
+SEARCH_LEVELS = ("truncation", "fast", "thorough")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Settings of one conversion.
+
+    Attributes:
+        ratio: parameter budget is ``floor(lora_params / ratio)``; ``>= 1``.
+        seed: seeds k-means; same input and seed give the same bytes.
+        search: ``truncation`` (all-private only), ``fast`` (a few MoS candidates per
+            kind) or ``thorough`` (more shard sizes and public shares).
+        iters: refinement iterations per MoS candidate.
+        routing_weights: allow per-slot scalar weights in MoS candidates (counted as
+            parameters); False restricts candidates to the paper's unweighted form.
+    """
+
+    ratio: float = 8.0
+    seed: int = 0
+    search: str = "fast"
+    iters: int = 4
+    routing_weights: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
+            raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
+        if self.search not in SEARCH_LEVELS:
+            raise ConfigError(f"search must be one of {', '.join(SEARCH_LEVELS)}, got {self.search!r}")
+        if self.iters < 0:
+            raise ConfigError(f"iters must be >= 0, got {self.iters!r}")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """A converted adapter and its report (see ``docs/format.md`` for the report fields)."""
+
+    mos: MosAdapter
+    report: dict = field(default_factory=dict)
+    # what the report was built from, so that a later stage (distillation) can rebuild it
+    trunc: object = None
+    dtrunc: object = None
+    structures: dict | None = None
+
+
+def _candidates(search: str, n_modules: int, d_in: int, d_out: int, routing_weights: bool):
+    """(share of the kind budget for public pools, nc, public rows, weights) to try."""
+    if search == "truncation" or n_modules < 2:
+        return []
+    ws = (False, True) if routing_weights else (False,)
+    if search == "fast":  # small shards share best (measured on the zoo); four mixes
+        nc = divisors_for(d_in, d_out, (16, 8, 4, 2, 1))[0]
+        mixes = [(0.125, 2, False), (0.5, 2, True), (0.125, 1, True), (0.5, 1, False)]
+        return [(f, nc, q, w and routing_weights) for f, q, w in mixes]
+    ncs = divisors_for(d_in, d_out, (1, 2, 4, 8, 16))
+    return [(f, nc, q, w) for f in (0.125, 0.25, 0.5) for nc in ncs for q in (1, 2) for w in ws]
+
+
+def _worth_searching(search: str, targets: list[Factorization], ranks: list[int]) -> bool:
+    """Whether the fast search tries shared pools for a kind (thorough always does).
+
+    Two cheap signs that sharing can pay, measured on the zoo and on synthetic adapters:
+    truncation starves a module (rank 0 while its update is not zero), or the modules'
+    next residual directions overlap: the top singular value^2 of their stacked
+    ``sqrt(s) v`` (or ``sqrt(s) u``) vectors is at least twice the largest single one
+    (about 1 for independent layers, about L for L layers that share a direction).
+    Where neither holds, no shared candidate won in our measurements, and skipping the
+    search keeps ``compress`` close to the cost of load + factorize.
+    """
+    if search == "thorough":
+        return True
+    if any(k == 0 and f.energy > 0 for f, k in zip(targets, ranks)):
+        return True
+    for side in ("V", "U"):
+        rows = []
+        for f, k in zip(targets, ranks):
+            s = f.S[k:k + 2]
+            if s.numel():
+                rows.append(s.sqrt()[:, None].float() * getattr(f, side)[:, k:k + 2].T)
+        if len(rows) < 2:
+            return False
+        stack = torch.cat(rows).double()
+        top = float(torch.linalg.svdvals(stack)[0]) ** 2
+        if top >= 2 * float(stack.pow(2).sum(1).max()):
+            return True
+    return False
+
+
+def _try_shared(targets: list[Factorization], kind_budget: int, cand, seed: int,
+                iters: int, data_targets=None) -> KindFit | None:
+    frac, nc, q, weights = cand
+    d_in, d_out = targets[0].d_in, targets[0].d_out
+    gains = {i: f.S**2 for i, f in enumerate(targets)}
+    costs = {i: d_in + d_out for i in gains}
+    priv = allocate(gains, costs, int(kind_budget * (1 - frac)))
+    private_ranks = [priv[i] for i in range(len(targets))]
+    fixed = shared_params(d_in, d_out, private_ranks, q, 0, nc, weights)
+    n_public = (kind_budget - fixed) * nc // (d_in + d_out)
+    if n_public < 1:
+        return None
+    kf = shared_fit(targets, private_ranks, q, n_public, nc, weights, seed)
+    if kf.params > kind_budget:  # k-means may return fewer shards, never more
+        return None
+    if data_targets is not None:
+        return refine_data(kf, data_targets, iters)
+    return refine(kf, targets, iters)
+
+
+def _to_pools(kind: str, kf: KindFit, d_in: int, d_out: int) -> KindPools:
+    return KindPools(kind, d_in, d_out, kf.nc, kf.pool_A.to(torch.float32),
+                     kf.pool_B.to(torch.float32), kf.public_A, kf.public_B)
+
+
+def convert(
+    adapter: LoraAdapter,
+    config: ConvertConfig = ConvertConfig(),
+    *,
+    progress: Callable[[str], None] | None = None,
+    factorizations: dict[str, Factorization] | None = None,
+    calib=None,
+) -> ConvertResult:
+    """Convert a LoRA adapter into a MoS adapter under ``lora_params / ratio`` parameters.
+
+    Args:
+        adapter: from :func:`mosconv.read_adapter`.
+        config: ratio, seed, search level.
+        progress: called with the kind's name after each kind (for progress bars).
+        factorizations: precomputed :func:`factorize_adapter` output, to skip recomputing.
+        calib: :class:`mosconv.model.calib.CalibStats` with an input second moment for every
+            module: data-aware conversion (search, refinement and the truncation baseline
+            in the metric ``||(dW - dW') X||``); both metrics are reported.
+
+    Raises:
+        ConfigError: invalid settings, or ``calib`` that does not match the adapter.
+    """
+    config.validate()
+    # Spectra first (singular vectors dropped), then each kind is factorized again while it
+    # is fitted: peak memory holds one kind's singular vectors, not the whole adapter's.
+    spectra = factorizations or {m.name: _spectrum(m) for m in adapter.modules}
+    budget = budget_for_ratio(adapter.params, config.ratio)
+    trunc = truncate(spectra, budget)
+    data_targets = dtrunc = None
+    if calib is not None:
+        moments = check_calib(adapter, calib)
+        with one_thread():
+            data_targets = {m.name: data_target(m, regularize(moments[m.name]))
+                            for m in adapter.modules}
+        dtrunc = truncate({n: t.f for n, t in data_targets.items()}, budget)
+    torch.manual_seed(config.seed)
+
+    with one_thread():
+        kinds, structures, mos_modules = _fit_kinds(adapter, factorizations, dtrunc or trunc,
+                                                    config, progress, data_targets)
+    order = {m.name: i for i, m in enumerate(adapter.modules)}
+    mos_modules.sort(key=lambda m: order[m.name])
+    source = {
+        "format": adapter.format,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "dtype": adapter.dtype,
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "config": adapter.config,
+        "metadata": adapter.metadata,
+    }
+    info = {
+        "mosconv_version": __version__,
+        "ratio": float(config.ratio),
+        "seed": config.seed,
+        "search": config.search,
+        "iters": config.iters,
+        "routing_weights": config.routing_weights,
+        "lora_params": adapter.params,
+        "budget": budget,
+        "metric": "data" if calib is not None else "weight",
+    }
+    if calib is not None:
+        info["calib"] = {"tokens": calib.tokens, **calib.info}
+    mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
+                     extra_tensors=dict(adapter.extra_tensors), source=source, info=info)
+    report = build_report(adapter, mos, trunc, structures, config, calib=calib, dtrunc=dtrunc)
+    return ConvertResult(mos=mos, report=report, trunc=trunc, dtrunc=dtrunc,
+                         structures=structures)
+
+
+def check_calib(adapter: LoraAdapter, calib) -> dict[str, torch.Tensor]:
+    """The moments of ``calib`` for every module of ``adapter``, shapes checked."""
+    moments = {}
+    for m in adapter.modules:
+        C = calib.moments.get(m.name)
+        if C is None:
+            raise ConfigError(f"calibration statistics have no entry for module {m.name} "
+                              f"({len(calib.moments)} modules; collected for another adapter?)")
+        if tuple(C.shape) != (m.d_in, m.d_in):
+            raise ConfigError(f"calibration statistics of module {m.name} are "
+                              f"{C.shape[0]}x{C.shape[1]}, but its d_in is {m.d_in} "
+                              "(base model and adapter do not match)")
+        moments[m.name] = C
+    return moments
+
+
+def _spectrum(module) -> Factorization:
+    """A module's singular values, with empty singular-vector matrices of the right heights."""
+    f = factorize(module)
+    return Factorization(torch.empty(f.d_out, 0), f.S, torch.empty(f.d_in, 0))
+
+
+def _fit_kinds(adapter, facts, trunc, config, progress, data_targets=None):
+    """Per kind: the all-private structure from ``trunc`` (plain or data-aware truncation),
+    then shared candidates; the lowest error in the conversion's metric wins."""
+    kinds: dict[str, KindPools] = {}
+    structures = {}
+    mos_modules = []
+    for kind, mods in adapter.kinds.items():
+        dts = [data_targets[m.name] for m in mods] if data_targets else None
+        if dts:
+            targets = [t.f for t in dts]
+        else:
+            targets = [facts[m.name] if facts else factorize(m) for m in mods]
+        ranks = [trunc.ranks[m.name] for m in mods]
+        d_in, d_out = mods[0].d_in, mods[0].d_out
+        kind_budget = sum(ranks) * (d_in + d_out)
+        best = private_fit(targets, ranks)
+        best_err = sum(trunc.err_sq[m.name] for m in mods)
+        trunc_err = best_err
+        tried = 0
+        cands = _candidates(config.search, len(mods), d_in, d_out, config.routing_weights)
+        if kind_budget > 0 and cands and (dts or _worth_searching(config.search, targets, ranks)):
+            targets = [f.double() for f in targets] if not dts else targets  # float64 to fit
+            for cand in cands:
+                kf = _try_shared(targets, kind_budget, cand, config.seed, config.iters, dts)
+                tried += 1
+                if kf is None:
+                    continue
+                err = sum(kind_data_err_sq(kf, dts) if dts else kind_err_sq(kf, targets))
+                if err < best_err * (1 - 1e-9):
+                    best, best_err = kf, err
+        if best.params > kind_budget:
+            raise MosconvError(f"internal error: kind {kind} uses {best.params} > {kind_budget} params")
+        kinds[kind] = _to_pools(kind, best, d_in, d_out)
+        structures[kind] = {
+            "structure": best.structure, "nc": best.nc,
+            "public_A": best.public_A, "public_B": best.public_B,
+            "pool_A": int(best.pool_A.shape[0]), "pool_B": int(best.pool_B.shape[0]),
+            "params": best.params, "budget": kind_budget, "candidates_tried": tried,
+            "weights": any(m.weights_A is not None for m in best.modules),
+            "truncation_err_sq": trunc_err, "err_sq": best_err,
+        }
+        for m, mr in zip(mods, best.modules):
+            mos_modules.append(MosModule(
+                name=m.name, kind=kind, r=mr.r, scale=1.0,
+                routes_A=mr.routes_A.reshape(-1).clone(), routes_B=mr.routes_B.reshape(-1).clone(),
+                weights_A=None if mr.weights_A is None else mr.weights_A.reshape(-1).float(),
+                weights_B=None if mr.weights_B is None else mr.weights_B.reshape(-1).float(),
+                private_A=mr.private_A, private_B=mr.private_B,
+                embedding=m.embedding, conv_shape=m.conv_shape,
+            ))
+        if progress:
+            progress(kind)
+    return kinds, structures, mos_modules

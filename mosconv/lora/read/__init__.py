@@ -1,0 +1,65 @@
+"""Readers: any supported LoRA on disk -> :class:`mosconv.lora.types.LoraAdapter`.
+
+:func:`read_adapter` detects the format: a folder with ``adapter_config.json`` is
+PEFT; a single ``.safetensors``/``.bin`` file (or a folder holding exactly one)
+is diffusers or kohya by its keys; an ``adapter_model.*`` file inside a PEFT
+folder is read as that folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import FormatError
+from ...names import PEFT_CONFIG as CONFIG_NAME
+from ...names import PEFT_WEIGHTS as WEIGHT_NAMES
+
+if TYPE_CHECKING:
+    from ..types import LoraAdapter
+
+_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
+    """Return ``(family, path)``: ``("peft", folder)`` or ``("file", file)``."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name in WEIGHT_NAMES and (path.parent / CONFIG_NAME).is_file():
+            return "peft", path.parent
+        if path.name == CONFIG_NAME:
+            return "peft", path.parent
+        if path.suffix not in _SUFFIXES:
+            raise FormatError(f"{path}: unknown adapter format (expected a folder or a "
+                              ".safetensors/.bin file)")
+        return "file", path
+    if (path / CONFIG_NAME).is_file():
+        return "peft", path
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
+    if len(files) == 1:
+        return "file", files[0]
+    if not files:
+        raise FormatError(f"{path}: unknown adapter format (no {CONFIG_NAME} and no "
+                          ".safetensors/.bin file)")
+    raise FormatError(f"{path}: several weight files and no {CONFIG_NAME}; pass one file")
+
+
+def read_adapter(path: str | Path) -> LoraAdapter:
+    """Read a LoRA adapter in any supported format.
+
+    Raises:
+        FormatError: missing path, unknown format, corrupt file, invalid tensors.
+        UnsupportedAdapterError: adapters mosconv refuses on purpose (DoRA, LoHa, ...).
+    """
+    from .peft import read_peft  # torch is imported only when an adapter is read
+    from .single_file import read_single_file
+
+    family, p = resolve_adapter_path(path)
+    if family == "peft":
+        return read_peft(p)
+    return read_single_file(p)
+
+
+__all__ = ["read_adapter", "resolve_adapter_path"]

@@ -1,0 +1,144 @@
+"""Single-file image-model LoRAs: diffusers (PEFT-style and legacy), kohya / sd-scripts and
+LyCORIS LoHa / LoKr.
+
+| family | keys | scale |
+|---|---|---|
+| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else 1 |
+| diffusers-legacy | ``<path>.processor.to_q_lora.down.weight`` / ``.up.weight`` | 1 |
+| kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` | alpha / r (alpha defaults to r) |
+| lycoris-loha | ``<module>.hada_w1_a`` / ``_w1_b`` / ``_w2_a`` / ``_w2_b`` / ``.alpha`` | alpha / r (see :mod:`.lycoris`) |
+| lycoris-lokr | ``<module>.lokr_w1`` or ``_w1_a`` + ``_w1_b``, ``.lokr_w2`` or ``_w2_a`` + ``_w2_b``, ``.alpha`` | alpha / r, 1 if both full (see :mod:`.lycoris`) |
+
+kohya conv modules (LoCon 1x1 and 3x3) are flattened to ``(out, in*kh*kw)`` matrices,
+which is exact; the kernel shape is kept in ``LoraModule.conv_shape``.  LyCORIS LoHa and
+LoKr updates are factorized exactly into LoRA factors of their true rank
+(:mod:`mosconv.lora.read.lycoris`); a LyCORIS file may also hold plain kohya
+``lora_down``/``lora_up`` modules, read as kohya ones.  Its format is ``lycoris-`` plus the
+module types present joined by ``+`` (``lycoris-loha``, ``lycoris-lokr``,
+``lycoris-loha+lokr``, ``lycoris-lokr+lora``, ...).  Other LyCORIS types (Tucker, DoRA,
+full/diff, OFT, BOFT, GLoRA, IA3, norm) are refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ...errors import FormatError
+from ..types import LoraAdapter, assign_kinds
+from ._common import make_module
+from ._io import dtype_name, load_tensor_file
+from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
+
+_KOHYA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.(?P<which>lora_down|lora_up)\.weight$")
+_KOHYA_ALPHA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.alpha$")
+_LEGACY = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>down|up)\.weight$")
+_PEFT_STYLE = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_PEFT_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+
+
+def detect_family(keys: list[str]) -> str | None:
+    """``lycoris``, ``kohya``, ``diffusers-legacy``, ``diffusers`` or None from a file's
+    tensor keys (``lycoris``: any LoHa / LoKr factor key)."""
+    if has_lycoris_keys(keys):
+        return "lycoris"
+    if any(_KOHYA.match(k) for k in keys):
+        return "kohya"
+    if any(_LEGACY.match(k) for k in keys):
+        return "diffusers-legacy"
+    if any(_PEFT_STYLE.match(k) for k in keys):
+        return "diffusers"
+    return None
+
+
+def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
+    """Read a diffusers, kohya or LyCORIS (LoHa / LoKr) single-file adapter.
+
+    Raises:
+        FormatError: unreadable file, unknown key layout, unpaired or mismatched factors.
+        UnsupportedAdapterError: LyCORIS types other than LoHa / LoKr (Tucker, DoRA,
+            full, OFT, GLoRA, IA3, ...).
+    """
+    path = Path(path)
+    tensors, meta = load_tensor_file(path)
+    check_refused(path, tensors)  # before detection: an OFT-only file is named as such
+    family = family or detect_family(list(tensors))
+    if family is None:
+        raise FormatError(
+            f"{path}: unknown adapter format (no lora_A/lora_B, lora_down/lora_up, "
+            "hada_w1_a/lokr_w1 or processor *_lora keys)"
+        )
+    modules: list = []
+    dtypes: set[str] = set()
+    fmt = family
+    if family == "lycoris":  # LoHa / LoKr modules, then plain kohya ones from the rest
+        modules, used, dtypes = read_lycoris(path, tensors)
+        tensors = {k: v for k, v in tensors.items() if k not in used}
+        family = "kohya"
+    plain, extra, plain_dtypes = _read_pairs(path, tensors, family)
+    clash = sorted({m.name for m in modules} & {m.name for m in plain})
+    if clash:
+        raise FormatError(f"{path}: module {clash[0]} holds both LyCORIS (hada_*/lokr_*) and "
+                          "lora_down/lora_up tensors")
+    if fmt == "lycoris":
+        fmt = lycoris_format({m.source_type for m in [*modules, *plain]})
+    modules += plain
+    dtypes |= plain_dtypes
+    if not modules:
+        raise FormatError(f"{path}: no LoRA tensors found: empty adapter")
+    return LoraAdapter(
+        format=fmt,
+        modules=assign_kinds(modules),
+        extra_tensors=extra,
+        metadata=meta,
+        base_model=meta.get("ss_sd_model_name") or meta.get("ss_base_model_version"),
+        dtype="/".join(sorted(dtypes)),
+        source_files=(path,),
+        source_bytes=path.stat().st_size,
+    )
+
+
+def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str):
+    """``(modules, extra_tensors, dtypes)`` of the down/up pairs of one key family."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    extra = {}
+    if family == "kohya":
+        lora, alpha_re, down, up = _KOHYA, _KOHYA_ALPHA, "lora_down", "lora_up"
+    elif family == "diffusers-legacy":
+        lora, alpha_re, down, up = _LEGACY, None, "down", "up"
+    else:
+        lora, alpha_re, down, up = _PEFT_STYLE, _PEFT_ALPHA, "lora_A", "lora_B"
+    for key, t in tensors.items():
+        m = lora.match(key)
+        if m:
+            if family == "diffusers-legacy":
+                proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+                mod = f"{m['path']}.{proj}"
+            else:
+                mod = m["mod"]
+            pairs.setdefault(mod, {})[m["which"]] = t
+            continue
+        a = alpha_re.match(key) if alpha_re else None
+        if a and t.numel() == 1:
+            if t.is_complex() or t.dtype == torch.bool:
+                raise FormatError(f"{path}: alpha tensor {key} has dtype {dtype_name(t)}, "
+                                  "expected a real number")
+            alphas[a["mod"]] = float(t.reshape(()).to(torch.float64).item())
+            continue
+        extra[key] = t
+    modules = []
+    dtypes = set()
+    for mod, slot in pairs.items():
+        a, b = slot.get(down), slot.get(up)
+        r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
+        alpha = alphas.get(mod, float(r))
+        scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
+        modules.append(make_module(path, mod, a, b, scale))
+        dtypes.add(dtype_name(a))
+    orphan = set(alphas) - set(pairs)
+    for mod in sorted(orphan):  # an alpha without factors is kept, not lost
+        extra[f"{mod}.alpha"] = tensors[f"{mod}.alpha"]
+    return modules, extra, dtypes

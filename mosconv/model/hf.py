@@ -1,0 +1,55 @@
+"""Load a local base model (transformers folder or GGUF file) for the runtime; never online."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, FormatError
+
+
+def load_base_model(path: str | Path, *, gguf_file: str | None = None,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` of a causal LM from a local folder, in eval mode and frozen.
+
+    Args:
+        path: a model folder, or a ``.gguf`` file (then ``gguf_file`` is its name).
+        gguf_file: name of a GGUF file inside ``path`` (transformers dequantizes it).
+        dtype: dtype of the loaded weights.
+        device: where the model is put.
+
+    Raises:
+        FormatError: ``path`` or the GGUF file is missing, or transformers cannot load it.
+        ConfigError: transformers is not installed.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no network, ever
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
+        path, gguf_file = path.parent, path.name
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder")
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise FormatError(f"{path / gguf_file}: no such GGUF file")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConfigError("loading a base model needs transformers: "
+                          "pip install 'mosconv[hf]'") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # mosconv shows its own progress; keep stderr clean
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                     dtype=dtype, **extra)
+    except Exception as e:  # noqa: BLE001  (transformers raises anything; report it in one line)
+        lines = str(e).strip().splitlines()
+        first = lines[0] if lines else ""
+        raise FormatError(f"{path}: cannot load a model ({type(e).__name__}: {first})") from None
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,420 @@
+"""Attach MoS (or plain LoRA) adapters to a PyTorch / transformers model, switch, merge, remove.
+
+Each targeted layer is replaced by an :class:`AdapterLayer` that wraps the original layer
+(``.base``) and holds one delta per adapter name; ``forward(x) = base(x) + delta(x)`` for the
+active adapter.  A MoS adapter's pools are stored once, under ``model.mos_adapters[name][kid]``;
+every :class:`MosDelta` of the kind gathers its ``A_l``/``B_l`` from them on each forward::
+
+    model = mosconv.apply(model, "out/mos")      # MoS folder, LoRA folder/file, or in memory
+    mosconv.set_active(model, None)              # base model only
+    mosconv.merge(model)                         # fold the active adapter into the weights
+
+Supported base layers: ``torch.nn.Linear`` and GPT-2's ``Conv1D`` (weight ``(in, out)``).
+Non-LoRA tensors of an adapter (``modules_to_save``, ...) are not applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedAdapterError
+from ..lora.types import LoraAdapter, LoraModule
+from ..mos.types import MosAdapter, MosModule
+from ..names import kind_ids
+
+POOLS_ATTR = "mos_adapters"
+
+
+class KindPoolModule(nn.Module):
+    """The two shard pools of one kind: ``pool_A (N_A, d_in/nc)``, ``pool_B (N_B, d_out/nc)``."""
+
+    def __init__(self, pool_A: torch.Tensor, pool_B: torch.Tensor, d_in: int, d_out: int,
+                 nc: int, trainable: bool) -> None:
+        super().__init__()
+        self.d_in, self.d_out, self.nc = d_in, d_out, nc
+        self.pool_A = nn.Parameter(pool_A, requires_grad=trainable)
+        self.pool_B = nn.Parameter(pool_B, requires_grad=trainable)
+
+
+class MosDelta(nn.Module):
+    """One module's MoS update ``scale * (x @ A_l.T) @ B_l.T``, assembled on every call.
+
+    The kind's :class:`KindPoolModule` is referenced, not registered (it lives under
+    ``model.mos_adapters``), so each pool appears once in ``parameters()``/``state_dict()``.
+    Routes are int64 buffers ``(r * nc,)``; slot weights, when present, are parameters.
+    """
+
+    def __init__(self, pools: KindPoolModule, m: MosModule, trainable: bool) -> None:
+        super().__init__()
+        self._pools = (pools,)  # a tuple: not a submodule
+        self.r, self.scale = m.r, float(m.scale)
+        dev, dt = pools.pool_A.device, pools.pool_A.dtype
+        self.register_buffer("routes_A", m.routes_A.to(device=dev, dtype=torch.int64))
+        self.register_buffer("routes_B", m.routes_B.to(device=dev, dtype=torch.int64))
+        self.weights_A = self.weights_B = None
+        if m.weights_A is not None:
+            wa, wb = m.weights_A.to(dev, dt, copy=True), m.weights_B.to(dev, dt, copy=True)
+            self.weights_A = nn.Parameter(wa, requires_grad=trainable)
+            self.weights_B = nn.Parameter(wb, requires_grad=trainable)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_l (r, d_in), B_l (d_out, r))`` gathered from the pools, scale not folded."""
+        p = self._pools[0]
+        a = p.pool_A[self.routes_A]  # (r*nc, d_in/nc)
+        b = p.pool_B[self.routes_B]  # (r*nc, d_out/nc)
+        if self.weights_A is not None:
+            a = a * self.weights_A[:, None]
+            b = b * self.weights_B[:, None]
+        return a.reshape(self.r, p.d_in), b.reshape(self.r, p.d_out).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., d_in) -> (..., d_out)`` in x's dtype and device."""
+        A, B = self.factors()
+        A, B = A.to(x.device, x.dtype), B.to(x.device, x.dtype)
+        return self.scale * ((x @ A.T) @ B.T)
+
+
+class LoraDelta(nn.Module):
+    """A plain LoRA update ``scale * (x @ A.T) @ B.T``, ``A (r, d_in)``, ``B (d_out, r)``."""
+
+    def __init__(self, m: LoraModule, device: torch.device, dtype: torch.dtype,
+                 trainable: bool) -> None:
+        super().__init__()
+        self.scale = float(m.scale)
+        self.A = nn.Parameter(m.A.to(device, dtype, copy=True), requires_grad=trainable)
+        self.B = nn.Parameter(m.B.to(device, dtype, copy=True), requires_grad=trainable)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A, self.B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., d_in) -> (..., d_out)`` in x's dtype and device."""
+        A, B = self.A.to(x.device, x.dtype), self.B.to(x.device, x.dtype)
+        return self.scale * ((x @ A.T) @ B.T)
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a base layer; ``forward(x) = base(x) + deltas[active](x)`` (base only when None)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.active: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads layer.weight (dtype checks) keeps working
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.active is None or self.active not in self.deltas:
+            return out
+        return out + self.deltas[self.active](x).to(out.dtype)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of a supported layer, None for anything else."""
+    if isinstance(layer, AdapterLayer):
+        layer = layer.base
+    if isinstance(layer, nn.Linear):
+        return int(layer.out_features), int(layer.in_features)
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d):
+        return int(layer.weight.shape[1]), int(layer.weight.shape[0])
+    return None
+
+
+def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules`` without the insides of adapter layers and the pool container."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, mod in model.named_modules():
+        if name == POOLS_ATTR or name.startswith(POOLS_ATTR + ".") or any(
+                name.startswith(s) for s in skip):
+            continue
+        out[name] = mod
+        if isinstance(mod, AdapterLayer):
+            skip.append(name + ".")
+    return out
+
+
+def _resolve(name: str, layers: dict[str, nn.Module]) -> str:
+    """The base model's name for an adapter module name, matched the way PEFT does.
+
+    Raises:
+        ConfigError: no match, or several suffix matches.
+    """
+    if name in layers:
+        return name
+    hits = [n for n in layers if n and (n.endswith("." + name) or name.endswith("." + n))]
+    if len(hits) == 1:
+        return hits[0]
+    why = "no module of that name" if not hits else f"ambiguous: {', '.join(hits[:4])}"
+    raise ConfigError(f"{name}: not found in the base model ({why})")
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def _load(adapter: MosAdapter | LoraAdapter | str | Path) -> MosAdapter | LoraAdapter:
+    if isinstance(adapter, (MosAdapter, LoraAdapter)):
+        return adapter
+    if isinstance(adapter, (str, Path)):
+        from ..lora.read import read_adapter
+        from ..mos.format import is_mos_dir, load_mos
+
+        return load_mos(adapter) if is_mos_dir(adapter) else read_adapter(adapter)
+    raise ConfigError(f"adapter must be a MosAdapter, a LoraAdapter or a path, "
+                      f"got {type(adapter).__name__}")
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+# ------------------------------------------------------------------ public API
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``, in first-seen order."""
+    names: dict[str, None] = {}
+    for _, layer in _adapter_layers(model):
+        names.update(dict.fromkeys(layer.deltas))
+    names.update(dict.fromkeys(getattr(model, POOLS_ATTR, None) or {}))
+    return list(names)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None when the model runs as the base model."""
+    for _, layer in _adapter_layers(model):
+        if layer.active is not None:
+            return layer.active
+    return None
+
+
+def _check_name(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise ConfigError(f"adapter {name!r}: not attached to this model "
+                          f"(attached: {', '.join(adapter_names(model)) or 'none'})")
+
+
+def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
+          name: str = "default", trainable: bool = False, activate: bool = True) -> nn.Module:
+    """Attach an adapter to ``model`` in place under ``name``; returns ``model``.
+
+    Every check (names, layer types, shapes) runs before the model is changed.
+    Adapter tensors are cast to each base layer's device and dtype (a kind's pools to its
+    first layer's).  ``trainable`` sets ``requires_grad`` of the pools and slot weights
+    (or LoRA ``A``/``B``); the base model's parameters are left as they are.
+
+    Raises:
+        ConfigError: bad or duplicate ``name``, a module missing from the model, a shape that
+            differs between the base layer and the adapter.
+        UnsupportedAdapterError: embedding or conv modules, or a base layer that is neither
+            ``nn.Linear`` nor GPT-2 ``Conv1D``.
+        FormatError: ``adapter`` is a path that cannot be read.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapter_names(model):
+        raise ConfigError(f"adapter {name!r}: already attached to this model")
+    ad = _load(adapter)
+    layers = _named_layers(model)
+    if isinstance(ad, MosAdapter):
+        shapes = {m.name: (ad.kinds[m.kind].d_out, ad.kinds[m.kind].d_in) for m in ad.modules}
+    else:
+        shapes = {m.name: (m.d_out, m.d_in) for m in ad.modules}
+    plan: list[tuple[object, str, nn.Module]] = []
+    seen: dict[str, str] = {}
+    for m in ad.modules:
+        target = _resolve(m.name, layers)
+        layer = layers[target]
+        if m.embedding or m.conv_shape:
+            what = "embedding" if m.embedding else "conv"
+            raise UnsupportedAdapterError(f"{m.name}: {what} adapter modules are not supported "
+                                          "by the runtime (only Linear and Conv1D layers)")
+        have = _layer_shape(layer)
+        if have is None:
+            raise UnsupportedAdapterError(f"{m.name}: base layer {type(layer).__name__} is not "
+                                          "supported (only torch.nn.Linear and GPT-2 Conv1D)")
+        if have != shapes[m.name]:
+            raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
+                              f"(out, in) = {have}, adapter {shapes[m.name]})")
+        if target in seen:
+            raise ConfigError(f"{m.name}: base layer {target} is also targeted by {seen[target]}")
+        seen[target] = m.name
+        plan.append((m, target, layer.base if isinstance(layer, AdapterLayer) else layer))
+
+    pools: dict[str, KindPoolModule] = {}
+    if isinstance(ad, MosAdapter):
+        first = {}
+        for m, _, base in plan:
+            first.setdefault(m.kind, base.weight)
+        container = nn.ModuleDict()
+        ids = kind_ids(ad.kinds)
+        for kind, p in ad.kinds.items():
+            w = first.get(kind)
+            dev, dt = (w.device, _float_dtype(w)) if w is not None else ("cpu", torch.float32)
+            pa, pb = p.pool_A.to(dev, dt, copy=True), p.pool_B.to(dev, dt, copy=True)
+            pools[kind] = KindPoolModule(pa, pb, p.d_in, p.d_out, p.nc, trainable)
+            container[ids[kind]] = pools[kind]
+        if not hasattr(model, POOLS_ATTR):
+            setattr(model, POOLS_ATTR, nn.ModuleDict())
+        getattr(model, POOLS_ATTR)[name] = container
+    for m, target, base in plan:
+        if isinstance(m, MosModule):
+            delta: nn.Module = MosDelta(pools[m.kind], m, trainable)
+        else:
+            delta = LoraDelta(m, base.weight.device, _float_dtype(base.weight), trainable)
+        layer = layers[target]
+        if not isinstance(layer, AdapterLayer):
+            layer = AdapterLayer(base)
+            _set_child(model, target, layer)
+        layer.deltas[name] = delta
+    if activate:
+        set_active(model, name)
+    return model
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` active in every layer (layers it does not target run base only);
+    None runs the base model.
+
+    Raises:
+        ConfigError: ``name`` is not attached.
+    """
+    if name is not None:
+        _check_name(model, name)
+    for _, layer in _adapter_layers(model):
+        layer.active = name if name in layer.deltas else None
+
+
+def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Adapter ``name``'s parameters, each once: pools, then slot weights (or LoRA A, B).
+
+    Raises:
+        ConfigError: ``name`` is not attached.
+    """
+    _check_name(model, name)
+    out: dict[int, nn.Parameter] = {}
+    container = getattr(model, POOLS_ATTR, None)
+    if container is not None and name in container:
+        out.update((id(p), p) for p in container[name].parameters())
+    for _, layer in _adapter_layers(model):
+        if name in layer.deltas:
+            out.update((id(p), p) for p in layer.deltas[name].parameters())
+    return list(out.values())
+
+
+def remove(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Detach adapter ``name`` (every adapter when None); returns ``model``.
+
+    A layer left without adapters is replaced by its original layer object, and
+    ``model.mos_adapters`` is deleted once empty, so removing everything restores the
+    model's ``state_dict`` exactly.
+
+    Raises:
+        ConfigError: ``name`` is not attached.
+    """
+    if name is not None:
+        _check_name(model, name)
+    for path, layer in _adapter_layers(model):
+        for key in ([name] if name is not None else list(layer.deltas)):
+            if key in layer.deltas:
+                del layer.deltas[key]
+                if layer.active == key:
+                    layer.active = None
+        if not len(layer.deltas):
+            _set_child(model, path, layer.base)
+    container = getattr(model, POOLS_ATTR, None)
+    if container is not None:
+        for key in ([name] if name is not None else list(container)):
+            if key in container:
+                del container[key]
+        if not len(container):
+            delattr(model, POOLS_ATTR)
+    return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapter ``name`` (the active one when None) into the base weights, then remove
+    every adapter; returns ``model`` with its original layer types.
+
+    Linear: ``W (out, in) += scale * B @ A``; Conv1D: ``W (in, out) += (scale * B @ A).T``;
+    the sum is formed in at least float32 and stored in the weight's dtype.
+
+    Raises:
+        ConfigError: no active adapter and no ``name``, ``name`` not attached, or a base
+            weight that is not floating point (quantized).
+    """
+    name = name if name is not None else active_adapter(model)
+    if name is None:
+        raise ConfigError("merge: no adapter is active and no name was given")
+    _check_name(model, name)
+    todo = [(p, layer) for p, layer in _adapter_layers(model) if name in layer.deltas]
+    for path, layer in todo:
+        if not layer.base.weight.is_floating_point():
+            raise ConfigError(f"{path}: cannot merge into a {layer.base.weight.dtype} weight")
+    for _, layer in todo:
+        delta = layer.deltas[name]
+        A, B = delta.factors()
+        w = layer.base.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        dw = delta.scale * (B.to(w.device, acc) @ A.to(w.device, acc))  # (out, in)
+        if not isinstance(layer.base, nn.Linear):  # Conv1D stores (in, out)
+            dw = dw.T
+        w.copy_((w.to(acc) + dw).to(w.dtype))
+    return remove(model)
+
+
+def find_layers(model: nn.Module, adapter: MosAdapter | LoraAdapter) -> dict[str, nn.Module]:
+    """Adapter module name -> the base model's layer it targets (matched as :func:`apply`
+    does, shapes checked), without changing the model.
+
+    Raises:
+        ConfigError: a module missing from the model or of another shape.
+        UnsupportedAdapterError: a layer that is neither ``nn.Linear`` nor GPT-2 ``Conv1D``.
+    """
+    layers = _named_layers(model)
+    out = {}
+    for m in adapter.modules:
+        if isinstance(adapter, MosAdapter):
+            want = (adapter.kinds[m.kind].d_out, adapter.kinds[m.kind].d_in)
+        else:
+            want = (m.d_out, m.d_in)
+        layer = layers[_resolve(m.name, layers)]
+        have = _layer_shape(layer)
+        if have is None:
+            raise UnsupportedAdapterError(f"{m.name}: base layer {type(layer).__name__} is not "
+                                          "supported (only torch.nn.Linear and GPT-2 Conv1D)")
+        if have != want:
+            raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
+                              f"(out, in) = {have}, adapter {want})")
+        out[m.name] = layer.base if isinstance(layer, AdapterLayer) else layer
+    return out

@@ -1,0 +1,382 @@
+"""The MoS adapter format, version 1: the one place that knows tensor names and file layout.
+
+A MoS folder holds ``mos_adapter.safetensors``, ``report.json`` and
+``mos_config.json`` (written last: its presence means the folder is complete).
+See ``docs/format.md`` for every tensor and field; the in-memory types and their assembly
+are in :mod:`mosconv.mos.types`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError
+from ..fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
+from ..lora.read._io import check_finite, load_tensor_file
+from ..names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE, kind_ids
+from .types import KindPools, MosAdapter, MosModule, route_dtype
+
+# ---------------------------------------------------------------- saving
+
+
+def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
+    """The safetensors dict and the JSON config of a MoS adapter (no I/O)."""
+    ids = kind_ids(mos.kinds)
+    tensors: dict[str, torch.Tensor] = {}
+    kinds_cfg = []
+    for kind, p in mos.kinds.items():
+        kid = ids[kind]
+        nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+        tensors[f"mos.pools.{kid}.A"] = p.pool_A[nA:].to(torch.float32)
+        tensors[f"mos.pools.{kid}.B"] = p.pool_B[nB:].to(torch.float32)
+        entry = {
+            "id": kid, "kind": kind, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
+            "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
+            "public_A": p.public_A, "public_B": p.public_B,
+        }
+        if p.shared:
+            entry["shared_pool"] = dict(p.shared)
+        kinds_cfg.append(entry)
+    modules_cfg = []
+    for m in mos.modules:
+        p = mos.kinds[m.kind]
+        tensors[f"mos.routes.{m.name}.A"] = m.routes_A.to(route_dtype(p.pool_A.shape[0]))
+        tensors[f"mos.routes.{m.name}.B"] = m.routes_B.to(route_dtype(p.pool_B.shape[0]))
+        if m.weights_A is not None:
+            tensors[f"mos.weights.{m.name}.A"] = m.weights_A.to(torch.float32)
+            tensors[f"mos.weights.{m.name}.B"] = m.weights_B.to(torch.float32)
+        modules_cfg.append({
+            "name": m.name, "kind": ids[m.kind], "r": m.r, "scale": m.scale,
+            "private_A": list(m.private_A), "private_B": list(m.private_B),
+            "weights": m.weights_A is not None, "embedding": m.embedding,
+            "conv_shape": list(m.conv_shape) if m.conv_shape else None,
+        })
+    for key, t in mos.extra_tensors.items():
+        tensors[f"extra.{key}"] = t
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **mos.info,
+        "params": mos.params,
+        "local_params": sum(p.local_params for p in mos.kinds.values()),
+        "index_bytes": mos.index_bytes,
+        "source": mos.source,
+        "kinds": kinds_cfg,
+        "modules": modules_cfg,
+    }
+    return tensors, config
+
+
+def save_mos(mos: MosAdapter, out: str | Path, report: dict | None = None, *,
+             overwrite: bool = False) -> Path:
+    """Write a MoS folder: tensors, then ``report.json``, then ``mos_config.json`` (last)."""
+    out = Path(out)
+    prepare_output_dir(out, CONFIG_FILE, overwrite)
+    tensors, config = to_tensors(mos)
+    # one key only: safetensors writes metadata in hash-map order, so two keys would make
+    # the header bytes differ between runs
+    meta = {"format": f"{FORMAT_NAME}.v{FORMAT_VERSION}"}
+    data = safetensors_bytes(tensors, meta)
+    atomic_write_bytes(out / TENSOR_FILE, data)
+    if report is not None:
+        totals = report.setdefault("totals", {})
+        totals["mos_file_bytes"] = len(data)
+        if totals.get("lora_file_bytes"):
+            totals["file_bytes_ratio"] = totals["lora_file_bytes"] / len(data)
+        atomic_write_json(out / REPORT_FILE, report)
+    atomic_write_json(out / CONFIG_FILE, config)
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def is_mos_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() or (p.is_file() and p.name == CONFIG_FILE)
+
+
+def _need(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{where}: invalid MoS adapter: {what}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _show(value) -> str:
+    """``repr`` of a JSON value, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(obj: dict, key: str, cfg_path: Path, where: str, *, lo: int = 0,
+           hi: int | None = None, default=None) -> int:
+    """``obj[key]``: a JSON integer in ``[lo, hi]`` (``default`` when absent)."""
+    value = obj.get(key, default)
+    _need(_is_int(value) and value >= lo and (hi is None or value <= hi), cfg_path,
+          f"{where}: {key} is {_show(value)}, expected an integer >= {lo}"
+          + (f" and <= {hi}" if hi is not None else ""))
+    return value
+
+
+def load_mos(path: str | Path) -> MosAdapter:
+    """Load and validate a MoS folder (routes in range, pool shapes, ranks).
+
+    Raises:
+        FormatError: missing or corrupt files, wrong version, inconsistent tensors.
+    """
+    folder = Path(path)
+    if folder.is_file() and folder.name in (CONFIG_FILE, TENSOR_FILE):
+        folder = folder.parent
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FormatError(f"{folder}: not a MoS adapter (no {CONFIG_FILE}; an incomplete "
+                          "or interrupted output has none)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # also bad UTF-8, absurd numbers, nesting
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{cfg_path}: cannot read MoS config ({msg})") from None
+    _need(isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME, cfg_path,
+          f"'format' is not {FORMAT_NAME!r}")
+    version = cfg.get("format_version")
+    _need(_is_int(version) and version == FORMAT_VERSION, cfg_path,
+          f"format_version {_show(version)} is not supported (this mosconv reads {FORMAT_VERSION})")
+    for key, kind in (("kinds", list), ("modules", list), ("source", dict)):
+        _need(isinstance(cfg.get(key, {} if key == "source" else None), kind), cfg_path,
+              f"{key!r} is {_show(cfg.get(key))}, expected a JSON {kind.__name__}")
+    source_cfg = cfg.get("source", {}).get("config")
+    _need(source_cfg is None or isinstance(source_cfg, dict), cfg_path,
+          f"source.config is {_show(source_cfg)}, expected an object or null")
+    tensors, _ = load_tensor_file(folder / TENSOR_FILE)
+    tpath = folder / TENSOR_FILE
+    try:
+        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors)
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
+        # a safety net: every field is checked above, so this means a check is missing
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise FormatError(f"{cfg_path}: invalid MoS config ({type(e).__name__}: {msg})") from None
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    info = {k: v for k, v in cfg.items()
+            if k not in ("format", "format_version", "source", "kinds", "modules", "params",
+                         "local_params",
+                         "index_bytes")}
+    return MosAdapter(kinds=kinds, modules=tuple(modules), extra_tensors=extra,
+                      source=cfg.get("source", {}), info=info)
+
+
+def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict):
+    """The validated pools and modules of a MoS config whose top level is checked."""
+    shared_cache: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, KindPools] = {}
+    id_to_kind: dict[str, str] = {}
+    for i, k in enumerate(cfg["kinds"]):
+        _need(isinstance(k, dict), cfg_path, f"kinds[{i}] is {_show(k)}, expected an object")
+        kid, kind = k.get("id"), k.get("kind")
+        _need(isinstance(kid, str) and isinstance(kind, str) and kid.isprintable()
+              and kind.isprintable(), cfg_path,
+              f"kinds[{i}] has id {_show(kid)} and kind {_show(kind)}, expected strings")
+        _need(kid not in id_to_kind and kind not in kinds, cfg_path,
+              f"kind {kid} ({kind}) appears twice")
+        nc, d_in, d_out = (_field(k, f, cfg_path, f"kind {kid}", lo=1) for f in ("nc", "d_in", "d_out"))
+        _need(d_in % nc == 0 and d_out % nc == 0, cfg_path,
+              f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
+        sA, sB = d_in // nc, d_out // nc
+        pa = tensors.get(f"mos.pools.{kid}.A")
+        pb = tensors.get(f"mos.pools.{kid}.B")
+        _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
+        for side, pool, width in (("A", pa, sA), ("B", pb, sB)):
+            _need(pool.is_floating_point() and pool.dim() == 2 and pool.shape[1] == width, tpath,
+                  f"pool mos.pools.{kid}.{side} has shape {tuple(pool.shape)} {pool.dtype}, "
+                  f"expected float (N, {width})")
+        shared = k.get("shared_pool")
+        if shared is not None:
+            _need(isinstance(shared, dict), cfg_path,
+                  f"kind {kid}: shared_pool is {_show(shared)}, expected an object")
+        if shared:
+            sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache, (sA, sB))
+            pa, pb = torch.cat([sa, pa.to(sa.dtype)]), torch.cat([sb, pb.to(sb.dtype)])
+        for side, pool in (("A", pa), ("B", pb)):
+            declared = k.get(f"pool_{side}")
+            _need(declared is None or (_is_int(declared) and declared == pool.shape[0]), cfg_path,
+                  f"kind {kid} declares pool_{side}={_show(declared)} but the tensor has "
+                  f"{pool.shape[0]} shards")
+        check_finite(tpath, f"mos.pools.{kid}", pa)
+        check_finite(tpath, f"mos.pools.{kid}", pb)
+        public = [_field(k, f"public_{side}", cfg_path, f"kind {kid}", default=0,
+                         hi=int(pool.shape[0])) for side, pool in (("A", pa), ("B", pb))]
+        kinds[kind] = KindPools(kind, d_in, d_out, nc, pa.float(), pb.float(), public[0],
+                                public[1], dict(shared) if shared else None)
+        id_to_kind[kid] = kind
+    modules = []
+    names = set()
+    for i, m in enumerate(cfg["modules"]):
+        _need(isinstance(m, dict), cfg_path, f"modules[{i}] is {_show(m)}, expected an object")
+        name = m.get("name")
+        _need(isinstance(name, str) and name.isprintable() and name not in names, cfg_path,
+              f"modules[{i}] has name {_show(name)}, expected a string that no other module has")
+        names.add(name)
+        where = f"module {name}"
+        _need(isinstance(m.get("kind"), str) and m["kind"] in id_to_kind, cfg_path,
+              f"{where} names unknown kind {_show(m.get('kind'))}")
+        r = _field(m, "r", cfg_path, where)
+        pools = kinds[id_to_kind[m["kind"]]]
+        routes = []
+        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+            t = tensors.get(f"mos.routes.{name}.{side}")
+            _need(t is not None, tpath, f"routes of {where} ({side}) missing")
+            _need(t.dim() == 1, tpath,
+                  f"routes of {where} ({side}) have shape {tuple(t.shape)}, expected 1-D")
+            _need(t.numel() == r * pools.nc, tpath,
+                  f"routes of {where} ({side}) have {t.numel()} entries, expected {r * pools.nc}")
+            _need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+                  tpath, f"routes of {where} ({side}) have dtype {t.dtype}, expected integers")
+            t = t.to(torch.int64)
+            _need(t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) < pool.shape[0]), tpath,
+                  f"routes of {where} ({side}) point outside the pool of {pool.shape[0]} shards")
+            routes.append(t)
+        weights = [None, None]
+        flags = {f: m.get(f, False) for f in ("weights", "embedding")}
+        for flag, value in flags.items():
+            _need(isinstance(value, bool), cfg_path,
+                  f"{where}: {flag} is {_show(value)}, expected true or false")
+        if flags["weights"]:
+            for j, side in enumerate("AB"):
+                w = tensors.get(f"mos.weights.{name}.{side}")
+                _need(w is not None and w.is_floating_point() and w.numel() == r * pools.nc, tpath,
+                      f"weights of {where} ({side}) missing, not float or of wrong size")
+                check_finite(tpath, f"mos.weights.{name}.{side}", w)
+                weights[j] = w.float().reshape(-1)
+        scale = m.get("scale")
+        _need(isinstance(scale, (int, float)) and not isinstance(scale, bool), cfg_path,
+              f"{where} has scale {_show(scale)}, expected a number")
+        _need(math.isfinite(scale), cfg_path, f"{where} has non-finite scale")
+        private = []
+        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+            rng = m.get(f"private_{side}", [0, 0])
+            _need(isinstance(rng, list) and len(rng) == 2 and all(_is_int(x) for x in rng)
+                  and 0 <= rng[0] <= rng[1] <= pool.shape[0], cfg_path,
+                  f"{where}: private_{side} is {_show(rng)}, expected [start, stop] within the "
+                  f"pool of {pool.shape[0]} shards")
+            private.append(tuple(rng))
+        conv = m.get("conv_shape")
+        _need(conv is None or (isinstance(conv, list) and len(conv) == 4
+                               and all(_is_int(x) and x >= 1 for x in conv)
+                               and conv[0] == pools.d_out
+                               and conv[1] * conv[2] * conv[3] == pools.d_in), cfg_path,
+              f"{where}: conv_shape is {_show(conv)}, expected null or [out, in, kh, kw] with "
+              f"out = {pools.d_out} and in*kh*kw = {pools.d_in}")
+        modules.append(MosModule(
+            name=name, kind=id_to_kind[m["kind"]], r=r, scale=float(scale),
+            routes_A=routes[0], routes_B=routes[1], weights_A=weights[0], weights_B=weights[1],
+            private_A=private[0], private_B=private[1], embedding=flags["embedding"],
+            conv_shape=tuple(conv) if conv else None,
+        ))
+    return kinds, modules
+
+
+def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,
+                  widths: tuple[int, int]):
+    """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked."""
+    from ..fileio import sha256_file
+
+    _need(isinstance(ref, dict) and isinstance(ref.get("file"), str)
+          and "\0" not in ref["file"], cfg_path, f"kind {kid}: shared_pool has no file")
+    _need(isinstance(ref.get("sha256"), str), cfg_path,
+          f"kind {kid}: shared_pool has sha256 {_show(ref.get('sha256'))}, expected a string")
+    path = (folder / ref["file"]).resolve()
+    if str(path) not in cache:
+        if not path.is_file():
+            raise FormatError(f"{cfg_path}: kind {kid} needs the shared pool file {path}, "
+                              "which is missing")
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read shared pool file ({e.strerror or e})") from None
+        _need(digest == ref["sha256"], cfg_path,
+              f"shared pool file {path} has sha256 {digest[:12]}..., expected "
+              f"{ref['sha256'][:12]}... (changed or replaced)")
+        cache[str(path)] = load_tensor_file(path)[0]
+    tensors = cache[str(path)]
+    out = []
+    for side, width in zip("AB", widths):
+        key = ref.get(f"key_{side}")
+        n = _field(ref, f"n_{side}", cfg_path, f"kind {kid}: shared_pool", default=0)
+        if n == 0:
+            out.append(torch.zeros(0, width))
+            continue
+        t = tensors.get(key) if isinstance(key, str) else None
+        _need(t is not None and t.is_floating_point() and tuple(t.shape) == (n, width), path,
+              f"shared pool tensor {_show(key)} missing or not a float ({n}, {width}) matrix")
+        out.append(t.float())
+    return tuple(out)
+
+
+def load_report(path: str | Path) -> dict | None:
+    p = Path(path) / REPORT_FILE
+    if not p.is_file():
+        return None
+    try:
+        report = json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{p}: cannot read report ({msg})") from None
+    problem = _report_problem(report)
+    if problem:
+        raise FormatError(f"{p}: invalid report ({problem})")
+    return report
+
+
+# report.json fields that readers (inspect's table, plots) use: name -> allowed JSON types
+_NUM, _OPT = (int, float), (int, float, type(None))
+_REPORT_TOTALS = {"lora_params": _NUM, "mos_params": _NUM, "budget": _NUM, "index_bytes": _NUM,
+                  "relative_error": _NUM, "truncation_relative_error": _NUM,
+                  "sharing_gain": _NUM, "kinds_shared": _NUM, "param_ratio": _OPT,
+                  "local_params": _OPT, "file_bytes_ratio": _OPT, "mos_file_bytes": _OPT}
+_REPORT_DATA_TOTALS = {"data_relative_error": _NUM, "data_truncation_relative_error": _NUM,
+                       "plain_truncation_data_relative_error": _NUM, "calib_tokens": _NUM}
+_REPORT_KIND = {"kind": (str,), "structure": (str,), "nc": _NUM, "pool_A": _NUM,
+                "pool_B": _NUM, "params": _NUM, "relative_error": _NUM,
+                "truncation_relative_error": _NUM}
+_REPORT_DISTILL = {"kl_before": _NUM, "kl_after": _NUM, "steps": _NUM, "device": (str,),
+                   "steps_per_s": _OPT, "truncation_kl": _NUM}
+
+
+def _report_problem(report) -> str | None:
+    """Why ``report`` is not a usable ``mosconv.report/1`` object, or None."""
+
+    def bad(obj: dict, fields: dict, where: str) -> str | None:
+        for key, kinds in fields.items():
+            if key not in obj and type(None) in kinds:
+                continue
+            value = obj.get(key)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                return f"{where}{key} is {_show(value)}"
+        return None
+
+    if not isinstance(report, dict):
+        return "not a JSON object"
+    totals, kinds = report.get("totals"), report.get("kinds")
+    if not isinstance(totals, dict) or not isinstance(kinds, list):
+        return "no totals object or kinds list"
+    problem = bad(totals, _REPORT_TOTALS, "totals.")
+    if not problem and totals.get("metric") == "data":
+        problem = bad(totals, _REPORT_DATA_TOTALS, "totals.")
+    for i, k in enumerate(kinds):
+        if problem:
+            break
+        problem = bad(k, _REPORT_KIND, f"kinds[{i}].") if isinstance(k, dict) \
+            else f"kinds[{i}] is {_show(k)}"
+    d = report.get("distill")
+    if not problem and d is not None:
+        problem = bad(d, _REPORT_DISTILL, "distill.") if isinstance(d, dict) \
+            else f"distill is {_show(d)}"
+    return problem

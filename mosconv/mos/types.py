@@ -1,0 +1,159 @@
+"""The MoS adapter in memory: pools per kind, routed modules, and how a module's factors are
+assembled (arXiv 2410.00938, with optional per-slot weights ``w``, 1 when absent)::
+
+    A_l[j, i*sA:(i+1)*sA] = wA[j*nc+i] * poolA[idx_A[j*nc+i]]      # A_l: (r, d_in)
+    B_l[i*sB:(i+1)*sB, j] = wB[j*nc+i] * poolB[idx_B[j*nc+i]]      # B_l: (d_out, r)
+    dW_l = scale_l * B_l @ A_l
+
+No I/O here: :mod:`mosconv.mos.format` reads and writes these on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class KindPools:
+    """The two shard pools of one module kind.
+
+    Attributes:
+        kind: the kind string (name pattern + shape), see :mod:`mosconv.lora.types`.
+        d_in, d_out: the kind's matrix shape ``(d_out, d_in)``.
+        nc: shards per rank vector; divides ``d_in`` and ``d_out``.
+        pool_A: ``(N_A, d_in // nc)`` float32.
+        pool_B: ``(N_B, d_out // nc)`` float32.
+        public_A, public_B: the first ``public_*`` entries of each pool are public
+            (any module may route to them); the rest are private blocks.
+        shared: None, or a reference to a pool file shared by a zoo of adapters
+            (``{"file", "sha256", "key_A", "key_B", "n_A", "n_B"}``): the first ``n_A`` /
+            ``n_B`` entries of the pools live in that file, not in the adapter's own.
+    """
+
+    kind: str
+    d_in: int
+    d_out: int
+    nc: int
+    pool_A: torch.Tensor
+    pool_B: torch.Tensor
+    public_A: int = 0
+    public_B: int = 0
+    shared: dict | None = None
+
+    @property
+    def params(self) -> int:
+        return self.pool_A.numel() + self.pool_B.numel()
+
+    @property
+    def local_params(self) -> int:
+        """Parameters stored in this adapter's own file (shared pool entries excluded)."""
+        if not self.shared:
+            return self.params
+        sA, sB = self.d_in // self.nc, self.d_out // self.nc
+        return self.params - self.shared["n_A"] * sA - self.shared["n_B"] * sB
+
+
+@dataclass(frozen=True)
+class MosModule:
+    """One module's routes into its kind's pools.
+
+    Attributes:
+        name: module path in the base model (as in the source adapter).
+        kind: key into :attr:`MosAdapter.kinds`.
+        r: rank of the assembled pair (0 means the update is dropped).
+        scale: multiplies ``B_l @ A_l``.
+        routes_A, routes_B: ``(r * nc,)`` int64 pool indices, slot ``j*nc + i``.
+        weights_A, weights_B: ``(r * nc,)`` float32 slot weights, or None (paper form).
+        private_A, private_B: ``(start, stop)`` pool index ranges used by this module only.
+    """
+
+    name: str
+    kind: str
+    r: int
+    scale: float
+    routes_A: torch.Tensor
+    routes_B: torch.Tensor
+    weights_A: torch.Tensor | None = None
+    weights_B: torch.Tensor | None = None
+    private_A: tuple[int, int] = (0, 0)
+    private_B: tuple[int, int] = (0, 0)
+    embedding: bool = False
+    conv_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MosAdapter:
+    """A Mixture-of-Shards adapter in memory.
+
+    Attributes:
+        kinds: pools per kind, in kind order.
+        modules: per-module routes, in the source's module order.
+        extra_tensors: non-LoRA tensors of the source, original keys, untouched.
+        source: provenance and the source's config (format, base_model, task_type,
+            fan_in_fan_out, config, metadata, files with sha256).
+        info: free-form conversion facts stored in ``mos_config.json`` (ratio, seed,
+            command, mosconv version, structure per kind).
+    """
+
+    kinds: dict[str, KindPools]
+    modules: tuple[MosModule, ...]
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters: pool entries (private included) plus slot weights."""
+        n = sum(k.params for k in self.kinds.values())
+        for m in self.modules:
+            for w in (m.weights_A, m.weights_B):
+                if w is not None:
+                    n += w.numel()
+        return n
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the stored routes (smallest integer dtype per pool)."""
+        total = 0
+        for m in self.modules:
+            pools = self.kinds[m.kind]
+            total += m.routes_A.numel() * route_dtype(pools.pool_A.shape[0]).itemsize
+            total += m.routes_B.numel() * route_dtype(pools.pool_B.shape[0]).itemsize
+        return total
+
+    def module(self, name: str) -> MosModule:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def assemble(self, name_or_module: str | MosModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_l, B_l)`` of a module, ``A_l: (r, d_in)``, ``B_l: (d_out, r)``; scale not folded."""
+        m = self.module(name_or_module) if isinstance(name_or_module, str) else name_or_module
+        return assemble(self.kinds[m.kind], m)
+
+
+def assemble(pools: KindPools, m: MosModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather a module's ``A_l (r, d_in)`` and ``B_l (d_out, r)`` from its pools."""
+    a = pools.pool_A[m.routes_A]  # (r*nc, sA)
+    b = pools.pool_B[m.routes_B]  # (r*nc, sB)
+    if m.weights_A is not None:
+        a = a * m.weights_A[:, None].to(a.dtype)
+    if m.weights_B is not None:
+        b = b * m.weights_B[:, None].to(b.dtype)
+    A = a.reshape(m.r, pools.d_in)
+    B = b.reshape(m.r, pools.d_out).T.contiguous()
+    return A, B
+
+
+def route_dtype(pool_size: int) -> torch.dtype:
+    """Smallest integer dtype that holds every index of a pool (as PEFT VB-LoRA does)."""
+    if pool_size <= 2**8:
+        return torch.uint8
+    if pool_size <= 2**15:
+        return torch.int16
+    if pool_size <= 2**31:
+        return torch.int32
+    return torch.int64
