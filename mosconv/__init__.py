@@ -33,6 +33,8 @@ _LAZY = {
     "active_adapter": "model.runtime", "trainable_parameters": "model.runtime",
     "AdapterLayer": "model.runtime",
     "load_base_model": "model.hf",
+    "ConvertConfig": "fit.convert", "ConvertResult": "fit.convert", "convert": "fit.convert",
+    "MosAdapter": "mos.types", "save_mos": "mos.format", "load_mos": "mos.format",
 }
 
 
@@ -48,10 +50,13 @@ def __getattr__(name: str):
 __all__ = [
     "AdapterLayer",
     "ConfigError",
+    "ConvertConfig",
+    "ConvertResult",
     "Factorization",
     "FormatError",
     "LoraAdapter",
     "LoraModule",
+    "MosAdapter",
     "MosconvError",
     "NumericalError",
     "Truncation",
@@ -60,12 +65,15 @@ __all__ = [
     "active_adapter",
     "adapter_names",
     "apply",
+    "convert",
     "factorize",
     "factorize_adapter",
     "load_base_model",
+    "load_mos",
     "merge",
     "read_adapter",
     "remove",
+    "save_mos",
     "set_active",
     "trainable_parameters",
     "truncate",

@@ -45,3 +45,14 @@ def test_readme_first_command_runs(tmp_path):
     assert t["mos_params"] <= t["lora_params"] / 8
     assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
     assert (out / "mos_config.json").is_file()
+
+
+def test_readme_python_uses_the_public_api():
+    """Every ``mosconv.X`` of the README's Python block is exported by the package itself."""
+    import mosconv
+
+    block = re.search(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.DOTALL)
+    used = set(re.findall(r"\bmosconv\.(\w+)", block.group(1)))
+    assert used and used <= set(mosconv.__all__), used - set(mosconv.__all__)
+    for name in mosconv.__all__:
+        assert getattr(mosconv, name) is not None, name
