@@ -247,7 +247,11 @@ BAD_JSON_TEXTS = {
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fuzz")
+    """The module's scratch folder; ``src/`` (the sound inputs) exists whichever fixture
+    runs first (a random test order found calib_file writing into a missing src/)."""
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "src").mkdir()
+    return root
 
 
 SMALL = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.self_attn.v_proj": (4, 8)}
