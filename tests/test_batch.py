@@ -801,3 +801,29 @@ def test_zoo_that_is_an_adapter_file(small_zoo, tmp_path):
         return
     line = assert_one_line_error(res, "style.safetensors")
     assert "internal error" not in line, line
+
+
+def test_batch_takes_the_conversion_options_of_compress(tmp_path):
+    """--iters and --routing-weights are declared once for compress and batch; a batch made
+    with them is what compress makes with them, and a rerun with other options redoes it."""
+    zoo = tmp_path / "zoo"
+    for i in range(2):
+        write_random_peft(zoo / f"s{i}", llama_like(layers=4, d=32, d_kv=16), r=4, seed=10 + i,
+                          shared_A=True)
+    opts = ["--ratio", "4", "--iters", "1", "--no-routing-weights"]
+    out = tmp_path / "out"
+    res = run_cli("batch", zoo, out, *opts, "-q")
+    assert res.exit_code == 0, res.output
+    for name in ("s0", "s1"):
+        res = run_cli("compress", zoo / name, tmp_path / name, *opts, "-q")
+        assert res.exit_code == 0, res.output
+        assert (out / name / TENSOR_FILE).read_bytes() == (tmp_path / name / TENSOR_FILE).read_bytes()
+        kinds = json.loads((out / name / REPORT_FILE).read_text())["kinds"]
+        assert not any(k["weights"] for k in kinds)
+        batch = json.loads((out / name / CONFIG_FILE).read_text())["batch"]
+        assert batch["iters"] == 1 and batch["routing_weights"] is False
+    statuses = lambda: [a["status"] for a in json.loads((out / SUMMARY_FILE).read_text())["adapters"]]
+    assert run_cli("batch", zoo, out, *opts, "-q").exit_code == 0
+    assert statuses() == ["skipped", "skipped"]
+    assert run_cli("batch", zoo, out, "--ratio", "4", "--iters", "1", "-q").exit_code == 0
+    assert statuses() == ["converted", "converted"]  # weights allowed now: redone

@@ -40,6 +40,7 @@ class BatchConfig:
     seed: int = 0
     search: str = "fast"
     iters: int = 4
+    routing_weights: bool = True
     jobs: int = 1
     engine: str = "local"
     address: str | None = None
@@ -48,8 +49,11 @@ class BatchConfig:
 
     def settings(self) -> dict:
         """What an output must have been made with to count as done on a rerun."""
-        return {"ratio": float(self.ratio), "seed": self.seed, "search": self.search,
-                "iters": self.iters, "shared_pool": self.shared_pool}
+        out = {"ratio": float(self.ratio), "seed": self.seed, "search": self.search,
+               "iters": self.iters, "shared_pool": self.shared_pool}
+        if not self.routing_weights:  # recorded only when off: outputs made before the
+            out["routing_weights"] = False  # option existed (weights on) still count as done
+        return out
 
     def validate(self) -> None:
         import math
@@ -220,7 +224,7 @@ def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
         from ..pipeline import compress
 
         cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
-                           iters=config.iters)
+                           iters=config.iters, routing_weights=config.routing_weights)
         compress(item.source, dest, cc, command=None, overwrite=True,
                  extra_info={"batch": config.settings()})
         return outcome_from_report(item, dest, "converted", time.perf_counter() - t0)
@@ -299,7 +303,8 @@ def fit_group_items(items: list[Item], config: BatchConfig):
 
     adapters = [read_adapter(i.source) for i in items]
     return adapters, fit_group(adapters, float(config.ratio), config.seed,
-                               search=config.search, iters=config.iters)
+                               search=config.search, iters=config.iters,
+                               routing_weights=config.routing_weights)
 
 
 def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:

@@ -238,6 +238,28 @@ def render_mos_inspect(info: dict) -> str:
     return "\n".join(out)
 
 
+def _convert_options(fn):
+    """The conversion settings, shared by compress and batch (ConvertConfig's fields)."""
+    opts = [
+        click.option("--ratio", type=float, default=8.0, show_default=True,
+                     help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; "
+                          "1 is lossless). batch --shared-pool: per group of adapters."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for clustering (deterministic output)."),
+        click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]),
+                     default="fast", show_default=True,
+                     help="truncation: all-private only; fast/thorough: also try shared pools."),
+        click.option("--iters", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Refinement iterations per MoS candidate."),
+        click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
+                     help="Allow per-slot scalar weights (counted as parameters); off = the "
+                          "paper's plain form."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def _data_options(fn):
     """Options shared by calibrate, compress and eval: base model, text, device."""
     opts = [
@@ -263,15 +285,7 @@ def _data_options(fn):
 @main.command()
 @click.argument("lora", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--ratio", type=float, default=8.0, show_default=True,
-              help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; 1 is lossless).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for clustering (deterministic output).")
-@click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]), default="fast",
-              show_default=True, help="truncation: all-private only; fast/thorough: also try shared pools.")
-@click.option("--iters", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Refinement iterations per MoS candidate.")
-@click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
-              help="Allow per-slot scalar weights (counted as parameters); off = the paper's plain form.")
+@_convert_options
 @click.option("--calib", default=None, metavar="STATS_OR_DATA",
               help="Data-aware conversion: a calibration file (mosconv calibrate) or a text/JSONL "
                    "file to run --base-model on (stats saved as OUT/calib_stats.safetensors).")
@@ -504,11 +518,7 @@ def render_summary(summary) -> str:
 @main.command()
 @click.argument("zoo", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--ratio", type=float, default=8.0, show_default=True,
-              help="Budget: MoS params <= LoRA params / RATIO (per adapter, or per group with --shared-pool).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]), default="fast",
-              show_default=True, help="As in compress (independent mode).")
+@_convert_options
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Adapters converted in parallel (processes; torch threads divided among them).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -520,8 +530,8 @@ def render_summary(summary) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the table.")
 @handle_errors
-def batch(zoo, out, ratio, seed, search, jobs, engine, address, shared_pool, overwrite, quiet,
-          as_json):
+def batch(zoo, out, ratio, seed, search, iters, routing_weights, jobs, engine, address,
+          shared_pool, overwrite, quiet, as_json):
     """Convert every adapter under ZOO (a folder searched recursively, or a text file listing
     adapter paths) into OUT, mirroring the layout.
 
@@ -535,7 +545,8 @@ def batch(zoo, out, ratio, seed, search, jobs, engine, address, shared_pool, ove
 
     from ..batch.run import BatchConfig, run_batch
 
-    config = BatchConfig(ratio=ratio, seed=seed, search=search, jobs=jobs, engine=engine,
+    config = BatchConfig(ratio=ratio, seed=seed, search=search, iters=iters,
+                         routing_weights=routing_weights, jobs=jobs, engine=engine,
                          address=address, shared_pool=shared_pool, overwrite=overwrite)
     bar = None if quiet else tqdm(desc="adapters", unit="adapter", file=sys.stderr,
                                   leave=False, disable=None)

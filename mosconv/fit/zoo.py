@@ -67,11 +67,12 @@ def _stack_rows(facts: list[Factorization]) -> torch.Tensor:
 
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               factorizations: list[dict[str, Factorization]] | None = None,
-              search: str = "fast", iters: int = 4) -> GroupResult:
+              search: str = "fast", iters: int = 4,
+              routing_weights: bool = True) -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with pools shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
-    plain ``batch`` give, with ``search``/``iters``); the group keeps whichever has the lower
+    plain ``batch`` give, with ``search``/``iters``/``routing_weights``); the group keeps whichever has the lower
     total error, so ``--shared-pool`` is never worse than converting independently.
     The pool file tensors are named ``<kind id>.A`` (kind ids ``k0, k1, ...`` in the
     order of the first adapter's kinds).
@@ -85,7 +86,8 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     energy = sum(f.energy for f in flat.values())
 
     # independent: every adapter converted alone, as compress does
-    cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters)
+    cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
+                       routing_weights=routing_weights)
     alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
     indep_err_sq = sum(m["energy"] * m["relative_error"] ** 2
                        for r in alone for m in r.report["modules"])
