@@ -1,6 +1,10 @@
 """File and format names, in a module that imports nothing heavy (no torch), so that the
 CLI and batch bookkeeping (what is done, what to skip) start fast."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 # PEFT folders: every PEFT file name and key prefix mosconv reads or writes
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # written: the first
@@ -26,8 +30,6 @@ def kind_ids(kinds) -> dict[str, str]:
     return {kind: kind_id(i) for i, kind in enumerate(kinds)}
 
 
-def pool_file(out, group: str):
+def pool_file(out: str | Path, group: str) -> Path:
     """``OUT/pools/<group>.safetensors``: where a zoo group's shared pools are written."""
-    from pathlib import Path
-
     return Path(out) / POOLS_DIR / f"{group}.safetensors"

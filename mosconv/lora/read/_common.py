@@ -60,10 +60,13 @@ def make_module(
                           "alpha and rank")
     A = down.detach().to(torch.float32).contiguous()
     B = up.detach().to(torch.float32).contiguous()
+    # the sources were checked finite above; only a float64 one can overflow float32 here
+    wide = torch.float64 in (down.dtype, up.dtype)
+    overflow = wide and not (torch.isfinite(A).all() and torch.isfinite(B).all())
     # ||dW||_F <= |scale| ||A||_F ||B||_F: its square (the energy every metric uses) must be
-    # a float64 number, and the float32 copies must not overflow (a float64 source can)
+    # a float64 number
     bound = abs(scale) * float(A.double().norm()) * float(B.double().norm())
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all() and math.isfinite(bound * bound)):
+    if overflow or not math.isfinite(bound * bound):
         raise FormatError(f"{path}: module {name} has values too large to compute with "
                           "(they overflow float32, or scale * |B| * |A| overflows)")
     return LoraModule(
