@@ -49,11 +49,11 @@ def measure(zoo: Path, ratios: list[float], seed: int) -> dict[str, list[dict]]:
             t0 = time.perf_counter()
             res = convert(adapter, ConvertConfig(ratio=ratio, seed=seed, search="fast"),
                           factorizations=facts)
-            t = res.report["totals"]
+            t = res.report.to_json()["totals"]
             rows.append({"ratio": ratio, "lora_params": t["lora_params"],
                          "mos_params": t["mos_params"], "mos": t["relative_error"],
                          "trunc": t["truncation_relative_error"],
-                         "kinds_shared": t["kinds_shared"], "kinds": len(res.report["kinds"]),
+                         "kinds_shared": t["kinds_shared"], "kinds": len(res.report.to_json()["kinds"]),
                          "seconds": time.perf_counter() - t0})
     return out
 

@@ -10,6 +10,8 @@ peft) are imported only inside the modules that need them.
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from .errors import (
@@ -35,10 +37,14 @@ _LAZY = {
     "load_base_model": "model.hf",
     "ConvertConfig": "fit.convert", "ConvertResult": "fit.convert", "convert": "fit.convert",
     "MosAdapter": "mos.types", "save_mos": "mos.format", "load_mos": "mos.format",
+    # torch-free: the typed report and reading it from a MoS folder
+    "Report": "fit.report", "load_report": "mos.manifest",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
+    """A name of ``_LAZY``, imported from its module on first use (PEP 562): a class or a
+    function, which differ per name, hence ``Any``."""
     if name in _LAZY:
         import importlib
 
@@ -59,6 +65,7 @@ __all__ = [
     "MosAdapter",
     "MosconvError",
     "NumericalError",
+    "Report",
     "Truncation",
     "UnsupportedAdapterError",
     "__version__",
@@ -70,6 +77,7 @@ __all__ = [
     "factorize_adapter",
     "load_base_model",
     "load_mos",
+    "load_report",
     "merge",
     "read_adapter",
     "remove",

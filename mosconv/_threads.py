@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 
 @contextlib.contextmanager
-def one_thread():
+def one_thread() -> Iterator[None]:
     """Run torch on one intra-op thread, then restore the previous setting.
 
     Factorization and fitting work on many small matrices (``d x r`` with ``r <= 64``),

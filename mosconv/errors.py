@@ -10,7 +10,17 @@ from __future__ import annotations
 
 
 class MosconvError(Exception):
-    """Base class of every error mosconv raises on purpose."""
+    """Base class of every error mosconv raises on purpose.
+
+    Attributes:
+        options: names of the library parameters that would fix the problem (for example
+            ``("overwrite",)``); the command line shows them as its options
+            (``--overwrite``).  Messages themselves never name command-line flags.
+    """
+
+    def __init__(self, *args: object, options: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.options = tuple(options)
 
 
 class FormatError(MosconvError, ValueError):

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import MosconvError
 
@@ -44,7 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _unlink_quietly(path) -> None:
+def _unlink_quietly(path: str | None) -> None:
     if path is None:
         return
     try:
@@ -53,7 +53,9 @@ def _unlink_quietly(path) -> None:
         pass
 
 
-def atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` (any value ``json.dumps`` takes: a config or report dict) as indented
+    JSON, atomically (see :func:`atomic_write_bytes`)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
@@ -98,7 +100,8 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
         raise MosconvError(f"{out}: exists and is not a folder")
     if (out / marker).exists():
         if not overwrite:
-            raise MosconvError(f"{out}: already holds an output ({marker}); pass --overwrite to replace it")
+            raise MosconvError(f"{out}: already holds an output ({marker}); it is replaced only "
+                               "when overwriting is asked for", options=("overwrite",))
         if remove_marker:
             try:
                 (out / marker).unlink()

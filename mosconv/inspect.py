@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .fit.factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
 from .fit.truncation import budget_for_ratio, truncate
-from .lora.types import LoraAdapter
+from .lora.types import LoraAdapter, LoraModule
 
 INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
@@ -24,7 +26,8 @@ def _target(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
-def _kind_summary(kind: str, modules, facts: dict[str, Factorization]) -> dict:
+def _kind_summary(kind: str, modules: list[LoraModule],
+                  facts: dict[str, Factorization]) -> dict[str, Any]:
     srs = [stable_rank(facts[m.name].S) for m in modules]
     d90 = [directions_for_energy(facts[m.name].S, 0.9) for m in modules]
     m0 = modules[0]
@@ -45,8 +48,12 @@ def _kind_summary(kind: str, modules, facts: dict[str, Factorization]) -> dict:
     }
 
 
-def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
-    """JSON-ready summary of a LoRA adapter: format, sizes, per-kind spectra, truncation errors."""
+def inspect_lora(adapter: LoraAdapter,
+                 ratios: Iterable[float] = INSPECT_RATIOS) -> dict[str, Any]:
+    """JSON-ready summary of a LoRA adapter: format, sizes, per-kind spectra, truncation errors.
+
+    The keys and their types are those of ``docs/inspect.md`` (schema ``mosconv.inspect.lora/1``).
+    """
     facts = factorize_adapter(adapter)
     kinds = adapter.kinds
     truncation = []
@@ -97,11 +104,15 @@ def inspect_lora(adapter: LoraAdapter, ratios=INSPECT_RATIOS) -> dict:
 MOS_SCHEMA = "mosconv.inspect.mos/1"
 
 
-def inspect_mos(path) -> dict:
-    """JSON-ready summary of a MoS folder: structure, pools, sizes and its stored report."""
+def inspect_mos(path: str | Path) -> dict[str, Any]:
+    """JSON-ready summary of a MoS folder: structure, pools, sizes and its stored report.
+
+    The keys and their types are those of ``docs/inspect.md`` (schema ``mosconv.inspect.mos/1``).
+    """
     from .mos.format import load_mos, load_report
 
     mos = load_mos(path)
+    report = load_report(path)
     kinds = [
         {"kind": k, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
          "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
@@ -125,5 +136,5 @@ def inspect_mos(path) -> dict:
         "kinds": kinds,
         "modules": [{"name": m.name, "kind": m.kind, "r": m.r, "scale": m.scale,
                      "weights": m.weights_A is not None} for m in mos.modules],
-        "report": load_report(path),
+        "report": report.to_json() if report is not None else None,
     }

@@ -3,6 +3,7 @@ CLI and batch bookkeeping (what is done, what to skip) start fast."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 # PEFT folders: every PEFT file name and key prefix mosconv reads or writes
@@ -25,7 +26,7 @@ def kind_id(index: int) -> str:
     return f"k{index}"
 
 
-def kind_ids(kinds) -> dict[str, str]:
+def kind_ids(kinds: Iterable[str]) -> dict[str, str]:
     """Kind name -> id, for kinds in their order (a dict or list of kind names)."""
     return {kind: kind_id(i) for i, kind in enumerate(kinds)}
 

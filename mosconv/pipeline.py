@@ -8,14 +8,20 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, FormatError, NumericalError
 from .fileio import prepare_output_dir, sha256_file
-from .fit.convert import ConvertConfig, ConvertResult, convert
+from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
 from .lora.read import read_adapter
+from .lora.types import LoraAdapter
 from .lora.write import peft_config, write_peft_folder
-from .model.calib import is_stats_file, save_stats
-from .mos.format import CONFIG_FILE, load_mos, save_mos
+from .model.calib import CalibStats, is_stats_file, save_stats
+from .mos.format import CONFIG_FILE, is_mos_dir, load_mos, load_report, save_mos
+
+if TYPE_CHECKING:
+    from .model.distill import DistillConfig
+    from .mos.types import MosAdapter
 
 log = logging.getLogger("mosconv")  # mosconv -v shows these
 
@@ -45,7 +51,8 @@ class DataSpec:
 
     def need(self, what: str) -> None:
         if self.base_model is None or self.data is None:
-            raise ConfigError(f"{what} needs --base-model and --data")
+            raise ConfigError(f"{what} needs a base model and a text file",
+                              options=("base_model", "data"))
 
 
 CALIB_FILE = "calib_stats.safetensors"
@@ -84,8 +91,9 @@ class _Session:
         return self._blocks[key]
 
 
-def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
-              progress: Callable[[int], None] | None = None, session: _Session | None = None):
+def calibrate(adapter: LoraAdapter | str | Path, spec: DataSpec, out: str | Path | None = None,
+              *, progress: Callable[[int], None] | None = None,
+              session: _Session | None = None) -> CalibStats:
     """Input second moments of ``adapter``'s modules on ``spec.data`` run through
     ``spec.base_model``; written to ``out`` (``.safetensors``) when given.
 
@@ -93,7 +101,7 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
         ConfigError: missing base model or data, modules missing from the model or of
             other shapes; FormatError: unreadable model or data.
     """
-    from .model.calib import collect_moments, save_stats
+    from .model.calib import collect_moments
     from .model.runtime import find_layers
 
     spec.need("calibration")
@@ -118,10 +126,12 @@ def calibrate(adapter, spec: DataSpec, out: str | Path | None = None, *,
     return stats
 
 
-def load_calib(calib, adapter, spec: DataSpec, session: _Session, progress=None):
+def load_calib(calib: CalibStats | str | Path | None, adapter: LoraAdapter, spec: DataSpec,
+               session: _Session, progress: Callable[[int], None] | None = None
+               ) -> CalibStats | None:
     """``calib`` as CalibStats: a stats file is read (the model is not run); a data file is
     run through the base model."""
-    from .model.calib import CalibStats, load_stats
+    from .model.calib import load_stats
 
     if calib is None or isinstance(calib, CalibStats):
         return calib
@@ -129,7 +139,7 @@ def load_calib(calib, adapter, spec: DataSpec, session: _Session, progress=None)
         return load_stats(calib)
     if spec.base_model is None:
         raise ConfigError(f"{calib}: not a calibration file; computing statistics from this "
-                          "text needs --base-model")
+                          "text needs a base model", options=("base_model",))
     return calibrate(adapter, replace(spec, data=calib), progress=progress, session=session)
 
 
@@ -142,9 +152,9 @@ def compress(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     extra_info: dict | None = None,
-    calib=None,
+    calib: CalibStats | str | Path | None = None,
     data: DataSpec | None = None,
-    distill=None,
+    distill: DistillConfig | None = None,
     held_out: float = 0.1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> ConvertResult:
@@ -161,7 +171,11 @@ def compress(
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
     Raises FormatError/ConfigError/MosconvError; a failed run leaves no ``mos_config.json``.
     """
+    if is_mos_dir(lora_path):
+        raise FormatError(f"{lora_path}: is a MoS adapter, not a LoRA (compress converts LoRAs; "
+                          "export turns a MoS adapter back into a LoRA)")
     config = config or ConvertConfig()
+    config.validate()
     data = data or DataSpec()
     if distill is not None:
         distill.validate()
@@ -182,26 +196,32 @@ def compress(
         log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),
                  config.ratio, "data" if stats is not None else "weight")
         result = convert(adapter, config, progress=progress, calib=stats)
-        mos, report = result.mos, result.report
         if distill is not None:
-            mos, report = _distill(adapter, result, config, stats, session, distill, held_out,
-                                   on_step)
+            result = _distill(adapter, result, config, stats, session, distill, held_out,
+                              on_step)
+        mos = result.mos
         mos = replace(mos,
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
         log.info("writing %s", out)
-        save_mos(mos, out, report, overwrite=True)
+        save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
         if created:  # leave nothing behind that we made
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return ConvertResult(mos=mos, report=report)
+    # the report as saved (with the tensor file's size)
+    return ConvertResult(mos=mos, report=load_report(out) or result.report,
+                         baseline=result.baseline)
 
 
-def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step):
-    """Distill ``result.mos``; the report is rebuilt for the distilled adapter and gains a
-    ``distill`` section with the truncation baseline's held-out KL next to the student's."""
-    from .fit.report import build_report
+def _distill(adapter: LoraAdapter, result: ConvertResult, config: ConvertConfig,
+             stats: CalibStats | None, session: _Session, dconfig: DistillConfig,
+             held_out: float, on_step: Callable[[int, float], None] | None) -> ConvertResult:
+    """Distill ``result.mos``; its report is built for the distilled adapter against the
+    conversion's baselines, with a ``distill`` section giving the truncation baseline's
+    held-out KL next to the student's."""
+    from .fit.measure import DataInputs, build_report
+    from .fit.report import DistillSection
     from .model.data import split_blocks
     from .model.distill import distill as run_distill
     from .model.distill import mean_kl, resolve_device
@@ -224,17 +244,19 @@ def _distill(adapter, result, config, stats, session, dconfig, held_out, on_step
                            device=device)
     finally:
         remove(model)
-    info = {**res.info, "truncation_kl": trunc_kl, "data": str(session.spec.data),
-            "data_sha256": sha256_file(Path(session.spec.data)),
-            "base_model": str(session.spec.base_model), "gguf_file": session.spec.gguf_file}
+    section = DistillSection(
+        **res.info, truncation_kl=trunc_kl, data=str(session.spec.data),
+        data_sha256=sha256_file(Path(session.spec.data)),
+        base_model=str(session.spec.base_model), gguf_file=session.spec.gguf_file)
     mos = replace(res.mos, info={**res.mos.info, "distilled": True})
-    report = build_report(adapter, mos, result.trunc, result.structures, config, calib=stats,
-                          dtrunc=result.dtrunc)
-    report["distill"] = info
-    return mos, report
+    data = None if stats is None else DataInputs.from_raw(check_calib(adapter, stats),
+                                                          stats.tokens)
+    report = build_report(adapter, mos, result.baseline, config.settings(), data=data,
+                          distill=section)
+    return ConvertResult(mos=mos, report=report, baseline=result.baseline)
 
 
-def source_provenance(lora_path: str | Path, adapter) -> dict:
+def source_provenance(lora_path: str | Path, adapter: LoraAdapter) -> dict[str, Any]:
     """``{"path", "files": [{name, bytes, sha256}]}`` of the files an adapter was read from."""
     files = [{"name": Path(p).name, "bytes": os.path.getsize(p), "sha256": sha256_file(Path(p))}
              for p in adapter.source_files]
@@ -282,7 +304,21 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         raise
 
 
-def evaluate_adapters(teacher, student, spec: DataSpec) -> dict:
+def export_summary(folder: str | Path) -> dict[str, Any]:
+    """What ``export --json`` prints of an exported PEFT folder: files, r, alpha, ranks."""
+    import json
+
+    from .names import PEFT_CONFIG
+
+    folder = Path(folder)
+    cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    return {"out": str(folder), "files": files, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+            "rank_pattern": cfg.get("rank_pattern", {})}
+
+
+def evaluate_adapters(teacher: LoraAdapter | str | Path, student: MosAdapter | LoraAdapter | str | Path,
+                      spec: DataSpec) -> dict[str, Any]:
     """``mosconv eval``: the fidelity of ``student`` (MoS folder or LoRA) to ``teacher`` (LoRA)
     on ``spec.data`` (see :func:`mosconv.model.distill.evaluate`).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -18,21 +18,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = REPO_ROOT / ".." / "shared" / "zoo"
 
+from factory import LLAMA_MODULES, AdapterFactory, Written  # noqa: F401  (shared with the test files)
 from helpers import ZOO_ADAPTERS, one_thread  # noqa: F401  (shared with the test files)
 
 PEFT_PREFIX = "base_model.model."
 
-# A small Llama-like module set: name -> (d_out, d_in).  GQA: v is narrower than q.
-LLAMA_MODULES = {
-    f"model.layers.{i}.self_attn.{proj}": shape
-    for i in range(3)
-    for proj, shape in (("q_proj", (24, 16)), ("v_proj", (8, 16)))
-}
 
 # modules_to_save tensors in both layouts PEFT has used.
 MODULES_TO_SAVE_EXTRAS = {
@@ -164,263 +158,6 @@ def zoo_expected_scale(name: str) -> float:
     return cfg["lora_alpha"] / cfg["r"]
 
 
-# --------------------------------------------------------------------------- the factory
-
-
-@dataclass
-class Written:
-    """An adapter the factory wrote.
-
-    Attributes:
-        path: the folder (PEFT) or the file (single-file formats) to hand to a reader.
-        weights: the weight file itself.
-        tensors: exactly the tensors written, by key.
-        config: the ``adapter_config.json`` written, or None.
-    """
-
-    path: Path
-    weights: Path
-    tensors: dict[str, torch.Tensor]
-    config: dict | None = None
-    extra_keys: list[str] = field(default_factory=list)
-
-
-class AdapterFactory:
-    """Writes small real adapters under ``root``; each call gets a fresh sub-folder."""
-
-    def __init__(self, root: Path, seed: int = 0):
-        self.root = Path(root)
-        self.gen = torch.Generator().manual_seed(seed)
-        self._n = 0
-
-    # ---- helpers
-
-    def folder(self, name: str) -> Path:
-        self._n += 1
-        d = self.root / f"{self._n:02d}-{name}"
-        d.mkdir(parents=True)
-        return d
-
-    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (0.1 * torch.randn(*shape, generator=self.gen)).to(dtype)
-
-    def write_tensors(
-        self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-    ) -> Path:
-        """Write ``tensors`` as safetensors (by suffix) or a legacy ``torch.save`` dict."""
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        if path.suffix == ".safetensors":
-            save_file(tensors, str(path), metadata=metadata)
-        else:
-            torch.save(dict(tensors), str(path))
-        return path
-
-    def raw_peft(
-        self,
-        tensors: dict[str, torch.Tensor],
-        config: dict | None,
-        weights: str = "safetensors",
-        name: str = "raw",
-    ) -> Written:
-        """A PEFT folder holding exactly ``tensors`` and ``config`` (None: no config file)."""
-        d = self.folder(name)
-        wf = self.write_tensors(d / f"adapter_model.{weights}", tensors)
-        if config is not None:
-            (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        return Written(d, wf, dict(tensors), config)
-
-    def raw_file(
-        self,
-        filename: str,
-        tensors: dict[str, torch.Tensor],
-        metadata: dict[str, str] | None = None,
-    ) -> Written:
-        d = self.folder(Path(filename).stem)
-        wf = self.write_tensors(d / filename, tensors, metadata)
-        return Written(wf, wf, dict(tensors))
-
-    # ---- PEFT
-
-    def peft(
-        self,
-        modules: dict[str, tuple[int, int]] | None = None,
-        *,
-        r: int = 4,
-        ranks: dict[str, int] | None = None,
-        lora_alpha: float | None = 8,
-        use_rslora: bool | None = None,
-        rank_pattern: dict | None = None,
-        alpha_pattern: dict | None = None,
-        fan_in_fan_out: bool | None = None,
-        embeddings: dict[str, tuple[int, int]] | None = None,
-        extra: dict[str, tuple[int, ...] | torch.Tensor] | None = None,
-        dora: bool = False,
-        use_dora: bool | None = None,
-        old_config: bool = False,
-        adapter_name_in_keys: bool = False,
-        weights: str = "safetensors",
-        dtype: torch.dtype = torch.float32,
-        config: dict | None = None,
-        metadata: dict[str, str] | None = None,
-        name: str = "peft",
-    ) -> Written:
-        """A PEFT LoRA folder.
-
-        Args:
-            modules: module name (without ``base_model.model.``) -> ``(d_out, d_in)``.
-            r: the config's ``r`` and every module's rank unless ``ranks`` says otherwise.
-            ranks: per-module tensor ranks (write a matching ``rank_pattern`` yourself).
-            lora_alpha: the config's ``lora_alpha``; None leaves the field out.
-            embeddings: module name -> ``(num_embeddings, embedding_dim)`` for
-                ``lora_embedding_A`` ``(r, num_emb)`` / ``lora_embedding_B`` ``(dim, r)``.
-            extra: key -> shape (random float32) or tensor, written verbatim.
-            dora: also write ``lora_magnitude_vector`` tensors (as PEFT does for DoRA).
-            use_dora: the config's ``use_dora`` field (None: left out).
-            old_config: write only ``target_modules``, ``peft_type``, ``r``, ``lora_alpha``
-                (the schema of early PEFT releases).
-            adapter_name_in_keys: ``...lora_A.default.weight`` keys, as some old files have.
-            weights: ``safetensors`` or ``bin`` (``torch.save`` of a plain dict).
-            dtype: storage dtype of the LoRA factors.
-            config: extra config fields (override the generated ones).
-        """
-        modules = LLAMA_MODULES if modules is None else modules
-        ranks = ranks or {}
-        tensors: dict[str, torch.Tensor] = {}
-        ad = ".default" if adapter_name_in_keys else ""
-        for mod, (d_out, d_in) in modules.items():
-            rm = ranks.get(mod, r)
-            tensors[f"{PEFT_PREFIX}{mod}.lora_A{ad}.weight"] = self.randn(rm, d_in, dtype=dtype)
-            tensors[f"{PEFT_PREFIX}{mod}.lora_B{ad}.weight"] = self.randn(d_out, rm, dtype=dtype)
-            if dora:
-                tensors[f"{PEFT_PREFIX}{mod}.lora_magnitude_vector{ad}.weight"] = self.randn(d_out)
-        for mod, (num_emb, dim) in (embeddings or {}).items():
-            rm = ranks.get(mod, r)
-            tensors[f"{PEFT_PREFIX}{mod}.lora_embedding_A{ad}"] = self.randn(
-                rm, num_emb, dtype=dtype
-            )
-            tensors[f"{PEFT_PREFIX}{mod}.lora_embedding_B{ad}"] = self.randn(dim, rm, dtype=dtype)
-        extra_keys = []
-        for key, spec in (extra or {}).items():
-            tensors[key] = spec if isinstance(spec, torch.Tensor) else self.randn(*spec)
-            extra_keys.append(key)
-
-        targets = sorted({m.rsplit(".", 1)[-1] for m in [*modules, *(embeddings or {})]})
-        cfg: dict = {"peft_type": "LORA", "r": r, "target_modules": targets}
-        if lora_alpha is not None:
-            cfg["lora_alpha"] = lora_alpha
-        if not old_config:
-            cfg.update(
-                {
-                    "base_model_name_or_path": "tiny-llama-for-tests",
-                    "task_type": "CAUSAL_LM",
-                    "bias": "none",
-                    "fan_in_fan_out": False,
-                    "inference_mode": True,
-                    "init_lora_weights": True,
-                    "lora_dropout": 0.0,
-                    "modules_to_save": None,
-                    "rank_pattern": {},
-                    "alpha_pattern": {},
-                    "use_rslora": False,
-                    "use_dora": False,
-                }
-            )
-        for key, value in (
-            ("use_rslora", use_rslora),
-            ("rank_pattern", rank_pattern),
-            ("alpha_pattern", alpha_pattern),
-            ("fan_in_fan_out", fan_in_fan_out),
-            ("use_dora", use_dora),
-        ):
-            if value is not None:
-                cfg[key] = value
-        cfg.update(config or {})
-
-        d = self.folder(name)
-        wf = self.write_tensors(d / f"adapter_model.{weights}", tensors, metadata)
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        return Written(d, wf, tensors, cfg, extra_keys)
-
-    # ---- single-file image-model formats
-
-    def diffusers(
-        self,
-        modules: dict[str, tuple[int, int]],
-        *,
-        r: int = 4,
-        alphas: dict[str, float] | None = None,
-        extra: dict[str, tuple[int, ...]] | None = None,
-        dtype: torch.dtype = torch.float32,
-        filename: str = "pytorch_lora_weights.safetensors",
-    ) -> Written:
-        """diffusers PEFT-style single file: ``unet.<module>.lora_A.weight`` / ``lora_B.weight``
-        (module names include the ``unet.`` / ``text_encoder.`` prefix), optional ``.alpha``."""
-        tensors = {}
-        for mod, (d_out, d_in) in modules.items():
-            tensors[f"{mod}.lora_A.weight"] = self.randn(r, d_in, dtype=dtype)
-            tensors[f"{mod}.lora_B.weight"] = self.randn(d_out, r, dtype=dtype)
-        for mod, alpha in (alphas or {}).items():
-            tensors[f"{mod}.alpha"] = torch.tensor(float(alpha))
-        for key, shape in (extra or {}).items():
-            tensors[key] = self.randn(*shape)
-        w = self.raw_file(filename, tensors)
-        w.extra_keys = list(extra or {})
-        return w
-
-    def diffusers_legacy(
-        self,
-        blocks: dict[str, tuple[int, int]],
-        *,
-        r: int = 4,
-        projs: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out"),
-        filename: str = "pytorch_lora_weights.safetensors",
-    ) -> Written:
-        """Legacy diffusers attention-processor file: ``<block>.processor.to_q_lora.down.weight``.
-
-        ``blocks``: attention block path -> ``(width, cross_attention_dim)``; to_k/to_v read
-        the cross-attention input, to_q/to_out the block width.
-        """
-        tensors = {}
-        for block, (width, cross) in blocks.items():
-            for proj in projs:
-                d_in = cross if proj in ("to_k", "to_v") else width
-                tensors[f"{block}.processor.{proj}_lora.down.weight"] = self.randn(r, d_in)
-                tensors[f"{block}.processor.{proj}_lora.up.weight"] = self.randn(width, r)
-        return self.raw_file(filename, tensors)
-
-    def kohya(
-        self,
-        modules: dict[str, tuple[int, int]],
-        *,
-        r: int = 4,
-        alphas: dict[str, float | None] | None = None,
-        convs: dict[str, tuple[int, int, int, int]] | None = None,
-        alpha_dtype: torch.dtype = torch.float32,
-        dtype: torch.dtype = torch.float32,
-        metadata: dict[str, str] | None = None,
-        filename: str = "lora.safetensors",
-    ) -> Written:
-        """kohya / sd-scripts file: ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight``
-        and a scalar ``.alpha`` per module (``alphas[mod] = None`` leaves it out; default r).
-
-        ``convs``: module -> ``(out, in, kh, kw)``, a LoCon conv module with down
-        ``(r, in, kh, kw)`` and up ``(out, r, 1, 1)``.
-        """
-        alphas = alphas or {}
-        tensors = {}
-        for mod, (d_out, d_in) in modules.items():
-            tensors[f"{mod}.lora_down.weight"] = self.randn(r, d_in, dtype=dtype)
-            tensors[f"{mod}.lora_up.weight"] = self.randn(d_out, r, dtype=dtype)
-        for mod, (c_out, c_in, kh, kw) in (convs or {}).items():
-            tensors[f"{mod}.lora_down.weight"] = self.randn(r, c_in, kh, kw, dtype=dtype)
-            tensors[f"{mod}.lora_up.weight"] = self.randn(c_out, r, 1, 1, dtype=dtype)
-        for mod in [*modules, *(convs or {})]:
-            alpha = alphas.get(mod, r)
-            if alpha is not None:
-                tensors[f"{mod}.alpha"] = torch.tensor(float(alpha), dtype=alpha_dtype)
-        return self.raw_file(filename, tensors, metadata)
-
-
 @pytest.fixture
 def make(tmp_path: Path) -> AdapterFactory:
     """The adapter factory, writing under this test's ``tmp_path`` with seed 0."""
@@ -485,7 +222,8 @@ class TinyLM:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> TinyLM:
-    from helpers import prose, tiny_llama_modules, write_random_peft, write_tiny_llama
+    from factory import write_random_peft
+    from helpers import prose, tiny_llama_modules, write_tiny_llama
 
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("tiny_lm")
@@ -495,3 +233,16 @@ def tiny_lm(tmp_path_factory) -> TinyLM:
     lora, _ = write_random_peft(root / "lora", tiny_llama_modules(), r=4, alpha=8, seed=5,
                                 b_std=0.5)
     return TinyLM(model=model, data=data, lora=lora)
+
+
+@pytest.fixture(scope="module")
+def shared_a_adapter(tmp_path_factory):
+    """A read Llama-shaped LoRA whose layers share their ``A`` (as adapters trained from one
+    seed do), so shared structures can win: for tests of conversion results and reports."""
+    from factory import llama_like, write_random_peft
+
+    from mosconv.lora.read import read_adapter
+
+    folder, _ = write_random_peft(tmp_path_factory.mktemp("shared-a") / "lora", llama_like(),
+                                  shared_A=True)
+    return read_adapter(folder)

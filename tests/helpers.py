@@ -1,8 +1,7 @@
-"""Small helpers shared by test_convert / test_mos_format / test_export / test_cli_compress.
-
-Self-contained on purpose (no dependency on conftest.py): a writer of small random PEFT
-folders, the zoo location with a skip helper, dense references in float64, and a cache of
-zoo conversions so several tests can look at one conversion without paying for it twice.
+"""Small helpers shared by the tests: the zoo location with a skip helper, dense references
+in float64, a cache of zoo conversions (so several tests can look at one conversion without
+paying for it twice), a tiny Llama writer and one-line-error assertions.  Test adapters come
+from :mod:`factory`.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factory import llama_like
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Real trained adapters (read-only, never copied into the repo); see ../shared/zoo/README.md.
@@ -58,87 +58,6 @@ def one_thread():
             yield
     finally:
         torch.set_num_threads(before)
-
-
-def write_random_peft(
-    out: Path,
-    modules: dict[str, tuple[int, int]],
-    *,
-    r: int = 4,
-    alpha: float = 8,
-    seed: int = 0,
-    fan_in_fan_out: bool = False,
-    extra: dict[str, torch.Tensor] | None = None,
-    config: dict | None = None,
-    shared_A: bool = False,
-    b_std: float = 1.0,
-    embeddings: dict[str, tuple[int, int]] | None = None,
-) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Write a random PEFT LoRA folder with :func:`mosconv.lora.write.write_peft_folder`.
-
-    Args:
-        modules: module name (without ``base_model.model.``) -> ``(d_out, d_in)``.
-        shared_A: every module of the same ``d_in`` gets the same ``A`` (as adapters
-            trained from one seed have), with its own random ``B``.
-        config: fields that override the generated adapter_config.json.
-        embeddings: embedding module name -> ``(num_embeddings, embedding_dim)``, written as
-            PEFT's ``lora_embedding_A (r, num_embeddings)`` / ``lora_embedding_B (dim, r)``.
-
-    Returns:
-        ``(folder, {name: (A, B)})`` with ``A: (r, d_in)``, ``B: (d_out, r)`` float32 as written.
-    """
-    from mosconv.lora.write import write_peft_folder
-
-    g = torch.Generator().manual_seed(seed)
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    shared: dict[int, torch.Tensor] = {}
-    rows = []
-    for name, (d_out, d_in) in modules.items():
-        if shared_A:
-            if d_in not in shared:
-                shared[d_in] = torch.randn(r, d_in, generator=g)
-            A = shared[d_in].clone()
-        else:
-            A = torch.randn(r, d_in, generator=g)
-        B = torch.randn(d_out, r, generator=g) * b_std
-        pairs[name] = (A, B)
-        rows.append((name, A, B, False))
-    for name, (num_emb, dim) in (embeddings or {}).items():
-        A = torch.randn(r, num_emb, generator=g)
-        B = torch.randn(dim, r, generator=g) * b_std
-        pairs[name] = (A, B)
-        rows.append((name, A, B, True))
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": "tiny-test-model",
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted({n.rsplit(".", 1)[-1]
-                                  for n in [*modules, *(embeddings or {})]}),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "modules_to_save": None,
-    }
-    cfg.update(config or {})
-    write_peft_folder(Path(out), rows, cfg, extra)
-    return Path(out), pairs
-
-
-def llama_like(layers: int = 4, d: int = 32, d_kv: int = 16) -> dict[str, tuple[int, int]]:
-    """A Llama-shaped module set (q: d x d, v: d_kv x d) over ``layers`` layers."""
-    return {
-        f"model.layers.{i}.self_attn.{proj}": shape
-        for i in range(layers)
-        for proj, shape in (("q_proj", (d, d)), ("v_proj", (d_kv, d)))
-    }
 
 
 def dense(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

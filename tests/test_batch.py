@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft
+from factory import llama_like, write_random_peft
+from helpers import REPO_ROOT, one_thread
 from safetensors.torch import save_file
 
 import mosconv.batch.run
@@ -42,11 +43,7 @@ from mosconv.lora.read import read_adapter
 from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE, load_mos
 from mosconv.names import POOLS_DIR
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ zoo writers
@@ -204,7 +201,7 @@ def big_run(tmp_path_factory):
         t0 = time.perf_counter()
         summary = run_batch(zoo, out, BatchConfig(ratio=8.0))
         seconds = time.perf_counter() - t0
-    assert summary.totals["converted"] == 8 and summary.failed == 0
+    assert summary.totals.converted == 8 and summary.failed == 0
     return zoo, out, seconds
 
 
@@ -281,8 +278,8 @@ def test_list_file_paths_cannot_escape_out(small_zoo, tmp_path):
     summary = run_batch(lists / "zoo.txt", out, BatchConfig(ratio=8.0, search="truncation"))
     assert summary.failed == 0 and len(summary.adapters) == 2
     for row in summary.adapters:
-        dest = (out / row["name"]).resolve()
-        assert out.resolve() in dest.parents, f"{row['name']!r} escapes {out}"
+        dest = (out / row.name).resolve()
+        assert out.resolve() in dest.parents, f"{row.name!r} escapes {out}"
         assert (dest / CONFIG_FILE).is_file()
     outside_after = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
     assert outside_after == outside_before, "the run wrote outside OUT"
@@ -398,8 +395,8 @@ def test_rerun_skips_everything_quickly(big_run):
     t0 = time.perf_counter()
     summary = run_batch(zoo, out, BatchConfig(ratio=8.0))
     again = time.perf_counter() - t0
-    assert [a["status"] for a in summary.adapters] == ["skipped"] * 8
-    assert summary.totals["converted"] == 0 and summary.totals["skipped"] == 8
+    assert [a.status for a in summary.adapters] == ["skipped"] * 8
+    assert summary.totals.converted == 0 and summary.totals.skipped == 8
     rows, totals = summary_numbers(out)
     assert rows == first_rows and totals == first_totals  # numbers still filled in
     assert all(r["relative_error"] is not None and r["lora_params"] for r in rows)
@@ -412,7 +409,7 @@ def test_modified_source_is_redone(small_zoo, small_run, tmp_path):
     out0, _ = small_run
     zoo = shutil.copytree(small_zoo, tmp_path / "zoo")
     out = shutil.copytree(out0, tmp_path / "out")  # sources differ in path only: still complete
-    assert run_batch(zoo, out).totals["skipped"] == 5
+    assert run_batch(zoo, out).totals.skipped == 5
     # new weights for teamA/a1 (same shapes), a new alpha for teamB/x/b0
     shutil.rmtree(zoo / "teamA" / "a1")
     write_random_peft(zoo / "teamA" / "a1", llama_like(layers=2, d=32, d_kv=16), r=4, alpha=8,
@@ -421,7 +418,7 @@ def test_modified_source_is_redone(small_zoo, small_run, tmp_path):
     cfg["lora_alpha"] = 16
     (zoo / "teamB" / "x" / "b0" / "adapter_config.json").write_text(json.dumps(cfg))
     summary = run_batch(zoo, out)
-    status = {a["name"]: a["status"] for a in summary.adapters}
+    status = {a.name: a.status for a in summary.adapters}
     assert status == {"c0": "skipped", "kohya/style": "skipped", "teamA/a0": "skipped",
                       "teamA/a1": "converted", "teamB/x/b0": "converted"}
     fresh = tmp_path / "fresh"
@@ -441,7 +438,7 @@ def test_incomplete_output_is_redone(small_zoo, small_run, tmp_path):
     (out / "teamB" / "x" / "b0" / ".mos_adapter.safetensors.x1y2.tmp").write_bytes(b"partial")
     (out / "teamB" / "x" / "b0" / CONFIG_FILE).unlink()
     summary = run_batch(small_zoo, out)
-    status = {a["name"]: a["status"] for a in summary.adapters}
+    status = {a.name: a.status for a in summary.adapters}
     assert status == {"c0": "skipped", "kohya/style": "converted", "teamA/a0": "converted",
                       "teamA/a1": "skipped", "teamB/x/b0": "converted"}
     for name in ("kohya/style", "teamA/a0", "teamB/x/b0"):
@@ -536,7 +533,7 @@ def test_keyboard_interrupt_then_rerun_gives_the_same_tree(small_zoo, small_run,
     (partial / TENSOR_FILE).write_bytes(b"half a file")
     (partial / f".{CONFIG_FILE}.abc123.tmp").write_bytes(b"{")
     summary = run_batch(small_zoo, out, BatchConfig(ratio=8.0, jobs=1))
-    assert [a["status"] for a in summary.adapters] == ["skipped"] * k + ["converted"] * (5 - k)
+    assert [a.status for a in summary.adapters] == ["skipped"] * k + ["converted"] * (5 - k)
     assert not stale_tmp(out)
     assert_same_tree(out, ref)
 
@@ -636,8 +633,8 @@ def test_shared_pool_rerun_skips(shared_run, tmp_path):
     zoo, out0, _ = shared_run
     out = shutil.copytree(out0, tmp_path / "out")
     summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
-    assert {a["status"] for a in summary.adapters} == {"skipped"}
-    assert summary.totals["shared_pool_params"] > 0
+    assert {a.status for a in summary.adapters} == {"skipped"}
+    assert summary.totals.shared_pool_params > 0
     assert files_of(out) == files_of(out0)
 
 
@@ -690,7 +687,7 @@ def test_damaged_pool_file_fails_to_load(shared_run, tmp_path, damage):
     assert not (tmp_path / "peft" / "adapter_config.json").exists()
     # a shared-pool rerun notices and refits the group: back to the original bytes
     summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
-    status = {a["name"]: a["status"] for a in summary.adapters}
+    status = {a.name: a.status for a in summary.adapters}
     assert all(status[f"lm/task{i}"] == "converted" for i in range(4)), status
     assert status["other/r0"] == status["other/r1"] == "skipped"
     assert files_of(out) == files_of(out0)
@@ -704,7 +701,7 @@ def test_shared_pool_modified_member_refits_the_group(shared_run, tmp_path):
     shutil.rmtree(zoo / "lm" / "task1")
     write_lora_like(zoo / "lm" / "task1", 1, seed=5)  # retrained: other weights, same shapes
     summary = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
-    status = {a["name"]: a["status"] for a in summary.adapters}
+    status = {a.name: a.status for a in summary.adapters}
     assert status == {"lm/task0": "converted", "lm/task1": "converted", "lm/task2": "converted",
                       "lm/task3": "converted", "other/r0": "skipped", "other/r1": "skipped"}
     fresh = tmp_path / "fresh"
@@ -780,8 +777,8 @@ def test_summary_counts_only_pools_in_use(shared_run, tmp_path):
         p.write_text(json.dumps(cfg))
     again = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True)).totals
     fresh = run_batch(zoo, tmp_path / "fresh", BatchConfig(ratio=8.0, shared_pool=True)).totals
-    assert again["shared_pool_params"] == fresh["shared_pool_params"], (again, fresh)
-    assert again["mos_params"] == fresh["mos_params"] <= again["lora_params"] / 8, (again, fresh)
+    assert again.shared_pool_params == fresh.shared_pool_params, (again, fresh)
+    assert again.mos_params == fresh.mos_params <= again.lora_params / 8, (again, fresh)
 
 
 def test_out_inside_zoo_rerun(small_zoo, tmp_path):

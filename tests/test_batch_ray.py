@@ -57,7 +57,7 @@ def test_ray_engine_matches_local(ray_session, zoo, tmp_path, shared):
             summary = run_batch(zoo, out, BatchConfig(ratio=8.0, engine=engine,
                                                       shared_pool=shared))
         assert summary.failed == 0, summary.adapters
-        assert summary.totals["converted"] == summary.totals["adapters"] == 11
+        assert summary.totals.converted == summary.totals.adapters == 11
         outs[engine] = out
     assert ray_session.is_initialized()
     assert_same_outputs(outs["ray"], outs["local"])

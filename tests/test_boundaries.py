@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,47 @@ def test_format_names_have_one_owner():
 def test_only_the_cli_imports_click():
     users = sorted(mod for path, mod, tree in files() if "click" in imports(path, tree)[1])
     assert users and all(u.startswith("mosconv.cli") for u in users), users
+
+
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+
+
+def test_library_errors_name_no_command_line_flags():
+    """Library messages say what is wrong; the CLI adds its options (MosconvError.options)."""
+    found = []
+    for path, mod, tree in files():
+        if mod.startswith("mosconv.cli"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for line, text in _strings(node.exc):
+                    if _FLAG.search(text):
+                        found.append((mod, line, text))
+    assert not found, found
+
+
+def test_reading_reports_and_manifests_needs_no_torch():
+    """Batch bookkeeping (what is done, what to skip) and report readers start fast."""
+    for mod in ("mosconv.fit.report", "mosconv.mos.manifest", "mosconv.names"):
+        path = PKG.parent / (mod.replace(".", "/") + ".py")
+        ours, others = imports(path, ast.parse(path.read_text()))
+        assert "torch" not in others, mod
+        for dep in ours:
+            assert not dep.startswith(("mosconv.fit.measure", "mosconv.mos.format",
+                                       "mosconv.mos.types", "mosconv.lora")), (mod, dep)
+
+
+def test_cli_commands_are_short():
+    """A command parses, calls the library and renders: at most 30 lines of body (options
+    and settings live in cli/options.py, text output in cli/render.py)."""
+    path = PKG / "cli" / "commands.py"
+    long = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command"
+                for d in node.decorator_list):
+            body = node.body[1:] if isinstance(node.body[0], ast.Expr) else node.body
+            lines = node.end_lineno - body[0].lineno + 1
+            if lines > 30:
+                long.append((node.name, lines))
+    assert not long, long

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import write_random_peft
+from factory import write_random_peft
 
 import mosconv
 from mosconv import ConfigError, FormatError
@@ -124,5 +124,6 @@ def test_calibrate_pipeline_and_shape_mismatch(tiny_lm, tmp_path):
     other, _ = write_random_peft(tmp_path / "other", {"model.layers.0.self_attn.q_proj": (48, 48)})
     with pytest.raises(ConfigError, match="base model and adapter do not match"):
         calibrate(other, spec)
-    with pytest.raises(ConfigError, match="needs --base-model and --data"):
+    with pytest.raises(ConfigError, match="needs a base model and a text file") as e:
         calibrate(tiny_lm.lora, DataSpec(data=tiny_lm.data))
+    assert e.value.options == ("base_model", "data") and "--" not in str(e.value)

@@ -8,23 +8,14 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import (
-    llama_like,
-    one_thread,
-    safetensors_parts,
-    write_random_peft,
-    zoo_path,
-)
+from factory import llama_like, write_random_peft
+from helpers import one_thread, safetensors_parts, zoo_path
 
 import mosconv.mos.format
 from mosconv.cli.commands import main
 from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import write_random_peft
+from factory import write_random_peft
 
 import mosconv.model.hf
 from mosconv.cli.commands import main
@@ -107,8 +107,10 @@ def test_bad_inputs_get_one_line_errors(tiny_lm, tmp_path):
            "model.layers.0.self_attn.q_proj", "do not match")
     _fails(run("calibrate", other, tmp_path / "c.safetensors", *model_args(tiny_lm)),
            "do not match")
-    _fails(run("compress", tiny_lm.lora, out, "--distill"), "needs --base-model and --data")
-    _fails(run("compress", tiny_lm.lora, out, "--calib", tiny_lm.data), "needs --base-model")
+    _fails(run("compress", tiny_lm.lora, out, "--distill"),
+           "needs a base model and a text file (use --base-model, --data)")
+    _fails(run("compress", tiny_lm.lora, out, "--calib", tiny_lm.data),
+           "needs a base model (use --base-model)")
     _fails(run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora,
                *model_args(tiny_lm)[:2], "--data", tmp_path / "missing.txt"), "not found")
     _fails(run("compress", tiny_lm.lora, out, "--distill",

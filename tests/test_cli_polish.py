@@ -7,7 +7,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import llama_like, write_random_peft
+from factory import llama_like, write_random_peft
 
 from mosconv.cli.commands import main
 
@@ -38,7 +38,7 @@ def test_mos_folder_given_to_compress_and_lora_to_export(lora, tmp_path):
     assert invoke("compress", lora, tmp_path / "m", "-q").exit_code == 0
     res = invoke("compress", tmp_path / "m", tmp_path / "again")
     assert res.exit_code == 1 and "is a MoS adapter, not a LoRA" in res.output
-    assert "mosconv export" in res.output and not (tmp_path / "again").exists()
+    assert "export turns a MoS adapter back" in res.output and not (tmp_path / "again").exists()
     res = invoke("export", lora, tmp_path / "exp")
     assert res.exit_code == 1 and "not a MoS adapter" in res.output
 

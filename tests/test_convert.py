@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
+from factory import llama_like, write_random_peft
 from helpers import (
     ZOO_ADAPTERS,
     assert_same_mos,
     dense,
-    llama_like,
     mos_dense,
-    one_thread,
-    write_random_peft,
     zoo_conversion,
     zoo_path,
 )
@@ -23,11 +21,7 @@ from helpers import (
 from mosconv import ConfigError, read_adapter
 from mosconv.fit.convert import ConvertConfig, convert
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # Two small zoo adapters stay in the fast set; the whole zoo (about 40 s) is marked slow.
@@ -89,17 +83,17 @@ def _dense_relative_error(adapter, mos) -> float:
 @pytest.mark.parametrize("name", ZOO_PARAMS)
 def test_zoo_ratio8_within_budget_and_never_worse_than_truncation(name):
     adapter, res = zoo_conversion(name, ratio=8)
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["lora_params"] == adapter.params
     assert t["budget"] == adapter.params // 8
     assert t["mos_params"] <= t["lora_params"] / 8
     assert t["mos_params"] == res.mos.params
     assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
-    for k in res.report["kinds"]:
+    for k in res.report.to_json()["kinds"]:
         assert k["params"] <= k["budget"], k["kind"]
         assert k["relative_error"] <= k["truncation_relative_error"] + 1e-6, k["kind"]
-    assert sum(k["params"] for k in res.report["kinds"]) == res.mos.params
-    assert [m["name"] for m in res.report["modules"]] == [m.name for m in adapter.modules]
+    assert sum(k["params"] for k in res.report.to_json()["kinds"]) == res.mos.params
+    assert [m["name"] for m in res.report.to_json()["modules"]] == [m.name for m in adapter.modules]
     _check_structure(adapter, res.mos)
 
 
@@ -116,15 +110,15 @@ def test_report_error_matches_dense_recomputation_zoo():
     raw = load_file(str(folder / "adapter_model.safetensors"))
     _, res = zoo_conversion("distilbert-imdb-seqcls", ratio=8)
     err = energy = 0.0
-    for row in res.report["modules"]:
+    for row in res.report.to_json()["modules"]:
         key = f"base_model.model.{row['name']}"
         ref = dense(raw[f"{key}.lora_A.weight"], raw[f"{key}.lora_B.weight"], scale)
         diff = float((mos_dense(res.mos, row["name"]) - ref).pow(2).sum())
         e = float(ref.pow(2).sum())
         assert math.sqrt(diff / e) == pytest.approx(row["relative_error"], rel=1e-6, abs=1e-9)
         err, energy = err + diff, energy + e
-    assert len(res.report["modules"]) == 12
-    assert math.sqrt(err / energy) == pytest.approx(res.report["totals"]["relative_error"],
+    assert len(res.report.to_json()["modules"]) == 12
+    assert math.sqrt(err / energy) == pytest.approx(res.report.to_json()["totals"]["relative_error"],
                                                     rel=1e-6)
 
 
@@ -133,7 +127,7 @@ def test_report_error_matches_dense_recomputation_shared(tmp_path):
     adapter, _ = _synthetic(tmp_path, modules=llama_like(layers=6, d=64, d_kv=32), r=8,
                             alpha=16, shared_A=True)
     res = convert(adapter, ConvertConfig(ratio=4))
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["kinds_shared"] >= 1  # the point of this case: exercise a shared structure
     assert _dense_relative_error(adapter, res.mos) == pytest.approx(t["relative_error"], rel=1e-6)
     _check_structure(adapter, res.mos)
@@ -141,7 +135,7 @@ def test_report_error_matches_dense_recomputation_shared(tmp_path):
 
 def _check_report_fields(adapter, res):
     """The identities docs/format.md states between report fields."""
-    rep, mos = res.report, res.mos
+    rep, mos = res.report.to_json(), res.mos
     assert list(rep) == ["schema", "ratio", "seed", "search", "iters", "routing_weights",
                          "totals", "kinds", "modules"]
     assert rep["schema"] == "mosconv.report/1"
@@ -187,7 +181,7 @@ def test_report_fields_are_consistent_zoo():
 def test_report_fields_are_consistent_shared(tmp_path):
     adapter, _ = _synthetic(tmp_path)
     res = convert(adapter, ConvertConfig(ratio=2, search="thorough"))
-    assert res.report["totals"]["kinds_shared"] >= 1
+    assert res.report.to_json()["totals"]["kinds_shared"] >= 1
     _check_report_fields(adapter, res)
 
 
@@ -196,8 +190,8 @@ def test_sharing_gain_is_exactly_zero_when_every_kind_is_private(tmp_path):
     adapter, _ = _synthetic(tmp_path)
     for ratio in (1.5, 3, 8):
         res = convert(adapter, ConvertConfig(ratio=ratio, search="truncation"))
-        assert res.report["totals"]["kinds_shared"] == 0
-        assert res.report["totals"]["sharing_gain"] == 0.0
+        assert res.report.to_json()["totals"]["kinds_shared"] == 0
+        assert res.report.to_json()["totals"]["sharing_gain"] == 0.0
         _check_report_fields(adapter, res)
 
 
@@ -216,13 +210,13 @@ def test_zero_modules_are_handled(tmp_path):
     adapter = read_adapter(tmp_path / "z")
     for ratio, search in ((1, "truncation"), (2, "fast"), (8, "fast")):
         res = convert(adapter, ConvertConfig(ratio=ratio, search=search))
-        t = res.report["totals"]
+        t = res.report.to_json()["totals"]
         assert all(math.isfinite(v) for v in t.values() if isinstance(v, float))
         assert t["mos_params"] <= adapter.params / ratio
         assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
         assert _dense_relative_error(adapter, res.mos) == pytest.approx(t["relative_error"],
                                                                         rel=1e-6, abs=1e-7)
-        for row in res.report["modules"]:
+        for row in res.report.to_json()["modules"]:
             assert math.isfinite(row["relative_error"]) and math.isfinite(row["energy_retained"])
             if ".1." in row["name"]:
                 assert row["energy"] == 0.0 and row["truncation_rank"] == 0
@@ -237,19 +231,19 @@ def test_zero_modules_are_handled(tmp_path):
 @pytest.mark.parametrize("name", ZOO_ADAPTERS)
 def test_zoo_ratio1_reproduces_adapter(name):
     _, res = zoo_conversion(name, ratio=1, search="truncation")
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["relative_error"] < 1e-5
     assert t["mos_params"] <= t["lora_params"]
     assert res.mos.params == t["mos_params"]
-    worst = max(row["relative_error"] for row in res.report["modules"])
+    worst = max(row["relative_error"] for row in res.report.to_json()["modules"])
     assert worst < 1e-5
 
 
 def test_ratio1_default_search_reproduces_adapter():
     adapter = read_adapter(zoo_path("opt-125m-lora-ckpts/final"))
     res = convert(adapter, ConvertConfig(ratio=1))
-    assert res.report["search"] == "fast"
-    assert res.report["totals"]["relative_error"] < 1e-5
+    assert res.report.to_json()["search"] == "fast"
+    assert res.report.to_json()["totals"]["relative_error"] < 1e-5
     assert _dense_relative_error(adapter, res.mos) < 1e-5
 
 
@@ -270,7 +264,7 @@ def test_ratio1_synthetic_is_exact_per_module(tmp_path):
 def test_budget_holds_at_float_ratios(tmp_path, ratio, weights):
     adapter, _ = _synthetic(tmp_path)
     res = convert(adapter, ConvertConfig(ratio=ratio, routing_weights=weights))
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["budget"] == math.floor(adapter.params / ratio)
     assert res.mos.params == t["mos_params"] <= t["budget"] <= adapter.params / ratio
     assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
@@ -288,7 +282,7 @@ def test_shared_A_rows_floor_holds(tmp_path):
     assert all(torch.equal(q[0], a) for a in q[1:])
     for ratio in (2, 8):
         res = convert(adapter, ConvertConfig(ratio=ratio))
-        t = res.report["totals"]
+        t = res.report.to_json()["totals"]
         assert t["mos_params"] <= adapter.params / ratio
         assert t["relative_error"] <= t["truncation_relative_error"] + 1e-6
         assert t["sharing_gain"] == pytest.approx(

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import llama_like, write_random_peft
+from factory import llama_like, write_random_peft
 
 import mosconv
 from mosconv import ConfigError
@@ -105,7 +105,7 @@ def _adapter_and_stats(tmp_path, shared_inputs=True):
 def test_convert_with_calib_reports_both_metrics_and_never_loses(tmp_path, search):
     adapter, stats = _adapter_and_stats(tmp_path)
     res = convert(adapter, ConvertConfig(ratio=6, search=search), calib=stats)
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["metric"] == "data" and t["calib_tokens"] == 500
     assert t["mos_params"] <= t["budget"]
     assert t["data_relative_error"] <= t["data_truncation_relative_error"] + 1e-6
@@ -118,10 +118,10 @@ def test_convert_with_calib_reports_both_metrics_and_never_loses(tmp_path, searc
         assert t["sharing_gain"] == 0
     else:  # inputs share a subspace across layers: sharing pays in the data metric
         assert t["kinds_shared"] >= 1 and t["sharing_gain"] > 0.01
-    for m in res.report["modules"]:
+    for m in res.report.to_json()["modules"]:
         assert {"data_relative_error", "data_truncation_relative_error",
                 "plain_truncation_data_relative_error", "data_truncation_rank"} <= set(m)
-    for k in res.report["kinds"]:
+    for k in res.report.to_json()["kinds"]:
         assert k["data_relative_error"] <= k["data_truncation_relative_error"] + 1e-6
     assert res.mos.info["metric"] == "data" and res.mos.info["calib"]["tokens"] == 500
 

@@ -9,16 +9,8 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    PEFT_PREFIX,
-    dense,
-    llama_like,
-    lowrank_rel_diff,
-    mos_dense,
-    one_thread,
-    write_random_peft,
-    zoo_path,
-)
+from factory import llama_like, write_random_peft
+from helpers import PEFT_PREFIX, dense, lowrank_rel_diff, mos_dense, zoo_path
 from safetensors.torch import load_file
 
 from mosconv import FormatError, MosconvError, read_adapter
@@ -27,11 +19,7 @@ from mosconv.lora.write import write_peft_folder
 from mosconv.mos.format import load_mos
 from mosconv.pipeline import compress, export_lora
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 LOSSLESS = ConvertConfig(ratio=1, search="truncation")
@@ -215,8 +203,9 @@ def test_export_refuses_to_overwrite(tmp_path):
     compress(folder, tmp_path / "mos", LOSSLESS)
     export_lora(tmp_path / "mos", tmp_path / "exp")
     before = (tmp_path / "exp" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(MosconvError, match="overwrite"):
+    with pytest.raises(MosconvError, match="already holds an output") as e:
         export_lora(tmp_path / "mos", tmp_path / "exp")
+    assert e.value.options == ("overwrite",)
     assert (tmp_path / "exp" / "adapter_model.safetensors").read_bytes() == before
     export_lora(tmp_path / "mos", tmp_path / "exp", overwrite=True)
     assert (tmp_path / "exp" / "adapter_config.json").is_file()

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AdapterFactory
-from helpers import llama_like, one_thread, write_random_peft
+from factory import AdapterFactory, llama_like, write_random_peft
+from helpers import one_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open

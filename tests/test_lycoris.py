@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_one_line_error, mos_dense, one_thread
+from helpers import assert_one_line_error, mos_dense
 
 from mosconv import read_adapter
 from mosconv.cli.commands import main
@@ -29,10 +29,7 @@ CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
 CONV2 = "lora_unet_down_blocks_1_resnets_0_conv2"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run(*args):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import llama_like, one_thread, write_random_peft
+from factory import llama_like, write_random_peft
+from helpers import one_thread
 from safetensors.torch import save_file
 
 from mosconv.cli.commands import main

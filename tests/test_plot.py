@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import REPO_ROOT, llama_like, one_thread, write_random_peft, zoo_conversion
+from factory import llama_like, write_random_peft
+from helpers import REPO_ROOT, one_thread, zoo_conversion
 
 from mosconv import read_adapter
 from mosconv.cli.commands import main
 from mosconv.errors import ConfigError
 from mosconv.fit.convert import ConvertConfig, convert
+from mosconv.fit.report import Report
 from mosconv.inspect import inspect_lora
 from mosconv.model.calib import CalibStats
 
@@ -26,10 +28,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING = "plotting needs matplotlib: pip install 'mosconv[plot]'"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
@@ -117,7 +116,7 @@ def test_plot_lora_from_json_alone(mpl, adapter, tmp_path):
 def test_plot_mos_weight_metric(mpl, report, tmp_path):
     from mosconv.cli.plot import plot_mos
 
-    assert "data_relative_error" not in report["totals"]
+    assert "data_relative_error" not in report.to_json()["totals"]
     plot_mos(report, tmp_path / "mos.png")
     assert_real_png(tmp_path / "mos.png")
 
@@ -127,8 +126,8 @@ def test_plot_mos_data_metric_adds_a_column(mpl, report, data_report, tmp_path):
 
     from mosconv.cli.plot import plot_mos
 
-    assert data_report["totals"]["metric"] == "data"
-    assert "data_truncation_relative_error" in data_report["modules"][0]
+    assert data_report.to_json()["totals"]["metric"] == "data"
+    assert "data_truncation_relative_error" in data_report.to_json()["modules"][0]
     plot_mos(report, tmp_path / "weight.png")
     plot_mos(data_report, tmp_path / "data.png")
     assert_real_png(tmp_path / "data.png")
@@ -143,7 +142,7 @@ def test_plots_are_byte_deterministic(mpl, report, tmp_path):
     from mosconv.cli.plot import plot_mos
 
     plot_mos(report, tmp_path / "a.png")
-    plot_mos(json.loads(json.dumps(report)), tmp_path / "b.png")
+    plot_mos(Report.from_json(json.loads(json.dumps(report.to_json()))), tmp_path / "b.png")
     raw = (tmp_path / "a.png").read_bytes()
     assert raw == (tmp_path / "b.png").read_bytes()
     assert b"matplotlib" not in raw.lower()  # no Software / version stamp

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_thread, write_random_peft
+from factory import write_random_peft
 from torch import nn
 
 import mosconv
@@ -23,13 +23,8 @@ from mosconv.pipeline import export_lora
 
 pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.usefixtures("single_thread")]
 
 
 class Case:
@@ -87,7 +82,7 @@ def llama_shared(tmp_path_factory):
     model, modules = _llama(4)
     case = Case(tmp_path_factory.mktemp("llama_shared"), model, modules, fan_in_fan_out=False,
                 config=ConvertConfig(ratio=4, search="thorough"), shared_A=True)
-    assert any(k["structure"] != "private" for k in case.report["kinds"])
+    assert any(k["structure"] != "private" for k in case.report.to_json()["kinds"])
     return case
 
 
@@ -178,7 +173,7 @@ def test_pools_stored_once(case, request):
 
 
 def test_shared_case_has_shared_pools_and_weights(llama_shared):
-    shared = [k for k in llama_shared.report["kinds"] if k["structure"] != "private"]
+    shared = [k for k in llama_shared.report.to_json()["kinds"] if k["structure"] != "private"]
     assert shared and all(k["public_A"] + k["public_B"] > 0 for k in shared)
     routed = {}
     for m in llama_shared.mos.modules:  # several modules route into one public pool

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import llama_like, one_thread, write_random_peft
+from factory import llama_like, write_random_peft
 
 from mosconv import read_adapter
 from mosconv.cli.commands import main
@@ -47,10 +47,7 @@ POINTS = ["mkstemp", "write", "fsync", "replace", "interrupt"]
 ENOSPC = "No space left on device"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ fault injection

@@ -108,7 +108,7 @@ def test_calibrate_convert_and_distill_on_real_text(smollm, tmp_path):
     assert stats.tokens == 2048 and len(stats.moments) == 60
     adapter = mosconv.read_adapter(lora)
     res = convert(adapter, ConvertConfig(ratio=32), calib=stats)
-    t = res.report["totals"]
+    t = res.report.to_json()["totals"]
     assert t["data_relative_error"] <= t["data_truncation_relative_error"] + 1e-6
     assert t["data_truncation_relative_error"] < t["plain_truncation_data_relative_error"]
     blocks = token_blocks(tok, [data.read_text()], 64, 64 * 12)

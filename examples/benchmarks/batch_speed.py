@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -367,7 +368,7 @@ def bench_shared(zoo: Path, indep_out: Path, shared_out: Path, ratio: float,
         t0 = time.perf_counter()
         res = fit_group(adapters, ratio, 0)
         dt = time.perf_counter() - t0
-        t = res.totals
+        t = asdict(res.totals)
         groups[label] = {"adapters": [str(p.relative_to(zoo)) for p in paths], "seconds": dt, **t}
         grows.append([label, len(paths), f"{t['lora_params']:,}", f"{t['budget']:,}",
                       f"{t['independent_params']:,}", f"{t['shared_params']:,}",

@@ -97,7 +97,7 @@ def inner(step: str, lora: str, out: str | None, ratio: float, profile: str | No
             return {"modules": len(facts), "lora_params": adapter.params}
         search = "truncation" if step == "compress-truncation" else "fast"
         result = compress(lora, out, ConvertConfig(ratio=ratio, search=search), overwrite=True)
-        t = result.report["totals"]
+        t = result.report.to_json()["totals"]
         return {"modules": len(result.mos.modules), "lora_params": t["lora_params"],
                 "mos_params": t["mos_params"], "relative_error": t["relative_error"],
                 "truncation_relative_error": t["truncation_relative_error"],

@@ -168,9 +168,9 @@ def main() -> None:
             row = {"ratio": ratio, "student": key, "params": mos.params,
                    "lora_params": adapter.params, **s}
             if key in conv:
-                t = conv[key].report["totals"]
+                t = conv[key].report.to_json()["totals"]
                 row["weight_rel_err"] = t["relative_error"]
-                row["structure"] = f"{t['kinds_shared']} of {len(conv[key].report['kinds'])} kinds shared"
+                row["structure"] = f"{t['kinds_shared']} of {len(conv[key].report.to_json()['kinds'])} kinds shared"
             else:
                 res, init = distilled[key]
                 row.update({"init": init, "distill": {k: res.info[k] for k in (

@@ -52,10 +52,10 @@ def main() -> None:
             res = convert(adapter, ConvertConfig(ratio=ratio, seed=args.seed, search=args.search),
                           factorizations=facts)
             dt = time.perf_counter() - t0
-            t = res.report["totals"]
+            t = res.report.to_json()["totals"]
             row = (name, f"{ratio:g}", f"{t['lora_params']:,}", f"{t['mos_params']:,}",
                    f"{t['relative_error']:.4f}", f"{t['truncation_relative_error']:.4f}",
-                   f"{t['sharing_gain']:+.4f}", f"{t['kinds_shared']}/{len(res.report['kinds'])}",
+                   f"{t['sharing_gain']:+.4f}", f"{t['kinds_shared']}/{len(res.report.to_json()['kinds'])}",
                    f"{dt:.1f}")
             rows.append(row)
             print(" | ".join(row), flush=True)

@@ -11,21 +11,28 @@ bytes as an uninterrupted one.  In shared-pool mode each group's pools are writt
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FormatError, MosconvError
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
 from ..lora.read import resolve_adapter_path
-from ..names import CONFIG_FILE, PEFT_WEIGHTS, REPORT_FILE, pool_file
+from ..mos.manifest import load_report, read_manifest
+from ..names import CONFIG_FILE, PEFT_WEIGHTS, pool_file
 from ..names import PEFT_CONFIG as CONFIG_NAME
+
+if TYPE_CHECKING:
+    from ..fit.report import Report
+    from ..fit.zoo import GroupResult
+    from ..lora.types import LoraAdapter
+    from ..mos.types import MosAdapter
 
 SUMMARY_FILE = "summary.json"
 _SUFFIXES = (".safetensors", ".bin")
@@ -96,14 +103,16 @@ def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
                         group: str | None = None) -> Outcome:
     """An outcome whose numbers come from the ``report.json`` in ``dest``."""
     try:
-        report = json.loads((dest / REPORT_FILE).read_text())
-        t = report["totals"]
-        energy = sum(m["energy"] for m in report["modules"])
-    except (OSError, ValueError, KeyError, TypeError):
+        report = load_report(dest)
+    except (OSError, MosconvError):
+        report = None
+    if report is None:
         return Outcome(item.name, item.source, status, seconds, group=group)
-    return Outcome(item.name, item.source, status, seconds, t["lora_params"], t["mos_params"],
-                   t.get("local_params", t["mos_params"]), t["relative_error"],
-                   t["truncation_relative_error"], group, None, energy)
+    t = report.totals
+    local = t.local_params if t.local_params is not None else t.mos_params
+    return Outcome(item.name, item.source, status, seconds, t.lora_params, t.mos_params,
+                   local, t.relative_error, t.truncation_relative_error, group, None,
+                   report.energy)
 
 
 # ---------------------------------------------------------------- discovery
@@ -185,29 +194,22 @@ def is_complete(out_dir: Path, source: str, settings: dict | None = None,
                 group: str | None = None) -> bool:
     """True when ``out_dir`` holds a finished conversion of the unchanged ``source``, made
     with the same batch ``settings`` and in the same shared-pool ``group`` (None: none)."""
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
+    if not (out_dir / CONFIG_FILE).is_file():
         return False
     try:
-        cfg = json.loads(path.read_text())
-        recorded = cfg["source"]["files"]
+        manifest = read_manifest(out_dir)
         want = source_hashes(source)
-    except (OSError, ValueError, KeyError, TypeError, MosconvError):
+    except (OSError, MosconvError):
         return False
-    have = [{"name": f.get("name"), "sha256": f.get("sha256")} for f in recorded]
-    if have != want:
+    if list(manifest.source_files) != [(f["name"], f["sha256"]) for f in want]:
         return False
-    if settings is not None and (cfg.get("batch") != settings or cfg.get("zoo_group") != group):
+    if settings is not None and (manifest.batch != settings or manifest.zoo_group != group):
         return False
-    for ref in _shared_refs(cfg):
-        f = (out_dir / ref["file"])
-        if not f.is_file() or sha256_file(f) != ref["sha256"]:
+    for ref in manifest.pool_refs:
+        f = (out_dir / ref.file)
+        if not f.is_file() or sha256_file(f) != ref.sha256:
             return False
     return True
-
-
-def _shared_refs(cfg: dict) -> list[dict]:
-    return [k["shared_pool"] for k in cfg.get("kinds", []) if k.get("shared_pool")]
 
 
 # ---------------------------------------------------------------- one adapter
@@ -269,7 +271,7 @@ def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outco
     try:
         import ray
     except ImportError:
-        raise ConfigError("--engine ray needs Ray: pip install 'mosconv[ray]'") from None
+        raise ConfigError("the Ray engine needs Ray: pip install 'mosconv[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(convert_one)
@@ -296,7 +298,8 @@ def _group_id(key: str) -> str:
     return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def fit_group_items(items: list[Item], config: BatchConfig):
+def fit_group_items(items: list[Item], config: BatchConfig
+                    ) -> tuple[list[LoraAdapter], GroupResult]:
     """Read and fit one group (where the group's vectors are); returns the GroupResult."""
     from ..fit.zoo import fit_group
     from ..lora.read import read_adapter
@@ -316,7 +319,8 @@ def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
     return path, hashlib.sha256(data).hexdigest()
 
 
-def write_member(item: Item, adapter, mos, report: dict, out: str, config: BatchConfig,
+def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Report, out: str,
+                 config: BatchConfig,
                  gid: str, pool: tuple[str, str] | None, seconds: float) -> Outcome:
     """Write one adapter of a group (its own shards and routes; refs to the pool file)."""
     from ..mos.format import save_mos
@@ -377,8 +381,8 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
 
 def _recorded_group(dest: Path) -> str | None:
     try:
-        return json.loads((dest / CONFIG_FILE).read_text()).get("zoo_group")
-    except (OSError, ValueError, AttributeError):
+        return read_manifest(dest).zoo_group
+    except (OSError, MosconvError):
         return None
 
 
@@ -423,10 +427,10 @@ def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
     files: set[Path] = set()
     for dest in dests:
         try:
-            cfg = json.loads((dest / CONFIG_FILE).read_text())
-        except (OSError, ValueError):
+            refs = read_manifest(dest).pool_refs
+        except (OSError, MosconvError):
             continue
-        files.update((dest / ref["file"]).resolve() for ref in _shared_refs(cfg))
+        files.update((dest / ref.file).resolve() for ref in refs)
     total = 0
     if files:
         from ..lora.read._header import read_safetensors_header
@@ -438,18 +442,35 @@ def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
     return total
 
 
-@dataclass
+@dataclass(frozen=True)
+class ZooTotals:
+    """The zoo totals of ``summary.json``: counts, parameters (shared pools once), errors
+    energy-weighted over the converted adapters (None when there are none)."""
+
+    adapters: int
+    converted: int
+    skipped: int
+    failed: int
+    lora_params: int
+    mos_params: int
+    shared_pool_params: int
+    relative_error: float | None
+    truncation_relative_error: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Summary:
-    """``summary.json``: per adapter outcomes and zoo totals."""
+    """``summary.json`` (``dataclasses.asdict``): per adapter outcomes and zoo totals."""
 
     ratio: float
     shared_pool: bool
-    adapters: list[dict] = field(default_factory=list)
-    totals: dict = field(default_factory=dict)
+    adapters: list[Outcome]
+    totals: ZooTotals
 
     @property
     def failed(self) -> int:
-        return sum(1 for a in self.adapters if a["status"] == "failed")
+        return sum(1 for a in self.adapters if a.status == "failed")
 
 
 def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfig(),
@@ -463,7 +484,7 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise ConfigError("--engine ray needs Ray: pip install 'mosconv[ray]'") from None
+            raise ConfigError("the Ray engine needs Ray: pip install 'mosconv[ray]'") from None
     stream = _shared_map(items, str(out), config) if config.shared_pool else \
         convert_many(items, out, config)
     results = {}
@@ -471,30 +492,25 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
         results[outcome.name] = outcome
         if progress:
             progress(outcome)
-    rows = [asdict(results[i.name]) for i in items]
-    done = [r for r in rows if r["status"] != "failed" and r["lora_params"] is not None]
-    pool_params = _pool_params_in_use(out, [out / r["name"] for r in done])
-    lora = sum(r["lora_params"] for r in done)
-    local = sum(r["local_params"] or 0 for r in done)
-    energy = sum(r["energy"] or 0.0 for r in done)
+    rows = [results[i.name] for i in items]
+    done = [r for r in rows if r.status != "failed" and r.lora_params is not None]
+    pool_params = _pool_params_in_use(out, [out / r.name for r in done])
+    energy = sum(r.energy or 0.0 for r in done)
 
     def weighted(key: str) -> float | None:
         if not done or energy <= 0:
             return None
-        return (sum((r["energy"] or 0.0) * r[key] ** 2 for r in done) / energy) ** 0.5
+        return (sum((r.energy or 0.0) * getattr(r, key) ** 2 for r in done) / energy) ** 0.5
 
-    totals = {
-        "adapters": len(rows),
-        "converted": sum(1 for r in rows if r["status"] == "converted"),
-        "skipped": sum(1 for r in rows if r["status"] == "skipped"),
-        "failed": sum(1 for r in rows if r["status"] == "failed"),
-        "lora_params": lora,
-        "mos_params": local + pool_params,
-        "shared_pool_params": pool_params,
-        "relative_error": weighted("relative_error"),
-        "truncation_relative_error": weighted("truncation_relative_error"),
-        "seconds": sum(r["seconds"] for r in rows),
-    }
+    local = sum(r.local_params or 0 for r in done)
+    totals = ZooTotals(
+        adapters=len(rows), converted=sum(1 for r in rows if r.status == "converted"),
+        skipped=sum(1 for r in rows if r.status == "skipped"),
+        failed=sum(1 for r in rows if r.status == "failed"),
+        lora_params=sum(r.lora_params for r in done), mos_params=local + pool_params,
+        shared_pool_params=pool_params, relative_error=weighted("relative_error"),
+        truncation_relative_error=weighted("truncation_relative_error"),
+        seconds=sum(r.seconds for r in rows))
     summary = Summary(config.ratio, config.shared_pool, rows, totals)
     atomic_write_json(out / SUMMARY_FILE, asdict(summary))
     return summary

@@ -27,9 +27,14 @@ import io
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
+from ..fit.report import Report
+
+if TYPE_CHECKING:
+    from ..lora.types import LoraAdapter
 
 MAX_PANELS = 6  # panels of modules per plot; more kinds are grouped (see the module docstring)
 DPI = 100
@@ -52,7 +57,7 @@ def require_matplotlib() -> None:
         raise ConfigError(_MISSING) from None
 
 
-def check_plot_path(path) -> Path:
+def check_plot_path(path: str | Path) -> Path:
     """Check, before any work, that a plot can be written to ``path``: a ``.png`` name in an
     existing folder, and matplotlib installed.
 
@@ -69,7 +74,7 @@ def check_plot_path(path) -> Path:
     return path
 
 
-def lora_spectra(adapter) -> dict[str, list[float]]:
+def lora_spectra(adapter: LoraAdapter) -> dict[str, list[float]]:
     """Singular values of every module's ``dW`` (descending), keyed by module name: the
     factorization ``inspect`` uses, for :func:`plot_lora`'s ``spectra``."""
     from ..fit.factorize import factorize_adapter
@@ -227,7 +232,7 @@ def _stable_rank_panel(ax, ms, labels, what, panel_inches) -> None:
     ax.legend(fontsize=8, loc="upper left", ncol=2)
 
 
-def plot_lora(info: dict, path, spectra: dict[str, list[float]] | None = None) -> None:
+def plot_lora(info: dict[str, Any], path: str | Path, spectra: dict[str, list[float]] | None = None) -> None:
     """Draw an :func:`~mosconv.inspect.inspect_lora` summary into the PNG ``path``.
 
     Left: per kind, each module's singular values ``sigma_i / sigma_1`` (log scale), one line
@@ -328,7 +333,7 @@ def _bars(ax, ms, labels, what, ylabel, cols, mos_key, base_key, base_label, pla
     _set_ticks(ax, labels, WIDTH * 0.92 / cols)
 
 
-def plot_mos(report: dict, path) -> None:
+def plot_mos(report: Report, path: str | Path) -> None:
     """Draw a conversion report (``report.json``, schema ``mosconv.report/1``) into the PNG
     ``path``.
 
@@ -340,6 +345,7 @@ def plot_mos(report: dict, path) -> None:
         ConfigError: bad ``path`` (see :func:`check_plot_path`) or matplotlib missing.
     """
     path = check_plot_path(path)
+    report = report.to_json()  # the documented flat rows: what the bars are keyed by
     t = report["totals"]
     modules = report["modules"]
     data = t.get("metric") == "data" and all("data_relative_error" in m for m in modules)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,19 +23,12 @@ from .._threads import one_thread
 from ..errors import ConfigError, MosconvError
 from ..lora.types import LoraAdapter
 from ..mos.types import KindPools, MosAdapter, MosModule
-from .datafit import data_target, kind_data_err_sq, refine_data, regularize
 from .factorize import Factorization, factorize
-from .pools import (
-    KindFit,
-    divisors_for,
-    kind_err_sq,
-    private_fit,
-    refine,
-    shared_fit,
-    shared_params,
-)
-from .report import build_report
-from .truncation import allocate, budget_for_ratio, truncate
+from .measure import Baseline, DataInputs, build_report
+from .metric import CalibLike, DataMetric, Metric, Target, WeightMetric
+from .pools import KindFit, divisors_for, private_fit, shared_fit, shared_params
+from .report import KindStructure, Report, Settings
+from .truncation import Truncation, allocate, budget_for_ratio, truncate
 
 SEARCH_LEVELS = ("truncation", "fast", "thorough")
 
@@ -60,6 +53,11 @@ class ConvertConfig:
     iters: int = 4
     routing_weights: bool = True
 
+    def settings(self) -> Settings:
+        """What a report records of these settings."""
+        return Settings(float(self.ratio), self.seed, self.search, self.iters,
+                        self.routing_weights)
+
     def validate(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
@@ -71,14 +69,22 @@ class ConvertConfig:
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """A converted adapter and its report (see ``docs/format.md`` for the report fields)."""
+    """A converted adapter and its report (see ``docs/format.md`` for the report fields).
+
+    Attributes:
+        mos: the MoS adapter.
+        report: its :class:`~mosconv.fit.report.Report` (``report.to_json()``: ``report.json``).
+        baseline: the truncation baselines and chosen structures the report was built
+            against (distillation builds its report against the same ones).
+    """
 
     mos: MosAdapter
-    report: dict = field(default_factory=dict)
-    # what the report was built from, so that a later stage (distillation) can rebuild it
-    trunc: object = None
-    dtrunc: object = None
-    structures: dict | None = None
+    report: Report
+    baseline: Baseline | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.report.settings
 
 
 def _candidates(search: str, n_modules: int, d_in: int, d_out: int, routing_weights: bool):
@@ -124,24 +130,23 @@ def _worth_searching(search: str, targets: list[Factorization], ranks: list[int]
     return False
 
 
-def _try_shared(targets: list[Factorization], kind_budget: int, cand, seed: int,
-                iters: int, data_targets=None) -> KindFit | None:
+def _try_shared(targets: list[Target], metric: Metric, kind_budget: int,
+                cand: tuple[float, int, int, bool], seed: int, iters: int) -> KindFit | None:
     frac, nc, q, weights = cand
-    d_in, d_out = targets[0].d_in, targets[0].d_out
-    gains = {i: f.S**2 for i, f in enumerate(targets)}
+    facts = [metric.factorization(t) for t in targets]
+    d_in, d_out = facts[0].d_in, facts[0].d_out
+    gains = {i: f.S**2 for i, f in enumerate(facts)}
     costs = {i: d_in + d_out for i in gains}
     priv = allocate(gains, costs, int(kind_budget * (1 - frac)))
-    private_ranks = [priv[i] for i in range(len(targets))]
+    private_ranks = [priv[i] for i in range(len(facts))]
     fixed = shared_params(d_in, d_out, private_ranks, q, 0, nc, weights)
     n_public = (kind_budget - fixed) * nc // (d_in + d_out)
     if n_public < 1:
         return None
-    kf = shared_fit(targets, private_ranks, q, n_public, nc, weights, seed)
+    kf = shared_fit(facts, private_ranks, q, n_public, nc, weights, seed)
     if kf.params > kind_budget:  # k-means may return fewer shards, never more
         return None
-    if data_targets is not None:
-        return refine_data(kf, data_targets, iters)
-    return refine(kf, targets, iters)
+    return metric.refine(kf, targets, iters)
 
 
 def _to_pools(kind: str, kf: KindFit, d_in: int, d_out: int) -> KindPools:
@@ -155,7 +160,7 @@ def convert(
     *,
     progress: Callable[[str], None] | None = None,
     factorizations: dict[str, Factorization] | None = None,
-    calib=None,
+    calib: CalibLike | None = None,
 ) -> ConvertResult:
     """Convert a LoRA adapter into a MoS adapter under ``lora_params / ratio`` parameters.
 
@@ -172,34 +177,24 @@ def convert(
         ConfigError: invalid settings, or ``calib`` that does not match the adapter.
     """
     config.validate()
-    # Spectra first (singular vectors dropped), then each kind is factorized again while it
-    # is fitted: peak memory holds one kind's singular vectors, not the whole adapter's.
-    spectra = factorizations or {m.name: _spectrum(m) for m in adapter.modules}
     budget = budget_for_ratio(adapter.params, config.ratio)
-    trunc = truncate(spectra, budget)
-    data_targets = dtrunc = None
-    if calib is not None:
+    metric: Metric
+    if calib is None:
+        metric = WeightMetric(factorizations)
+        plain = metric.spectra(adapter)
+    else:
         moments = check_calib(adapter, calib)
-        with one_thread():
-            data_targets = {m.name: data_target(m, regularize(moments[m.name]))
-                            for m in adapter.modules}
-        dtrunc = truncate({n: t.f for n, t in data_targets.items()}, budget)
+        # full factorizations: the report measures plain truncation in the data metric too
+        plain = factorizations or {m.name: factorize(m) for m in adapter.modules}
+        metric = DataMetric.from_moments(adapter, moments, calib.tokens, calib.info)
+    trunc = truncate(plain, budget)
+    fit_trunc = trunc if calib is None else truncate(metric.spectra(adapter), budget)
     torch.manual_seed(config.seed)
 
     with one_thread():
-        kinds, structures, mos_modules = _fit_kinds(adapter, factorizations, dtrunc or trunc,
-                                                    config, progress, data_targets)
+        kinds, structures, mos_modules = _fit_kinds(adapter, metric, fit_trunc, config, progress)
     order = {m.name: i for i, m in enumerate(adapter.modules)}
     mos_modules.sort(key=lambda m: order[m.name])
-    source = {
-        "format": adapter.format,
-        "base_model": adapter.base_model,
-        "task_type": adapter.task_type,
-        "dtype": adapter.dtype,
-        "fan_in_fan_out": adapter.fan_in_fan_out,
-        "config": adapter.config,
-        "metadata": adapter.metadata,
-    }
     info = {
         "mosconv_version": __version__,
         "ratio": float(config.ratio),
@@ -209,18 +204,36 @@ def convert(
         "routing_weights": config.routing_weights,
         "lora_params": adapter.params,
         "budget": budget,
-        "metric": "data" if calib is not None else "weight",
+        "metric": metric.name,
     }
     if calib is not None:
         info["calib"] = {"tokens": calib.tokens, **calib.info}
     mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
-                     extra_tensors=dict(adapter.extra_tensors), source=source, info=info)
-    report = build_report(adapter, mos, trunc, structures, config, calib=calib, dtrunc=dtrunc)
-    return ConvertResult(mos=mos, report=report, trunc=trunc, dtrunc=dtrunc,
-                         structures=structures)
+                     extra_tensors=dict(adapter.extra_tensors), source=source_info(adapter),
+                     info=info)
+    baseline = Baseline(trunc, None if calib is None else fit_trunc, structures)
+    data = None
+    if isinstance(metric, DataMetric):
+        data = DataInputs({n: t.C for n, t in metric.targets.items()}, metric.tokens)
+    report = build_report(adapter, mos, baseline, config.settings(), data=data,
+                          plain=plain if data else None)
+    return ConvertResult(mos=mos, report=report, baseline=baseline)
 
 
-def check_calib(adapter: LoraAdapter, calib) -> dict[str, torch.Tensor]:
+def source_info(adapter: LoraAdapter) -> dict:
+    """What a MoS adapter records of its source (``mos_config.json``'s ``source``)."""
+    return {
+        "format": adapter.format,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "dtype": adapter.dtype,
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "config": adapter.config,
+        "metadata": adapter.metadata,
+    }
+
+
+def check_calib(adapter: LoraAdapter, calib: CalibLike) -> dict[str, torch.Tensor]:
     """The moments of ``calib`` for every module of ``adapter``, shapes checked."""
     moments = {}
     for m in adapter.modules:
@@ -236,53 +249,43 @@ def check_calib(adapter: LoraAdapter, calib) -> dict[str, torch.Tensor]:
     return moments
 
 
-def _spectrum(module) -> Factorization:
-    """A module's singular values, with empty singular-vector matrices of the right heights."""
-    f = factorize(module)
-    return Factorization(torch.empty(f.d_out, 0), f.S, torch.empty(f.d_in, 0))
-
-
-def _fit_kinds(adapter, facts, trunc, config, progress, data_targets=None):
-    """Per kind: the all-private structure from ``trunc`` (plain or data-aware truncation),
-    then shared candidates; the lowest error in the conversion's metric wins."""
+def _fit_kinds(adapter: LoraAdapter, metric: Metric, trunc: Truncation, config: ConvertConfig,
+               progress: Callable[[str], None] | None
+               ) -> tuple[dict[str, KindPools], dict[str, KindStructure], list[MosModule]]:
+    """Per kind: the all-private structure from ``trunc`` (truncation in ``metric``), then
+    shared candidates; the lowest error in ``metric`` wins."""
     kinds: dict[str, KindPools] = {}
-    structures = {}
+    structures: dict[str, KindStructure] = {}
     mos_modules = []
     for kind, mods in adapter.kinds.items():
-        dts = [data_targets[m.name] for m in mods] if data_targets else None
-        if dts:
-            targets = [t.f for t in dts]
-        else:
-            targets = [facts[m.name] if facts else factorize(m) for m in mods]
+        targets = metric.kind_targets(mods)
+        facts = [metric.factorization(t) for t in targets]
         ranks = [trunc.ranks[m.name] for m in mods]
         d_in, d_out = mods[0].d_in, mods[0].d_out
         kind_budget = sum(ranks) * (d_in + d_out)
-        best = private_fit(targets, ranks)
+        best = private_fit(facts, ranks)
         best_err = sum(trunc.err_sq[m.name] for m in mods)
-        trunc_err = best_err
         tried = 0
         cands = _candidates(config.search, len(mods), d_in, d_out, config.routing_weights)
-        if kind_budget > 0 and cands and (dts or _worth_searching(config.search, targets, ranks)):
-            targets = [f.double() for f in targets] if not dts else targets  # float64 to fit
+        if kind_budget > 0 and cands and (
+                metric.always_search() or _worth_searching(config.search, facts, ranks)):
+            targets = metric.for_search(targets)
             for cand in cands:
-                kf = _try_shared(targets, kind_budget, cand, config.seed, config.iters, dts)
+                kf = _try_shared(targets, metric, kind_budget, cand, config.seed, config.iters)
                 tried += 1
                 if kf is None:
                     continue
-                err = sum(kind_data_err_sq(kf, dts) if dts else kind_err_sq(kf, targets))
+                err = sum(metric.err_sq(kf, targets))
                 if err < best_err * (1 - 1e-9):
                     best, best_err = kf, err
         if best.params > kind_budget:
             raise MosconvError(f"internal error: kind {kind} uses {best.params} > {kind_budget} params")
         kinds[kind] = _to_pools(kind, best, d_in, d_out)
-        structures[kind] = {
-            "structure": best.structure, "nc": best.nc,
-            "public_A": best.public_A, "public_B": best.public_B,
-            "pool_A": int(best.pool_A.shape[0]), "pool_B": int(best.pool_B.shape[0]),
-            "params": best.params, "budget": kind_budget, "candidates_tried": tried,
-            "weights": any(m.weights_A is not None for m in best.modules),
-            "truncation_err_sq": trunc_err, "err_sq": best_err,
-        }
+        structures[kind] = KindStructure(
+            structure=best.structure, nc=best.nc, public_A=best.public_A,
+            public_B=best.public_B, pool_A=int(best.pool_A.shape[0]),
+            pool_B=int(best.pool_B.shape[0]), params=best.params, budget=kind_budget,
+            candidates_tried=tried, weights=any(m.weights_A is not None for m in best.modules))
         for m, mr in zip(mods, best.modules):
             mos_modules.append(MosModule(
                 name=m.name, kind=kind, r=mr.r, scale=1.0,

@@ -20,6 +20,7 @@ best weight, when slots carry weights), keeping the best state seen.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,7 +347,8 @@ def refine(kf: KindFit, targets: list[Factorization], iters: int, tol: float = 1
                           sum(f.energy for f in targets), iters, tol)
 
 
-def best_of_rounds(kf: KindFit, round_, error, total: float, iters: int,
+def best_of_rounds(kf: KindFit, round_: Callable[[], None], error: Callable[[], float],
+                   total: float, iters: int,
                    tol: float = 1e-7) -> KindFit:
     """Run ``round_()`` (which updates ``kf`` in place) up to ``iters`` times and return a copy
     of the best state by ``error()``; stop at the first round that does not lower the error,
@@ -375,7 +377,7 @@ def shared_params(d_in: int, d_out: int, private_ranks: list[int], public_rows: 
     return n
 
 
-def divisors_for(d_in: int, d_out: int, wanted=(1, 4, 16)) -> list[int]:
+def divisors_for(d_in: int, d_out: int, wanted: tuple[int, ...] = (1, 4, 16)) -> list[int]:
     """The values of ``wanted`` that divide both widths (valid ``nc``)."""
     return [nc for nc in wanted if d_in % nc == 0 and d_out % nc == 0]
 

@@ -19,7 +19,7 @@ whichever of the two has the lower total error: shared pools never make it worse
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,11 +27,36 @@ from .. import __version__
 from ..lora.types import LoraAdapter
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
+from .convert import ConvertConfig, convert, source_info
 from .factorize import Factorization, factorize_adapter
-from .report import build_report
+from .measure import Baseline, build_report
+from .report import KindStructure, Report, Settings
 from .truncation import allocate, budget_for_ratio, truncate
 
 F64 = torch.float64
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupTotals:
+    """A group's totals: its budget and the errors of both modes at that budget.
+
+    Attributes:
+        mode: the mode kept (``shared`` or ``independent``).
+        mos_params: params of the kept mode (in shared mode: pool file once + own files).
+        pool_params, local_params: shared mode only: the pool file's and the adapters' own.
+    """
+
+    lora_params: int
+    budget: int
+    adapters: int
+    independent_relative_error: float
+    shared_relative_error: float
+    independent_params: int
+    shared_params: int
+    mode: str
+    mos_params: int
+    pool_params: int | None = None
+    local_params: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,9 +74,9 @@ class GroupResult:
 
     mode: str
     adapters: list[MosAdapter]
-    reports: list[dict]
+    reports: list[Report]
+    totals: GroupTotals
     shared_pools: dict[str, torch.Tensor] = field(default_factory=dict)
-    totals: dict = field(default_factory=dict)
 
 
 def group_key(adapter: LoraAdapter) -> str:
@@ -77,8 +102,6 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     The pool file tensors are named ``<kind id>.A`` (kind ids ``k0, k1, ...`` in the
     order of the first adapter's kinds).
     """
-    from .convert import ConvertConfig, convert
-
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     total_params = sum(a.params for a in adapters)
     budget = budget_for_ratio(total_params, ratio)
@@ -89,10 +112,10 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
                        routing_weights=routing_weights)
     alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
-    indep_err_sq = sum(m["energy"] * m["relative_error"] ** 2
-                       for r in alone for m in r.report["modules"])
+    indep_err_sq = sum(m.energy * m.relative_error ** 2
+                       for r in alone for m in r.report.modules)
     indep_err = math.sqrt(indep_err_sq / energy) if energy > 0 else 0.0
-    indep_params = sum(r.report["totals"]["mos_params"] for r in alone)
+    indep_params = sum(r.report.totals.mos_params for r in alone)
 
     # shared row spaces: per module name, stacked over the adapters that have it
     names = [m.name for m in adapters[0].modules]
@@ -112,16 +135,20 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     shared_err = math.sqrt((shared_err_sq + sum(flat[k].energy for k in missing)) / energy) \
         if energy > 0 else 0.0
     params_shared = sum(ks[n] * costs[n] for n in names)
-    totals = {"lora_params": total_params, "budget": budget, "adapters": len(adapters),
-              "independent_relative_error": indep_err, "shared_relative_error": shared_err,
-              "independent_params": indep_params, "shared_params": params_shared}
+    totals = GroupTotals(lora_params=total_params, budget=budget, adapters=len(adapters),
+                         independent_relative_error=indep_err,
+                         shared_relative_error=shared_err, independent_params=indep_params,
+                         shared_params=params_shared, mode="independent",
+                         mos_params=indep_params)
     if missing or shared_err >= indep_err:
-        return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone], {},
-                           {**totals, "mode": "independent", "mos_params": indep_params})
+        return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone],
+                           totals)
     return _shared(adapters, facts, bases, ks, ratio, seed, totals)
 
 
-def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
+def _shared(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]],
+            bases: dict[str, torch.Tensor], ks: dict[str, int], ratio: float, seed: int,
+            totals: GroupTotals) -> GroupResult:
     ids = kind_ids(adapters[0].kinds)
     pools: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
@@ -157,9 +184,9 @@ def _shared(adapters, facts, bases, ks, ratio, seed, totals) -> GroupResult:
     reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
     pool_params = sum(t.numel() for t in pools.values())
     local = sum(sum(p.local_params for p in mos.kinds.values()) for mos in mos_list)
-    return GroupResult("shared", mos_list, reports, pools,
-                       {**totals, "mode": "shared", "pool_params": pool_params,
-                        "local_params": local, "mos_params": pool_params + local})
+    return GroupResult("shared", mos_list, reports,
+                       replace(totals, mode="shared", pool_params=pool_params,
+                               local_params=local, mos_params=pool_params + local), pools)
 
 
 def _module(m, kind, routes_A, routes_B, private_A, private_B) -> MosModule:
@@ -170,45 +197,30 @@ def _module(m, kind, routes_A, routes_B, private_A, private_B) -> MosModule:
                      embedding=m.embedding, conv_shape=m.conv_shape)
 
 
-def _mos(a: LoraAdapter, kinds, mods, ratio, seed, mode) -> MosAdapter:
+def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], ratio: float,
+         seed: int, mode: str) -> MosAdapter:
     order = {m.name: i for i, m in enumerate(a.modules)}
     mods.sort(key=lambda m: order[m.name])
-    source = {"format": a.format, "base_model": a.base_model, "task_type": a.task_type,
-              "dtype": a.dtype, "fan_in_fan_out": a.fan_in_fan_out, "config": a.config,
-              "metadata": a.metadata}
     info = {"mosconv_version": __version__, "ratio": float(ratio), "seed": seed,
             "search": f"zoo-{mode}",
             "iters": 0, "routing_weights": False, "lora_params": a.params,
             "budget": budget_for_ratio(a.params, ratio)}
     return MosAdapter(kinds=kinds, modules=tuple(mods), extra_tensors=dict(a.extra_tensors),
-                      source=source, info=info)
+                      source=source_info(a), info=info)
 
 
-def _report(a: LoraAdapter, fa, mos: MosAdapter, ratio: float, seed: int) -> dict:
+def _report(a: LoraAdapter, fa: dict[str, Factorization], mos: MosAdapter, ratio: float,
+            seed: int) -> Report:
     """Per-adapter report; its truncation baseline is this adapter converted alone."""
-    from .convert import ConvertConfig
-
     trunc = truncate(fa, budget_for_ratio(a.params, ratio))
-    structures = {}
-    for kind, p in mos.kinds.items():
-        e = sum(fa[m.name].energy for m in a.kinds[kind])
-        structures[kind] = {
-            "structure": "shared" if p.shared else "private", "nc": p.nc,
-            "public_A": p.public_A, "public_B": p.public_B,
-            "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
-            "params": p.local_params, "budget": None, "candidates_tried": 0, "weights": False,
-            "truncation_err_sq": sum(trunc.err_sq[m.name] for m in a.kinds[kind]),
-            "err_sq": e,  # replaced below by the measured value
-        }
-    report = build_report(a, mos, trunc, structures,
-                          ConvertConfig(ratio=max(ratio, 1.0), seed=seed, search="truncation", iters=0))
-    err_by_kind: dict[str, float] = {}
-    for row in report["modules"]:
-        err_by_kind[row["kind"]] = err_by_kind.get(row["kind"], 0.0) + \
-            row["energy"] * row["relative_error"] ** 2
-    for k in report["kinds"]:
-        e = sum(r["energy"] for r in report["modules"] if r["kind"] == k["kind"])
-        k["relative_error"] = math.sqrt(err_by_kind[k["kind"]] / e) if e > 0 else 0.0
-    report["search"] = mos.info["search"]
-    report["totals"]["local_params"] = sum(p.local_params for p in mos.kinds.values())
-    return report
+    structures = {
+        kind: KindStructure(structure="shared" if p.shared else "private", nc=p.nc,
+                            public_A=p.public_A, public_B=p.public_B,
+                            pool_A=int(p.pool_A.shape[0]), pool_B=int(p.pool_B.shape[0]),
+                            params=p.local_params, budget=None, candidates_tried=0,
+                            weights=False)
+        for kind, p in mos.kinds.items()}
+    settings = Settings(ratio=float(max(ratio, 1.0)), seed=seed, search=mos.info["search"],
+                        iters=0, routing_weights=False)
+    return build_report(a, mos, Baseline(trunc, None, structures), settings,
+                        local_params=sum(p.local_params for p in mos.kinds.values()))

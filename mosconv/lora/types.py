@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,7 +87,8 @@ class LoraAdapter:
         modules: the adapted modules in natural name order.
         extra_tensors: every non-LoRA tensor of the source (``modules_to_save``,
             biases, ...) under its original key, passed through untouched.
-        config: the source's own configuration (``adapter_config.json``), or ``{}``.
+        config: the source's own configuration (``adapter_config.json``, PEFT's JSON as
+            read), or ``{}``.
         metadata: the safetensors header metadata of the source (strings only).
         base_model: base model name or path, when the source says it.
         task_type: PEFT task type, when the source says it.
@@ -100,7 +102,7 @@ class LoraAdapter:
     format: str
     modules: tuple[LoraModule, ...]
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     base_model: str | None = None
     task_type: str | None = None
@@ -135,7 +137,7 @@ class LoraAdapter:
         raise KeyError(name)
 
 
-def natural_key(name: str) -> list:
+def natural_key(name: str) -> list[int | str]:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -154,7 +156,7 @@ def assign_kinds(modules: list[LoraModule]) -> tuple[LoraModule, ...]:
     """
     modules = sorted(modules, key=lambda m: natural_key(m.name))
     counts: dict[str, int] = {}
-    out = []
+    out: list[LoraModule] = []
     for m in modules:
         tag = "emb" if m.embedding else ("conv" if m.conv_shape else "")
         kind = f"{name_pattern(m.name)}[{m.d_out}x{m.d_in}{tag}]"

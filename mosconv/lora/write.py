@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from ..names import PEFT_PREFIX as PREFIX
 
 def peft_state_dict(modules: list[tuple[str, torch.Tensor, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
     """PEFT keys for ``(name, A, B, embedding)`` tuples, scale already folded into B."""
-    sd = {}
+    sd: dict[str, torch.Tensor] = {}
     for name, A, B, embedding in modules:
         if embedding:
             sd[f"{PREFIX}{name}.lora_embedding_A"] = A
@@ -31,7 +32,7 @@ def peft_state_dict(modules: list[tuple[str, torch.Tensor, torch.Tensor, bool]])
     return sd
 
 
-def peft_config(base: dict, names_ranks: list[tuple[str, int]]) -> dict:
+def peft_config(base: dict[str, Any], names_ranks: list[tuple[str, int]]) -> dict[str, Any]:
     """A PEFT LoRA config with ``lora_alpha == r`` everywhere (scale 1)."""
     ranks = Counter(r for _, r in names_ranks)
     r0 = ranks.most_common(1)[0][0] if ranks else 8
@@ -60,7 +61,7 @@ def _escape(name: str) -> str:
 def write_peft_folder(
     out: Path,
     modules: list[tuple[str, torch.Tensor, torch.Tensor, bool]],
-    config: dict,
+    config: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
     *,
     overwrite: bool = False,

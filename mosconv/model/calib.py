@@ -17,9 +17,10 @@ metadata key ``mosconv.calib`` holding JSON (tokens, base model, data file and s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,18 +38,19 @@ class CalibStats:
     Attributes:
         moments: module name -> ``(d_in, d_in)`` float64 ``(1/n) X^T X``.
         tokens: ``n``, the number of tokens seen.
-        info: provenance (base model, data file and sha256, seq_len, ...).
+        info: provenance (base model, data file and sha256, seq_len, ...): JSON values,
+            stored in the file's metadata.
     """
 
     moments: dict[str, torch.Tensor]
     tokens: int
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def collect_moments(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
                     blocks: torch.Tensor, *, batch_size: int = 4,
                     progress: Callable[[int], None] | None = None,
-                    info: dict | None = None) -> CalibStats:
+                    info: Mapping[str, Any] | None = None) -> CalibStats:
     """Run ``model`` on ``blocks`` ``(n_blocks, seq_len)`` and collect the input second
     moment of each module in ``modules`` (adapter module name -> layer of ``model``).
 
@@ -59,12 +61,12 @@ def collect_moments(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
     # tensor object, so ``is`` (plus its version counter, against in-place edits) finds the
     # sharing. Holding the reference keeps its memory from being handed to a later input; a
     # key made of the address (``data_ptr``) collides when the allocator reuses freed memory.
-    last: dict = {"input": None, "version": -1, "value": None}
+    last: dict[str, Any] = {"input": None, "version": -1, "value": None}
     state = {"batch": 0}
-    hooks = []
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    def make_hook(name: str):
-        def hook(_module, args):
+    def make_hook(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
             if last["input"] is not x or last["version"] != x._version:
                 flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
@@ -155,7 +157,7 @@ def load_stats(path: str | Path) -> CalibStats:
     if not isinstance(tokens, int) or isinstance(tokens, bool):
         raise refuse(f"tokens {str(tokens)[:60]!r} is not an integer")
     info.pop("schema")
-    moments = {}
+    moments: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith("calib."):
             raise FormatError(f"{path}: unexpected tensor {key[:80]!r} in a calibration file")

@@ -10,11 +10,24 @@ fixed-length blocks ``(n, seq_len)``: no padding, so every position is a real to
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ..errors import ConfigError, FormatError
+
+
+class Tokenizer(Protocol):
+    """What :func:`token_blocks` needs of a tokenizer: a transformers tokenizer has it."""
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """Id of the token that ends a document, or None (documents are then not separated)."""
+
+    def __call__(self, text: str, *, add_special_tokens: bool) -> Mapping[str, list[int]]:
+        """``{"input_ids": [...]}``: the token ids of ``text``."""
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -48,7 +61,7 @@ def read_texts(path: str | Path) -> list[str]:
     return docs
 
 
-def _record_text(path: Path, line: int, rec) -> str:
+def _record_text(path: Path, line: int, rec: object) -> str:
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return rec["text"]
     if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
@@ -58,8 +71,8 @@ def _record_text(path: Path, line: int, rec) -> str:
     raise FormatError(f"{path}:{line}: a JSONL record needs a 'text' string or chat 'messages'")
 
 
-def token_blocks(tokenizer, texts: list[str], seq_len: int, max_tokens: int | None = None,
-                 *, source: str = "data") -> torch.Tensor:
+def token_blocks(tokenizer: Tokenizer, texts: list[str], seq_len: int,
+                 max_tokens: int | None = None, *, source: str = "data") -> torch.Tensor:
     """Tokenize ``texts`` and cut the stream into ``(n, seq_len)`` int64 blocks.
 
     At most ``max_tokens`` tokens (rounded down to whole blocks) are used; the tail that

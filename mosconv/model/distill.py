@@ -18,13 +18,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError, NumericalError
 from ..mos.types import KindPools, MosAdapter
 from ..names import kind_ids
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..lora.types import LoraAdapter
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -72,10 +79,23 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DistillResult:
-    """The distilled adapter and what happened (``info`` goes into the report)."""
+    """The distilled adapter and what happened: ``info`` (JSON values: device, steps, KL
+    before and after, held-out curve, losses, timing) goes into the report."""
 
     mos: MosAdapter
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Fidelity(TypedDict):
+    """What :func:`evaluate` measures of a student against its teacher on some text."""
+
+    tokens: int  # tokens of the text
+    kl_teacher_student: float  # mean per-token KL(teacher || student)
+    kl_teacher_base: float  # mean per-token KL(teacher || base model)
+    effect_retained: float | None  # 1 - KL(t||s) / KL(t||base); None when KL(t||base) is 0
+    ppl_base: float  # perplexities of the next tokens
+    ppl_teacher: float
+    ppl_student: float
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,20 +107,21 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available "
-                          "(use --device cpu or auto)")
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available (cpu or auto "
+                          "work here)", options=("device",))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device) -> torch.autocast:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
-def _logits(model, ids: torch.Tensor, hidden: bool = False):
+def _logits(model: nn.Module, ids: torch.Tensor,
+            hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     out = model(input_ids=ids, output_hidden_states=hidden)
     return out.logits.float(), (out.hidden_states[-1].float() if hidden else None)
 
@@ -119,7 +140,7 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_kl(model, blocks: torch.Tensor, teacher: str | None, student: str | None, *,
+def mean_kl(model: nn.Module, blocks: torch.Tensor, teacher: str | None, student: str | None, *,
             batch_size: int = 4, device: torch.device | None = None) -> float:
     """Mean per-token ``KL(teacher || student)`` over ``blocks``; a name of None is the base."""
     from .runtime import set_active
@@ -138,8 +159,8 @@ def mean_kl(model, blocks: torch.Tensor, teacher: str | None, student: str | Non
     return total / max(n, 1)
 
 
-def evaluate(model, blocks: torch.Tensor, teacher: str, student: str, *, batch_size: int = 4,
-             device: torch.device | None = None) -> dict:
+def evaluate(model: nn.Module, blocks: torch.Tensor, teacher: str, student: str, *,
+             batch_size: int = 4, device: torch.device | None = None) -> Fidelity:
     """Fidelity of ``student`` to ``teacher`` (adapter names attached to ``model``):
     mean per-token KL(teacher||student) and KL(teacher||base), perplexities of base,
     teacher and student on the text, and ``effect_retained``."""
@@ -148,8 +169,9 @@ def evaluate(model, blocks: torch.Tensor, teacher: str, student: str, *, batch_s
 
 
 @torch.no_grad()
-def evaluate_many(model, blocks: torch.Tensor, teacher: str, students: list[str], *,
-                  batch_size: int = 4, device: torch.device | None = None) -> dict[str, dict]:
+def evaluate_many(model: nn.Module, blocks: torch.Tensor, teacher: str, students: list[str], *,
+                  batch_size: int = 4, device: torch.device | None = None
+                  ) -> dict[str, Fidelity]:
     """:func:`evaluate` for several students at once: the base and the teacher run once per
     batch, each student once."""
     from .runtime import set_active
@@ -197,7 +219,8 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def distill(model, teacher, student: MosAdapter, train: torch.Tensor, held_out: torch.Tensor,
+def distill(model: nn.Module, teacher: LoraAdapter | str | Path, student: MosAdapter,
+            train: torch.Tensor, held_out: torch.Tensor,
             config: DistillConfig = DistillConfig(), *,
             progress: Callable[[int, float], None] | None = None) -> DistillResult:
     """Fine-tune ``student``'s pools (and slot weights) so that ``model + student`` matches
@@ -320,7 +343,7 @@ def _check_finite(value: float, what: str) -> None:
             "learning rate); no adapter was written")
 
 
-def trained_mos(model, name: str, template: MosAdapter) -> MosAdapter:
+def trained_mos(model: nn.Module, name: str, template: MosAdapter) -> MosAdapter:
     """``template`` with the pools and slot weights currently held by ``model``'s adapter
     ``name`` (float32, CPU); routes and structure unchanged."""
     from .runtime import POOLS_ATTR, _named_layers, _resolve

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError, FormatError
 
+if TYPE_CHECKING:  # transformers is optional and imported only when a model is loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def load_base_model(path: str | Path, *, gguf_file: str | None = None,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` of a causal LM from a local folder, in eval mode and frozen.
 
     Args:

@@ -16,6 +16,7 @@ Non-LoRA tensors of an adapter (``modules_to_save``, ...) are not applied.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ class MosDelta(nn.Module):
         dev, dt = pools.pool_A.device, pools.pool_A.dtype
         self.register_buffer("routes_A", m.routes_A.to(device=dev, dtype=torch.int64))
         self.register_buffer("routes_B", m.routes_B.to(device=dev, dtype=torch.int64))
-        self.weights_A = self.weights_B = None
+        self.weights_A: nn.Parameter | None = None
+        self.weights_B: nn.Parameter | None = None
         if m.weights_A is not None:
             wa, wb = m.weights_A.to(dev, dt, copy=True), m.weights_B.to(dev, dt, copy=True)
             self.weights_A = nn.Parameter(wa, requires_grad=trainable)
@@ -113,7 +115,9 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x, *args, **kwargs)`` plus the active delta of ``x``; extra arguments go to
+        the base layer as they are."""
         out = self.base(x, *args, **kwargs)
         if self.active is None or self.active not in self.deltas:
             return out
@@ -123,7 +127,7 @@ class AdapterLayer(nn.Module):
 # ------------------------------------------------------------------ helpers
 
 
-def _conv1d_type():
+def _conv1d_type() -> type[nn.Module] | None:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -249,7 +253,7 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
         shapes = {m.name: (ad.kinds[m.kind].d_out, ad.kinds[m.kind].d_in) for m in ad.modules}
     else:
         shapes = {m.name: (m.d_out, m.d_in) for m in ad.modules}
-    plan: list[tuple[object, str, nn.Module]] = []
+    plan: list[tuple[MosModule | LoraModule, str, nn.Module]] = []
     seen: dict[str, str] = {}
     for m in ad.modules:
         target = _resolve(m.name, layers)
@@ -272,7 +276,7 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
 
     pools: dict[str, KindPoolModule] = {}
     if isinstance(ad, MosAdapter):
-        first = {}
+        first: dict[str, torch.Tensor] = {}
         for m, _, base in plan:
             first.setdefault(m.kind, base.weight)
         container = nn.ModuleDict()
@@ -402,7 +406,7 @@ def find_layers(model: nn.Module, adapter: MosAdapter | LoraAdapter) -> dict[str
         UnsupportedAdapterError: a layer that is neither ``nn.Linear`` nor GPT-2 ``Conv1D``.
     """
     layers = _named_layers(model)
-    out = {}
+    out: dict[str, nn.Module] = {}
     for m in adapter.modules:
         if isinstance(adapter, MosAdapter):
             want = (adapter.kinds[m.kind].d_out, adapter.kinds[m.kind].d_in)

@@ -16,9 +16,13 @@ import torch
 
 from ..errors import FormatError
 from ..fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
+from ..fit.report import Report
 from ..lora.read._io import check_finite, load_tensor_file
 from ..names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE, kind_ids
+from .manifest import load_report
 from .types import KindPools, MosAdapter, MosModule, route_dtype
+
+__all__ = ["is_mos_dir", "load_mos", "load_report", "save_mos", "to_tensors"]
 
 # ---------------------------------------------------------------- saving
 
@@ -71,9 +75,11 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def save_mos(mos: MosAdapter, out: str | Path, report: dict | None = None, *,
+def save_mos(mos: MosAdapter, out: str | Path, report: Report | None = None, *,
              overwrite: bool = False) -> Path:
-    """Write a MoS folder: tensors, then ``report.json``, then ``mos_config.json`` (last)."""
+    """Write a MoS folder: tensors, then ``report.json``, then ``mos_config.json`` (last).
+
+    The report written gains the tensor file's size (``totals.mos_file_bytes``)."""
     out = Path(out)
     prepare_output_dir(out, CONFIG_FILE, overwrite)
     tensors, config = to_tensors(mos)
@@ -83,11 +89,7 @@ def save_mos(mos: MosAdapter, out: str | Path, report: dict | None = None, *,
     data = safetensors_bytes(tensors, meta)
     atomic_write_bytes(out / TENSOR_FILE, data)
     if report is not None:
-        totals = report.setdefault("totals", {})
-        totals["mos_file_bytes"] = len(data)
-        if totals.get("lora_file_bytes"):
-            totals["file_bytes_ratio"] = totals["lora_file_bytes"] / len(data)
-        atomic_write_json(out / REPORT_FILE, report)
+        atomic_write_json(out / REPORT_FILE, report.with_file_bytes(len(data)).to_json())
     atomic_write_json(out / CONFIG_FILE, config)
     return out
 
@@ -318,65 +320,3 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
               f"shared pool tensor {_show(key)} missing or not a float ({n}, {width}) matrix")
         out.append(t.float())
     return tuple(out)
-
-
-def load_report(path: str | Path) -> dict | None:
-    p = Path(path) / REPORT_FILE
-    if not p.is_file():
-        return None
-    try:
-        report = json.loads(p.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise FormatError(f"{p}: cannot read report ({msg})") from None
-    problem = _report_problem(report)
-    if problem:
-        raise FormatError(f"{p}: invalid report ({problem})")
-    return report
-
-
-# report.json fields that readers (inspect's table, plots) use: name -> allowed JSON types
-_NUM, _OPT = (int, float), (int, float, type(None))
-_REPORT_TOTALS = {"lora_params": _NUM, "mos_params": _NUM, "budget": _NUM, "index_bytes": _NUM,
-                  "relative_error": _NUM, "truncation_relative_error": _NUM,
-                  "sharing_gain": _NUM, "kinds_shared": _NUM, "param_ratio": _OPT,
-                  "local_params": _OPT, "file_bytes_ratio": _OPT, "mos_file_bytes": _OPT}
-_REPORT_DATA_TOTALS = {"data_relative_error": _NUM, "data_truncation_relative_error": _NUM,
-                       "plain_truncation_data_relative_error": _NUM, "calib_tokens": _NUM}
-_REPORT_KIND = {"kind": (str,), "structure": (str,), "nc": _NUM, "pool_A": _NUM,
-                "pool_B": _NUM, "params": _NUM, "relative_error": _NUM,
-                "truncation_relative_error": _NUM}
-_REPORT_DISTILL = {"kl_before": _NUM, "kl_after": _NUM, "steps": _NUM, "device": (str,),
-                   "steps_per_s": _OPT, "truncation_kl": _NUM}
-
-
-def _report_problem(report) -> str | None:
-    """Why ``report`` is not a usable ``mosconv.report/1`` object, or None."""
-
-    def bad(obj: dict, fields: dict, where: str) -> str | None:
-        for key, kinds in fields.items():
-            if key not in obj and type(None) in kinds:
-                continue
-            value = obj.get(key)
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                return f"{where}{key} is {_show(value)}"
-        return None
-
-    if not isinstance(report, dict):
-        return "not a JSON object"
-    totals, kinds = report.get("totals"), report.get("kinds")
-    if not isinstance(totals, dict) or not isinstance(kinds, list):
-        return "no totals object or kinds list"
-    problem = bad(totals, _REPORT_TOTALS, "totals.")
-    if not problem and totals.get("metric") == "data":
-        problem = bad(totals, _REPORT_DATA_TOTALS, "totals.")
-    for i, k in enumerate(kinds):
-        if problem:
-            break
-        problem = bad(k, _REPORT_KIND, f"kinds[{i}].") if isinstance(k, dict) \
-            else f"kinds[{i}] is {_show(k)}"
-    d = report.get("distill")
-    if not problem and d is not None:
-        problem = bad(d, _REPORT_DISTILL, "distill.") if isinstance(d, dict) \
-            else f"distill is {_show(d)}"
-    return problem

@@ -11,8 +11,21 @@ No I/O here: :mod:`mosconv.mos.format` reads and writes these on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import torch
+
+
+class SharedPoolRef(TypedDict):
+    """Where the first entries of a kind's pools live when a zoo shares them
+    (:attr:`KindPools.shared`; ``shared_pool`` of a kind in ``mos_config.json``)."""
+
+    file: str | None  # the pool file, relative to the adapter folder (None until written)
+    sha256: str | None  # the pool file's sha256 (None until written)
+    key_A: str | None  # tensor name of the shared A entries in that file, or None
+    key_B: str | None  # likewise for B
+    n_A: int  # the first n_A entries of pool_A are the shared ones
+    n_B: int
 
 
 @dataclass(frozen=True)
@@ -28,8 +41,8 @@ class KindPools:
         public_A, public_B: the first ``public_*`` entries of each pool are public
             (any module may route to them); the rest are private blocks.
         shared: None, or a reference to a pool file shared by a zoo of adapters
-            (``{"file", "sha256", "key_A", "key_B", "n_A", "n_B"}``): the first ``n_A`` /
-            ``n_B`` entries of the pools live in that file, not in the adapter's own.
+            (a :class:`SharedPoolRef`): the first ``n_A`` / ``n_B`` entries of the pools
+            live in that file, not in the adapter's own.
     """
 
     kind: str
@@ -40,7 +53,7 @@ class KindPools:
     pool_B: torch.Tensor
     public_A: int = 0
     public_B: int = 0
-    shared: dict | None = None
+    shared: SharedPoolRef | None = None
 
     @property
     def params(self) -> int:
@@ -100,8 +113,8 @@ class MosAdapter:
     kinds: dict[str, KindPools]
     modules: tuple[MosModule, ...]
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    source: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def params(self) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 from ...errors import FormatError
 
@@ -20,12 +22,20 @@ DTYPE_BYTES = {
 }
 
 
+class TensorEntry(TypedDict):
+    """One tensor of a safetensors header, as :func:`check_entries` has validated it."""
+
+    dtype: str  # a key of DTYPE_BYTES, e.g. ``F32``
+    shape: list[int]
+    data_offsets: list[int]  # ``[start, end)`` bytes into the data that follows the header
+
+
 class _DuplicateKey(ValueError):
     pass
 
 
-def _no_duplicates(pairs: list) -> dict:
-    out = {}
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
             raise _DuplicateKey(k)
@@ -33,23 +43,26 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
-def _short(key) -> str:
+def _short(key: object) -> str:
     key = str(key)
     return repr(key) if len(key) <= 80 else repr(key[:80]) + "..."
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     """``repr`` of a header value, cut to one short line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is_count(x) -> bool:
+def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def check_entries(path: Path, header: dict, data_bytes: int) -> None:
+def check_entries(path: Path, header: Mapping[str, object], data_bytes: int) -> None:
     """Validate every tensor entry against the file, in plain Python (no allocation).
+
+    ``header`` is the parsed JSON header without ``__metadata__``: its values are not yet
+    known to be anything, which is what is checked (each becomes a :class:`TensorEntry`).
 
     Dtypes, shapes and offsets must be well-formed, every declared size (shape x dtype)
     must equal its byte range, and the ranges must tile the data part of the file exactly
@@ -95,13 +108,13 @@ def check_entries(path: Path, header: dict, data_bytes: int) -> None:
                           f"{data_bytes} data bytes)")
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Return ``(tensor_entries, metadata)`` of a safetensors file without loading tensors."""
     header, meta, _ = _read_header(path)
     return header, meta
 
 
-def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
+def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int]:
     try:
         with open(path, "rb") as f:
             raw = f.read(8)

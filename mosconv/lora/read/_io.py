@@ -13,13 +13,15 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ...errors import FormatError
-from ._header import _read_header, read_safetensors_header  # noqa: F401
+from ._header import TensorEntry, _read_header, read_safetensors_header  # noqa: F401
 
 
 def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,7 +80,7 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return dict(obj), {}
 
 
-def _check_names(path: Path, tensors: dict) -> None:
+def _check_names(path: Path, tensors: Iterable[str]) -> None:
     """Tensor names end up in messages and module names: no control characters."""
     for key in tensors:
         if not key.isprintable():
@@ -127,7 +129,7 @@ _DTYPES = {
 }
 
 
-def _read_into(fh, data_start: int, entry: dict) -> torch.Tensor | None:
+def _read_into(fh: BinaryIO, data_start: int, entry: TensorEntry) -> torch.Tensor | None:
     """Read one tensor straight into its own buffer (no mmap: peak memory = 1x the data).
 
     Returns None for dtypes not listed here (the caller falls back to safetensors)."""

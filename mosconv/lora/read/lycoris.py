@@ -68,6 +68,7 @@ boft.py 44-49 and 102-107), GLoRA (``a1.weight``, ``a2.weight``, ``b1.weight``, 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,7 +90,7 @@ _LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _SUPPORTED = "mosconv reads LoRA, LoCon, LoHa and LoKr"
 
 # (pattern, type); ``[^.]+`` module names for the suffixes that could appear in other files
-_REFUSED: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), t) for p, t in (
+_REFUSED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), t) for p, t in (
     (r"^(?P<mod>.+?)\.(?P<tag>hada_t[12])$", "LoHa Tucker"),
     (r"^(?P<mod>.+?)\.(?P<tag>lokr_t[12])$", "LoKr Tucker"),
     (r"^(?P<mod>.+?)\.(?P<tag>lora_mid)(?:\..*)?$", "LoCon Tucker"),
@@ -104,6 +105,9 @@ _REFUSED: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), t) for p, t
     (r"^(?P<mod>[^.]+)\.(?P<tag>[wb]_norm)$", "norm"),
 ))
 _WHY = {"DoRA": "its update depends on the base weights' norms"}
+
+_SVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A thin SVD ``(U, s, V)`` with ``W = U @ diag(s) @ V.T``."""
 
 
 def check_refused(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -123,7 +127,7 @@ def check_refused(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def has_lycoris_keys(keys) -> bool:
+def has_lycoris_keys(keys: Iterable[str]) -> bool:
     """True if any key is a LoHa or LoKr factor."""
     return any(LYCORIS_KEY.match(k) for k in keys)
 
@@ -198,13 +202,14 @@ def _alpha(path: Path, mod: str, tensors: dict[str, torch.Tensor]) -> float | No
     return float(t.reshape(()).to(torch.float64).item())
 
 
-def _need(parts: dict, mod: str, path: Path, kind: str, *names: str) -> None:
+def _need(parts: dict[str, torch.Tensor], mod: str, path: Path, kind: str, *names: str) -> None:
     for name in names:
         if name not in parts:
             raise FormatError(f"{path}: {kind} module {mod} has no {name} tensor")
 
 
-def _mismatch(path: Path, mod: str, kind: str, a: str, ta, b: str, tb) -> FormatError:
+def _mismatch(path: Path, mod: str, kind: str, a: str, ta: torch.Tensor, b: str,
+              tb: torch.Tensor) -> FormatError:
     return FormatError(f"{path}: {kind} module {mod} has mismatched shapes {a} "
                        f"{tuple(ta.shape)} and {b} {tuple(tb.shape)}")
 
@@ -220,7 +225,7 @@ def _scale(alpha: float | None, dim: int | None) -> float:
 # --------------------------------------------------------------------------- exact SVDs
 
 
-def _svd_of_product(L: torch.Tensor, R: torch.Tensor):
+def _svd_of_product(L: torch.Tensor, R: torch.Tensor) -> _SVD:
     """Exact thin SVD ``(U, s, V)`` of ``L @ R`` (float64), through QR of ``L`` and ``R^T``
     and an SVD of the small core, or densely when the inner dimension is not smaller."""
     if L.shape[1] >= min(L.shape[0], R.shape[1]):  # the product is no bigger than L, R
@@ -241,12 +246,13 @@ def _check_size(path: Path, mod: str, rank: int, d_out: int, d_in: int) -> None:
             f"{rank}, {d_out}x{d_in}); mosconv reads at most {MAX_VALUES:,} per module")
 
 
-def _svd(W: torch.Tensor):
+def _svd(W: torch.Tensor) -> _SVD:
     u, s, vh = torch.linalg.svd(W, full_matrices=False)
     return u, s, vh.T
 
 
-def _keep(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, ref: float | None = None):
+def _keep(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+          ref: float | None = None) -> _SVD:
     """Drop singular values below ``RTOL * ref`` (``ref`` default ``s.max()``) and fix signs:
     the largest-magnitude entry of each kept left vector is positive."""
     top = float(s.max()) if s.numel() else 0.0
@@ -260,7 +266,8 @@ def _keep(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, ref: float | None =
     return U, s, V
 
 
-def _module(path: Path, mod: str, U, s, V, scale: float, conv_shape) -> LoraModule:
+def _module(path: Path, mod: str, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+            scale: float, conv_shape: tuple[int, ...] | None) -> LoraModule:
     """The LoRA pair ``B = U sqrt(s)``, ``A = sqrt(s) V^T`` (rank-1 zeros for a zero update)."""
     if s.numel() == 0:
         A = torch.zeros(1, V.shape[0], dtype=torch.float64)
@@ -274,7 +281,8 @@ def _module(path: Path, mod: str, U, s, V, scale: float, conv_shape) -> LoraModu
 # --------------------------------------------------------------------------- LoHa
 
 
-def _loha(path: Path, mod: str, parts: dict[str, torch.Tensor], alpha: float | None):
+def _loha(path: Path, mod: str, parts: dict[str, torch.Tensor],
+          alpha: float | None) -> LoraModule:
     _need(parts, mod, path, "LoHa", *_LOHA_PARTS)
     w1a, w1b, w2a, w2b = (parts[p] for p in _LOHA_PARTS)
     ups = []
@@ -311,7 +319,9 @@ def _loha(path: Path, mod: str, parts: dict[str, torch.Tensor], alpha: float | N
 # --------------------------------------------------------------------------- LoKr
 
 
-def _lokr_factor(path: Path, mod: str, parts: dict[str, torch.Tensor], w: str):
+def _lokr_factor(path: Path, mod: str, parts: dict[str, torch.Tensor], w: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int],
+                            tuple[int, ...], int | None]:
     """``(U, s, V, (out, in), kernel, dim)`` of W1 (``w = "lokr_w1"``) or W2, flattened to a
     matrix; ``dim`` is the inner rank when stored as a product, else None."""
     full, a, b = parts.get(w), parts.get(f"{w}_a"), parts.get(f"{w}_b")
@@ -340,7 +350,8 @@ def _lokr_factor(path: Path, mod: str, parts: dict[str, torch.Tensor], w: str):
     return (*_keep(U, s, V), shape, kernel, dim)
 
 
-def _lokr(path: Path, mod: str, parts: dict[str, torch.Tensor], alpha: float | None):
+def _lokr(path: Path, mod: str, parts: dict[str, torch.Tensor],
+          alpha: float | None) -> LoraModule:
     U1, s1, V1, (o1, i1), _, dim1 = _lokr_factor(path, mod, parts, "lokr_w1")
     U2, s2, V2, (o2, i2), kernel, dim2 = _lokr_factor(path, mod, parts, "lokr_w2")
     dim = dim1 if dim1 is not None else dim2  # lokr.py 263-268: w1a's rank first

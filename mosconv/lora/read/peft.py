@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ...errors import FormatError, UnsupportedAdapterError
 from ...names import PEFT_CONFIG as CONFIG_NAME
@@ -21,6 +23,9 @@ from ...names import PEFT_WEIGHTS as WEIGHT_NAMES
 from ..types import LoraAdapter, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
+
+if TYPE_CHECKING:
+    import torch
 
 PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's default lora_alpha (not r)
 _LORA_KEY = re.compile(
@@ -31,7 +36,7 @@ _LORA_KEY = re.compile(
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
-def pattern_key(patterns: dict, module_name: str) -> str | None:
+def pattern_key(patterns: Mapping[str, float], module_name: str) -> str | None:
     """PEFT's ``get_pattern_key``: the pattern that matches ``module_name`` as a suffix."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
@@ -39,7 +44,9 @@ def pattern_key(patterns: dict, module_name: str) -> str | None:
     return None
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's ``adapter_config.json``, checked where mosconv relies on a field (the
+    object itself is PEFT's JSON, any keys)."""
     path = folder / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
@@ -94,20 +101,20 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def _is_number(value, kind) -> bool:
+def _is_number(value: object, kind: type | tuple[type, ...]) -> bool:
     """A JSON number of ``kind`` (bools and NaN/Infinity are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, kind):
         return False
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     """``repr`` of a config value, cut to one short line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_rank(path: Path, config: dict, mod: str, r: int) -> None:
+def _check_rank(path: Path, config: Mapping[str, Any], mod: str, r: int) -> None:
     """The tensors' rank must be the one the config gives (``rank_pattern`` or ``r``): the
     scale ``alpha / r`` depends on it, and PEFT cannot load a file that disagrees."""
     patterns = config.get("rank_pattern") or {}
@@ -138,7 +145,7 @@ def read_peft(folder: Path) -> LoraAdapter:
     path = weight_file(folder)
     tensors, meta = load_tensor_file(path)
 
-    pairs: dict[str, dict[str, object]] = {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     extra = {}
     for key, t in tensors.items():
         if "lora_magnitude_vector" in key:

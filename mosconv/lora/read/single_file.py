@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ...errors import FormatError
-from ..types import LoraAdapter, assign_kinds
+from ..types import LoraAdapter, LoraModule, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
@@ -70,7 +70,7 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
             f"{path}: unknown adapter format (no lora_A/lora_B, lora_down/lora_up, "
             "hada_w1_a/lokr_w1 or processor *_lora keys)"
         )
-    modules: list = []
+    modules: list[LoraModule] = []
     dtypes: set[str] = set()
     fmt = family
     if family == "lycoris":  # LoHa / LoKr modules, then plain kohya ones from the rest
@@ -100,7 +100,8 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
     )
 
 
-def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str):
+def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str
+                ) -> tuple[list[LoraModule], dict[str, torch.Tensor], set[str]]:
     """``(modules, extra_tensors, dtypes)`` of the down/up pairs of one key family."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}

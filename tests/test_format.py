@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    assert_same_mos,
-    llama_like,
-    one_thread,
-    safetensors_parts,
-    write_random_peft,
-)
+from factory import llama_like, write_random_peft
+from helpers import assert_same_mos, one_thread, safetensors_parts
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -32,11 +27,7 @@ from mosconv.mos.format import (
 )
 from mosconv.mos.types import KindPools, MosAdapter, MosModule, assemble
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 EXTRA = {
@@ -132,8 +123,9 @@ def test_save_refuses_existing_output_without_overwrite(tmp_path):
 
     mos = _hand_built()
     save_mos(mos, tmp_path / "m")
-    with pytest.raises(MosconvError, match="overwrite"):
+    with pytest.raises(MosconvError, match="already holds an output") as e:
         save_mos(mos, tmp_path / "m")
+    assert e.value.options == ("overwrite",)
     save_mos(mos, tmp_path / "m", overwrite=True)
     assert_same_mos(mos, load_mos(tmp_path / "m"))
 

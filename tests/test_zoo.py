@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
@@ -28,10 +29,7 @@ from mosconv.names import POOLS_DIR
 RATIO = 8.0
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ references
@@ -142,7 +140,7 @@ def pair_fit(project: str):
 @pytest.mark.parametrize("project", sorted(PAIRS))
 def test_zoo_pair_shared_beats_independent(project):
     adapters, res = pair_fit(project)
-    t = res.totals
+    t = asdict(res.totals)
     lora = sum(a.params for a in adapters)
     measured, per = measured_error(adapters, res.adapters)
     ref_err, ref_params, budget = independent_reference(adapters, RATIO)
@@ -163,7 +161,7 @@ def test_zoo_pair_shared_beats_independent(project):
     assert measured < ref_err, numbers
     # each adapter's report measures that adapter against its own source
     for e, report in zip(per, res.reports):
-        assert report["totals"]["relative_error"] == pytest.approx(e, rel=1e-3, abs=1e-6)
+        assert report.totals.relative_error == pytest.approx(e, rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize("project", sorted(PAIRS))
@@ -172,21 +170,21 @@ def test_zoo_pair_run_batch_shared(project, tmp_path):
     out = tmp_path / "out"
     summary = run_batch(ZOO / project, out, BatchConfig(ratio=RATIO, shared_pool=True))
     assert summary.failed == 0
-    assert [a["name"] for a in summary.adapters] == list(PAIRS[project])
-    t = summary.totals
+    assert [a.name for a in summary.adapters] == list(PAIRS[project])
+    t = asdict(summary.totals)
     pools = sorted((out / POOLS_DIR).iterdir())
     assert len(pools) == 1
     assert t["shared_pool_params"] == sum(x.numel() for x in res.shared_pools.values())
-    assert t["mos_params"] == res.totals["mos_params"] <= t["lora_params"] / RATIO
+    assert t["mos_params"] == res.totals.mos_params <= t["lora_params"] / RATIO
     by_name = dict(zip(PAIRS[project], zip(adapters, res.adapters)))
-    loaded = [load_mos(out / a["name"]) for a in summary.adapters]
-    sources = [by_name[a["name"]][0] for a in summary.adapters]
+    loaded = [load_mos(out / a.name) for a in summary.adapters]
+    sources = [by_name[a.name][0] for a in summary.adapters]
     for mos, a in zip(loaded, summary.adapters):  # the saved adapters are the fitted ones
-        assert_same_mos(mos, by_name[a["name"]][1])
+        assert_same_mos(mos, by_name[a.name][1])
     measured, _ = measured_error(sources, loaded)
     print(f"{project}: saved adapters' error {measured:.5f}, zoo totals {t['relative_error']:.5f}, "
           f"params {t['lora_params']} -> {t['mos_params']}")
-    assert measured < res.totals["independent_relative_error"]
+    assert measured < res.totals.independent_relative_error
     assert t["relative_error"] == pytest.approx(measured, rel=1e-3)
 
 
@@ -208,7 +206,7 @@ def trained_like(tmp_path_factory):
 def test_same_init_zoo_shared_clearly_beats_independent(trained_like):
     _, adapters = trained_like
     res = fit_group(adapters, RATIO, seed=0)
-    t = res.totals
+    t = asdict(res.totals)
     lora = sum(a.params for a in adapters)
     measured, per = measured_error(adapters, res.adapters)
     ref_err, _, budget = independent_reference(adapters, RATIO)
@@ -236,7 +234,7 @@ def test_independent_init_falls_back(tmp_path):
     """A different random A per adapter: stacking finds no common row space."""
     adapters = [read_adapter(p) for p in lora_like_zoo(tmp_path / "zoo", shared_A=False)]
     res = fit_group(adapters, RATIO, seed=0)
-    t = res.totals
+    t = asdict(res.totals)
     measured, _ = measured_error(adapters, res.adapters)
     ref_err, _, _ = independent_reference(adapters, RATIO)
     numbers = (f"independent inits: mode {res.mode}, error {measured:.4f}, independent "
@@ -260,7 +258,7 @@ def test_fit_group_is_deterministic(trained_like):
         assert torch.equal(a.shared_pools[key], b.shared_pools[key]), key
     for ma, mb in zip(a.adapters, b.adapters, strict=True):
         assert_same_mos(ma, mb)
-    assert json.dumps(a.reports) == json.dumps(b.reports)
+    assert json.dumps([r.to_json() for r in a.reports]) == json.dumps([r.to_json() for r in b.reports])
     assert a.totals == b.totals
 
 
@@ -269,9 +267,9 @@ def test_run_batch_shared_is_deterministic(trained_like, tmp_path):
     outs = [tmp_path / "one", tmp_path / "two"]
     for out in outs:
         summary = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True))
-        assert summary.failed == 0 and summary.totals["converted"] == 8
-        assert summary.totals["shared_pool_params"] > 0
-        assert summary.totals["mos_params"] <= summary.totals["lora_params"] / RATIO
+        assert summary.failed == 0 and summary.totals.converted == 8
+        assert summary.totals.shared_pool_params > 0
+        assert summary.totals.mos_params <= summary.totals.lora_params / RATIO
     one, two = files_of(outs[0]), files_of(outs[1])
     assert sorted(one) == sorted(two)
     assert any(k.startswith(f"{POOLS_DIR}/") for k in one)

@@ -1,0 +1,193 @@
+"""What the commands share: option declarations (each declared once), the settings objects
+built from them, error handling (one line, exit 1) and progress bars."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ..errors import MosconvError
+
+if TYPE_CHECKING:
+    from ..fit.convert import ConvertConfig
+    from ..model.distill import DistillConfig
+    from ..pipeline import DataSpec
+
+log = logging.getLogger("mosconv")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def flag(param: str) -> str:
+    """The command-line option of a library parameter (``base_model`` -> ``--base-model``)."""
+    return "--" + param.replace("_", "-")
+
+
+def fail(message: str) -> None:
+    click.echo(f"mosconv: error: {message}", err=True)
+    sys.exit(1)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into a one-line message and exit code 1, never a traceback.
+    Errors that name library parameters (``MosconvError.options``) get the options to use."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MosconvError as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if e.options:
+                msg += f" (use {', '.join(flag(o) for o in e.options)})"
+            fail(msg)
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            fail(f"{where}{e.strerror or e}")
+        except KeyboardInterrupt:
+            fail("interrupted")
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # usage errors: click prints them and exits 2
+        except Exception as e:  # noqa: BLE001  (a bug: one line; -v shows the traceback)
+            if log.isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            fail(f"internal error: {type(e).__name__}: {str(e)[:300]} (rerun with -v for details)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _apply(fn: F, opts: list[Callable[[F], F]]) -> F:
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+CONVERT_KEYS = ("ratio", "seed", "search", "iters", "routing_weights")
+DATA_KEYS = ("base_model", "gguf_file", "data", "max_tokens", "seq_len", "batch_size", "device")
+
+
+def convert_options(fn: F) -> F:
+    """The conversion settings, shared by compress and batch (ConvertConfig's fields)."""
+    return _apply(fn, [
+        click.option("--ratio", type=float, default=8.0, show_default=True,
+                     help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; "
+                          "1 is lossless). batch --shared-pool: per group of adapters."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for clustering (deterministic output)."),
+        click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]),
+                     default="fast", show_default=True,
+                     help="truncation: all-private only; fast/thorough: also try shared pools."),
+        click.option("--iters", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Refinement iterations per MoS candidate."),
+        click.option("--routing-weights/--no-routing-weights", default=True, show_default=True,
+                     help="Allow per-slot scalar weights (counted as parameters); off = the "
+                          "paper's plain form."),
+    ])
+
+
+def data_options(fn: F) -> F:
+    """Options shared by calibrate, compress and eval: base model, text, device."""
+    return _apply(fn, [
+        click.option("--base-model", default=None, metavar="PATH",
+                     help="Local transformers model folder, or a folder holding --gguf-file (never downloaded)."),
+        click.option("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --base-model."),
+        click.option("--data", default=None, metavar="FILE",
+                     help="Text: plain text (blank lines separate documents) or JSONL with 'text'."),
+        click.option("--max-tokens", type=click.IntRange(min=2), default=50_000, show_default=True,
+                     help="Tokens of --data used at most."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
+                     help="Tokens per block."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Blocks per forward pass / optimizer step."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when available), cpu or cuda."),
+    ])
+
+
+def distill_options(fn: F) -> F:
+    """compress --distill's settings (DistillConfig's fields)."""
+    return _apply(fn, [
+        click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Distillation steps at most (early stopping on the held-out split)."),
+        click.option("--lr", type=float, default=2e-3, show_default=True,
+                     help="Distillation peak learning rate."),
+        click.option("--held-out", type=float, default=0.1, show_default=True,
+                     help="Share of the data blocks held out for early stopping and the KL figures."),
+        click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+                     help="Weight of hidden-state matching added to the KL loss (0 = KL only)."),
+    ])
+
+
+def output_options(what: str, overwrite: str = "Replace an existing output folder."
+                   ) -> Callable[[F], F]:
+    """--overwrite, --quiet and --json (printing ``what``)."""
+    return lambda fn: _apply(fn, [
+        click.option("--overwrite", is_flag=True, help=overwrite),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table."),
+        click.option("--json", "as_json", is_flag=True, help=f"Print {what} instead of the table."),
+    ])
+
+
+def convert_config(opts: dict[str, Any]) -> ConvertConfig:
+    from ..fit.convert import ConvertConfig
+
+    config = ConvertConfig(**{k: opts[k] for k in CONVERT_KEYS})
+    config.validate()
+    return config
+
+
+def data_spec(opts: dict[str, Any]) -> DataSpec:
+    from ..pipeline import DataSpec
+
+    return DataSpec(**{k: opts[k] for k in DATA_KEYS})
+
+
+def distill_config(opts: dict[str, Any]) -> DistillConfig:
+    from ..model.distill import DistillConfig
+
+    config = DistillConfig(steps=opts["steps"], lr=opts["lr"], batch_size=opts["batch_size"],
+                           device=opts["device"], hidden_weight=opts["hidden_weight"],
+                           seed=opts["seed"])
+    config.validate()
+    return config
+
+
+class Bars:
+    """Progress bars created on first use (terminals only; none with ``quiet``), closed on exit."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bars: dict[str, Any] = {}
+
+    def bar(self, desc: str, **kw: Any) -> Any:
+        if desc not in self.bars:
+            from tqdm import tqdm
+
+            self.bars[desc] = tqdm(desc=desc, file=sys.stderr, leave=False, disable=None, **kw)
+        return self.bars[desc]
+
+    def counter(self, desc: str, unit: str, total: int | None = None,
+                label: Callable[..., str] | None = None) -> Callable[..., None] | None:
+        """A callback that advances the bar ``desc`` by one (postfix ``label(*args)``)."""
+        if self.quiet:
+            return None
+
+        def tick(*args: Any) -> None:
+            b = self.bar(desc, unit=unit, total=total)
+            b.update(1)
+            if label is not None:
+                b.set_postfix_str(label(*args))
+
+        return tick
+
+    def __enter__(self) -> Bars:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for b in self.bars.values():
+            b.close()

@@ -1,0 +1,162 @@
+"""Text rendering of what the commands print: tables, reports, summaries (no click)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..fit.report import Report
+
+if TYPE_CHECKING:
+    from ..batch.run import Summary
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_lora_inspect(info: dict[str, Any]) -> str:
+    """``inspect`` on a LoRA (``info``: :func:`mosconv.inspect.inspect_lora`)."""
+    lora = info["lora_params"]
+    stored = info.get("stored_params", lora)  # LyCORIS: the file's own count differs
+    params = (f"LoRA params   {lora:,}" if stored == lora else
+              f"params        {stored:,} stored in the file; LoRA-equivalent {lora:,} (the "
+              "exact factorization, the reference for --ratio)")
+    out = [
+        f"format        {info['format']}  (dtype {info['dtype']}"
+        + (", fan_in_fan_out" if info["fan_in_fan_out"] else "") + ")",
+        f"base model    {info['base_model'] or '-'}   task {info['task_type'] or '-'}",
+        "files         " + ", ".join(f"{f['path']} ({fmt_bytes(f['bytes'])})" for f in info["files"]),
+        (f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ranks "
+         f"{info['ranks']}, alpha {info['lora_alpha']}, scales {info['scales']}"),
+        params,
+        f"extra tensors {len(info['extra_tensors'])} ({info['extra_params']:,} params, passed through)",
+        "",
+    ]
+    rows = [[k["kind"], k["modules"], f"{k['d_out']}x{k['d_in']}", "/".join(map(str, k["ranks"])),
+             f"{k['params']:,}", f"{k['stable_rank_mean']:.2f}", f"{k['dirs90_mean']:.1f}"]
+            for k in info["kinds"]]
+    out.append(table(rows, ["kind", "n", "shape", "r", "params", "stable rank", "dirs 90%"]))
+    out.append("")
+    rows = [[f"{t['ratio']}", f"{t['budget']:,}", f"{t['relative_error']:.4f}"]
+            for t in info["truncation"]]
+    out.append("global SVD truncation at a parameter budget of lora_params / ratio:")
+    out.append(table(rows, ["ratio", "budget", "relative error"]))
+    return "\n".join(out)
+
+
+def render_report(report: Report) -> str:
+    """The short table printed after a conversion (and by inspect on a MoS folder)."""
+    t = report.totals
+    data = t.data
+    headers = ["kind", "structure", "nc", "pool A/B", "params", "rel.err", "trunc.err"]
+    if data:
+        headers += ["data err", "data trunc"]
+    rows = []
+    for k in report.kinds:
+        s = k.structure
+        rows.append([k.kind, s.structure, s.nc, f"{s.pool_A}/{s.pool_B}", f"{s.params:,}",
+                     f"{k.relative_error:.4f}", f"{k.truncation_relative_error:.4f}"])
+        if k.data:
+            rows[-1] += [f"{k.data.data_relative_error:.4f}",
+                         f"{k.data.data_truncation_relative_error:.4f}"]
+    out = [table(rows, headers), ""]
+    stored = t.source_params if t.source_params is not None else t.lora_params
+    out.append(
+        f"params {t.lora_params:,} -> {t.mos_params:,} (x{t.param_ratio or 0:.2f}, budget "
+        f"{t.budget:,}); index {fmt_bytes(t.index_bytes)}"
+        + (f"; the {t.source_format} file stores {stored:,}" if stored != t.lora_params else "")
+        + (f"; own {t.local_params:,} + shared pool" if t.local_params is not None
+           and t.local_params != t.mos_params else "")
+        + (f"; file x{t.file_bytes_ratio:.2f} smaller" if t.file_bytes_ratio else "")
+    )
+    if t.source_params is not None and t.mos_params > t.source_params:
+        out.append(f"note: the MoS adapter holds more parameters than the {t.source_format} "
+                   f"file ({t.source_params:,}): its Hadamard/Kronecker structure stores less "
+                   "than a LoRA of the update's rank; a larger ratio gives a smaller file")
+    gain = (f"   (sharing gain {t.sharing_gain:+.4f}, {t.kinds_shared} of "
+            f"{len(report.kinds)} kinds shared)")
+    out.append(f"relative error {t.relative_error:.4f}   truncation at the same budget "
+               f"{t.truncation_relative_error:.4f}" + ("" if data else gain))
+    if data:  # the conversion minimized this metric; its baseline is data-aware truncation
+        out.append(
+            f"data-aware error {data.data_relative_error:.4f}   data-aware truncation "
+            f"{data.data_truncation_relative_error:.4f}   plain truncation "
+            f"{data.plain_truncation_data_relative_error:.4f}   ({data.calib_tokens:,} tokens)"
+            + gain)
+    d = report.distill
+    if d:
+        out.append(
+            f"held-out KL(teacher||student) {d.kl_before:.5f} -> {d.kl_after:.5f} after "
+            f"{d.steps} steps ({d.device}, {d.steps_per_s or 0:.2f} steps/s); truncation at "
+            f"the same budget {d.truncation_kl:.5f}")
+    return "\n".join(out)
+
+
+def render_mos_inspect(info: dict[str, Any]) -> str:
+    """``inspect`` on a MoS folder (``info``: :func:`mosconv.inspect.inspect_mos`)."""
+    out = [
+        f"MoS adapter   format v{info['format_version']}, mosconv {info.get('mosconv_version')}",
+        f"source        {info['source_format']} ({info.get('base_model') or '-'})",
+        f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ratio {info.get('ratio')}",
+        f"params        {info['params']:,}  index {fmt_bytes(info['index_bytes'])}",
+        f"command       {info.get('command') or '-'}",
+        "",
+    ]
+    if info.get("report"):
+        out.append(render_report(Report.from_json(info["report"])))
+    else:
+        rows = [[k["kind"], k["nc"], k["pool_A"], k["pool_B"], k["public_A"], k["public_B"]]
+                for k in info["kinds"]]
+        out.append(table(rows, ["kind", "nc", "pool A", "pool B", "public A", "public B"]))
+    return "\n".join(out)
+
+
+def render_eval(res: dict, data: str) -> str:
+    """``mosconv eval``'s table."""
+    rows = [["base", f"{res['ppl_base']:.3f}", f"{res['kl_teacher_base']:.5f}", "0"],
+            ["teacher", f"{res['ppl_teacher']:.3f}", "0", "1"],
+            ["student", f"{res['ppl_student']:.3f}", f"{res['kl_teacher_student']:.5f}",
+             f"{res['effect_retained']:.4f}" if res["effect_retained"] is not None else "-"]]
+    return (table(rows, ["model", "perplexity", "KL(teacher||.)", "effect retained"])
+            + f"\n{res['tokens']:,} tokens of {data}")
+
+
+def render_summary(summary: Summary) -> str:
+    """``batch``'s table and zoo totals."""
+    rows = []
+    for a in summary.adapters:
+        err = f"{a.relative_error:.4f}" if a.relative_error is not None else "-"
+        trunc = f"{a.truncation_relative_error:.4f}" if a.truncation_relative_error is not None else "-"
+        params = (f"{a.lora_params:,} -> {a.local_params:,}" if a.lora_params is not None
+                  else "-")
+        rows.append([a.name, a.status, params, err, trunc, f"{a.seconds:.1f}",
+                     (a.error or "")[:80]])
+    out = [table(rows, ["adapter", "status", "params (own)", "rel.err", "trunc.err", "s", "error"])]
+    t = summary.totals
+    out.append("")
+    line = (f"{t.adapters} adapters: {t.converted} converted, {t.skipped} skipped, "
+            f"{t.failed} failed; params {t.lora_params:,} -> {t.mos_params:,}")
+    if t.shared_pool_params:
+        line += f" (incl. {t.shared_pool_params:,} in shared pools)"
+    out.append(line)
+    if t.relative_error is not None:
+        out.append(f"zoo relative error {t.relative_error:.4f}   truncation "
+                   f"{t.truncation_relative_error:.4f} (energy-weighted over adapters)")
+    return "\n".join(out)

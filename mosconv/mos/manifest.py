@@ -1,0 +1,89 @@
+"""Reading a MoS folder's JSON files without torch: ``report.json`` as a typed
+:class:`~mosconv.fit.report.Report`, and what batch bookkeeping needs of ``mos_config.json``
+(source files, batch settings, zoo group, shared pool references).
+
+Tensors and the full config are read by :mod:`mosconv.mos.format`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+from ..fit.report import Report, ReportError
+from ..names import CONFIG_FILE, REPORT_FILE
+
+
+def _read_json(p: Path, what: str) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FormatError(f"{p}: cannot read {what} ({msg})") from None
+
+
+def load_report(path: str | Path) -> Report | None:
+    """The report of the MoS folder ``path``, or None when it has no ``report.json``.
+
+    Raises:
+        FormatError: unreadable JSON, or not a valid report (the field is named).
+    """
+    p = Path(path) / REPORT_FILE
+    if not p.is_file():
+        return None
+    try:
+        return Report.from_json(_read_json(p, "report"))
+    except ReportError as e:
+        raise FormatError(f"{p}: invalid report ({e})") from None
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """A kind's reference to a zoo's shared pool file (path relative to the MoS folder)."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``mos_config.json`` says about where a MoS folder came from.
+
+    Attributes:
+        source_files: ``(name, sha256)`` of each source file, as recorded (none when the
+            adapter was saved from Python without provenance).
+        batch: the batch settings it was converted with (None: not by batch).
+        zoo_group: the shared-pool group it belongs to (None: none).
+        pool_refs: the shared pool files its kinds use.
+    """
+
+    source_files: tuple[tuple[str | None, str | None], ...]
+    batch: dict | None
+    zoo_group: str | None
+    pool_refs: tuple[PoolRef, ...]
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The :class:`Manifest` of the MoS folder ``path``.
+
+    Raises:
+        FormatError: no or unreadable ``mos_config.json``, or fields of the wrong type.
+    """
+    p = Path(path) / CONFIG_FILE
+    cfg = _read_json(p, "MoS config")
+    try:
+        files = tuple((f.get("name"), f.get("sha256"))
+                      for f in (cfg.get("source") or {}).get("files") or ())
+        refs = tuple(PoolRef(str(k["shared_pool"]["file"]), str(k["shared_pool"]["sha256"]))
+                     for k in cfg.get("kinds", []) if k.get("shared_pool"))
+        batch, group = cfg.get("batch"), cfg.get("zoo_group")
+    except (KeyError, TypeError, AttributeError):
+        raise FormatError(f"{p}: invalid MoS config (source files or shared pool references "
+                          "of the wrong type)") from None
+    if batch is not None and not isinstance(batch, dict) or \
+            group is not None and not isinstance(group, str):
+        raise FormatError(f"{p}: invalid MoS config (batch or zoo_group of the wrong type)")
+    return Manifest(files, batch, group, refs)
