@@ -37,6 +37,7 @@ _LAZY = {
     "load_base_model": "model.hf",
     "ConvertConfig": "fit.convert", "ConvertResult": "fit.convert", "convert": "fit.convert",
     "MosAdapter": "mos.types", "save_mos": "mos.format", "load_mos": "mos.format",
+    "fit_group": "fit.zoo", "fit_new_members": "fit.zoo", "GroupResult": "fit.zoo",
     # torch-free: the typed report and reading it from a MoS folder
     "Report": "fit.report", "load_report": "mos.manifest",
 }
@@ -60,6 +61,7 @@ __all__ = [
     "ConvertResult",
     "Factorization",
     "FormatError",
+    "GroupResult",
     "LoraAdapter",
     "LoraModule",
     "MosAdapter",
@@ -75,6 +77,8 @@ __all__ = [
     "convert",
     "factorize",
     "factorize_adapter",
+    "fit_group",
+    "fit_new_members",
     "load_base_model",
     "load_mos",
     "load_report",

@@ -14,6 +14,7 @@ from typing import Any
 from .fit.factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
 from .fit.truncation import budget_for_ratio, truncate
 from .lora.types import LoraAdapter, LoraModule
+from .names import FORMAT_VERSION, FORMAT_VERSION_CORES
 
 INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
@@ -123,7 +124,8 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
     return {
         "schema": MOS_SCHEMA,
         "type": "mos",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION_CORES if any(m.core is not None for m in mos.modules)
+        else FORMAT_VERSION,
         "mosconv_version": mos.info.get("mosconv_version"),
         "source_format": mos.source.get("format"),
         "base_model": mos.source.get("base_model"),
@@ -135,6 +137,7 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
         "index_bytes": mos.index_bytes,
         "kinds": kinds,
         "modules": [{"name": m.name, "kind": m.kind, "r": m.r, "scale": m.scale,
-                     "weights": m.weights_A is not None} for m in mos.modules],
+                     "weights": m.weights_A is not None, "core": m.core is not None}
+                    for m in mos.modules],
         "report": report.to_json() if report is not None else None,
     }

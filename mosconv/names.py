@@ -13,7 +13,9 @@ PEFT_PREFIX = "base_model.model."
 
 # MoS folders (see docs/format.md)
 FORMAT_NAME = "mosconv.mos"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written when no module has a core (v1 readers load it)
+FORMAT_VERSION_CORES = 2  # written when a module has a core between its factors
+FORMAT_VERSIONS = (1, 2)  # what this mosconv reads
 CONFIG_FILE = "mos_config.json"
 TENSOR_FILE = "mos_adapter.safetensors"
 REPORT_FILE = "report.json"
@@ -34,3 +36,9 @@ def kind_ids(kinds: Iterable[str]) -> dict[str, str]:
 def pool_file(out: str | Path, group: str) -> Path:
     """``OUT/pools/<group>.safetensors``: where a zoo group's shared pools are written."""
     return Path(out) / POOLS_DIR / f"{group}.safetensors"
+
+
+def pool_members_file(out: str | Path, group: str) -> Path:
+    """``OUT/pools/<group>.members.json``: the adapters a group's pools serve (the ones they
+    were fitted on, then those added to them), with the pool file's sha256."""
+    return Path(out) / POOLS_DIR / f"{group}.members.json"

@@ -108,7 +108,8 @@ def assert_same_mos(a, b) -> None:
              mb.embedding, mb.conv_shape)
         assert torch.equal(ma.routes_A.long(), mb.routes_A.long())
         assert torch.equal(ma.routes_B.long(), mb.routes_B.long())
-        for wa, wb in ((ma.weights_A, mb.weights_A), (ma.weights_B, mb.weights_B)):
+        for wa, wb in ((ma.weights_A, mb.weights_A), (ma.weights_B, mb.weights_B),
+                       (ma.core, mb.core)):
             assert (wa is None) == (wb is None)
             if wa is not None:
                 assert torch.equal(wa, wb)

@@ -596,7 +596,7 @@ def test_shared_pool_run(shared_run):
     assert sorted(rows) == ["lm/task0", "lm/task1", "lm/task2", "lm/task3", "other/r0",
                             "other/r1"]
     assert all(r["status"] == "converted" for r in rows.values())
-    pools = sorted((out / POOLS_DIR).iterdir())
+    pools = sorted((out / POOLS_DIR).glob("*.safetensors"))
     assert len(pools) == 1 and pools[0].suffix == ".safetensors", pools  # only the lm group
     groups = {r["group"] for n, r in rows.items() if n.startswith("lm/")}
     assert len(groups) == 1 and pools[0].stem == groups.pop()
@@ -667,7 +667,7 @@ def test_inspect_and_export_shared_adapter(shared_run, tmp_path):
 def test_damaged_pool_file_fails_to_load(shared_run, tmp_path, damage):
     zoo, out0, _ = shared_run
     out = shutil.copytree(out0, tmp_path / "out")
-    pool = next((out / POOLS_DIR).iterdir())
+    pool = next((out / POOLS_DIR).glob("*.safetensors"))
     if damage == "flip":
         data = bytearray(pool.read_bytes())
         data[len(data) // 2] ^= 0x01

@@ -34,7 +34,7 @@ FILE_SYSTEM = {"os", "pathlib", "shutil", "tempfile", "glob", "io"}
 FORMAT_LITERALS = {"base_model.model.", "adapter_model.safetensors", "adapter_model.bin",
                    "adapter_config.json", "mos_config.json", "mos_adapter.safetensors",
                    "report.json", "pools"}
-TENSOR_PREFIXES = ("mos.pools.", "mos.routes.", "mos.weights.", "extra.")
+TENSOR_PREFIXES = ("mos.pools.", "mos.routes.", "mos.weights.", "mos.cores.", "extra.")
 
 
 def module_name(path: Path) -> tuple[str, list[str]]:

@@ -4,6 +4,7 @@ assembly formula, and one-line FormatErrors for broken folders."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -295,7 +296,7 @@ def test_load_error_truncated_tensor_file(saved):
     _expect_error(saved, str(saved / TENSOR_FILE))
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_load_error_wrong_format_version(saved, version):
     _rewrite_config(saved, lambda c: c.update(format_version=version))
     _expect_error(saved, str(saved / CONFIG_FILE), "format_version")
@@ -391,3 +392,71 @@ def test_config_layout_and_file_modes(converted, tmp_path):
     for p in (tmp_path / "m").iterdir():
         assert not p.name.endswith(".tmp"), p
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+# ------------------------------------------------------------------ format v2: cores
+
+
+def _with_cores(r_A: int = 3) -> MosAdapter:
+    """Two kinds; the first module carries an ``(r, r_A)`` core, the second none."""
+    mos = _hand_built(pool_sizes=((5, 4), (6, 3)), nc=2, r=2)
+    g = torch.Generator().manual_seed(1)
+    m0, m1 = mos.modules
+    pa = mos.kinds[m0.kind].pool_A.shape[0]
+    m0 = replace(m0, routes_A=torch.randint(0, pa, (r_A * 2,), generator=g),
+                 core=torch.randn(m0.r, r_A, generator=g))
+    return replace(mos, modules=(m0, m1))
+
+
+@pytest.mark.parametrize("r_A", [1, 2, 3])
+def test_cores_round_trip_as_format_v2(tmp_path, r_A):
+    mos = _with_cores(r_A)
+    save_mos(mos, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    assert cfg["format_version"] == 2
+    assert cfg["modules"][0]["core"] is True and cfg["modules"][0]["r_A"] == r_A
+    assert "core" not in cfg["modules"][1]
+    assert cfg["params"] == mos.params == sum(p.params for p in mos.kinds.values()) + 2 * r_A
+    back = load_mos(tmp_path / "m")
+    assert_same_mos(mos, back)
+    m = back.modules[0]
+    pools = back.kinds[m.kind]
+    # dW = scale * B_l @ C_l @ A_l, with A_l of r_A rows gathered as in v1
+    a = pools.pool_A[m.routes_A].reshape(r_A, pools.d_in)
+    b = pools.pool_B[m.routes_B].reshape(m.r, pools.d_out).T
+    A, B = back.assemble(m)
+    assert A.shape[0] == B.shape[1] == min(m.r, r_A)
+    assert torch.allclose(B @ A, b @ m.core @ a, atol=1e-6)
+
+
+def test_no_core_still_writes_format_v1(tmp_path):
+    save_mos(_hand_built(), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["format_version"] == 1
+
+
+@pytest.fixture
+def saved_v2(tmp_path):
+    return save_mos(_with_cores(3), tmp_path / "v2")
+
+
+def test_load_error_core_of_wrong_shape(saved_v2):
+    _rewrite_tensors(saved_v2, _set("mos.cores.layers.0.proj0", torch.zeros(2, 2)))
+    _expect_error(saved_v2, str(saved_v2 / TENSOR_FILE), "layers.0.proj0", "(2, 3)")
+
+
+def test_load_error_core_missing_or_not_finite(saved_v2):
+    _rewrite_tensors(saved_v2, _set("mos.cores.layers.0.proj0",
+                                    torch.full((2, 3), float("inf"))))
+    _expect_error(saved_v2, str(saved_v2 / TENSOR_FILE), "mos.cores.layers.0.proj0")
+    _rewrite_tensors(saved_v2, lambda t: t.pop("mos.cores.layers.0.proj0"))
+    _expect_error(saved_v2, str(saved_v2 / TENSOR_FILE), "core of module layers.0.proj0")
+
+
+def test_load_error_core_in_a_v1_file(saved_v2):
+    _rewrite_config(saved_v2, lambda c: c.update(format_version=1))
+    _expect_error(saved_v2, str(saved_v2 / CONFIG_FILE), "has a core", "format_version 1")
+
+
+def test_load_error_r_A_disagrees_with_routes(saved_v2):
+    _rewrite_config(saved_v2, lambda c: c["modules"][0].update(r_A=2))
+    _expect_error(saved_v2, str(saved_v2 / TENSOR_FILE), "layers.0.proj0", "expected 4")

@@ -5,6 +5,7 @@ switching, training, and the errors (each leaving the model unchanged)."""
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -395,3 +396,49 @@ def test_load_base_model_errors(tmp_path):
     with pytest.raises(FormatError, match="cannot load a model") as info:
         load_base_model(tmp_path)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_joint_zoo_members_apply_merge_export_and_train_their_cores(tmp_path):
+    """Format v2 adapters from a joint zoo fit (shared bases, a core each): apply gives
+    PEFT's logits on the exported LoRA, merge the same, and the cores are trainable."""
+    from safetensors.torch import load_file, save_file
+    from test_batch import write_lora_like
+
+    from mosconv.batch.run import BatchConfig, run_batch
+
+    base, _ = _llama(2)
+    zoo = tmp_path / "zoo"
+    for i in range(2):
+        write_lora_like(zoo / f"t{i}", i, layers=2, d=32, d_kv=16, r=4)
+    # a later checkpoint of t0 (B grown by 10%, a little noise): both sides shared, cores pay
+    later = shutil.copytree(zoo / "t0", zoo / "t0-later")
+    t = load_file(str(later / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    t = {k: v * 1.1 + 0.01 * torch.randn(v.shape, generator=g) if "lora_B" in k else v
+         for k, v in t.items()}
+    save_file(t, str(later / "adapter_model.safetensors"))
+    summary = run_batch(zoo, tmp_path / "out", BatchConfig(ratio=4.0, shared_pool=True))
+    assert summary.failed == 0
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+
+    def logits(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids).logits.clone()
+
+    cored = 0
+    for a in summary.adapters:
+        mos_dir = tmp_path / "out" / a.name
+        mos = load_mos(mos_dir)
+        cored += sum(m.core is not None for m in mos.modules)
+        exp = export_lora(mos_dir, tmp_path / "exp" / a.name)
+        from peft import PeftModel
+
+        want = logits(PeftModel.from_pretrained(copy.deepcopy(base), exp).eval())
+        model = copy.deepcopy(base)
+        mosconv.apply(model, mos_dir, name="m")
+        assert float((logits(model) - want).abs().max()) < 1e-4
+        params = mosconv.trainable_parameters(model, "m")
+        assert sum(p.numel() for p in params) == mos.params  # pools (shared rows too) + cores
+        mosconv.merge(model, "m")
+        assert float((logits(model) - want).abs().max()) < 1e-4
+    assert cored > 0

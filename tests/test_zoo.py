@@ -110,7 +110,7 @@ def independent_reference(adapters, ratio: float) -> tuple[float, int, int]:
 def group_params(res) -> int:
     """Parameters of a fitted group: pool file tensors once, plus every adapter's own."""
     pool = sum(t.numel() for t in res.shared_pools.values())
-    return pool + sum(sum(p.local_params for p in m.kinds.values()) for m in res.adapters)
+    return pool + sum(m.local_params for m in res.adapters)  # own pools, cores, weights
 
 
 # ------------------------------------------------------------------ the zoo pairs
@@ -172,7 +172,7 @@ def test_zoo_pair_run_batch_shared(project, tmp_path):
     assert summary.failed == 0
     assert [a.name for a in summary.adapters] == list(PAIRS[project])
     t = asdict(summary.totals)
-    pools = sorted((out / POOLS_DIR).iterdir())
+    pools = sorted((out / POOLS_DIR).glob("*.safetensors"))
     assert len(pools) == 1
     assert t["shared_pool_params"] == sum(x.numel() for x in res.shared_pools.values())
     assert t["mos_params"] == res.totals.mos_params <= t["lora_params"] / RATIO
@@ -277,3 +277,82 @@ def test_run_batch_shared_is_deterministic(trained_like, tmp_path):
     assert summary_numbers(outs[0]) == summary_numbers(outs[1])
     s = json.loads((outs[0] / SUMMARY_FILE).read_text())
     assert len({a["group"] for a in s["adapters"]}) == 1
+
+
+def _synthetic_zoo_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "synthetic_zoo.py"
+    spec = importlib.util.spec_from_file_location("synthetic_zoo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_synthetic_zoo_joint_fit_gains_with_n(tmp_path):
+    """A zoo built as training builds one (two init seeds, a shared output subspace plus
+    adapter-specific parts): the joint fit beats converting each adapter alone by a clear
+    margin, more so the more adapters share the bases, and every member gains."""
+    paths = _synthetic_zoo_module().write_zoo(tmp_path / "zoo", 8, d=128, d_kv=32, r=8,
+                                              layers=2)
+    adapters = [read_adapter(p) for p in paths]
+    errors = []
+    for n in (4, 8):
+        res = fit_group(adapters[:n], RATIO, seed=0)
+        t = res.totals
+        measured, per = measured_error(adapters[:n], res.adapters)
+        alone = [r.totals.truncation_relative_error for r in res.reports]
+        print(f"N={n}: joint {measured:.4f}, alone {t.independent_relative_error:.4f}, "
+              f"pool {t.pool_params}, own {t.local_params}")
+        assert res.mode == "shared"
+        assert measured <= 0.9 * t.independent_relative_error
+        assert all(p < a for p, a in zip(per, alone, strict=True))  # nobody pays for the others
+        assert group_params(res) == t.mos_params <= t.lora_params / RATIO
+        errors.append(measured)
+    assert errors[1] < errors[0]
+
+
+# ------------------------------------------------------------------ adding to a fitted zoo
+
+
+def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
+    from mosconv.pipeline import export_lora
+
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    for i in range(4):
+        write_lora_like(zoo / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+    config = BatchConfig(ratio=RATIO, shared_pool=True)
+    first = run_batch(zoo, out, config)
+    assert first.failed == 0 and first.totals.shared_pool_params > 0
+    before = files_of(out)
+    for i in (4, 5):  # the zoo gains two adapters of the same base model
+        write_lora_like(zoo / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+    again = run_batch(zoo, out, config)
+    status = {a.name: a.status for a in again.adapters}
+    assert status == {**{f"task{i}": "skipped" for i in range(4)},
+                      "task4": "converted", "task5": "converted"}
+    after = files_of(out)
+    for path, data in before.items():  # existing members and the pool file: same bytes
+        if not path.endswith(".members.json"):  # the record of who the pools serve grows
+            assert after[path] == data, path
+    served = json.loads(next((out / POOLS_DIR).glob("*.members.json")).read_text())["members"]
+    assert served == [f"task{i}" for i in range(6)]
+    for a in again.adapters[4:]:
+        mos = load_mos(out / a.name)
+        assert mos.local_params <= read_adapter(zoo / a.name).params / RATIO
+        exp = export_lora(out / a.name, tmp_path / "exp" / a.name)
+        src, back = read_adapter(zoo / a.name), read_adapter(exp)
+        err = energy = 0.0
+        for m in src.modules:
+            ref = m.scale * (m.B.double() @ m.A.double())
+            e = back.module(m.name)
+            err += float((ref - e.scale * (e.B.double() @ e.A.double())).pow(2).sum())
+            energy += float(ref.pow(2).sum())
+        assert math.sqrt(err / energy) == pytest.approx(a.relative_error, rel=1e-4)
+        # the shared bases serve the newcomer better than converting it alone
+        assert a.relative_error < a.truncation_relative_error
+    refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
+    assert {a.status for a in refit.adapters} == {"skipped"}  # nothing new: nothing to refit
+    (out / "task0" / "mos_config.json").unlink()  # an incomplete member, with --refit
+    refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
+    assert {a.status for a in refit.adapters} == {"converted"}

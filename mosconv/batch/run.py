@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError, FormatError, MosconvError
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
 from ..lora.read import resolve_adapter_path
-from ..mos.manifest import load_report, read_manifest
-from ..names import CONFIG_FILE, PEFT_WEIGHTS, pool_file
+from ..mos.manifest import load_report, read_manifest, read_pool_members, write_pool_members
+from ..names import CONFIG_FILE, PEFT_WEIGHTS, pool_file, pool_members_file
 from ..names import PEFT_CONFIG as CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class BatchConfig:
     address: str | None = None
     shared_pool: bool = False
     overwrite: bool = False
+    refit: bool = False  # shared_pool: refit groups that gained adapters (else add to them)
 
     def settings(self) -> dict:
         """What an output must have been made with to count as done on a rerun."""
@@ -332,7 +333,7 @@ def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Repo
         if pool is not None:
             rel = os.path.relpath(pool[0], dest)
             kinds = {k: replace(p, shared={**p.shared, "file": rel, "sha256": pool[1]})
-                     for k, p in mos.kinds.items()}
+                     if p.shared else p for k, p in mos.kinds.items()}
         mos = replace(mos, kinds=kinds,
                       source={**mos.source, **source_provenance(item.source, adapter)},
                       info={**mos.info, "command": None, "batch": config.settings(),
@@ -363,9 +364,11 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
     if res.mode == "shared":
         path, digest = write_pool_file(out, gid, res.shared_pools)
         pool = (str(path), digest)
+        write_pool_members(out, gid, digest, [i.name for i in members])
     else:  # a pool file from an earlier run of this group is no longer used
         pool = None
         pool_file(out, gid).unlink(missing_ok=True)
+        pool_members_file(out, gid).unlink(missing_ok=True)
     per = (time.perf_counter() - t0) / len(members)
     args = [(i, a, m, r, out, config, gid, pool, per)
             for i, a, m, r in zip(members, adapters, res.adapters, res.reports)]
@@ -411,12 +414,54 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
     yield from convert_many(singles, out, config) if singles else iter(())
     for key, members in groups.items():
         gid = _group_id(key)
-        if not config.overwrite and all(
-                is_complete(Path(out) / i.name, i.source, config.settings(), gid) for i in members):
-            for i in members:
-                yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, gid)
+        done = {} if config.overwrite else {
+            i.name: g for i in members for g in (gid, None)
+            if is_complete(Path(out) / i.name, i.source, config.settings(), g)}
+        for i in members:
+            if i.name in done:
+                yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, done[i.name])
+        new = [i for i in members if i.name not in done]
+        if not new:
             continue
-        yield from _group_outcomes(members, out, config, gid)
+        served = read_pool_members(out, gid) if not (config.refit or config.overwrite) else None
+        if served and all(n in done for n in served) and all(i.name not in served for i in new):
+            # a group whose pools serve all its old members, complete, gained adapters
+            yield from _add_outcomes([i for i in members if i.name in served], new, out,
+                                     config, gid, served)
+        else:  # a new group, a changed or unfinished member, or --refit: fit the group
+            yield from _group_outcomes(members, out, config, gid)
+
+
+def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,
+                  served: list[str]) -> Iterator[Outcome]:
+    """Fit only the ``new`` members of a group whose ``done`` members (and pool file) stay
+    untouched, against the group's shared bases; the pool's member record then lists them."""
+    from ..fit.zoo import fit_new_members
+    from ..lora.read import read_adapter
+    from ..mos.format import load_mos
+
+    t0 = time.perf_counter()
+    try:
+        members = [load_mos(Path(out) / i.name) for i in done]
+        adapters = [read_adapter(i.source) for i in new]
+        shared = [m for m in members if any(p.shared for p in m.kinds.values())]
+        mos_list, reports = fit_new_members(shared or members, adapters, float(config.ratio),
+                                            config.seed)
+    except (MosconvError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        for i in new:
+            yield Outcome(i.name, i.source, "failed", error=msg, group=gid)
+        return
+    path = pool_file(out, gid)
+    pool = (str(path), sha256_file(path))
+    per = (time.perf_counter() - t0) / len(new)
+    added = list(served)
+    for i, a, m, r in zip(new, adapters, mos_list, reports):
+        outcome = write_member(i, a, m, r, out, config, gid, pool, per)
+        if outcome.status == "converted":
+            added.append(i.name)
+            write_pool_members(out, gid, pool[1], added)
+        yield outcome
 
 
 # ---------------------------------------------------------------- the whole run

@@ -258,7 +258,11 @@ def export(mos_dir: str, out: str, overwrite: bool, quiet: bool, as_json: bool) 
               help="local processes, or tasks on a Ray cluster (pip install 'mosconv[ray]').")
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT); default starts a local one.")
 @click.option("--shared-pool", is_flag=True,
-              help="One set of pools per group of adapters with the same base model and kinds.")
+              help="Fit each group of adapters with the same base model and kinds jointly: "
+                   "bases stored once (OUT/pools), a small core per adapter.")
+@click.option("--refit", is_flag=True,
+              help="With --shared-pool: refit a group that gained adapters (rewrites its "
+                   "members); default: fit only the new ones against the group's pools.")
 @output_options("summary.json", "Redo adapters whose output is already complete.")
 @handle_errors
 def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:

@@ -1,19 +1,19 @@
-"""Pools shared across the adapters of a zoo: tensors in, shared pools and per-adapter
-MoS adapters out (no I/O).
+"""Zoos: the adapters of one base model fitted together, with bases shared across them
+(tensors in, shared pools and per-adapter MoS adapters out; no I/O).
 
-Adapters of one project share structure: LoRA's ``A`` barely leaves its seeded random
-initialization, so adapters trained from the same seed have nearly the same row spaces.
-For each module name present in the group, the updates of every adapter are stacked
-(``[dW_1; dW_2; ...]``) and their common row space, the top right singular vectors
-``Q`` of the stack, becomes shared A-pool shards; each adapter keeps private B shards
-``dW_a Q``.  A direction costs ``d_in + n_adapters * d_out`` and keeps ``sigma^2`` of the
-stack's energy; directions of all module names compete for one group budget by energy
-per parameter (the same greedy as truncation).
+Adapters of one project share structure (one run's checkpoints, one curriculum's stages,
+adapters trained from one seed).  Per module name, :mod:`mosconv.fit.joint` computes a
+joint left and right basis over the adapters that hold it; each adapter keeps a small core
+``C_i`` (``dW_i ~ U C_i V^T``, MoS format v2), or, where sharing does not pay for a module,
+its own truncation.  One price per parameter decides, for every module name, between the
+two and the rank, under the group budget ``sum(lora_params) / ratio``; the joint bases are
+then refined by alternating least squares on the exact error.
 
-The group's total parameters (shared pools once plus every adapter's own shards) stay
-under ``sum(lora_params) / ratio``.  Independent conversion at the same total budget
-(global truncation over all adapters' modules) is computed too, and the group keeps
-whichever of the two has the lower total error: shared pools never make it worse.
+Stored as MoS: the bases are pool rows every holder routes to (``U`` columns in the B-pool,
+``V`` columns in the A-pool, nc = 1), written once per group in a pool file; an adapter's own
+file holds its cores and its private shards.  Each adapter converted alone (as ``compress``
+does) is computed too, and the group keeps whichever has the lower total error: the joint
+fit never makes the group worse than converting each adapter on its own.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .. import __version__
-from ..lora.types import LoraAdapter
+from ..lora.types import LoraAdapter, LoraModule
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
 from .convert import ConvertConfig, convert, source_info
 from .factorize import Factorization, factorize_adapter
+from .joint import JointBasis, ModulePlan, allocate, cores, joint_basis, refine
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
-from .truncation import allocate, budget_for_ratio, truncate
+from .truncation import budget_for_ratio, truncate
 
 F64 = torch.float64
 
@@ -57,6 +58,8 @@ class GroupTotals:
     mos_params: int
     pool_params: int | None = None
     local_params: int | None = None
+    joint_modules: int = 0  # module names fitted with joint bases (the others: private)
+    modules: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,116 +88,186 @@ def group_key(adapter: LoraAdapter) -> str:
     return f"{adapter.base_model or 'unknown'}|" + ";".join(kinds)
 
 
-def _stack_rows(facts: list[Factorization]) -> torch.Tensor:
-    """``[S_a V_a^T]_a`` stacked: its right singular vectors are the common row space."""
-    return torch.cat([f.S[:, None] * f.V.double().T for f in facts])
-
-
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               factorizations: list[dict[str, Factorization]] | None = None,
               search: str = "fast", iters: int = 4,
-              routing_weights: bool = True) -> GroupResult:
-    """Convert ``adapters`` (same base model and kinds) with pools shared across them.
+              routing_weights: bool = True, refine_iters: int = 10) -> GroupResult:
+    """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
-    plain ``batch`` give, with ``search``/``iters``/``routing_weights``); the group keeps whichever has the lower
-    total error, so ``--shared-pool`` is never worse than converting independently.
-    The pool file tensors are named ``<kind id>.A`` (kind ids ``k0, k1, ...`` in the
-    order of the first adapter's kinds).
+    plain ``batch`` give, with ``search``/``iters``/``routing_weights``); the group keeps
+    whichever has the lower total error (measured on the stored float32 tensors), so
+    ``--shared-pool`` is never worse than converting independently.  ``refine_iters``:
+    alternating least-squares rounds per joint module.  The pool file tensors are named
+    ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
+    adapter's kinds).
     """
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     total_params = sum(a.params for a in adapters)
     budget = budget_for_ratio(total_params, ratio)
-    flat = {(i, n): f for i, fa in enumerate(facts) for n, f in fa.items()}
-    energy = sum(f.energy for f in flat.values())
+    energy = sum(f.energy for fa in facts for f in fa.values())
 
     # independent: every adapter converted alone, as compress does
     cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
                        routing_weights=routing_weights)
     alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
-    indep_err_sq = sum(m.energy * m.relative_error ** 2
-                       for r in alone for m in r.report.modules)
-    indep_err = math.sqrt(indep_err_sq / energy) if energy > 0 else 0.0
+    indep_err = _group_error(r.report for r in alone)
     indep_params = sum(r.report.totals.mos_params for r in alone)
 
-    # shared row spaces: per module name, stacked over the adapters that have it
-    names = [m.name for m in adapters[0].modules]
-    holders = {n: [i for i, a in enumerate(adapters) if n in facts[i]] for n in names}
-    bases, gains, costs = {}, {}, {}
-    for n in names:
-        m = adapters[0].module(n)
-        _, s, vh = torch.linalg.svd(_stack_rows([facts[i][n] for i in holders[n]]),
-                                    full_matrices=False)
-        bases[n] = vh  # (k, d_in) orthonormal rows
-        gains[n] = s**2
-        costs[n] = m.d_in + len(holders[n]) * m.d_out
-    ks = allocate(gains, costs, budget)
-    shared_err_sq = sum(float(gains[n][ks[n]:].sum()) for n in names)
-    # modules that exist in some adapters only are not in `names`: they stay unconverted
-    missing = [(i, n) for i, fa in enumerate(facts) for n in fa if n not in holders]
-    shared_err = math.sqrt((shared_err_sq + sum(flat[k].energy for k in missing)) / energy) \
-        if energy > 0 else 0.0
-    params_shared = sum(ks[n] * costs[n] for n in names)
+    names: list[str] = []
+    for a in adapters:
+        names += [m.name for m in a.modules if m.name not in names]
+    holders = {n: tuple(i for i, fa in enumerate(facts) if n in fa) for n in names}
+    bases = {n: joint_basis([facts[i][n] for i in holders[n]])
+             for n in names if len(holders[n]) > 1}
+    plans, _ = allocate(names, holders, facts, bases, budget)
+    fitted = {p.name: _refined(p, bases[p.name], facts, refine_iters)
+              for p in plans if p.mode != "private"}
+    pools, mos_list = _build(adapters, facts, {p.name: p for p in plans}, fitted, ratio, seed)
+    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
+    pool_params = sum(t.numel() for t in pools.values())
+    local = sum(mos.local_params for mos in mos_list)
+    shared_err = _group_error(reports)
+    if pool_params + local > budget:
+        raise AssertionError(f"internal error: joint fit uses {pool_params + local} > {budget}")
     totals = GroupTotals(lora_params=total_params, budget=budget, adapters=len(adapters),
                          independent_relative_error=indep_err,
                          shared_relative_error=shared_err, independent_params=indep_params,
-                         shared_params=params_shared, mode="independent",
-                         mos_params=indep_params)
-    if missing or shared_err >= indep_err:
+                         shared_params=pool_params + local, mode="independent",
+                         mos_params=indep_params,
+                         joint_modules=sum(1 for p in plans if p.mode != "private"),
+                         modules=len(plans))
+    if not pools or shared_err >= indep_err or energy <= 0:
         return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone],
                            totals)
-    return _shared(adapters, facts, bases, ks, ratio, seed, totals)
-
-
-def _shared(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]],
-            bases: dict[str, torch.Tensor], ks: dict[str, int], ratio: float, seed: int,
-            totals: GroupTotals) -> GroupResult:
-    ids = kind_ids(adapters[0].kinds)
-    pools: dict[str, torch.Tensor] = {}
-    offsets: dict[str, int] = {}
-    for kind, ms in adapters[0].kinds.items():
-        rows, start = [], 0
-        for m in ms:
-            offsets[m.name] = start
-            rows.append(bases[m.name][:ks[m.name]])
-            start += ks[m.name]
-        pools[f"{ids[kind]}.A"] = torch.cat(rows).float().contiguous()
-    mos_list = []
-    for a, fa in zip(adapters, facts):
-        kinds, mods = {}, []
-        for kind, ms in a.kinds.items():
-            shared_A = pools[f"{ids[kind]}.A"]
-            b_rows, start = [], 0
-            for m in ms:
-                k, f = ks[m.name], fa[m.name]
-                Q = bases[m.name][:k]  # (k, d_in)
-                # B = dW Q^T = U S (V^T Q^T): the exact least-squares B for the shared A rows
-                b_rows.append((((f.U.double() * f.S) @ (f.V.double().T @ Q.T)).T).float())
-                routes_A = torch.arange(offsets[m.name], offsets[m.name] + k)
-                routes_B = torch.arange(start, start + k)
-                mods.append(_module(m, kind, routes_A, routes_B, (0, 0), (start, start + k)))
-                start += k
-            d_in, d_out = ms[0].d_in, ms[0].d_out
-            ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A", "key_B": None,
-                   "n_A": int(shared_A.shape[0]), "n_B": 0}
-            local_B = torch.cat(b_rows) if b_rows else torch.zeros(0, d_out)
-            kinds[kind] = KindPools(kind, d_in, d_out, 1, shared_A, local_B.contiguous(),
-                                    int(shared_A.shape[0]), 0, ref)
-        mos_list.append(_mos(a, kinds, mods, ratio, seed, "shared"))
-    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
-    pool_params = sum(t.numel() for t in pools.values())
-    local = sum(sum(p.local_params for p in mos.kinds.values()) for mos in mos_list)
     return GroupResult("shared", mos_list, reports,
                        replace(totals, mode="shared", pool_params=pool_params,
                                local_params=local, mos_params=pool_params + local), pools)
 
 
-def _module(m, kind, routes_A, routes_B, private_A, private_B) -> MosModule:
-    return MosModule(name=m.name, kind=kind, r=int(routes_A.numel()), scale=1.0,
+def _group_error(reports) -> float:
+    """Energy-weighted relative error over the modules of several reports."""
+    err = energy = 0.0
+    for r in reports:
+        for m in r.modules:
+            err += m.energy * m.relative_error ** 2
+            energy += m.energy
+    return math.sqrt(err / energy) if energy > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    U: torch.Tensor  # (d_out, k_U) float64: shared B-pool rows (k_U = 0 for shared_A)
+    V: torch.Tensor  # (d_in, k_V): shared A-pool rows (k_V = 0 for shared_B)
+
+
+def _refined(plan: ModulePlan, basis: JointBasis, facts: list[dict[str, Factorization]],
+             iters: int) -> _Fitted:
+    """The shared bases of a plan: joint ones refined by alternating least squares; a
+    one-sided basis is already optimal for its structure."""
+    U, V = basis.U[:, :plan.k_U], basis.V[:, :plan.k_V]
+    if plan.mode == "joint":
+        U, V, _ = refine([facts[i][plan.name] for i in plan.holders], U, V, iters)
+    return _Fitted(U, V)
+
+
+def _build(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]],
+           plans: dict[str, ModulePlan], fitted: dict[str, _Fitted], ratio: float, seed: int
+           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter]]:
+    """The group's pool tensors and each adapter's MoS adapter (shared rows first in pools)."""
+    ids = kind_ids(adapters[0].kinds)
+    pools: dict[str, torch.Tensor] = {}
+    offsets: dict[str, tuple[int, int]] = {}  # module -> first A row, first B row
+    kind_of = {m.name: m.kind for a in adapters for m in a.modules}
+    widths = {m.kind: (m.d_in, m.d_out) for a in adapters for m in a.modules}
+    for kind in ids:
+        rows_A, rows_B, start_A, start_B = [], [], 0, 0
+        for n, kd in kind_of.items():
+            if kd == kind and n in fitted:
+                offsets[n] = (start_A, start_B)
+                rows_A.append(fitted[n].V.T)
+                rows_B.append(fitted[n].U.T)
+                start_A += fitted[n].V.shape[1]
+                start_B += fitted[n].U.shape[1]
+        rows_A = [r for r in rows_A if r.shape[0]]
+        rows_B = [r for r in rows_B if r.shape[0]]
+        if rows_A:
+            pools[f"{ids[kind]}.A"] = torch.cat(rows_A).float().contiguous()
+        if rows_B:
+            pools[f"{ids[kind]}.B"] = torch.cat(rows_B).float().contiguous()
+    mos_list = []
+    for i, (a, fa) in enumerate(zip(adapters, facts)):
+        kinds, mods = {}, []
+        for kind, ms in a.kinds.items():
+            d_in, d_out = widths[kind]
+            shared_A = pools.get(f"{ids[kind]}.A", torch.zeros(0, d_in))
+            shared_B = pools.get(f"{ids[kind]}.B", torch.zeros(0, d_out))
+            nA, nB = int(shared_A.shape[0]), int(shared_B.shape[0])
+            loc_A, loc_B, start_A, start_B = [], [], 0, 0
+            for m in ms:
+                p, f = plans[m.name], fa[m.name]
+                if p.mode == "joint":
+                    fit = fitted[m.name]
+                    core = cores([f], fit.U, fit.V)[0].float().contiguous()  # (k_U, k_V)
+                    oa, ob = offsets[m.name]
+                    mods.append(_module(m, kind, torch.arange(oa, oa + p.k_V),
+                                        torch.arange(ob, ob + p.k_U), (0, 0), (0, 0), core))
+                    continue
+                if p.mode in ("shared_A", "shared_B"):
+                    fit, (oa, ob) = fitted[m.name], offsets[m.name]
+                    U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
+                    if p.mode == "shared_A":  # B_i = dW_i V: the exact least squares for V
+                        k, own = p.k_V, ((U * S) @ (V.T @ fit.V)).T  # (k, d_out)
+                        loc_B.append(own.float())
+                        rng_B = (nB + start_B, nB + start_B + k)
+                        routes = (torch.arange(oa, oa + k), torch.arange(*rng_B))
+                        private = ((0, 0), rng_B)
+                        start_B += k
+                    else:  # A_i = U^T dW_i
+                        k, own = p.k_U, (fit.U.T @ U * S) @ V.T  # (k, d_in)
+                        loc_A.append(own.float())
+                        rng_A = (nA + start_A, nA + start_A + k)
+                        routes = (torch.arange(*rng_A), torch.arange(ob, ob + k))
+                        private = (rng_A, (0, 0))
+                        start_A += k
+                    mods.append(_module(m, kind, *routes, *private, None))
+                    continue
+                k = p.ranks[p.holders.index(i)]
+                root = f.S[:k].to(F64).sqrt()
+                loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
+                loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
+                rng_A = (nA + start_A, nA + start_A + k)
+                rng_B = (nB + start_B, nB + start_B + k)
+                mods.append(_module(m, kind, torch.arange(*rng_A), torch.arange(*rng_B), rng_A,
+                                    rng_B, None))
+                start_A += k
+                start_B += k
+            pool_A = torch.cat([shared_A, *loc_A]) if loc_A else shared_A
+            pool_B = torch.cat([shared_B, *loc_B]) if loc_B else shared_B
+            ref = None
+            if nA or nB:
+                ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A",
+                       "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
+            kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
+                                    pool_B.contiguous(), nA, nB, ref)
+        mos_list.append(_mos(a, kinds, mods, ratio, seed, "shared"))
+    return pools, mos_list
+
+
+def _uses_shared(m: MosModule, p: KindPools) -> bool:
+    """Whether a module routes into the rows of the group's pool file."""
+    nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+    return bool((m.routes_A < nA).any() or (m.routes_B < nB).any())
+
+
+def _module(m: LoraModule, kind: str, routes_A: torch.Tensor, routes_B: torch.Tensor,
+            private_A: tuple[int, int], private_B: tuple[int, int],
+            core: torch.Tensor | None) -> MosModule:
+    return MosModule(name=m.name, kind=kind, r=int(routes_B.numel()), scale=1.0,
                      routes_A=routes_A.to(torch.int64).clone(),
                      routes_B=routes_B.to(torch.int64).clone(),
                      private_A=tuple(private_A), private_B=tuple(private_B),
-                     embedding=m.embedding, conv_shape=m.conv_shape)
+                     embedding=m.embedding, conv_shape=m.conv_shape, core=core)
 
 
 def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], ratio: float,
@@ -213,14 +286,184 @@ def _report(a: LoraAdapter, fa: dict[str, Factorization], mos: MosAdapter, ratio
             seed: int) -> Report:
     """Per-adapter report; its truncation baseline is this adapter converted alone."""
     trunc = truncate(fa, budget_for_ratio(a.params, ratio))
-    structures = {
-        kind: KindStructure(structure="shared" if p.shared else "private", nc=p.nc,
-                            public_A=p.public_A, public_B=p.public_B,
-                            pool_A=int(p.pool_A.shape[0]), pool_B=int(p.pool_B.shape[0]),
-                            params=p.local_params, budget=None, candidates_tried=0,
-                            weights=False)
-        for kind, p in mos.kinds.items()}
+    structures = {}
+    for kind, p in mos.kinds.items():
+        own = [m for m in mos.modules if m.kind == kind]
+        shared = bool(p.shared) and any(_uses_shared(m, p) for m in own)
+        structures[kind] = KindStructure(
+            structure="shared" if shared else "private", nc=p.nc, public_A=p.public_A,
+            public_B=p.public_B, pool_A=int(p.pool_A.shape[0]), pool_B=int(p.pool_B.shape[0]),
+            params=p.local_params + sum(m.core.numel() for m in own if m.core is not None),
+            budget=None, candidates_tried=0, weights=False)
     settings = Settings(ratio=float(max(ratio, 1.0)), seed=seed, search=mos.info["search"],
                         iters=0, routing_weights=False)
     return build_report(a, mos, Baseline(trunc, None, structures), settings,
-                        local_params=sum(p.local_params for p in mos.kinds.values()))
+                        local_params=mos.local_params)
+
+
+# ---------------------------------------------------------------- adding to a fitted group
+
+
+@dataclass(frozen=True)
+class _SharedBasis:
+    """The pool rows a fitted group's members route to for one module name."""
+
+    idx_A: torch.Tensor  # pool A rows (the V basis), int64
+    idx_B: torch.Tensor  # pool B rows (the U basis)
+    core: bool  # members carry a core (joint) or one side of their own (one-sided)
+
+
+def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
+    """Per module name, the shared rows the existing members route to."""
+    out: dict[str, _SharedBasis] = {}
+    for mos in members:
+        for m in mos.modules:
+            p = mos.kinds[m.kind]
+            if m.name in out or not p.shared:
+                continue
+            a = m.routes_A[m.routes_A < p.shared["n_A"]]
+            b = m.routes_B[m.routes_B < p.shared["n_B"]]
+            if a.numel() or b.numel():
+                out[m.name] = _SharedBasis(a, b, m.core is not None)
+    return out
+
+
+def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], ratio: float,
+                    seed: int = 0,
+                    factorizations: list[dict[str, Factorization]] | None = None
+                    ) -> tuple[list[MosAdapter], list[Report]]:
+    """Fit ``adapters`` that join a group already fitted into ``members`` (loaded MoS
+    adapters of that group, whose pools hold the group's shared rows): the shared bases stay
+    as they are; each new adapter gets, per module, either its own part against them (a core,
+    or its side of a one-sided basis, by least squares) or its own truncation, whichever
+    lowers its error most per parameter, within its own ``lora_params / ratio``.
+
+    Returns the new members' MoS adapters (kinds in the existing members' order, pointing at
+    the same pool file) and their reports (truncation baseline: each adapter alone).
+    """
+    facts = factorizations or [factorize_adapter(a) for a in adapters]
+    template = members[0]
+    bases = _shared_bases(members)
+    out, reports = [], []
+    for a, fa in zip(adapters, facts):
+        own = {}
+        for m in a.modules:
+            b = bases.get(m.name)
+            p = template.kinds.get(m.kind)
+            if b is not None and p is not None:
+                own[m.name] = _own_part(fa[m.name], p, b)
+        plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio))
+        mos = _build_new(a, fa, template, own, plans, ratio, seed)
+        out.append(mos)
+        reports.append(_report(a, fa, mos, ratio, seed))
+    return out, reports
+
+
+@dataclass(frozen=True)
+class _OwnPart:
+    """A new adapter's least-squares part against a module's shared bases."""
+
+    basis: _SharedBasis
+    core: torch.Tensor | None  # (k_U, k_V) for joint bases
+    rows: torch.Tensor | None  # its own B rows (k_V, d_out) or A rows (k_U, d_in), one-sided
+    params: int
+    gain: float  # ||dW||^2 - ||dW - approximation||^2
+
+
+def _own_part(f: Factorization, p: KindPools, b: _SharedBasis) -> _OwnPart:
+    """Least squares against the stored (float32, nearly orthonormal) bases; the gain is
+    measured on the part as it will be stored (float32)."""
+    Vb = p.pool_A[b.idx_A].to(F64).T  # (d_in, k_V)
+    Ub = p.pool_B[b.idx_B].to(F64).T  # (d_out, k_U)
+    U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
+    US = U * S[None, :]
+    if b.core and Ub.shape[1] and Vb.shape[1]:
+        C = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)
+        part = _OwnPart(b, C.float().contiguous(), None, C.numel(), 0.0)
+        aU, aV = Ub @ part.core.to(F64), Vb  # dW ~ aU aV^T
+    elif Vb.shape[1]:  # shared A rows: B_own = dW Vb (Vb^T Vb)^-1, stored as rows
+        Bown = US @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)  # (d_out, k_V)
+        part = _OwnPart(b, None, Bown.T.float().contiguous(), Bown.numel(), 0.0)
+        aU, aV = part.rows.to(F64).T, Vb
+    else:  # shared B rows: A_own = (Ub^T Ub)^-1 Ub^T dW
+        Aown = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ V.T  # (k_U, d_in)
+        part = _OwnPart(b, None, Aown.float().contiguous(), Aown.numel(), 0.0)
+        aU, aV = Ub, part.rows.to(F64).T
+    energy = float((S ** 2).sum())
+    cross = float(((U.T @ aU) * (S[:, None] * (V.T @ aV))).sum())
+    quad = float(((aU.T @ aU) * (aV.T @ aV)).sum())
+    return replace(part, gain=energy - max(energy - 2 * cross + quad, 0.0))
+
+
+def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnPart],
+              budget: int) -> dict[str, str | int]:
+    """Per module ``"shared"`` or a private rank: greedy by gain per parameter (a module's
+    first step decides between its shared part and its own triplets)."""
+    state: dict[str, str | int] = {m.name: 0 for m in a.modules}
+    left = budget
+    while True:
+        best = None
+        for m in a.modules:
+            st, g = state[m.name], fa[m.name].S.to(F64) ** 2
+            if st == 0 and m.name in own and own[m.name].params <= left:
+                o = own[m.name]
+                if o.gain > 0 and (best is None or o.gain / o.params > best[0]):
+                    best = (o.gain / o.params, m.name, "shared", o.params)
+            if isinstance(st, int) and st < g.numel() and float(g[st]) > 0:
+                c = m.d_in + m.d_out
+                if c <= left and (best is None or float(g[st]) / c > best[0]):
+                    best = (float(g[st]) / c, m.name, st + 1, c)
+        if best is None:
+            break
+        _, name, new, cost = best
+        state[name] = new
+        left -= cost
+    return state
+
+
+def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapter,
+               own: dict[str, _OwnPart], plans: dict[str, str | int], ratio: float,
+               seed: int) -> MosAdapter:
+    kinds, mods = {}, []
+    by_kind = a.kinds
+    for kind, p in template.kinds.items():
+        if kind not in by_kind:
+            continue
+        nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+        loc_A, loc_B, sA, sB = [], [], 0, 0
+        for m in by_kind[kind]:
+            plan, f = plans[m.name], fa[m.name]
+            if plan == "shared":
+                o = own[m.name]
+                if o.core is not None:
+                    mods.append(_module(m, kind, o.basis.idx_A, o.basis.idx_B, (0, 0), (0, 0),
+                                        o.core))
+                elif o.basis.idx_A.numel():
+                    k = o.rows.shape[0]
+                    loc_B.append(o.rows)
+                    rng = (nB + sB, nB + sB + k)
+                    mods.append(_module(m, kind, o.basis.idx_A, torch.arange(*rng), (0, 0), rng,
+                                        None))
+                    sB += k
+                else:
+                    k = o.rows.shape[0]
+                    loc_A.append(o.rows)
+                    rng = (nA + sA, nA + sA + k)
+                    mods.append(_module(m, kind, torch.arange(*rng), o.basis.idx_B, rng, (0, 0),
+                                        None))
+                    sA += k
+                continue
+            k = int(plan)
+            root = f.S[:k].to(F64).sqrt()
+            loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
+            loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
+            rA, rB = (nA + sA, nA + sA + k), (nB + sB, nB + sB + k)
+            mods.append(_module(m, kind, torch.arange(*rA), torch.arange(*rB), rA, rB, None))
+            sA += k
+            sB += k
+        pool_A = torch.cat([p.pool_A[:nA], *loc_A]) if loc_A else p.pool_A[:nA]
+        pool_B = torch.cat([p.pool_B[:nB], *loc_B]) if loc_B else p.pool_B[:nB]
+        kinds[kind] = KindPools(kind, p.d_in, p.d_out, p.nc, pool_A.contiguous(),
+                                pool_B.contiguous(), nA, nB,
+                                dict(p.shared) if p.shared else None)
+    return _mos(a, kinds, mods, ratio, seed, "shared")

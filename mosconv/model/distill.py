@@ -363,5 +363,7 @@ def trained_mos(model: nn.Module, name: str, template: MosAdapter) -> MosAdapter
         if m.weights_A is not None:
             m = replace(m, weights_A=delta.weights_A.detach().float().cpu().clone(),
                         weights_B=delta.weights_B.detach().float().cpu().clone())
+        if m.core is not None:
+            m = replace(m, core=delta.core.detach().float().cpu().clone())
         modules.append(m)
     return replace(template, kinds=kinds, modules=tuple(modules))

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedAdapterError
 from ..lora.types import LoraAdapter, LoraModule
-from ..mos.types import MosAdapter, MosModule
+from ..mos.types import MosAdapter, MosModule, fold_core
 from ..names import kind_ids
 
 POOLS_ATTR = "mos_adapters"
@@ -61,16 +61,23 @@ class MosDelta(nn.Module):
             wa, wb = m.weights_A.to(dev, dt, copy=True), m.weights_B.to(dev, dt, copy=True)
             self.weights_A = nn.Parameter(wa, requires_grad=trainable)
             self.weights_B = nn.Parameter(wb, requires_grad=trainable)
+        self.core: nn.Parameter | None = None
+        if m.core is not None:  # format v2: dW = scale * B_l @ C_l @ A_l
+            self.core = nn.Parameter(m.core.to(dev, dt, copy=True), requires_grad=trainable)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_l (r, d_in), B_l (d_out, r))`` gathered from the pools, scale not folded."""
+        """``(A_l (r, d_in), B_l (d_out, r))`` gathered from the pools, scale not folded (a
+        core folded into ``A_l``)."""
         p = self._pools[0]
         a = p.pool_A[self.routes_A]  # (r*nc, d_in/nc)
         b = p.pool_B[self.routes_B]  # (r*nc, d_out/nc)
         if self.weights_A is not None:
             a = a * self.weights_A[:, None]
             b = b * self.weights_B[:, None]
-        return a.reshape(self.r, p.d_in), b.reshape(self.r, p.d_out).T
+        B = b.reshape(self.r, p.d_out).T
+        if self.core is None:
+            return a.reshape(self.r, p.d_in), B
+        return fold_core(a.reshape(self.core.shape[1], p.d_in), self.core, B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)`` in x's dtype and device."""

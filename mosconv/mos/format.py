@@ -1,4 +1,7 @@
-"""The MoS adapter format, version 1: the one place that knows tensor names and file layout.
+"""The MoS adapter format, versions 1 and 2: the one place that knows tensor names and file layout.
+
+Version 2 adds optional per-module cores (``mos.cores.<name>``); a file is written as
+version 1 when no module has one, so v1 readers keep loading what they could before.
 
 A MoS folder holds ``mos_adapter.safetensors``, ``report.json`` and
 ``mos_config.json`` (written last: its presence means the folder is complete).
@@ -18,7 +21,16 @@ from ..errors import FormatError
 from ..fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
 from ..fit.report import Report
 from ..lora.read._io import check_finite, load_tensor_file
-from ..names import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, REPORT_FILE, TENSOR_FILE, kind_ids
+from ..names import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FORMAT_VERSION_CORES,
+    FORMAT_VERSIONS,
+    REPORT_FILE,
+    TENSOR_FILE,
+    kind_ids,
+)
 from .manifest import load_report
 from .types import KindPools, MosAdapter, MosModule, route_dtype
 
@@ -53,20 +65,26 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
         if m.weights_A is not None:
             tensors[f"mos.weights.{m.name}.A"] = m.weights_A.to(torch.float32)
             tensors[f"mos.weights.{m.name}.B"] = m.weights_B.to(torch.float32)
-        modules_cfg.append({
+        entry = {
             "name": m.name, "kind": ids[m.kind], "r": m.r, "scale": m.scale,
             "private_A": list(m.private_A), "private_B": list(m.private_B),
             "weights": m.weights_A is not None, "embedding": m.embedding,
             "conv_shape": list(m.conv_shape) if m.conv_shape else None,
-        })
+        }
+        if m.core is not None:
+            tensors[f"mos.cores.{m.name}"] = m.core.to(torch.float32).contiguous()
+            entry["core"] = True
+            entry["r_A"] = m.r_A
+        modules_cfg.append(entry)
     for key, t in mos.extra_tensors.items():
         tensors[f"extra.{key}"] = t
     config = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_CORES if any(m.core is not None for m in mos.modules)
+        else FORMAT_VERSION,
         **mos.info,
         "params": mos.params,
-        "local_params": sum(p.local_params for p in mos.kinds.values()),
+        "local_params": mos.local_params,
         "index_bytes": mos.index_bytes,
         "source": mos.source,
         "kinds": kinds_cfg,
@@ -85,7 +103,7 @@ def save_mos(mos: MosAdapter, out: str | Path, report: Report | None = None, *,
     tensors, config = to_tensors(mos)
     # one key only: safetensors writes metadata in hash-map order, so two keys would make
     # the header bytes differ between runs
-    meta = {"format": f"{FORMAT_NAME}.v{FORMAT_VERSION}"}
+    meta = {"format": f"{FORMAT_NAME}.v{config['format_version']}"}
     data = safetensors_bytes(tensors, meta)
     atomic_write_bytes(out / TENSOR_FILE, data)
     if report is not None:
@@ -148,8 +166,9 @@ def load_mos(path: str | Path) -> MosAdapter:
     _need(isinstance(cfg, dict) and cfg.get("format") == FORMAT_NAME, cfg_path,
           f"'format' is not {FORMAT_NAME!r}")
     version = cfg.get("format_version")
-    _need(_is_int(version) and version == FORMAT_VERSION, cfg_path,
-          f"format_version {_show(version)} is not supported (this mosconv reads {FORMAT_VERSION})")
+    _need(_is_int(version) and version in FORMAT_VERSIONS, cfg_path,
+          f"format_version {_show(version)} is not supported (this mosconv reads "
+          f"{' and '.join(map(str, FORMAT_VERSIONS))})")
     for key, kind in (("kinds", list), ("modules", list), ("source", dict)):
         _need(isinstance(cfg.get(key, {} if key == "source" else None), kind), cfg_path,
               f"{key!r} is {_show(cfg.get(key))}, expected a JSON {kind.__name__}")
@@ -159,7 +178,7 @@ def load_mos(path: str | Path) -> MosAdapter:
     tensors, _ = load_tensor_file(folder / TENSOR_FILE)
     tpath = folder / TENSOR_FILE
     try:
-        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors)
+        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors, version)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
@@ -175,7 +194,8 @@ def load_mos(path: str | Path) -> MosAdapter:
                       source=cfg.get("source", {}), info=info)
 
 
-def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict):
+def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict,
+                       version: int = FORMAT_VERSION) -> tuple[dict[str, KindPools], list[MosModule]]:
     """The validated pools and modules of a MoS config whose top level is checked."""
     shared_cache: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, KindPools] = {}
@@ -230,15 +250,18 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
         _need(isinstance(m.get("kind"), str) and m["kind"] in id_to_kind, cfg_path,
               f"{where} names unknown kind {_show(m.get('kind'))}")
         r = _field(m, "r", cfg_path, where)
+        # with a core, A_l has r_A rows (C_l is r x r_A); otherwise r
+        r_A = _field(m, "r_A", cfg_path, where, default=r) if m.get("core") is True else r
         pools = kinds[id_to_kind[m["kind"]]]
         routes = []
-        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+        for side, pool, rank in (("A", pools.pool_A, r_A), ("B", pools.pool_B, r)):
             t = tensors.get(f"mos.routes.{name}.{side}")
             _need(t is not None, tpath, f"routes of {where} ({side}) missing")
             _need(t.dim() == 1, tpath,
                   f"routes of {where} ({side}) have shape {tuple(t.shape)}, expected 1-D")
-            _need(t.numel() == r * pools.nc, tpath,
-                  f"routes of {where} ({side}) have {t.numel()} entries, expected {r * pools.nc}")
+            _need(t.numel() == rank * pools.nc, tpath,
+                  f"routes of {where} ({side}) have {t.numel()} entries, expected "
+                  f"{rank * pools.nc}")
             _need(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
                   tpath, f"routes of {where} ({side}) have dtype {t.dtype}, expected integers")
             t = t.to(torch.int64)
@@ -246,17 +269,27 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
                   f"routes of {where} ({side}) point outside the pool of {pool.shape[0]} shards")
             routes.append(t)
         weights = [None, None]
-        flags = {f: m.get(f, False) for f in ("weights", "embedding")}
+        flags = {f: m.get(f, False) for f in ("weights", "embedding", "core")}
         for flag, value in flags.items():
             _need(isinstance(value, bool), cfg_path,
                   f"{where}: {flag} is {_show(value)}, expected true or false")
         if flags["weights"]:
-            for j, side in enumerate("AB"):
+            for j, (side, rank) in enumerate((("A", r_A), ("B", r))):
                 w = tensors.get(f"mos.weights.{name}.{side}")
-                _need(w is not None and w.is_floating_point() and w.numel() == r * pools.nc, tpath,
+                _need(w is not None and w.is_floating_point() and w.numel() == rank * pools.nc,
+                      tpath,
                       f"weights of {where} ({side}) missing, not float or of wrong size")
                 check_finite(tpath, f"mos.weights.{name}.{side}", w)
                 weights[j] = w.float().reshape(-1)
+        core = None
+        if flags["core"]:
+            _need(version >= FORMAT_VERSION_CORES, cfg_path,
+                  f"{where} has a core, which format_version {version} does not have")
+            core = tensors.get(f"mos.cores.{name}")
+            _need(core is not None and core.is_floating_point() and tuple(core.shape) == (r, r_A),
+                  tpath, f"core of {where} missing, not float or not ({r}, {r_A})")
+            check_finite(tpath, f"mos.cores.{name}", core)
+            core = core.float()
         scale = m.get("scale")
         _need(isinstance(scale, (int, float)) and not isinstance(scale, bool), cfg_path,
               f"{where} has scale {_show(scale)}, expected a number")
@@ -280,7 +313,7 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
             name=name, kind=id_to_kind[m["kind"]], r=r, scale=float(scale),
             routes_A=routes[0], routes_B=routes[1], weights_A=weights[0], weights_B=weights[1],
             private_A=private[0], private_B=private[1], embedding=flags["embedding"],
-            conv_shape=tuple(conv) if conv else None,
+            conv_shape=tuple(conv) if conv else None, core=core,
         ))
     return kinds, modules
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from ..fileio import atomic_write_json, sha256_file
 from ..fit.report import Report, ReportError
-from ..names import CONFIG_FILE, REPORT_FILE
+from ..names import CONFIG_FILE, REPORT_FILE, pool_file, pool_members_file
 
 
 def _read_json(p: Path, what: str) -> Any:
@@ -87,3 +88,23 @@ def read_manifest(path: str | Path) -> Manifest:
             group is not None and not isinstance(group, str):
         raise FormatError(f"{p}: invalid MoS config (batch or zoo_group of the wrong type)")
     return Manifest(files, batch, group, refs)
+
+
+def write_pool_members(out: str | Path, group: str, pool_sha256: str, names: list[str]) -> None:
+    """Record which adapters (output names) a zoo group's pool file serves."""
+    atomic_write_json(pool_members_file(out, group), {"pool_sha256": pool_sha256,
+                                                      "members": list(names)})
+
+
+def read_pool_members(out: str | Path, group: str) -> list[str] | None:
+    """The adapters a group's pool file serves, or None: no pool file, no record, or a record
+    written for another pool file than the one there."""
+    path, rec = pool_file(out, group), pool_members_file(out, group)
+    try:
+        data = json.loads(rec.read_text())
+        names = data["members"]
+        if not path.is_file() or data["pool_sha256"] != sha256_file(path):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None

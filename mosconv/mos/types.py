@@ -3,7 +3,14 @@ assembled (arXiv 2410.00938, with optional per-slot weights ``w``, 1 when absent
 
     A_l[j, i*sA:(i+1)*sA] = wA[j*nc+i] * poolA[idx_A[j*nc+i]]      # A_l: (r, d_in)
     B_l[i*sB:(i+1)*sB, j] = wB[j*nc+i] * poolB[idx_B[j*nc+i]]      # B_l: (d_out, r)
-    dW_l = scale_l * B_l @ A_l
+    dW_l = scale_l * B_l @ A_l                 # format v1
+    dW_l = scale_l * B_l @ C_l @ A_l           # format v2: a module may carry a core C_l
+
+With a core, ``B_l`` has ``r`` columns (``routes_B``: ``r * nc`` slots) and ``A_l`` has
+``r_A`` rows (``routes_A``: ``r_A * nc`` slots), ``C_l`` is ``(r, r_A)``.
+
+A core lets a basis that every adapter of a zoo routes to (shared pool rows) serve each
+adapter through its own small ``C_l`` (the joint fits of :mod:`mosconv.fit.zoo`).
 
 No I/O here: :mod:`mosconv.mos.format` reads and writes these on disk.
 """
@@ -75,11 +82,13 @@ class MosModule:
     Attributes:
         name: module path in the base model (as in the source adapter).
         kind: key into :attr:`MosAdapter.kinds`.
-        r: rank of the assembled pair (0 means the update is dropped).
+        r: rank of ``B_l`` (0 means the update is dropped); without a core also ``A_l``'s.
         scale: multiplies ``B_l @ A_l``.
         routes_A, routes_B: ``(r * nc,)`` int64 pool indices, slot ``j*nc + i``.
         weights_A, weights_B: ``(r * nc,)`` float32 slot weights, or None (paper form).
         private_A, private_B: ``(start, stop)`` pool index ranges used by this module only.
+        core: ``(r, r_A)`` float32 matrix between the factors, or None (the identity);
+            ``r_A = len(routes_A) / nc``.
     """
 
     name: str
@@ -94,6 +103,12 @@ class MosModule:
     private_B: tuple[int, int] = (0, 0)
     embedding: bool = False
     conv_shape: tuple[int, ...] | None = None
+    core: torch.Tensor | None = None
+
+    @property
+    def r_A(self) -> int:
+        """Rows of ``A_l`` before the core: ``r`` without a core."""
+        return int(self.core.shape[1]) if self.core is not None else self.r
 
 
 @dataclass(frozen=True)
@@ -118,10 +133,19 @@ class MosAdapter:
 
     @property
     def params(self) -> int:
-        """Trainable parameters: pool entries (private included) plus slot weights."""
-        n = sum(k.params for k in self.kinds.values())
+        """Trainable parameters: pool entries (private included), slot weights and cores."""
+        return sum(k.params for k in self.kinds.values()) + self._module_params()
+
+    @property
+    def local_params(self) -> int:
+        """Parameters stored in this adapter's own file (entries of a zoo's shared pool
+        file excluded): what one more adapter of a zoo costs."""
+        return sum(k.local_params for k in self.kinds.values()) + self._module_params()
+
+    def _module_params(self) -> int:
+        n = 0
         for m in self.modules:
-            for w in (m.weights_A, m.weights_B):
+            for w in (m.weights_A, m.weights_B, m.core):
                 if w is not None:
                     n += w.numel()
         return n
@@ -143,22 +167,35 @@ class MosAdapter:
         raise KeyError(name)
 
     def assemble(self, name_or_module: str | MosModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_l, B_l)`` of a module, ``A_l: (r, d_in)``, ``B_l: (d_out, r)``; scale not folded."""
+        """``(A, B)`` of a module with ``dW = scale * B @ A``: ``A (k, d_in)``, ``B (d_out, k)``;
+        scale not folded, a core folded into the wider side (``k = min(r, r_A)``)."""
         m = self.module(name_or_module) if isinstance(name_or_module, str) else name_or_module
         return assemble(self.kinds[m.kind], m)
 
 
 def assemble(pools: KindPools, m: MosModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather a module's ``A_l (r, d_in)`` and ``B_l (d_out, r)`` from its pools."""
+    """Gather a module's ``A (k, d_in)`` and ``B (d_out, k)`` from its pools, with
+    ``dW = scale * B @ A``: without a core ``A_l, B_l`` (``k = r``); with a core ``C_l`` it is
+    folded into the side that keeps the rank smallest (``C_l @ A_l`` or ``B_l @ C_l``)."""
     a = pools.pool_A[m.routes_A]  # (r*nc, sA)
     b = pools.pool_B[m.routes_B]  # (r*nc, sB)
     if m.weights_A is not None:
         a = a * m.weights_A[:, None].to(a.dtype)
     if m.weights_B is not None:
         b = b * m.weights_B[:, None].to(b.dtype)
-    A = a.reshape(m.r, pools.d_in)
+    A = a.reshape(m.r_A, pools.d_in)
     B = b.reshape(m.r, pools.d_out).T.contiguous()
+    if m.core is not None:
+        return fold_core(A, m.core.to(A.dtype), B)
     return A, B
+
+
+def fold_core(A: torch.Tensor, core: torch.Tensor, B: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` with ``B' @ A' = B @ core @ A``, of inner size ``min`` of the core's sides."""
+    if core.shape[1] < core.shape[0]:
+        return A, (B @ core).contiguous()
+    return (core @ A).contiguous(), B
 
 
 def route_dtype(pool_size: int) -> torch.dtype:

@@ -1,0 +1,165 @@
+"""Zoos fitted jointly: independent conversion, the shared pools of mosconv 0.x (shared A rows
+only) and the joint fit (`batch --shared-pool` now), side by side in one run.
+
+    python examples/benchmarks/zoo_joint.py [--zoo ../shared/zoo] [--json out.json]
+
+(a) The related pairs of ../shared/zoo at total ratio 8 and 16: energy-weighted relative error of
+    dW over both adapters and the parameters used (pool file once + both adapters' own).
+(b) A synthetic zoo (examples/synthetic_zoo.py: two init seeds, a shared output subspace plus
+    adapter-specific parts) of N = 4, 8, 16, 32 adapters: at ratio 8 the errors; then the
+    largest ratio at which the joint fit is still as good as converting each adapter alone at
+    ratio 8, and what one adapter costs there (its own params, and with its share of the pools).
+(c) Time to fit a group of 8 adapters of ~1M LoRA parameters each (fit_group, this machine).
+
+"Shared pools of 0.x" is recomputed here from its definition: per module name the top right
+singular vectors of the stacked updates are shared A rows, each adapter keeps ``B_i = dW_i Q``;
+directions compete for the group budget by energy per parameter. All numbers are measured on
+the adapters' exact factorizations; the joint fit's are measured on its stored float32 tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from synthetic_zoo import write_zoo
+
+from mosconv import factorize_adapter, read_adapter
+from mosconv.fit.joint import joint_basis
+from mosconv.fit.truncation import allocate, budget_for_ratio
+from mosconv.fit.zoo import fit_group
+
+PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
+         "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
+
+
+def old_shared_pools(adapters, facts, ratio: float) -> tuple[float, int]:
+    """(relative error, params) of mosconv 0.x's shared A rows at the group budget."""
+    budget = budget_for_ratio(sum(a.params for a in adapters), ratio)
+    names = [m.name for m in adapters[0].modules]
+    gains, costs, energy = {}, {}, 0.0
+    for n in names:
+        b = joint_basis([fa[n] for fa in facts])
+        gains[n], energy = b.gain_V, energy + b.energy
+        m = adapters[0].module(n)
+        costs[n] = m.d_in + len(adapters) * m.d_out
+    ks = allocate(gains, costs, budget)
+    err = energy - sum(float(gains[n][:ks[n]].sum()) for n in names)
+    return math.sqrt(max(err, 0.0) / energy), sum(ks[n] * costs[n] for n in names)
+
+
+def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
+    rows = []
+    for project, names in PAIRS.items():
+        paths = [zoo / project / n for n in names]
+        if not all(p.exists() for p in paths):
+            print(f"{project}: not in {zoo}, skipped")
+            continue
+        adapters = [read_adapter(p) for p in paths]
+        facts = [factorize_adapter(a) for a in adapters]
+        for ratio in ratios:
+            old_err, old_params = old_shared_pools(adapters, facts, ratio)
+            res = fit_group(adapters, ratio, factorizations=facts)
+            t = res.totals
+            rows.append({"pair": project, "ratio": ratio, "budget": t.budget,
+                         "independent": t.independent_relative_error,
+                         "independent_params": t.independent_params,
+                         "old_shared_pools": old_err, "old_params": old_params,
+                         "joint": t.shared_relative_error, "joint_params": t.shared_params,
+                         "mode": res.mode, "joint_modules": f"{t.joint_modules}/{t.modules}",
+                         "per_adapter": [r.totals.relative_error for r in res.reports],
+                         "per_adapter_alone": [r.totals.truncation_relative_error
+                                               for r in res.reports]})
+    return rows
+
+
+def synthetic(ns: list[int]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = [read_adapter(p) for p in write_zoo(Path(tmp), max(ns))]
+    facts = [factorize_adapter(a) for a in adapters]
+    for n in ns:
+        ads, fa = adapters[:n], facts[:n]
+        res = fit_group(ads, 8.0, factorizations=fa)
+        t = res.totals
+        target = t.independent_relative_error
+        lo, hi = 8.0, 256.0  # the largest ratio whose joint error is still <= target
+        best = res
+        for _ in range(10):
+            mid = math.sqrt(lo * hi)
+            r = fit_group(ads, mid, factorizations=fa)
+            if r.mode == "shared" and r.totals.shared_relative_error <= target:
+                lo, best = mid, r
+            else:
+                hi = mid
+        own = sum(m.local_params for m in best.adapters) / n
+        pool = best.totals.pool_params or 0
+        rows.append({"n": n, "lora_params_per_adapter": ads[0].params,
+                     "independent": target, "joint": t.shared_relative_error,
+                     "mode": res.mode, "equal_error_ratio": lo,
+                     "own_params_per_adapter": own, "pool_params": pool,
+                     "params_per_adapter_with_pool_share": own + pool / n})
+    return rows
+
+
+def speed() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_zoo(Path(tmp), 8, d=1024, d_kv=1024, r=16, layers=16)
+        adapters = [read_adapter(p) for p in paths]
+    t0 = time.perf_counter()
+    res = fit_group(adapters, 8.0)
+    return {"adapters": 8, "lora_params_per_adapter": adapters[0].params,
+            "seconds": time.perf_counter() - t0, "mode": res.mode,
+            "joint": res.totals.shared_relative_error,
+            "independent": res.totals.independent_relative_error}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=HERE.parents[1] / ".." / "shared" / "zoo")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[8, 16])
+    ap.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    print(f"machine: {machine}\n")
+    out = {"machine": machine, "pairs": pairs(args.zoo, args.ratios)}
+    print("(a) pairs: relative error (params)")
+    print("pair | ratio | independent | shared pools 0.x | joint | joint modules | per adapter joint / alone")
+    for r in out["pairs"]:
+        per = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["per_adapter"], r["per_adapter_alone"]))
+        print(f"{r['pair']} | {r['ratio']:g} | {r['independent']:.4f} ({r['independent_params']:,}) | "
+              f"{r['old_shared_pools']:.4f} ({r['old_params']:,}) | {r['joint']:.4f} "
+              f"({r['joint_params']:,}) | {r['joint_modules']} | {per}")
+    out["synthetic"] = synthetic(args.n)
+    print("\n(b) synthetic zoo at ratio 8, and at the largest ratio matching independent's error")
+    print("N | independent | joint | equal-error ratio | own params/adapter | pool | per adapter incl. pool share")
+    for r in out["synthetic"]:
+        print(f"{r['n']} | {r['independent']:.4f} | {r['joint']:.4f} | {r['equal_error_ratio']:.1f} | "
+              f"{r['own_params_per_adapter']:,.0f} | {r['pool_params']:,} | "
+              f"{r['params_per_adapter_with_pool_share']:,.0f} (LoRA {r['lora_params_per_adapter']:,})")
+    out["speed"] = speed()
+    s = out["speed"]
+    print(f"\n(c) fit_group of {s['adapters']} adapters x {s['lora_params_per_adapter']:,} LoRA params: "
+          f"{s['seconds']:.1f} s (mode {s['mode']}, joint {s['joint']:.4f}, "
+          f"independent {s['independent']:.4f})")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Joint bases for a group of adapters: per module name a shared left and right basis and a
+small dense core per adapter, ``dW_i ~ U C_i V^T`` (``U`` with ``k_U`` columns, ``V`` with
+``k_V``, ``C_i`` of ``k_U x k_V``) (the structure of Compress-then-Serve,
+arXiv 2407.00066), or each adapter's own truncation where sharing does not pay.  Tensors in,
+tensors out; no I/O.
+
+For one module name ``m`` held by adapters ``i = 1..n`` with exact factorizations
+``dW_i = U_i S_i V_i^T`` (:mod:`mosconv.fit.factorize`):
+
+* **Bases** without forming any ``d_out x d_in`` matrix: ``U`` = left singular vectors of
+  ``[U_1 S_1, ..., U_n S_n]`` (the updates side by side), ``V`` = those of
+  ``[V_1 S_1, ..., V_n S_n]`` (the updates stacked), each through a QR of the tall factor
+  matrix and an SVD of its small triangle.  Cores ``C_i = U^T dW_i V = (U^T U_i) S_i (V_i^T V)``.
+  With orthonormal ``U, V`` the error is ``||dW_i||^2 - ||C_i||^2``; prefixes of the bases
+  give every pair of ranks at once (2-D prefix sums of ``sum_i C_i^2``).  The two sides may
+  keep different ranks: adapters trained from one seed keep nearly the same ``A`` (a small
+  shared ``V``) while their ``B`` differ (a wider ``U``).
+* **One-sided sharing**: only ``V`` shared (``A`` rows every holder routes to) and each
+  adapter's own ``B_i = dW_i V`` (``shared_A``), or only ``U`` shared and ``A_i = U^T dW_i``
+  (``shared_B``); optimal for their structure with the same bases, no core (which grows as
+  ``n k^2`` and dominates for large groups of adapters whose other side differs).
+* **Budget**: a joint module costs ``k_U d_out + k_V d_in + n k_U k_V`` parameters (bases
+  once, a core per adapter), ``shared_A`` ``k (d_in + n d_out)``, ``shared_B``
+  ``k (d_out + n d_in)``; the private alternative is each adapter's own singular triplets
+  at ``d_in + d_out`` each.  One price ``lam`` (error per parameter) is found by bisection so
+  that every module, choosing the option and rank that minimize ``error + lam * params``,
+  fits the group budget together; leftover budget buys private triplets greedily.  The
+  chosen parameters never increase with ``lam``, so the bisection is exact.
+* **Refinement**: alternating least squares on the exact error (higher-order orthogonal
+  iteration): ``U`` = top-``k`` left singular vectors of ``[dW_1 V, ..., dW_n V]``, then
+  ``V`` likewise of the stacked ``U^T dW_i``; the kept energy never decreases, the best state
+  is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .factorize import Factorization
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class JointBasis:
+    """The joint bases of one module name over the adapters that hold it.
+
+    Attributes:
+        U: ``(d_out, K_U)`` orthonormal columns, float64, by decreasing importance.
+        V: ``(d_in, K_V)`` orthonormal columns, float64.
+        kept: ``(K_U + 1, K_V + 1)`` float64,
+            ``kept[a, b] = sum_i ||U[:, :a]^T dW_i V[:, :b]||^2``.
+        energy: ``sum_i ||dW_i||^2``.
+        gain_U, gain_V: squared singular values of the side-by-side and stacked updates:
+            ``sum(gain_V[:k])`` is what ``k`` shared ``V`` columns keep (``shared_A``).
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    kept: torch.Tensor
+    energy: float
+    gain_U: torch.Tensor
+    gain_V: torch.Tensor
+
+
+def _left_basis(cols: torch.Tensor) -> torch.Tensor:
+    """Orthonormal left singular vectors of ``cols``, by decreasing singular value."""
+    return _left_svd(cols)[0]
+
+
+def _left_svd(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values of ``cols`` (``d x R``), dropping numerically zero
+    ones: a QR of ``cols``, then the SVD of the small triangle."""
+    q, r = torch.linalg.qr(cols)
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)
+    keep = s > 1e-12 * float(s.max()) if s.numel() else s > 0
+    return q @ u[:, keep], s[keep]
+
+
+def cores(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> list[torch.Tensor]:
+    """``C_i = U^T dW_i V`` for every factorization (float64)."""
+    return [((U.T @ f.U.to(F64)) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V) for f in facts]
+
+
+def joint_basis(facts: list[Factorization]) -> JointBasis:
+    """The plain joint bases (SVD of the updates side by side and stacked)."""
+    U, sU = _left_svd(torch.cat([f.U.to(F64) * f.S.to(F64)[None, :] for f in facts], dim=1))
+    V, sV = _left_svd(torch.cat([f.V.to(F64) * f.S.to(F64)[None, :] for f in facts], dim=1))
+    kept = torch.zeros(U.shape[1] + 1, V.shape[1] + 1, dtype=F64)
+    if U.shape[1] and V.shape[1]:
+        E = sum(c.pow(2) for c in cores(facts, U, V))
+        kept[1:, 1:] = E.cumsum(0).cumsum(1)
+    energy = float(sum((f.S.to(F64) ** 2).sum() for f in facts))
+    return JointBasis(U, V, kept, energy, sU ** 2, sV ** 2)
+
+
+def refine(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor, iters: int,
+           tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Alternating least squares for bases of ``U.shape[1]`` and ``V.shape[1]`` columns
+    (higher-order orthogonal iteration); returns the best ``(U, V, kept energy)`` seen,
+    starting from ``(U, V)``."""
+    kU, kV = U.shape[1], V.shape[1]
+
+    def kept(U: torch.Tensor, V: torch.Tensor) -> float:
+        return float(sum(c.pow(2).sum() for c in cores(facts, U, V)))
+
+    best = (U, V, kept(U, V))
+    for _ in range(iters):
+        left = torch.cat([(f.U.to(F64) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V)
+                          for f in facts], dim=1)
+        U = _left_basis(left)[:, :kU]
+        right = torch.cat([(f.V.to(F64) * f.S.to(F64)[None, :]) @ (f.U.to(F64).T @ U)
+                           for f in facts], dim=1)
+        V = _left_basis(right)[:, :kV]
+        if U.shape[1] < kU or V.shape[1] < kV:
+            break
+        e = kept(U, V)
+        if e > best[2]:
+            improved = e > best[2] * (1 + tol)
+            best = (U, V, e)
+            if improved:
+                continue
+        break
+    return best
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What one module name gets: ``joint`` bases of ``k_U`` / ``k_V`` columns shared by
+    ``holders`` (a ``k_U x k_V`` core each), ``shared_A`` (``k_V`` shared ``V`` columns),
+    ``shared_B`` (``k_U`` shared ``U`` columns), or ``private`` ranks per holder (each
+    adapter's own top singular triplets)."""
+
+    name: str
+    holders: tuple[int, ...]
+    mode: str  # joint | shared_A | shared_B | private
+    k_U: int = 0
+    k_V: int = 0
+    ranks: tuple[int, ...] = ()
+
+
+def joint_params(k_U: torch.Tensor | int, k_V: torch.Tensor | int, d_in: int, d_out: int,
+                 n: int) -> torch.Tensor | int:
+    """Parameters of joint bases of ``k_U``/``k_V`` columns with ``n`` cores."""
+    return k_U * d_out + k_V * d_in + n * k_U * k_V
+
+
+def _joint_grid(b: JointBasis, n: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(err, params)`` over the grid of ranks ``(k_U, k_V)``; a joint module keeps at
+    least one column on each side."""
+    kU = torch.arange(b.kept.shape[0], dtype=F64)[:, None]
+    kV = torch.arange(b.kept.shape[1], dtype=F64)[None, :]
+    params = joint_params(kU, kV, d_in, d_out, n)
+    err = b.energy - b.kept
+    return err, params
+
+
+def one_sided_params(mode: str, k: int, d_in: int, d_out: int, n: int) -> int:
+    """Parameters of ``shared_A`` (``k`` shared ``A`` rows, ``n`` private ``B``) or ``shared_B``."""
+    return k * (d_in + n * d_out) if mode == "shared_A" else k * (d_out + n * d_in)
+
+
+def _one_sided_tables(b: JointBasis, n: int, d_in: int, d_out: int
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per one-sided mode, ``(err, params)`` over ``k = 0..K``."""
+    out = {}
+    for mode, gain in (("shared_A", b.gain_V), ("shared_B", b.gain_U)):
+        kept = torch.cat([torch.zeros(1, dtype=F64), gain.cumsum(0)])
+        ks = torch.arange(kept.numel(), dtype=F64)
+        out[mode] = (b.energy - kept, ks * (d_in + n * d_out) if mode == "shared_A"
+                     else ks * (d_out + n * d_in))
+    return out
+
+
+def _joint_choice(grid: tuple[torch.Tensor, torch.Tensor], lam: float
+                  ) -> tuple[int, int, float, float]:
+    """``(k_U, k_V, err, params)`` minimizing ``err + lam * params`` (both ranks >= 1)."""
+    err, params = grid
+    obj = (err + lam * params)[1:, 1:]
+    flat = int(torch.argmin(obj))  # first minimum: the smallest ranks among ties
+    a, b = divmod(flat, obj.shape[1])
+    return a + 1, b + 1, float(err[a + 1, b + 1]), float(params[a + 1, b + 1])
+
+
+def _private_choice(gains: list[torch.Tensor], c: int, lam: float
+                    ) -> tuple[tuple[int, ...], float, float]:
+    ranks = tuple(int((g > lam * c).sum()) for g in gains)
+    err = sum(float(g[r:].sum()) for g, r in zip(gains, ranks))
+    return ranks, err, float(sum(ranks) * c)
+
+
+def allocate(names: list[str], holders: dict[str, tuple[int, ...]],
+             facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+             budget: int) -> tuple[list[ModulePlan], float]:
+    """The plans of every module name under ``budget`` parameters: the better (lower
+    predicted error) of a price-based allocation and a greedy one (see the module
+    docstring); returns the plans and the predicted total squared error (before refinement)."""
+    a = _by_price(names, holders, facts, bases, budget)
+    b = _greedy(names, holders, facts, bases, budget)
+    return a if a[1] <= b[1] else b
+
+
+def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
+            facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+            budget: int) -> tuple[list[ModulePlan], float]:
+    """Greedy by error decrease per parameter over every module's next step: one more
+    column on either side (or both) of its joint bases, or one more private triplet; a
+    module's first step decides its mode.  Steps whose gain per parameter can rise later
+    (joint cores grow quadratically) are why this complements :func:`_by_price`."""
+    gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
+    shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
+    state = {n: ["none", 0, 0, [0] * len(holders[n])] for n in names}
+    left = budget
+    err = sum(float(g.sum()) for n in names for g in gains[n])
+
+    def next_step(n: str) -> tuple[float, float, int, tuple] | None:
+        """(gain per param, gain, cost, move) of module n's best next step that fits."""
+        mode, kU, kV, ranks = state[n]
+        d_in, d_out = shape[n]
+        best = None
+        if mode in ("none", "joint") and n in bases:
+            b, h = bases[n], len(holders[n])
+            here = float(b.kept[kU, kV]) if mode == "joint" else 0.0
+            steps = [(1, 1)] if mode == "none" else [(kU + 1, kV), (kU, kV + 1), (kU + 1, kV + 1)]
+            for a, c in steps:
+                if a < b.kept.shape[0] and c < b.kept.shape[1]:
+                    gain = float(b.kept[a, c]) - here
+                    cost = int(joint_params(a, c, d_in, d_out, h)) - (
+                        int(joint_params(kU, kV, d_in, d_out, h)) if mode == "joint" else 0)
+                    if gain > 0 and cost <= left and (best is None or gain / cost > best[0]):
+                        best = (gain / cost, gain, cost, ("joint", a, c, None))
+        for side, gk in (("shared_A", "gain_V"), ("shared_B", "gain_U")):
+            if mode in ("none", side) and n in bases:
+                g = getattr(bases[n], gk)
+                k = (kV if side == "shared_A" else kU) if mode == side else 0
+                cost = one_sided_params(side, 1, d_in, d_out, len(holders[n]))
+                if k < g.numel() and float(g[k]) > 0 and cost <= left:
+                    gain = float(g[k])
+                    if best is None or gain / cost > best[0]:
+                        best = (gain / cost, gain, cost, (side, k + 1, k + 1, None))
+        if mode in ("none", "private"):
+            for j, (g, r) in enumerate(zip(gains[n], ranks)):
+                cost = d_in + d_out
+                if r < g.numel() and float(g[r]) > 0 and cost <= left:
+                    gain = float(g[r])
+                    if best is None or gain / cost > best[0]:
+                        best = (gain / cost, gain, cost, ("private", 0, 0, j))
+        return best
+
+    while True:
+        moves = [(m, n) for n in names if (m := next_step(n)) is not None]
+        if not moves:
+            break
+        (_, gain, cost, (mode, a, c, j)), n = max(moves, key=lambda x: x[0][0])
+        st = state[n]
+        st[0] = mode
+        if mode == "joint":
+            st[1], st[2] = a, c
+        elif mode == "shared_A":
+            st[2] = c
+        elif mode == "shared_B":
+            st[1] = a
+        else:
+            st[3][j] += 1
+        left -= cost
+        err -= gain
+    plans = [ModulePlan(n, holders[n], "private", ranks=tuple(state[n][3]))
+             if state[n][0] in ("none", "private") else
+             ModulePlan(n, holders[n], state[n][0], k_U=state[n][1], k_V=state[n][2])
+             for n in names]
+    return plans, max(err, 0.0)
+
+
+def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
+             facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+             budget: int) -> tuple[list[ModulePlan], float]:
+    """Plans from one price per parameter (a Lagrangian relaxation of the budget)."""
+    gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
+    shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
+    width = {n: sum(shape[n]) for n in names}
+    grids = {n: _joint_grid(b, len(holders[n]), *shape[n])
+             for n, b in bases.items() if b.kept.shape[0] > 1 and b.kept.shape[1] > 1}
+
+    sided = {n: _one_sided_tables(b, len(holders[n]), *shape[n]) for n, b in bases.items()
+             if n in grids}
+
+    def one_sided(n: str, lam: float) -> dict[str, tuple[int, float, float]]:
+        out = {}
+        for mode, (err, params) in sided[n].items():
+            k = int(torch.argmin(err + lam * params))
+            out[mode] = (k, float(err[k]), float(params[k]))
+        return out
+
+    def plans(lam: float) -> tuple[list[ModulePlan], float, float]:
+        out, err_total, params_total = [], 0.0, 0.0
+        for n in names:
+            ranks, perr, pparams = _private_choice(gains[n], width[n], lam)
+            plan = ModulePlan(n, holders[n], "private", ranks=ranks)
+            best = (perr + lam * pparams, perr, pparams)
+            if n in grids:
+                kU, kV, jerr, jparams = _joint_choice(grids[n], lam)
+                if jerr + lam * jparams < best[0]:
+                    plan = ModulePlan(n, holders[n], "joint", k_U=kU, k_V=kV)
+                    best = (jerr + lam * jparams, jerr, jparams)
+                for mode, (k, oerr, oparams) in one_sided(n, lam).items():
+                    if k and oerr + lam * oparams < best[0]:
+                        plan = ModulePlan(n, holders[n], mode, k_U=k if mode == "shared_B" else 0,
+                                          k_V=k if mode == "shared_A" else 0)
+                        best = (oerr + lam * oparams, oerr, oparams)
+            out.append(plan)
+            err_total += best[1]
+            params_total += best[2]
+        return out, err_total, params_total
+
+    top = max([float(g[0]) / width[n] for n in names for g in gains[n] if g.numel()] +
+              [float((b.energy - e).max() / p[1:, 1:].min()) for n, b in bases.items()
+               if n in grids for e, p in [grids[n]]] +
+              [float((bases[n].energy - e).max() / p[1]) for n in sided
+               for e, p in sided[n].values() if p.numel() > 1], default=0.0)
+    lo, hi = 0.0, top * 2 + 1e-300
+    if plans(lo)[2] <= budget:
+        hi = lo
+    for _ in range(200):  # bisection on the price; params(lam) is non-increasing
+        if hi - lo <= 1e-15 * hi:
+            break
+        mid = (lo + hi) / 2
+        if plans(mid)[2] <= budget:
+            hi = mid
+        else:
+            lo = mid
+    chosen, err, params = plans(hi)
+    return _fill(chosen, gains, width, budget - int(params), err)
+
+
+def _fill(chosen: list[ModulePlan], gains: dict[str, list[torch.Tensor]],
+          width: dict[str, int], left: int, err: float) -> tuple[list[ModulePlan], float]:
+    """Spend what the price left over on the next private triplets, best gain per param first."""
+    items = []
+    for pos, p in enumerate(chosen):
+        if p.mode != "private":
+            continue
+        for h, (g, r) in enumerate(zip(gains[p.name], p.ranks)):
+            for j in range(r, g.numel()):
+                if float(g[j]) > 0:
+                    items.append((-float(g[j]) / width[p.name], pos, h, j))
+    items.sort()
+    ranks = {pos: list(p.ranks) for pos, p in enumerate(chosen)}
+    for _, pos, h, j in items:
+        c = width[chosen[pos].name]
+        if c <= left and ranks[pos][h] == j:
+            ranks[pos][h] += 1
+            left -= c
+            err -= float(gains[chosen[pos].name][h][j])
+    out = [p if p.mode != "private" else
+           ModulePlan(p.name, p.holders, "private", ranks=tuple(ranks[pos]))
+           for pos, p in enumerate(chosen)]
+    return out, max(err, 0.0)
+
+
+def plan_params(plan: ModulePlan, d_in: int, d_out: int) -> int:
+    """Parameters of a plan: bases once plus every core, or the private triplets."""
+    if plan.mode == "joint":
+        return int(joint_params(plan.k_U, plan.k_V, d_in, d_out, len(plan.holders)))
+    if plan.mode == "shared_A":
+        return one_sided_params("shared_A", plan.k_V, d_in, d_out, len(plan.holders))
+    if plan.mode == "shared_B":
+        return one_sided_params("shared_B", plan.k_U, d_in, d_out, len(plan.holders))
+    return sum(plan.ranks) * (d_in + d_out)
+
+
+def relative(err_sq: float, energy: float) -> float:
+    return math.sqrt(err_sq / energy) if energy > 0 else 0.0
