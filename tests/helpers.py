@@ -157,14 +157,19 @@ TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
               "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def _example_model_module():
+def example_module(name: str):
+    """The script ``examples/<name>.py`` imported as a module (they are not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "make_example_model.py"
-    spec = importlib.util.spec_from_file_location("make_example_model", path)
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _example_model_module():
+    return example_module("make_example_model")
 
 
 def prose(chars: int = 60_000) -> str:

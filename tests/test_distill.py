@@ -126,3 +126,23 @@ def test_hidden_state_matching_term(lm):
     # the loss includes the (positive) hidden-state term, so it exceeds the held-out KL at start
     assert res.info["loss_first"] > res.info["kl_before"] * 0.5
     assert res.info["kl_after"] <= res.info["kl_before"]
+
+
+def test_cores_are_trained(lm):
+    """Format v2: a module's core is a parameter of distillation and comes back trained."""
+    from dataclasses import replace
+
+    model, blocks, adapter = lm
+    mos = convert(adapter, ConvertConfig(ratio=4, search="truncation")).mos
+    g = torch.Generator().manual_seed(0)
+    mods = tuple(replace(m, core=torch.eye(m.r) + 0.1 * torch.randn(m.r, m.r, generator=g))
+                 if m.r else m for m in mos.modules)
+    cored = replace(mos, modules=mods)
+    train, held = split_blocks(blocks, 0.2)
+    torch.manual_seed(0)
+    res = distill(model, adapter, cored, train, held,
+                  DistillConfig(steps=5, lr=1e-2, eval_every=5, device="cpu", patience=0))
+    assert res.info["kl_after"] < res.info["kl_before"]
+    changed = [not torch.equal(a.core, b.core) for a, b in zip(res.mos.modules, mods) if b.core is not None]
+    assert changed and all(changed)
+    assert res.mos.params == cored.params

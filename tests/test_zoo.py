@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ZOO, assert_same_mos, one_thread, zoo_path
+from helpers import ZOO, assert_same_mos, example_module, one_thread, zoo_path
 from test_batch import files_of, summary_numbers, write_lora_like
 
 from mosconv.batch.run import SUMMARY_FILE, BatchConfig, run_batch
@@ -279,21 +279,11 @@ def test_run_batch_shared_is_deterministic(trained_like, tmp_path):
     assert len({a["group"] for a in s["adapters"]}) == 1
 
 
-def _synthetic_zoo_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "synthetic_zoo.py"
-    spec = importlib.util.spec_from_file_location("synthetic_zoo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_synthetic_zoo_joint_fit_gains_with_n(tmp_path):
     """A zoo built as training builds one (two init seeds, a shared output subspace plus
     adapter-specific parts): the joint fit beats converting each adapter alone by a clear
     margin, more so the more adapters share the bases, and every member gains."""
-    paths = _synthetic_zoo_module().write_zoo(tmp_path / "zoo", 8, d=128, d_kv=32, r=8,
+    paths = example_module("synthetic_zoo").write_zoo(tmp_path / "zoo", 8, d=128, d_kv=32, r=8,
                                               layers=2)
     adapters = [read_adapter(p) for p in paths]
     errors = []
