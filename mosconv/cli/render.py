@@ -85,6 +85,8 @@ def render_report(report: Report) -> str:
         + (f"; own {t.local_params:,} + shared pool" if t.local_params is not None
            and t.local_params != t.mos_params else "")
         + (f"; file x{t.file_bytes_ratio:.2f} smaller" if t.file_bytes_ratio else "")
+        + (" (its own file; the group's pool file is shared)" if t.file_bytes_ratio
+           and t.local_params is not None and t.local_params != t.mos_params else "")
     )
     if t.source_params is not None and t.mos_params > t.source_params:
         out.append(f"note: the MoS adapter holds more parameters than the {t.source_format} "
