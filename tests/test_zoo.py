@@ -346,3 +346,25 @@ def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
     (out / "task0" / "mos_config.json").unlink()  # an incomplete member, with --refit
     refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
     assert {a.status for a in refit.adapters} == {"converted"}
+
+
+def test_no_member_is_worse_off_than_converted_alone(tmp_path):
+    """A group of related adapters plus one trained from another seed on another task: the
+    newcomer would pay for the others' shared bases, so it is converted alone; every member's
+    error is at most its error converted alone, and the related ones still share."""
+    from mosconv.fit.convert import ConvertConfig, convert
+
+    paths = [write_lora_like(tmp_path / f"t{i}", i, layers=2, d=256, d_kv=64, r=16)
+             for i in range(3)]
+    paths.append(write_lora_like(tmp_path / "other", 7, layers=2, d=256, d_kv=64, r=16,
+                                 shared_A=False, seed=3, decay=0.95))
+    adapters = [read_adapter(p) for p in paths]
+    res = fit_group(adapters, RATIO, seed=0)
+    alone = [convert(a, ConvertConfig(ratio=RATIO)).report.totals.relative_error
+             for a in adapters]
+    got = [r.totals.relative_error for r in res.reports]
+    print("joint", [f"{e:.4f}" for e in got], "alone", [f"{e:.4f}" for e in alone],
+          "members served", res.totals.joint_members)
+    assert all(g <= a * (1 + 1e-6) for g, a in zip(got, alone, strict=True))
+    assert res.mode == "shared" and res.totals.joint_members >= 2
+    assert group_params(res) <= res.totals.budget

@@ -12,8 +12,10 @@ then refined by alternating least squares on the exact error.
 Stored as MoS: the bases are pool rows every holder routes to (``U`` columns in the B-pool,
 ``V`` columns in the A-pool, nc = 1), written once per group in a pool file; an adapter's own
 file holds its cores and its private shards.  Each adapter converted alone (as ``compress``
-does) is computed too, and the group keeps whichever has the lower total error: the joint
-fit never makes the group worse than converting each adapter on its own.
+does) is computed too: a member the joint fit leaves worse off than that weighs more in the
+fit, or leaves the group, so no member is worse off; and the group keeps whichever has the
+lower total error, so the joint fit never makes the group worse than converting each adapter
+on its own.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ class GroupTotals:
     mos_params: int
     pool_params: int | None = None
     local_params: int | None = None
-    joint_modules: int = 0  # module names fitted with joint bases (the others: private)
+    joint_modules: int = 0  # module names fitted with shared bases (the others: private)
     modules: int = 0
+    joint_members: int = 0  # members the pools serve; the others gain nothing, converted alone
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
-    plain ``batch`` give, with ``search``/``iters``/``routing_weights``); the group keeps
-    whichever has the lower total error (measured on the stored float32 tensors), so
-    ``--shared-pool`` is never worse than converting independently.  ``refine_iters``:
+    plain ``batch`` give, with ``search``/``iters``/``routing_weights``): no member ends worse
+    off than that (see the module docstring), and the group keeps whichever has the lower
+    total error (measured on the stored float32 tensors), so ``--shared-pool`` is never worse
+    than converting independently, for the group or for any member.  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
     adapter's kinds).
@@ -114,19 +118,37 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     indep_err = _group_error(r.report for r in alone)
     indep_params = sum(r.report.totals.mos_params for r in alone)
 
-    names: list[str] = []
-    for a in adapters:
-        names += [m.name for m in a.modules if m.name not in names]
-    holders = {n: tuple(i for i, fa in enumerate(facts) if n in fa) for n in names}
-    bases = {n: joint_basis([facts[i][n] for i in holders[n]])
-             for n in names if len(holders[n]) > 1}
-    plans, _ = allocate(names, holders, facts, bases, budget)
-    fitted = {p.name: _refined(p, bases[p.name], facts, refine_iters)
-              for p in plans if p.mode != "private"}
-    pools, mos_list = _build(adapters, facts, {p.name: p for p in plans}, fitted, ratio, seed)
-    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
+    # the joint fit, over the members it serves. The group budget is spent where the group's
+    # error drops most, which can leave one member worse off than converted alone: such a
+    # member's error then weighs more in the fit (doubled, a few rounds), and a member still
+    # worse off leaves the group (converted alone) and the others are fitted again.
+    members = list(range(len(adapters)))
+    weights = [1.0] * len(adapters)
+    rounds = 0
+    while True:
+        pools, mos_sub, rep_sub, plans = _joint(
+            [adapters[i] for i in members], [facts[i] for i in members], ratio, seed,
+            refine_iters, [weights[i] for i in members])
+        losers = [i for i, r in zip(members, rep_sub)
+                  if r.totals.relative_error > alone[i].report.totals.relative_error * (1 + 1e-9)]
+        if not losers or not pools:
+            break
+        rounds += 1
+        if rounds <= 6:
+            for i in losers:
+                weights[i] *= 2.0
+            continue
+        members = [i for i in members if i not in losers]
+        if len(members) < 2:
+            pools = {}
+            break
+    mos_list = [r.mos for r in alone]
+    reports = [r.report for r in alone]
+    if pools:
+        for i, m, r in zip(members, mos_sub, rep_sub):
+            mos_list[i], reports[i] = m, r
     pool_params = sum(t.numel() for t in pools.values())
-    local = sum(mos.local_params for mos in mos_list)
+    local = sum(m.local_params for m in mos_list)
     shared_err = _group_error(reports)
     if pool_params + local > budget:
         raise AssertionError(f"internal error: joint fit uses {pool_params + local} > {budget}")
@@ -135,14 +157,45 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
                          shared_relative_error=shared_err, independent_params=indep_params,
                          shared_params=pool_params + local, mode="independent",
                          mos_params=indep_params,
-                         joint_modules=sum(1 for p in plans if p.mode != "private"),
-                         modules=len(plans))
+                         joint_modules=sum(1 for p in plans if p.mode != "private") if pools else 0,
+                         modules=len(plans), joint_members=len(members) if pools else 0)
     if not pools or shared_err >= indep_err or energy <= 0:
         return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone],
                            totals)
     return GroupResult("shared", mos_list, reports,
                        replace(totals, mode="shared", pool_params=pool_params,
                                local_params=local, mos_params=pool_params + local), pools)
+
+
+def _joint(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]], ratio: float,
+           seed: int, refine_iters: int, weights: list[float] | None = None
+           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
+    """The joint fit of ``adapters`` under their group budget: pool tensors, MoS adapters,
+    reports and the plan of every module name.  ``weights`` scale each adapter's squared
+    error in the fit (bases, allocation, refinement); cores and own shards are always the
+    exact least squares for the adapter's own update."""
+    budget = budget_for_ratio(sum(a.params for a in adapters), ratio)
+    fit_facts = facts
+    if weights is not None and any(w != 1.0 for w in weights):
+        fit_facts = [{n: _weighted(f, w) for n, f in fa.items()} for fa, w in zip(facts, weights)]
+    names: list[str] = []
+    for a in adapters:
+        names += [m.name for m in a.modules if m.name not in names]
+    holders = {n: tuple(i for i, fa in enumerate(facts) if n in fa) for n in names}
+    bases = {n: joint_basis([fit_facts[i][n] for i in holders[n]])
+             for n in names if len(holders[n]) > 1}
+    plans, _ = allocate(names, holders, fit_facts, bases, budget)
+    fitted = {p.name: _refined(p, bases[p.name], fit_facts, refine_iters)
+              for p in plans if p.mode != "private"}
+    pools, mos_list = _build(adapters, facts, {p.name: p for p in plans}, fitted, ratio, seed)
+    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
+    return pools, mos_list, reports, plans
+
+
+def _weighted(f: Factorization, w: float) -> Factorization:
+    """``sqrt(w) dW``: its squared error counts ``w`` times."""
+    r = math.sqrt(w)
+    return Factorization(f.U, f.S * r, f.V, None if f.norm_sq is None else f.norm_sq * w)
 
 
 def _group_error(reports) -> float:
