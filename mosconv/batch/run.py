@@ -414,9 +414,11 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
     yield from convert_many(singles, out, config) if singles else iter(())
     for key, members in groups.items():
         gid = _group_id(key)
-        done = {} if config.overwrite else {
-            i.name: g for i in members for g in (gid, None)
-            if is_complete(Path(out) / i.name, i.source, config.settings(), g)}
+        done = {}  # members complete in this group (or converted alone before it formed)
+        for i in [] if config.overwrite else members:
+            g = _recorded_group(Path(out) / i.name)
+            if g in (gid, None) and is_complete(Path(out) / i.name, i.source, config.settings(), g):
+                done[i.name] = g
         for i in members:
             if i.name in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, done[i.name])
@@ -442,11 +444,18 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
 
     t0 = time.perf_counter()
     try:
-        members = [load_mos(Path(out) / i.name) for i in done]
         adapters = [read_adapter(i.source) for i in new]
-        shared = [m for m in members if any(p.shared for p in m.kinds.values())]
-        mos_list, reports = fit_new_members(shared or members, adapters, float(config.ratio),
-                                            config.seed)
+        wanted = {m.name for a in adapters for m in a.modules}
+        members, seen = [], set()
+        for i in done:  # as many members as it takes to see every module (each loads the pools)
+            mos = load_mos(Path(out) / i.name)
+            if any(p.shared for p in mos.kinds.values()):
+                members.append(mos)
+                seen |= {m.name for m in mos.modules}
+            if wanted <= seen:
+                break
+        members = members or [load_mos(Path(out) / done[0].name)]
+        mos_list, reports = fit_new_members(members, adapters, float(config.ratio), config.seed)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in new:
