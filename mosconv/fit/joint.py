@@ -34,7 +34,6 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +202,15 @@ def allocate(names: list[str], holders: dict[str, tuple[int, ...]],
     return a if a[1] <= b[1] else b
 
 
+def _spectra(names: list[str], holders: dict[str, tuple[int, ...]],
+             facts: list[dict[str, Factorization]]
+             ) -> tuple[dict[str, list[torch.Tensor]], dict[str, tuple[int, int]]]:
+    """Per module name, each holder's squared singular values, and ``(d_in, d_out)``."""
+    gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
+    shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
+    return gains, shape
+
+
 def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
             facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
             budget: int) -> tuple[list[ModulePlan], float]:
@@ -210,8 +218,7 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
     column on either side (or both) of its joint bases, or one more private triplet; a
     module's first step decides its mode.  Steps whose gain per parameter can rise later
     (joint cores grow quadratically) are why this complements :func:`_by_price`."""
-    gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
-    shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
+    gains, shape = _spectra(names, holders, facts)
     state = {n: ["none", 0, 0, [0] * len(holders[n])] for n in names}
     left = budget
     err = sum(float(g.sum()) for n in names for g in gains[n])
@@ -278,8 +285,7 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
              facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
              budget: int) -> tuple[list[ModulePlan], float]:
     """Plans from one price per parameter (a Lagrangian relaxation of the budget)."""
-    gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
-    shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
+    gains, shape = _spectra(names, holders, facts)
     width = {n: sum(shape[n]) for n in names}
     grids = {n: _joint_grid(b, len(holders[n]), *shape[n])
              for n, b in bases.items() if b.kept.shape[0] > 1 and b.kept.shape[1] > 1}
@@ -358,18 +364,3 @@ def _fill(chosen: list[ModulePlan], gains: dict[str, list[torch.Tensor]],
            ModulePlan(p.name, p.holders, "private", ranks=tuple(ranks[pos]))
            for pos, p in enumerate(chosen)]
     return out, max(err, 0.0)
-
-
-def plan_params(plan: ModulePlan, d_in: int, d_out: int) -> int:
-    """Parameters of a plan: bases once plus every core, or the private triplets."""
-    if plan.mode == "joint":
-        return int(joint_params(plan.k_U, plan.k_V, d_in, d_out, len(plan.holders)))
-    if plan.mode == "shared_A":
-        return one_sided_params("shared_A", plan.k_V, d_in, d_out, len(plan.holders))
-    if plan.mode == "shared_B":
-        return one_sided_params("shared_B", plan.k_U, d_in, d_out, len(plan.holders))
-    return sum(plan.ranks) * (d_in + d_out)
-
-
-def relative(err_sq: float, energy: float) -> float:
-    return math.sqrt(err_sq / energy) if energy > 0 else 0.0

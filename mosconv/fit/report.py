@@ -196,9 +196,6 @@ class Report:
         return replace(self, totals=replace(t, mos_file_bytes=mos_file_bytes,
                                             file_bytes_ratio=ratio))
 
-    def with_distill(self, section: DistillSection) -> Report:
-        return replace(self, distill=section)
-
     # ------------------------------------------------------------ JSON
 
     def to_json(self) -> dict[str, Any]:
