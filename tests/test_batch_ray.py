@@ -1,4 +1,5 @@
-"""``--engine ray``: the same bytes as the local engine, with and without shared pools.
+"""``--engine ray``: the same bytes as the local engine, with and without shared pools, and
+the joint bases of a group computed as tall-skinny QR reductions over Ray tasks.
 
 A local Ray instance (2 CPUs, no dashboard) is started once for this module and shut down
 at its end; mosconv reuses it because Ray is already initialized (``address`` None).
@@ -9,10 +10,22 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import one_thread
-from test_batch import files_of, make_shared_zoo, make_small_zoo, run_cli, summary_numbers
+import torch
+from helpers import assert_same_mos, one_thread
+from test_batch import (
+    files_of,
+    make_shared_zoo,
+    make_small_zoo,
+    run_cli,
+    summary_numbers,
+    write_lora_like,
+)
 
-from mosconv.batch.run import SUMMARY_FILE, BatchConfig, run_batch
+from mosconv.batch.run import SUMMARY_FILE, BatchConfig, RayReducer, run_batch
+from mosconv.fit.factorize import factorize_adapter
+from mosconv.fit.joint import joint_basis, refine
+from mosconv.fit.zoo import fit_group
+from mosconv.lora.read import read_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +92,72 @@ def test_cli_engine_ray(ray_session, zoo, tmp_path, shared):
     res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "--json", *flags)
     assert res.exit_code == 0, res.output
     assert {a["status"] for a in json.loads(res.stdout)["adapters"]} == {"skipped"}
+
+
+class CountingRayReducer(RayReducer):
+    """A RayReducer that counts the tasks it sent to Ray."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks = 0
+
+    def map(self, fn, args):
+        self.tasks += len(args)
+        return super().map(fn, args)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """Nine adapters of one base model, seven from one seed and two from another, factorized."""
+    root = tmp_path_factory.mktemp("ray_group")
+    adapters = [read_adapter(write_lora_like(root / f"t{i}", i, layers=2, seed=int(i >= 7)))
+                for i in range(9)]
+    return adapters, [factorize_adapter(a) for a in adapters]
+
+
+def test_joint_basis_reduction_on_ray_equals_local(ray_session, group):
+    """Leaves of one adapter each: 9 leaf tasks, a merge level of 2 tasks, a last merge; the
+    bases, kept-energy table and refined bases are the bytes the local reducer gives, and
+    match one leaf over all adapters to float64 rounding."""
+    _, facts = group
+    name = "model.layers.1.self_attn.q_proj"
+    fs = [fa[name] for fa in facts]
+    ray_red = CountingRayReducer()
+    with one_thread():
+        local = joint_basis(fs, chunk=1)
+        remote = joint_basis(fs, ray_red, chunk=1)
+        whole = joint_basis(fs, chunk=len(fs))
+        refined_local = refine(fs, local.U[:, :6], local.V[:, :4], 5, chunk=1)
+        refined_remote = refine(fs, remote.U[:, :6], remote.V[:, :4], 5, reducer=ray_red,
+                                chunk=1)
+    assert ray_red.tasks >= 9 + 9 + 2 + 1  # the leaves and merges of both bases, the table
+    for a, b in ((local.U, remote.U), (local.V, remote.V), (local.kept, remote.kept),
+                 (local.gain_U, remote.gain_U), (local.gain_V, remote.gain_V)):
+        assert torch.equal(a, b)
+    assert local.energy == remote.energy
+    assert all(torch.equal(a, b) for a, b in zip(refined_local[:2], refined_remote[:2]))
+    assert refined_local[2] == refined_remote[2]
+    # the chunking changes the rounding only: every error of the table to 1e-9 of the energy
+    assert float((local.kept - whole.kept).abs().max()) <= 1e-9 * whole.energy
+    assert torch.allclose(local.gain_U, whole.gain_U, rtol=1e-9, atol=1e-12 * whole.energy)
+
+
+def test_fit_group_on_ray_equals_local(ray_session, group):
+    """The whole group fit with its reductions on Ray: the same pool and adapter tensors and
+    errors as in this process (same chunking), and errors within 1e-6 of the unchunked fit."""
+    adapters, facts = group
+    ray_red = CountingRayReducer()
+    with one_thread():
+        local = fit_group(adapters, 8.0, factorizations=facts, chunk=2)
+        remote = fit_group(adapters, 8.0, factorizations=facts, chunk=2, reducer=ray_red)
+        whole = fit_group(adapters, 8.0, factorizations=facts)
+    assert ray_red.tasks > 0
+    assert local.mode == remote.mode == "shared"
+    assert local.shared_pools.keys() == remote.shared_pools.keys()
+    assert all(torch.equal(local.shared_pools[k], remote.shared_pools[k])
+               for k in local.shared_pools)
+    for a, b in zip(local.adapters, remote.adapters):
+        assert_same_mos(a, b)
+    assert [r.to_json() for r in local.reports] == [r.to_json() for r in remote.reports]
+    for a, b in zip(local.reports, whole.reports):
+        assert abs(a.totals.relative_error - b.totals.relative_error) <= 1e-6

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FormatError, MosconvError
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
@@ -54,6 +54,7 @@ class BatchConfig:
     shared_pool: bool = False
     overwrite: bool = False
     refit: bool = False  # shared_pool: refit groups that gained adapters (else add to them)
+    chunk: int = 32  # shared_pool: adapters per leaf of the joint-basis reductions
 
     def settings(self) -> dict:
         """What an output must have been made with to count as done on a rerun."""
@@ -72,6 +73,8 @@ class BatchConfig:
             raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if self.engine not in ("local", "ray"):
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ConfigError(f"chunk must be an integer >= 1, got {self.chunk!r}")
 
 
 @dataclass(frozen=True)
@@ -299,16 +302,39 @@ def _group_id(key: str) -> str:
     return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+class RayReducer:
+    """Runs the chunks of a reduction (:mod:`mosconv.fit.joint`) as Ray tasks: chunks live in
+    the object store, results come back in order.  Needs an initialized Ray."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray = ray
+        self._tasks: dict = {}
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
+    def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        task = self._tasks.get(fn)
+        if task is None:
+            task = self._tasks[fn] = self._ray.remote(num_cpus=1)(fn)
+        return self._ray.get([task.remote(*a) for a in args])
+
+
 def fit_group_items(items: list[Item], config: BatchConfig
                     ) -> tuple[list[LoraAdapter], GroupResult]:
-    """Read and fit one group (where the group's vectors are); returns the GroupResult."""
+    """Read and fit one group (where the group's vectors are); returns the GroupResult.  With
+    the Ray engine the joint bases are reductions over Ray tasks."""
     from ..fit.zoo import fit_group
     from ..lora.read import read_adapter
 
     adapters = [read_adapter(i.source) for i in items]
+    reducer = RayReducer() if config.engine == "ray" else None
     return adapters, fit_group(adapters, float(config.ratio), config.seed,
                                search=config.search, iters=config.iters,
-                               routing_weights=config.routing_weights)
+                               routing_weights=config.routing_weights, reducer=reducer,
+                               chunk=config.chunk)
 
 
 def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:

@@ -34,7 +34,9 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -65,9 +67,68 @@ class JointBasis:
     gain_V: torch.Tensor
 
 
-def _left_basis(cols: torch.Tensor) -> torch.Tensor:
-    """Orthonormal left singular vectors of ``cols``, by decreasing singular value."""
-    return _left_svd(cols)[0]
+class Reducer(Protocol):
+    """Where the per-chunk work of a reduction runs: ``put`` stores a value where tasks read
+    it (returns a handle), ``map`` runs ``fn(*a)`` for every ``a`` and returns the results in
+    order.  :class:`LocalReducer` runs in this process; ``mosconv.batch.run.RayReducer`` on
+    Ray tasks."""
+
+    def put(self, value: Any) -> Any: ...
+
+    def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]: ...
+
+
+class LocalReducer:
+    """Runs every chunk in this process, in order."""
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        return [fn(*a) for a in args]
+
+
+LOCAL = LocalReducer()
+CHUNK = 32  # adapters per leaf of a reduction
+FAN_IN = 8  # triangles merged per task
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The factorizations of one module name's holders, in chunks stored by a reducer (the
+    leaves of every reduction over them)."""
+
+    chunks: tuple
+    reducer: Reducer
+
+    @staticmethod
+    def of(facts: list[Factorization] | Parts, reducer: Reducer | None = None,
+           chunk: int = CHUNK) -> Parts:
+        if isinstance(facts, Parts):
+            return facts
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        red = reducer or LOCAL
+        return Parts(tuple(red.put(facts[i:i + chunk]) for i in range(0, len(facts), chunk)),
+                     red)
+
+    def map(self, fn: Callable[..., Any], *extra: Any) -> list[Any]:
+        return self.reducer.map(fn, [(c, *extra) for c in self.chunks])
+
+    @property
+    def final(self) -> bool:
+        """One chunk: its leaf computes the SVD itself (no reduction)."""
+        return len(self.chunks) == 1
+
+
+def _triangle(cols: torch.Tensor) -> torch.Tensor:
+    """``T`` with ``T^T T = cols cols^T``: the R of a QR of ``cols^T`` (``min(R, d) x d``)."""
+    return torch.linalg.qr(cols.T, mode="r")[1]
+
+
+def _merge(*ts: torch.Tensor) -> torch.Tensor:
+    """The triangle of the columns behind several triangles (one tall-skinny QR step)."""
+    return _triangle(torch.cat(ts, dim=0).T) if len(ts) > 1 else ts[0]
 
 
 def _left_svd(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,41 +140,96 @@ def _left_svd(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q @ u[:, keep], s[keep]
 
 
+def _leaf(cols: torch.Tensor, final: bool) -> Any:
+    """A leaf's part of a reduction: its triangle, or the SVD itself when it is the only leaf."""
+    return _left_svd(cols) if final else _triangle(cols)
+
+
+def _svd_of(leaves: list[Any], reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values of the columns behind the leaves: a single leaf's own
+    SVD, or the leaf triangles merged ``FAN_IN`` at a time in a fixed tree (so the result does
+    not depend on where the tasks ran) and the SVD of the columns behind the last triangle
+    ``T`` (``T^T T = cols cols^T``, so ``T^T`` has the same left singular vectors)."""
+    if len(leaves) == 1 and isinstance(leaves[0], tuple):
+        return leaves[0]
+    while len(leaves) > 1:
+        leaves = reducer.map(_merge, [tuple(leaves[i:i + FAN_IN])
+                                      for i in range(0, len(leaves), FAN_IN)])
+    return _left_svd(leaves[0].T)
+
+
+def _scaled(f: Factorization) -> tuple[torch.Tensor, torch.Tensor]:
+    S = f.S.to(F64)[None, :]
+    return f.U.to(F64) * S, f.V.to(F64) * S
+
+
+def _leaf_bases(facts: list[Factorization], final: bool) -> tuple[Any, Any, float]:
+    """Leaves of the updates side by side and stacked, and their energy."""
+    sides = [_scaled(f) for f in facts]
+    return (_leaf(torch.cat([u for u, _ in sides], dim=1), final),
+            _leaf(torch.cat([v for _, v in sides], dim=1), final),
+            float(sum((f.S.to(F64) ** 2).sum() for f in facts)))
+
+
+def _leaf_left(facts: list[Factorization], V: torch.Tensor, final: bool) -> Any:
+    """Leaf of ``[dW_i V]`` side by side."""
+    return _leaf(torch.cat([_scaled(f)[0] @ (f.V.to(F64).T @ V) for f in facts], dim=1), final)
+
+
+def _leaf_right(facts: list[Factorization], U: torch.Tensor, final: bool) -> Any:
+    """Leaf of ``[dW_i^T U]`` side by side."""
+    return _leaf(torch.cat([_scaled(f)[1] @ (f.U.to(F64).T @ U) for f in facts], dim=1), final)
+
+
+def _leaf_kept(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``sum_i C_i^2`` elementwise over a chunk."""
+    return sum(c.pow(2) for c in cores(facts, U, V))
+
+
+def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 def cores(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> list[torch.Tensor]:
     """``C_i = U^T dW_i V`` for every factorization (float64)."""
     return [((U.T @ f.U.to(F64)) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V) for f in facts]
 
 
-def joint_basis(facts: list[Factorization]) -> JointBasis:
-    """The plain joint bases (SVD of the updates side by side and stacked)."""
-    U, sU = _left_svd(torch.cat([f.U.to(F64) * f.S.to(F64)[None, :] for f in facts], dim=1))
-    V, sV = _left_svd(torch.cat([f.V.to(F64) * f.S.to(F64)[None, :] for f in facts], dim=1))
+def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = None,
+                chunk: int = CHUNK) -> JointBasis:
+    """The plain joint bases (SVD of the updates side by side and stacked), as a tall-skinny
+    QR reduction over chunks of ``chunk`` adapters run by ``reducer`` (this process by
+    default); the same chunking gives the same bytes wherever the chunks run."""
+    parts = Parts.of(facts, reducer, chunk)
+    leaves = parts.map(_leaf_bases, parts.final)
+    U, sU = _svd_of([t for t, _, _ in leaves], parts.reducer)
+    V, sV = _svd_of([t for _, t, _ in leaves], parts.reducer)
     kept = torch.zeros(U.shape[1] + 1, V.shape[1] + 1, dtype=F64)
     if U.shape[1] and V.shape[1]:
-        E = sum(c.pow(2) for c in cores(facts, U, V))
-        kept[1:, 1:] = E.cumsum(0).cumsum(1)
-    energy = float(sum((f.S.to(F64) ** 2).sum() for f in facts))
+        kept[1:, 1:] = _sum(parts.map(_leaf_kept, U, V)).cumsum(0).cumsum(1)
+    energy = sum(e for _, _, e in leaves)
     return JointBasis(U, V, kept, energy, sU ** 2, sV ** 2)
 
 
-def refine(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor, iters: int,
-           tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor, float]:
+def refine(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor, iters: int,
+           tol: float = 1e-9, reducer: Reducer | None = None,
+           chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Alternating least squares for bases of ``U.shape[1]`` and ``V.shape[1]`` columns
     (higher-order orthogonal iteration); returns the best ``(U, V, kept energy)`` seen,
-    starting from ``(U, V)``."""
+    starting from ``(U, V)``.  Each half-step is a reduction like :func:`joint_basis`'s."""
+    parts = Parts.of(facts, reducer, chunk)
     kU, kV = U.shape[1], V.shape[1]
 
     def kept(U: torch.Tensor, V: torch.Tensor) -> float:
-        return float(sum(c.pow(2).sum() for c in cores(facts, U, V)))
+        return float(_sum(parts.map(_leaf_kept, U, V)).sum())
 
     best = (U, V, kept(U, V))
     for _ in range(iters):
-        left = torch.cat([(f.U.to(F64) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V)
-                          for f in facts], dim=1)
-        U = _left_basis(left)[:, :kU]
-        right = torch.cat([(f.V.to(F64) * f.S.to(F64)[None, :]) @ (f.U.to(F64).T @ U)
-                           for f in facts], dim=1)
-        V = _left_basis(right)[:, :kV]
+        U = _svd_of(parts.map(_leaf_left, V, parts.final), parts.reducer)[0][:, :kU]
+        V = _svd_of(parts.map(_leaf_right, U, parts.final), parts.reducer)[0][:, :kV]
         if U.shape[1] < kU or V.shape[1] < kV:
             break
         e = kept(U, V)

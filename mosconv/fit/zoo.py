@@ -31,7 +31,17 @@ from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
 from .convert import ConvertConfig, convert, source_info
 from .factorize import Factorization, factorize_adapter
-from .joint import JointBasis, ModulePlan, allocate, cores, joint_basis, refine
+from .joint import (
+    CHUNK,
+    JointBasis,
+    ModulePlan,
+    Parts,
+    Reducer,
+    allocate,
+    cores,
+    joint_basis,
+    refine,
+)
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
 from .truncation import budget_for_ratio, truncate
@@ -94,7 +104,8 @@ def group_key(adapter: LoraAdapter) -> str:
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               factorizations: list[dict[str, Factorization]] | None = None,
               search: str = "fast", iters: int = 4,
-              routing_weights: bool = True, refine_iters: int = 10) -> GroupResult:
+              routing_weights: bool = True, refine_iters: int = 10,
+              reducer: Reducer | None = None, chunk: int = CHUNK) -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
@@ -104,7 +115,8 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     than converting independently, for the group or for any member.  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
-    adapter's kinds).
+    adapter's kinds).  The joint bases are reductions over chunks of ``chunk`` adapters run by
+    ``reducer`` (:func:`mosconv.fit.joint.joint_basis`; this process by default).
     """
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     total_params = sum(a.params for a in adapters)
@@ -128,7 +140,7 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     while True:
         pools, mos_sub, rep_sub, plans = _joint(
             [adapters[i] for i in members], [facts[i] for i in members], ratio, seed,
-            refine_iters, [weights[i] for i in members])
+            refine_iters, [weights[i] for i in members], reducer, chunk)
         losers = [i for i, r in zip(members, rep_sub)
                   if r.totals.relative_error > alone[i].report.totals.relative_error * (1 + 1e-9)]
         if not losers or not pools:
@@ -168,8 +180,8 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
 
 
 def _joint(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]], ratio: float,
-           seed: int, refine_iters: int, weights: list[float] | None = None
-           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
+           seed: int, refine_iters: int, weights: list[float] | None = None,
+           reducer: Reducer | None = None, chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
     """The joint fit of ``adapters`` under their group budget: pool tensors, MoS adapters,
     reports and the plan of every module name.  ``weights`` scale each adapter's squared
     error in the fit (bases, allocation, refinement); cores and own shards are always the
@@ -182,10 +194,11 @@ def _joint(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]], r
     for a in adapters:
         names += [m.name for m in a.modules if m.name not in names]
     holders = {n: tuple(i for i, fa in enumerate(facts) if n in fa) for n in names}
-    bases = {n: joint_basis([fit_facts[i][n] for i in holders[n]])
+    parts = {n: Parts.of([fit_facts[i][n] for i in holders[n]], reducer, chunk)
              for n in names if len(holders[n]) > 1}
+    bases = {n: joint_basis(p) for n, p in parts.items()}
     plans, _ = allocate(names, holders, fit_facts, bases, budget)
-    fitted = {p.name: _refined(p, bases[p.name], fit_facts, refine_iters)
+    fitted = {p.name: _refined(p, bases[p.name], parts[p.name], refine_iters)
               for p in plans if p.mode != "private"}
     pools, mos_list = _build(adapters, facts, {p.name: p for p in plans}, fitted, ratio, seed)
     reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
@@ -214,13 +227,12 @@ class _Fitted:
     V: torch.Tensor  # (d_in, k_V): shared A-pool rows (k_V = 0 for shared_B)
 
 
-def _refined(plan: ModulePlan, basis: JointBasis, facts: list[dict[str, Factorization]],
-             iters: int) -> _Fitted:
+def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _Fitted:
     """The shared bases of a plan: joint ones refined by alternating least squares; a
     one-sided basis is already optimal for its structure."""
     U, V = basis.U[:, :plan.k_U], basis.V[:, :plan.k_V]
     if plan.mode == "joint":
-        U, V, _ = refine([facts[i][plan.name] for i in plan.holders], U, V, iters)
+        U, V, _ = refine(parts, U, V, iters)
     return _Fitted(U, V)
 
 
