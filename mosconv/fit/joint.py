@@ -150,7 +150,7 @@ def _svd_of(leaves: list[Any], reducer: Reducer) -> tuple[torch.Tensor, torch.Te
     SVD, or the leaf triangles merged ``FAN_IN`` at a time in a fixed tree (so the result does
     not depend on where the tasks ran) and the SVD of the columns behind the last triangle
     ``T`` (``T^T T = cols cols^T``, so ``T^T`` has the same left singular vectors)."""
-    if len(leaves) == 1 and isinstance(leaves[0], tuple):
+    if len(leaves) == 1:  # the only leaf: its own SVD (see _leaf)
         return leaves[0]
     while len(leaves) > 1:
         leaves = reducer.map(_merge, [tuple(leaves[i:i + FAN_IN])
@@ -158,39 +158,33 @@ def _svd_of(leaves: list[Any], reducer: Reducer) -> tuple[torch.Tensor, torch.Te
     return _left_svd(leaves[0].T)
 
 
-def _scaled(f: Factorization) -> tuple[torch.Tensor, torch.Tensor]:
-    S = f.S.to(F64)[None, :]
-    return f.U.to(F64) * S, f.V.to(F64) * S
+def _scaled(side: torch.Tensor, f: Factorization) -> torch.Tensor:
+    """``U S`` or ``V S`` of a factorization, in float64."""
+    return side.to(F64) * f.S.to(F64)[None, :]
 
 
 def _leaf_bases(facts: list[Factorization], final: bool) -> tuple[Any, Any, float]:
     """Leaves of the updates side by side and stacked, and their energy."""
-    sides = [_scaled(f) for f in facts]
-    return (_leaf(torch.cat([u for u, _ in sides], dim=1), final),
-            _leaf(torch.cat([v for _, v in sides], dim=1), final),
+    return (_leaf(torch.cat([_scaled(f.U, f) for f in facts], dim=1), final),
+            _leaf(torch.cat([_scaled(f.V, f) for f in facts], dim=1), final),
             float(sum((f.S.to(F64) ** 2).sum() for f in facts)))
 
 
 def _leaf_left(facts: list[Factorization], V: torch.Tensor, final: bool) -> Any:
     """Leaf of ``[dW_i V]`` side by side."""
-    return _leaf(torch.cat([_scaled(f)[0] @ (f.V.to(F64).T @ V) for f in facts], dim=1), final)
+    return _leaf(torch.cat([_scaled(f.U, f) @ (f.V.to(F64).T @ V) for f in facts], dim=1),
+                 final)
 
 
 def _leaf_right(facts: list[Factorization], U: torch.Tensor, final: bool) -> Any:
     """Leaf of ``[dW_i^T U]`` side by side."""
-    return _leaf(torch.cat([_scaled(f)[1] @ (f.U.to(F64).T @ U) for f in facts], dim=1), final)
+    return _leaf(torch.cat([_scaled(f.V, f) @ (f.U.to(F64).T @ U) for f in facts], dim=1),
+                 final)
 
 
 def _leaf_kept(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``sum_i C_i^2`` elementwise over a chunk."""
     return sum(c.pow(2) for c in cores(facts, U, V))
-
-
-def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
 
 
 def cores(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> list[torch.Tensor]:
@@ -209,7 +203,8 @@ def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = No
     V, sV = _svd_of([t for _, t, _ in leaves], parts.reducer)
     kept = torch.zeros(U.shape[1] + 1, V.shape[1] + 1, dtype=F64)
     if U.shape[1] and V.shape[1]:
-        kept[1:, 1:] = _sum(parts.map(_leaf_kept, U, V)).cumsum(0).cumsum(1)
+        E = sum(parts.map(_leaf_kept, U, V))  # chunk sums, added in chunk order
+        kept[1:, 1:] = E.cumsum(0).cumsum(1)
     energy = sum(e for _, _, e in leaves)
     return JointBasis(U, V, kept, energy, sU ** 2, sV ** 2)
 
@@ -224,7 +219,7 @@ def refine(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
     kU, kV = U.shape[1], V.shape[1]
 
     def kept(U: torch.Tensor, V: torch.Tensor) -> float:
-        return float(_sum(parts.map(_leaf_kept, U, V)).sum())
+        return float(sum(parts.map(_leaf_kept, U, V)).sum())
 
     best = (U, V, kept(U, V))
     for _ in range(iters):

@@ -181,7 +181,8 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
 
 def _joint(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]], ratio: float,
            seed: int, refine_iters: int, weights: list[float] | None = None,
-           reducer: Reducer | None = None, chunk: int = CHUNK) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
+           reducer: Reducer | None = None, chunk: int = CHUNK
+           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
     """The joint fit of ``adapters`` under their group budget: pool tensors, MoS adapters,
     reports and the plan of every module name.  ``weights`` scale each adapter's squared
     error in the fit (bases, allocation, refinement); cores and own shards are always the
