@@ -14,7 +14,6 @@ from typing import Any
 from .fit.factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
 from .fit.truncation import budget_for_ratio, truncate
 from .lora.types import LoraAdapter, LoraModule
-from .names import FORMAT_VERSION, FORMAT_VERSION_CORES
 
 INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
@@ -110,7 +109,7 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
 
     The keys and their types are those of ``docs/inspect.md`` (schema ``mosconv.inspect.mos/1``).
     """
-    from .mos.format import load_mos, load_report
+    from .mos.format import format_version, load_mos, load_report
 
     mos = load_mos(path)
     report = load_report(path)
@@ -124,8 +123,7 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
     return {
         "schema": MOS_SCHEMA,
         "type": "mos",
-        "format_version": FORMAT_VERSION_CORES if any(m.core is not None for m in mos.modules)
-        else FORMAT_VERSION,
+        "format_version": format_version(mos),
         "mosconv_version": mos.info.get("mosconv_version"),
         "source_format": mos.source.get("format"),
         "base_model": mos.source.get("base_model"),
@@ -135,6 +133,8 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
         "num_kinds": len(mos.kinds),
         "params": mos.params,
         "index_bytes": mos.index_bytes,
+        "storage": mos.storage.to_json(),
+        "tensor_bytes": mos.tensor_bytes(),
         "kinds": kinds,
         "modules": [{"name": m.name, "kind": m.kind, "r": m.r, "scale": m.scale,
                      "weights": m.weights_A is not None, "core": m.core is not None}

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, FormatError, NumericalError
 from .fileio import prepare_output_dir, sha256_file
 from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
+from .fit.storage import store
 from .lora.read import read_adapter
 from .lora.types import LoraAdapter
 from .lora.write import peft_config, write_peft_folder
 from .model.calib import CalibStats, is_stats_file, save_stats
 from .mos.format import CONFIG_FILE, is_mos_dir, load_mos, load_report, save_mos
+from .mos.quant import Storage
 
 if TYPE_CHECKING:
     from .model.distill import DistillConfig
@@ -249,6 +251,8 @@ def _distill(adapter: LoraAdapter, result: ConvertResult, config: ConvertConfig,
         data_sha256=sha256_file(Path(session.spec.data)),
         base_model=str(session.spec.base_model), gguf_file=session.spec.gguf_file)
     mos = replace(res.mos, info={**res.mos.info, "distilled": True})
+    if result.mos.storage != Storage():  # trained in float: stored (re-quantized) again
+        mos = store(mos, adapter, result.mos.storage)
     data = None if stats is None else DataInputs.from_raw(check_calib(adapter, stats),
                                                           stats.tokens)
     report = build_report(adapter, mos, result.baseline, config.settings(), data=data,
@@ -263,17 +267,28 @@ def source_provenance(lora_path: str | Path, adapter: LoraAdapter) -> dict[str, 
     return {"path": str(lora_path), "files": files}
 
 
-def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False,
+                dtype: str = "auto") -> Path:
     """Materialize a MoS adapter as a standard PEFT LoRA folder.
 
     Scale is folded into ``B`` and ``lora_alpha == r`` (per-module ranks in
     ``rank_pattern``/``alpha_pattern``); non-LoRA tensors are restored under their
     original keys.  A module whose MoS rank is 0 is written as a rank-1 zero pair.
+    ``dtype``: of the LoRA factors; ``auto`` = the MoS adapter's float dtype (a quantized
+    adapter's values are dequantized, exactly, into it).
 
     Raises:
         FormatError: the source was not PEFT (diffusers/kohya export is not supported).
     """
+    import torch
+
+    from .mos.quant import FLOAT_DTYPES
+
+    if dtype != "auto" and dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got "
+                          f"{dtype!r}", options=("dtype",))
     mos = load_mos(mos_dir)
+    tdtype = FLOAT_DTYPES[mos.storage.dtype if dtype == "auto" else dtype]
     fmt = mos.source.get("format")
     if fmt != "peft":
         raise FormatError(
@@ -288,6 +303,10 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
             pools = mos.kinds[m.kind]
             A = A.new_zeros(1, pools.d_in)
             B = B.new_zeros(pools.d_out, 1)
+        A, B = A.to(tdtype), B.to(tdtype)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise NumericalError(f"{mos_dir}: module {m.name} does not fit {tdtype} (values "
+                                 "too large); export as float32")
         modules.append((m.name, A.contiguous(), B.contiguous(), m.embedding))
         ranks.append((m.name, int(A.shape[0])))
     base = dict(mos.source.get("config") or {})

@@ -73,22 +73,24 @@ def mos_dense(mos, name: str) -> torch.Tensor:
 
 
 @cache
-def _zoo_conversion(name: str, ratio: float, search: str, seed: int):
+def _zoo_conversion(name: str, ratio: float, search: str, seed: int, dtype: str):
     from mosconv import read_adapter
     from mosconv.fit.convert import ConvertConfig, convert
 
     adapter = read_adapter(ZOO / name)
     with one_thread():
-        result = convert(adapter, ConvertConfig(ratio=ratio, search=search, seed=seed))
+        result = convert(adapter, ConvertConfig(ratio=ratio, search=search, seed=seed,
+                                                dtype=dtype))
     return adapter, result
 
 
-def zoo_conversion(name: str, ratio: float = 8.0, search: str = "fast", seed: int = 0):
+def zoo_conversion(name: str, ratio: float = 8.0, search: str = "fast", seed: int = 0,
+                   dtype: str = "auto"):
     """``(adapter, ConvertResult)`` of a zoo adapter, cached for the whole session.
 
     Callers must not mutate the result (``report`` is a dict)."""
     zoo_path(name)
-    return _zoo_conversion(name, float(ratio), search, seed)
+    return _zoo_conversion(name, float(ratio), search, seed, dtype)
 
 
 def assert_same_mos(a, b) -> None:

@@ -1,6 +1,6 @@
 """The package's boundary rules (docs/architecture.md), read from the source; nothing is imported:
 
-* stages import downward only: core < lora < fit and mos.types < mos.format < model <
+* stages import downward only: core < lora < fit and mos.types / mos.quant < mos.format < model <
   pipeline and inspect < batch < cli;
 * ``fit/`` works on tensors in memory: no file-system module, no reader, writer or format, so
   ``convert()`` does no I/O;
@@ -23,7 +23,7 @@ RANKS = {
     "mosconv": 0, "mosconv.errors": 0, "mosconv.names": 0, "mosconv._threads": 0,
     "mosconv.fileio": 0,
     "mosconv.lora": 1,
-    "mosconv.mos.types": 2, "mosconv.fit": 2,
+    "mosconv.mos.types": 2, "mosconv.mos.quant": 2, "mosconv.fit": 2,
     "mosconv.mos.format": 3, "mosconv.mos": 3,
     "mosconv.model": 4,
     "mosconv.pipeline": 5, "mosconv.inspect": 5,
@@ -34,7 +34,8 @@ FILE_SYSTEM = {"os", "pathlib", "shutil", "tempfile", "glob", "io"}
 FORMAT_LITERALS = {"base_model.model.", "adapter_model.safetensors", "adapter_model.bin",
                    "adapter_config.json", "mos_config.json", "mos_adapter.safetensors",
                    "report.json", "pools"}
-TENSOR_PREFIXES = ("mos.pools.", "mos.routes.", "mos.weights.", "mos.cores.", "extra.")
+TENSOR_PREFIXES = ("mos.pools.", "mos.routes.", "mos.weights.", "mos.cores.", "mos.scales.",
+                   "mos.core_scales.", "extra.")
 
 
 def module_name(path: Path) -> tuple[str, list[str]]:

@@ -219,7 +219,7 @@ def test_inspect_mos_folder(compressed):
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / CONFIG_FILE).read_text())
     report = json.loads((out / REPORT_FILE).read_text())
-    assert "MoS adapter" in res.stdout and "format v1" in res.stdout
+    assert "MoS adapter" in res.stdout and "format v3" in res.stdout
     assert f"{cfg['params']:,}" in res.stdout
     assert f"relative error {report['totals']['relative_error']:.4f}" in res.stdout
 
@@ -231,7 +231,7 @@ def test_inspect_mos_folder_json(compressed):
     info = json.loads(res.stdout)
     cfg = json.loads((out / CONFIG_FILE).read_text())
     assert info["type"] == "mos"
-    assert info["format_version"] == 1
+    assert info["format_version"] == 3
     assert info["params"] == cfg["params"]
     assert info["index_bytes"] == cfg["index_bytes"]
     assert info["num_modules"] == len(cfg["modules"]) == 8

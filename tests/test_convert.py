@@ -230,13 +230,22 @@ def test_zero_modules_are_handled(tmp_path):
 
 @pytest.mark.parametrize("name", ZOO_ADAPTERS)
 def test_zoo_ratio1_reproduces_adapter(name):
-    _, res = zoo_conversion(name, ratio=1, search="truncation")
+    # float32 storage: lossless up to float32 rounding, whatever the source's dtype
+    _, res = zoo_conversion(name, ratio=1, search="truncation", dtype="float32")
     t = res.report.to_json()["totals"]
     assert t["relative_error"] < 1e-5
     assert t["mos_params"] <= t["lora_params"]
     assert res.mos.params == t["mos_params"]
     worst = max(row["relative_error"] for row in res.report.to_json()["modules"])
     assert worst < 1e-5
+
+
+def test_ratio1_float16_source_keeps_float16_within_its_rounding():
+    adapter, res = zoo_conversion("open-calm-1b-r1-fp16", ratio=1, search="truncation")
+    assert adapter.dtype == "float16" and res.mos.storage.dtype == "float16"
+    t = res.report.totals
+    assert t.dtype == "float16" and t.relative_error < 1e-3
+    assert t.tensor_bytes_ratio == pytest.approx(1.0, rel=1e-6)  # rank 1 kept: same bytes
 
 
 def test_ratio1_default_search_reproduces_adapter():

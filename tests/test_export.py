@@ -22,7 +22,7 @@ from mosconv.pipeline import compress, export_lora
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-LOSSLESS = ConvertConfig(ratio=1, search="truncation")
+LOSSLESS = ConvertConfig(ratio=1, search="truncation", dtype="float32")
 # Fields export rewrites; every other field of the source config must come back unchanged.
 REWRITTEN = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora"}
 

@@ -296,7 +296,7 @@ def test_load_error_truncated_tensor_file(saved):
     _expect_error(saved, str(saved / TENSOR_FILE))
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", None])
+@pytest.mark.parametrize("version", [4, 0, "1", None])
 def test_load_error_wrong_format_version(saved, version):
     _rewrite_config(saved, lambda c: c.update(format_version=version))
     _expect_error(saved, str(saved / CONFIG_FILE), "format_version")

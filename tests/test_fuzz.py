@@ -910,7 +910,7 @@ def _first_module(cfg: dict) -> dict:
 
 # (change of the config dict or "tensors:<how>", words) on the converted adapter
 MOS_LIES = {
-    "format-version-3": (lambda c: c.update(format_version=3), ("format_version",)),
+    "format-version-4": (lambda c: c.update(format_version=4), ("format_version",)),
     "format-version-string": (lambda c: c.update(format_version="1"), ("format_version",)),
     "format-version-bool": (lambda c: c.update(format_version=True), ("format_version",)),
     "format-version-missing": (lambda c: c.pop("format_version"), ("format_version",)),

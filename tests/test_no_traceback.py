@@ -125,8 +125,13 @@ def w(tmp_path_factory) -> dict[str, Path]:
         with safe_open(str(d / TENSOR_FILE), framework="pt") as f:
             meta = f.metadata()
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        rkey = next(k for k in t if k.startswith("mos.routes.") and t[k].numel())
-        t[rkey] = torch.full_like(t[rkey], 10_000, dtype=torch.int32)
+        # format v3 stores no routes for a module that uses its private range in order:
+        # store the first such module's A routes, pointing outside the pool
+        cfg = json.loads((d / CONFIG_FILE).read_text())
+        m = next(m for m in cfg["modules"] if "A" in m.get("implicit_routes", []) and m["r"])
+        m["implicit_routes"].remove("A")
+        (d / CONFIG_FILE).write_text(json.dumps(cfg))
+        t[f"mos.routes.{m['name']}.A"] = torch.full((m["r"],), 10_000, dtype=torch.int32)
         save_file(t, str(d / TENSOR_FILE), metadata=meta)
 
     p["mos_routes"] = mos_broken("mos-routes", routes_out_of_range)

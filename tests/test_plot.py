@@ -113,6 +113,49 @@ def test_plot_lora_from_json_alone(mpl, adapter, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+def test_plot_lora_error_vs_bytes_panel(mpl, adapter):
+    """The LoRA plot has an "error vs bytes" panel: truncation's errors at inspect's ratios
+    against the bytes of its factors stored as float32 / float16 / int8 / int4, log x, and
+    says that quantization error is not included; with or without singular values."""
+    from mosconv.cli.plot import BYTES_PER_PARAM, BYTES_TITLE, lora_figure, lora_spectra
+
+    info = inspect_lora(adapter)
+    assert BYTES_PER_PARAM == {"float32": 4.0, "float16": 2.0, "int8": 1 + 2 / 64,
+                               "int4": 0.5 + 2 / 64}
+    for spectra in (lora_spectra(adapter), None):
+        fig = lora_figure(info, spectra)
+        panels = [ax for ax in fig.axes if ax.get_title().startswith(BYTES_TITLE)]
+        assert len(panels) == 1, [ax.get_title() for ax in fig.axes]
+        ax = panels[0]
+        assert "quantization error not included" in ax.get_title()
+        assert ax.get_xscale() == "log"
+        lines = {ln.get_label().split()[0]: ln for ln in ax.get_lines()
+                 if ln.get_label().split()[0] in BYTES_PER_PARAM}
+        assert list(lines) == ["float32", "float16", "int8", "int4"]
+        for name, ln in lines.items():
+            tr = info["truncation"]
+            assert list(ln.get_xdata()) == pytest.approx(
+                [t["params"] * BYTES_PER_PARAM[name] for t in tr])
+            assert list(ln.get_ydata()) == [t["relative_error"] for t in tr]
+        assert ax.get_legend() is not None
+        # spectra panels (2 kinds), their colorbars or none, truncation vs ratio, and this
+        titles = [a.get_title() for a in fig.axes]
+        assert sum(t.startswith("global SVD truncation") for t in titles) == 1
+        assert len(fig.axes) == (6 if spectra else 4), titles
+        trunc = next(a for a in fig.axes if a.get_title().startswith("global SVD truncation"))
+        below = trunc.get_position().y0 > ax.get_position().y1  # two kinds: stacked
+        assert below and trunc.get_position().x0 == pytest.approx(ax.get_position().x0)
+    # one kind: truncation and error vs bytes side by side
+    k0 = info["kinds"][0]["kind"]
+    one = {**info, "kinds": info["kinds"][:1],
+           "modules": [m for m in info["modules"] if m["kind"] == k0]}
+    fig = lora_figure(one)
+    trunc, ax = (next(a for a in fig.axes if a.get_title().startswith(t))
+                 for t in ("global SVD truncation", BYTES_TITLE))
+    assert ax.get_position().x0 > trunc.get_position().x1
+    assert ax.get_position().y0 == pytest.approx(trunc.get_position().y0)
+
+
 def test_plot_mos_weight_metric(mpl, report, tmp_path):
     from mosconv.cli.plot import plot_mos
 

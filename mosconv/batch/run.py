@@ -48,6 +48,9 @@ class BatchConfig:
     search: str = "fast"
     iters: int = 4
     routing_weights: bool = True
+    dtype: str = "auto"
+    quantize: str = "none"
+    size_ratio: float | None = None
     jobs: int = 1
     engine: str = "local"
     address: str | None = None
@@ -62,6 +65,9 @@ class BatchConfig:
                "iters": self.iters, "shared_pool": self.shared_pool}
         if not self.routing_weights:  # recorded only when off: outputs made before the
             out["routing_weights"] = False  # option existed (weights on) still count as done
+        for key, default in (("dtype", "auto"), ("quantize", "none"), ("size_ratio", None)):
+            if getattr(self, key) != default:  # likewise
+                out[key] = getattr(self, key)
         return out
 
     def validate(self) -> None:
@@ -75,6 +81,11 @@ class BatchConfig:
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ConfigError(f"chunk must be an integer >= 1, got {self.chunk!r}")
+        if self.shared_pool and (self.quantize != "none" or self.size_ratio is not None
+                                 or self.dtype not in ("auto", "float32")):
+            raise ConfigError("shared pools are stored as float32: a dtype, quantization or "
+                              "size ratio is not supported with them yet",
+                              options=("shared_pool",))
 
 
 @dataclass(frozen=True)
@@ -230,7 +241,9 @@ def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
         from ..pipeline import compress
 
         cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
-                           iters=config.iters, routing_weights=config.routing_weights)
+                           iters=config.iters, routing_weights=config.routing_weights,
+                           dtype=config.dtype, quantize=config.quantize,
+                           size_ratio=config.size_ratio)
         compress(item.source, dest, cc, command=None, overwrite=True,
                  extra_info={"batch": config.settings()})
         return outcome_from_report(item, dest, "converted", time.perf_counter() - t0)

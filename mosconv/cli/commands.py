@@ -231,9 +231,14 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
 @main.command()
 @click.argument("mos_dir", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True,
+              help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (int8/int4 "
+                   "values are dequantized into it).")
 @output_options("a JSON summary of what was written")
 @handle_errors
-def export(mos_dir: str, out: str, overwrite: bool, quiet: bool, as_json: bool) -> None:
+def export(mos_dir: str, out: str, dtype: str, overwrite: bool, quiet: bool,
+           as_json: bool) -> None:
     """Materialize the MoS adapter MOS_DIR as a plain PEFT LoRA folder OUT.
 
     Scale is folded into B and lora_alpha == r (per-module ranks in rank_pattern /
@@ -241,7 +246,7 @@ def export(mos_dir: str, out: str, overwrite: bool, quiet: bool, as_json: bool) 
     """
     from ..pipeline import export_lora, export_summary
 
-    folder = export_lora(mos_dir, out, overwrite=overwrite)
+    folder = export_lora(mos_dir, out, overwrite=overwrite, dtype=dtype)
     if as_json:
         _dump(export_summary(folder))
     elif not quiet:
@@ -276,8 +281,9 @@ def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:
     from dataclasses import asdict
 
     from ..batch.run import BatchConfig, run_batch
+    from .options import resolve_budget
 
-    config = BatchConfig(**opts)
+    config = BatchConfig(**resolve_budget(opts))
     with Bars(quiet) as bars:
         summary = run_batch(zoo, out, config, bars.counter(
             "adapters", "adapter", label=lambda o: f"{o.status} {o.name[-40:]}"))

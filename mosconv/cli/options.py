@@ -67,16 +67,31 @@ def _apply(fn: F, opts: list[Callable[[F], F]]) -> F:
     return fn
 
 
-CONVERT_KEYS = ("ratio", "seed", "search", "iters", "routing_weights")
+CONVERT_KEYS = ("ratio", "seed", "search", "iters", "routing_weights", "dtype", "quantize",
+                "size_ratio")
 DATA_KEYS = ("base_model", "gguf_file", "data", "max_tokens", "seq_len", "batch_size", "device")
 
 
 def convert_options(fn: F) -> F:
     """The conversion settings, shared by compress and batch (ConvertConfig's fields)."""
     return _apply(fn, [
-        click.option("--ratio", type=float, default=8.0, show_default=True,
+        click.option("--ratio", type=float, default=None,
                      help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; "
-                          "1 is lossless). batch --shared-pool: per group of adapters."),
+                          "1 is lossless; default 8). batch --shared-pool: per group of adapters."),
+        click.option("--size-ratio", type=float, default=None, metavar="S",
+                     help="Byte budget instead of --ratio: MoS tensor bytes <= the LoRA's tensor "
+                          "bytes / S; mosconv picks the parameter ratio and the storage "
+                          "(--dtype/--quantize choices) with the lowest error and says which."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+                     default="auto", show_default=True,
+                     help="How pools, cores and slot weights are stored; auto keeps the "
+                          "source's float dtype (with --size-ratio, a float32 source may also "
+                          "get float16)."),
+        click.option("--quantize", type=click.Choice(["none", "int8", "int4", "auto"]),
+                     default=None,
+                     help="Store pools and cores as int8 or int4 (float16 scales per 64 values, "
+                          "fitted by least squares). Default none; with --size-ratio auto "
+                          "(try none, int8 and int4)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed for clustering (deterministic output)."),
         click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]),
@@ -133,9 +148,23 @@ def output_options(what: str, overwrite: str = "Replace an existing output folde
     ])
 
 
+def resolve_budget(opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts`` with ``ratio`` and ``quantize`` defaults resolved (they depend on
+    ``--size-ratio``); ``--ratio`` with ``--size-ratio`` is a usage error."""
+    if opts.get("size_ratio") is not None and opts.get("ratio") is not None:
+        raise click.UsageError("give --ratio (parameters) or --size-ratio (bytes), not both")
+    out = dict(opts)
+    if out.get("ratio") is None:
+        out["ratio"] = 8.0
+    if out.get("quantize") is None:
+        out["quantize"] = "auto" if out.get("size_ratio") is not None else "none"
+    return out
+
+
 def convert_config(opts: dict[str, Any]) -> ConvertConfig:
     from ..fit.convert import ConvertConfig
 
+    opts = resolve_budget(opts)
     config = ConvertConfig(**{k: opts[k] for k in CONVERT_KEYS})
     config.validate()
     return config

@@ -4,9 +4,11 @@
 Both plots take the JSON-ready dicts mosconv already produces and compute nothing new:
 
 * :func:`plot_lora` draws an :func:`mosconv.inspect.inspect_lora` summary: the singular value
-  spectra of every module, one panel per kind, and the truncation error against the ratio. The
-  inspect document carries no singular values, so they are passed in: :func:`lora_spectra` runs
-  the same factorization ``inspect`` does.
+  spectra of every module, one panel per kind, the truncation error against the ratio, and the
+  same errors against the bytes the truncated factors take in float32 / float16 / int8 / int4
+  (parameters times :data:`BYTES_PER_PARAM`; quantization error not included). The inspect
+  document carries no singular values, so they are passed in: :func:`lora_spectra` runs the
+  same factorization ``inspect`` does.
 * :func:`plot_mos` draws a conversion report (``report.json``, ``docs/format.md``): per
   module, the relative error of the MoS adapter next to the truncation baseline at the same
   budget, one panel per kind, plus the data metric when the report has it (``compress --calib``).
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from ..fit.report import Report
+from ..mos.quant import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from ..lora.types import LoraAdapter
@@ -43,6 +46,14 @@ MAX_TICKS = 32  # x tick labels per panel at most (30-layer adapters keep every 
 DENSE = 64  # modules per panel above which the baseline is drawn as a line, not bars
 _MISSING = "plotting needs matplotlib: pip install 'mosconv[plot]'"
 _MOS_COLOR, _TRUNC_COLOR, _PLAIN_COLOR = "#1f77b4", "#ff7f0e", "#444444"
+# bytes per parameter of a factor stored as float32, float16, int8 or int4 (one float16 scale
+# per DEFAULT_GROUP values): the x axis of plot_lora's "error vs bytes" panel
+BYTES_PER_PARAM = {"float32": 4.0, "float16": 2.0, "int8": 1 + 2 / DEFAULT_GROUP,
+                   "int4": 0.5 + 2 / DEFAULT_GROUP}
+_STORAGE_COLORS = {"float32": "#1f77b4", "float16": "#2ca02c", "int8": "#ff7f0e",
+                   "int4": "#d62728"}
+_SOURCE_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+BYTES_TITLE = "error vs bytes"
 _WEIGHT_LABEL = r"rel. error $\|dW-\widehat{dW}\|_F\,/\,\|dW\|_F$"
 _DATA_LABEL = r"rel. error $\|(dW-\widehat{dW})X\|_F\,/\,\|dW X\|_F$"
 
@@ -232,12 +243,63 @@ def _stable_rank_panel(ax, ms, labels, what, panel_inches) -> None:
     ax.legend(fontsize=8, loc="upper left", ncol=2)
 
 
+def _fmt_bytes(v: float, _pos=None) -> str:
+    """A tick label for a byte count: ``300 B``, ``40 kB``, ``1.5 MB``."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= div:
+            return f"{v / div:g} {unit}"
+    return f"{v:g} B"
+
+
+def _bytes_panel(ax, info: dict[str, Any]) -> None:
+    """Truncation's relative error against the tensor bytes its factors would take stored as
+    float32, float16, int8 or int4: the points of ``info["truncation"]`` (each ratio's
+    parameters times :data:`BYTES_PER_PARAM`). Rounding / quantization error is not added."""
+    from matplotlib.ticker import FuncFormatter
+
+    tr = [t for t in info["truncation"] if t["params"] > 0]  # 0 bytes: no place on a log axis
+    for name, per in BYTES_PER_PARAM.items():
+        ax.plot([t["params"] * per for t in tr], [t["relative_error"] for t in tr], "-o",
+                color=_STORAGE_COLORS[name], lw=1.5, ms=3.5,
+                label=f"{name} {per:.3g} B/p")
+    lo = min((t["params"] * BYTES_PER_PARAM["int4"] for t in tr), default=None)
+    for t in tr:  # the ratio next to the float32 point; the others share it, shifted left
+        ax.annotate(f"x{t['ratio']:g}", (t["params"] * BYTES_PER_PARAM["float32"],
+                                         t["relative_error"]),
+                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    size = _SOURCE_ITEMSIZE.get(str(info.get("dtype")))
+    src = info.get("stored_params", 0) * size if size else 0
+    if src > 0:
+        ax.axvline(src, color=_PLAIN_COLOR, lw=1, ls=":",
+                   label=f"source ({info['dtype']})")
+    ax.set_xscale("log")
+    if lo is not None:
+        ax.set_xlim(lo / 1.6, max(src, max(t["params"] for t in tr) * 4.0) * 1.6)
+    ax.xaxis.set_major_formatter(FuncFormatter(_fmt_bytes))
+    ax.set_ylim(0, 1.32)  # room for the legend
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xlabel("tensor bytes of the kept factors (log)", fontsize=9)
+    ax.set_ylabel(r"relative error $\|dW-\widehat{dW}\|_F\,/\,\|dW\|_F$", fontsize=9)
+    ax.set_title(f"{BYTES_TITLE}: truncation per storage\n"
+                 "(quantization error not included)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper center", ncol=2, framealpha=0.9, columnspacing=0.8,
+              handlelength=1.5, title=f"int8/int4: + a float16 scale per {DEFAULT_GROUP} values",
+              title_fontsize=7)
+
+
 def plot_lora(info: dict[str, Any], path: str | Path, spectra: dict[str, list[float]] | None = None) -> None:
     """Draw an :func:`~mosconv.inspect.inspect_lora` summary into the PNG ``path``.
 
     Left: per kind, each module's singular values ``sigma_i / sigma_1`` (log scale), one line
-    per module colored by layer (for rank 1-2 kinds: the singular values against the layer).
-    Right: global SVD truncation's relative error at each ratio of ``info["truncation"]``.
+    per module colored by layer (for rank 1-2 kinds: the singular values against the layer);
+    two kinds one above the other, more in two columns.
+    Right: global SVD truncation's relative error at each ratio of ``info["truncation"]``, and
+    "error vs bytes": the same errors against the tensor bytes of the truncated factors stored
+    as float32, float16, int8 or int4 (parameters times :data:`BYTES_PER_PARAM`; the error of
+    rounding or quantizing is not included). With one kind panel the two stand side by side,
+    else one above the other.
 
     Args:
         info: ``inspect_lora`` output (schema ``mosconv.inspect.lora/1``).
@@ -249,15 +311,28 @@ def plot_lora(info: dict[str, Any], path: str | Path, spectra: dict[str, list[fl
         ConfigError: bad ``path`` (see :func:`check_plot_path`) or matplotlib missing.
     """
     path = check_plot_path(path)
+    _save(lora_figure(info, spectra), path)
+
+
+def lora_figure(info: dict[str, Any], spectra: dict[str, list[float]] | None = None) -> Any:
+    """The matplotlib ``Figure`` :func:`plot_lora` saves (for tests and custom saving)."""
+    require_matplotlib()
     modules = info["modules"]
     if spectra is None and modules and all("singular_values" in m for m in modules):
         spectra = {m["name"]: m["singular_values"] for m in modules}
     kinds = {k["kind"]: k for k in info["kinds"]}
     groups = _groups(modules)
-    cols = 1 if len(groups) == 1 else 2
+    cols = 1 if len(groups) <= 2 else 2  # two kinds: one above the other, full width
     rows = max(1, math.ceil(len(groups) / cols))
     fig = _figure(1.2 + 3.4 * rows)
-    gs = fig.add_gridspec(rows, cols + 1, width_ratios=[1.0] * cols + [0.75 if cols == 2 else 0.6])
+    side = 0.75 if cols == 2 else 0.6
+    if rows == 1:  # truncation and error vs bytes side by side
+        gs = fig.add_gridspec(1, cols + 2, width_ratios=[1.0] * cols + [side, side])
+        trunc_spec, bytes_spec = gs[0, cols], gs[0, cols + 1]
+    else:  # one above the other in the right column
+        gs = fig.add_gridspec(rows, cols + 1, width_ratios=[1.0] * cols + [side])
+        right = gs[:, cols].subgridspec(2, 1)
+        trunc_spec, bytes_spec = right[0], right[1]
     for i, (title, ms, one_kind) in enumerate(groups):
         ax = fig.add_subplot(gs[i // cols, i % cols])
         labels, what = _layer_labels(title if one_kind else "", ms)
@@ -274,7 +349,7 @@ def plot_lora(info: dict[str, Any], path: str | Path, spectra: dict[str, list[fl
                if k else f"{len(ms)} modules")
         ax.set_title(f"{_short(title, 70)}\n{sub}", fontsize=9)
         ax.tick_params(labelsize=8)
-    ax = fig.add_subplot(gs[:, cols])
+    ax = fig.add_subplot(trunc_spec)
     tr = info["truncation"]
     xs = [t["ratio"] for t in tr]
     ys = [t["relative_error"] for t in tr]
@@ -293,12 +368,13 @@ def plot_lora(info: dict[str, Any], path: str | Path, spectra: dict[str, list[fl
     ax.set_title("global SVD truncation\n(the baseline MoS is measured against)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=8)
+    _bytes_panel(fig.add_subplot(bytes_spec), info)
     base = info.get("base_model") or "-"
     fig.suptitle(
         f"LoRA adapter ({info['format']}, base {_short(str(base), 50)}): {info['num_modules']} "
         f"modules in {info['num_kinds']} kinds, ranks {info['ranks']}, "
         f"{info['lora_params']:,} LoRA params", fontsize=11)
-    _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- MoS report

@@ -88,6 +88,24 @@ def render_report(report: Report) -> str:
         + (" (its own file; the group's pool file is shared)" if t.file_bytes_ratio
            and t.local_params is not None and t.local_params != t.mos_params else "")
     )
+    if t.mos_tensor_bytes is not None and t.lora_tensor_bytes:
+        b = t.mos_bytes or {}
+        parts = ", ".join(f"{k} {fmt_bytes(b[k])}" for k in
+                          ("shards", "cores", "scales", "routes", "weights") if b.get(k))
+        storage = t.quantize if t.quantize not in (None, "none") else t.dtype
+        out.append(
+            f"bytes {fmt_bytes(t.lora_tensor_bytes)} -> {fmt_bytes(t.mos_tensor_bytes)} "
+            f"(x{t.tensor_bytes_ratio or 0:.2f}, {storage}" + (f": {parts}" if parts else "")
+            + ")" + (f"; truncation stored alike in <= these bytes "
+                     f"{t.truncation_equal_bytes_relative_error:.4f}"
+                     if t.truncation_equal_bytes_relative_error is not None else ""))
+    if t.size_choices:
+        tried = "; ".join(
+            f"{c['quantize'] if c['quantize'] != 'none' else c['dtype']} "
+            f"x{c['param_ratio'] or 0:.1f} params {c['relative_error']:.4f}"
+            for c in t.size_choices)
+        out.append(f"--size-ratio {t.size_ratio:g} (<= {fmt_bytes(t.size_budget_bytes or 0)}): "
+                   f"chose {storage} at parameter ratio x{t.param_ratio or 0:.2f}; tried {tried}")
     if t.source_params is not None and t.mos_params > t.source_params:
         out.append(f"note: the MoS adapter holds more parameters than the {t.source_format} "
                    f"file ({t.source_params:,}): its Hadamard/Kronecker structure stores less "
@@ -118,6 +136,7 @@ def render_mos_inspect(info: dict[str, Any]) -> str:
         f"source        {info['source_format']} ({info.get('base_model') or '-'})",
         f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ratio {info.get('ratio')}",
         f"params        {info['params']:,}  index {fmt_bytes(info['index_bytes'])}",
+        _storage_line(info),
         f"command       {info.get('command') or '-'}",
         "",
     ]
@@ -128,6 +147,18 @@ def render_mos_inspect(info: dict[str, Any]) -> str:
                 for k in info["kinds"]]
         out.append(table(rows, ["kind", "nc", "pool A", "pool B", "public A", "public B"]))
     return "\n".join(out)
+
+
+def _storage_line(info: dict[str, Any]) -> str:
+    st, b = info.get("storage") or {}, info.get("tensor_bytes") or {}
+    how = st.get("dtype", "float32")
+    if st.get("quantize", "none") != "none":
+        how = (f"{st['quantize']} (float16 scales per {st.get('group')} values; slot weights "
+               f"{st.get('dtype')})")
+    parts = ", ".join(f"{k} {fmt_bytes(b[k])}" for k in
+                      ("shards", "cores", "scales", "routes", "weights", "extra") if b.get(k))
+    return (f"storage       {how}; tensors {fmt_bytes(b.get('total', 0))}"
+            + (f" ({parts})" if parts else ""))
 
 
 def render_eval(res: dict, data: str) -> str:

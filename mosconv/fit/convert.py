@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,12 +22,14 @@ from .. import __version__
 from .._threads import one_thread
 from ..errors import ConfigError, MosconvError
 from ..lora.types import LoraAdapter
+from ..mos.quant import FLOAT_DTYPES, QUANTIZE, Storage, StorageOverflow, storage_of_source
 from ..mos.types import KindPools, MosAdapter, MosModule
 from .factorize import Factorization, factorize
 from .measure import Baseline, DataInputs, build_report
 from .metric import CalibLike, DataMetric, Metric, Target, WeightMetric
 from .pools import KindFit, divisors_for, private_fit, shared_fit, shared_params
 from .report import KindStructure, Report, Settings
+from .storage import equal_bytes_truncation, row_bytes, store
 from .truncation import Truncation, allocate, budget_for_ratio, truncate
 
 SEARCH_LEVELS = ("truncation", "fast", "thorough")
@@ -45,6 +47,15 @@ class ConvertConfig:
         iters: refinement iterations per MoS candidate.
         routing_weights: allow per-slot scalar weights in MoS candidates (counted as
             parameters); False restricts candidates to the paper's unweighted form.
+        dtype: ``auto`` (the source's float dtype), ``float32``, ``float16`` or
+            ``bfloat16``: how pools, cores and slot weights are stored.
+        quantize: ``none``, ``int8`` or ``int4`` (pools and cores, float16 scales per
+            ``group`` values); ``auto`` only with ``size_ratio`` (try all three).
+        group: values per quantization scale along a row.
+        size_ratio: the budget in bytes instead of parameters: MoS tensor bytes <= the
+            source's LoRA tensor bytes / ``size_ratio``; the parameter ratio and the storage
+            (among ``dtype`` / ``quantize``) with the lowest error are chosen; ``ratio`` is
+            then not used.
     """
 
     ratio: float = 8.0
@@ -52,6 +63,10 @@ class ConvertConfig:
     search: str = "fast"
     iters: int = 4
     routing_weights: bool = True
+    dtype: str = "auto"
+    quantize: str = "none"
+    group: int = 64
+    size_ratio: float | None = None
 
     def settings(self) -> Settings:
         """What a report records of these settings."""
@@ -65,6 +80,42 @@ class ConvertConfig:
             raise ConfigError(f"search must be one of {', '.join(SEARCH_LEVELS)}, got {self.search!r}")
         if self.iters < 0:
             raise ConfigError(f"iters must be >= 0, got {self.iters!r}")
+        if self.dtype != "auto" and self.dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, "
+                              f"got {self.dtype!r}", options=("dtype",))
+        if self.quantize not in (*QUANTIZE, "auto"):
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, "
+                              f"got {self.quantize!r}", options=("quantize",))
+        if self.quantize == "auto" and self.size_ratio is None:
+            raise ConfigError("quantize auto chooses by size: it needs a size ratio",
+                              options=("size_ratio",))
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 2:
+            raise ConfigError(f"group must be an integer >= 2, got {self.group!r}")
+        if self.size_ratio is not None and (
+                not isinstance(self.size_ratio, (int, float)) or not math.isfinite(self.size_ratio)
+                or self.size_ratio < 1):
+            raise ConfigError(f"size ratio must be a number >= 1, got {self.size_ratio!r}",
+                              options=("size_ratio",))
+
+    def storages(self, adapter: LoraAdapter) -> list[Storage]:
+        """The storages this config allows for ``adapter`` (one, unless ``size_ratio``
+        leaves a choice: ``dtype auto`` then also tries float16 for a float32 source,
+        ``quantize auto`` tries none, int8 and int4). Quantized storages keep their slot
+        weights in float16 (bfloat16 for a bfloat16 source) unless ``dtype`` says otherwise."""
+        src = storage_of_source(adapter.dtype)
+        if self.dtype != "auto":
+            dtypes = [self.dtype]
+        elif self.size_ratio is not None and src == "float32":
+            dtypes = ["float32", "float16"]
+        else:
+            dtypes = [src]
+        quants = list(QUANTIZE) if self.quantize == "auto" else [self.quantize]
+        out = [Storage(d, "none") for d in dtypes] if "none" in quants else []
+        # quantized: the few float tensors left (slot weights) take 16 bits unless asked
+        qd = self.dtype if self.dtype != "auto" else "bfloat16" if src == "bfloat16" \
+            else "float16"
+        out += [Storage(qd, q, self.group) for q in quants if q != "none"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -162,7 +213,106 @@ def convert(
     factorizations: dict[str, Factorization] | None = None,
     calib: CalibLike | None = None,
 ) -> ConvertResult:
-    """Convert a LoRA adapter into a MoS adapter under ``lora_params / ratio`` parameters.
+    """Convert a LoRA adapter into a MoS adapter under ``lora_params / ratio`` parameters
+    (or, with ``config.size_ratio``, under ``lora_tensor_bytes / size_ratio`` bytes), stored
+    as ``config.dtype`` / ``config.quantize`` say.
+
+    Args:
+        adapter: from :func:`mosconv.read_adapter`.
+        config: ratio, seed, search level, storage.
+        progress: called with the kind's name after each kind (for progress bars).
+        factorizations: precomputed :func:`factorize_adapter` output, to skip recomputing.
+        calib: :class:`mosconv.model.calib.CalibStats` with an input second moment for every
+            module: data-aware conversion (search, refinement and the truncation baseline
+            in the metric ``||(dW - dW') X||``); both metrics are reported.
+
+    The report gives the error of what is stored (after the cast or quantization), next to
+    truncation at the same parameters and truncation stored the same way in no more bytes.
+
+    Raises:
+        ConfigError: invalid settings, or ``calib`` that does not match the adapter.
+        StorageOverflow: values that float16 cannot hold (use float32 or bfloat16).
+    """
+    config.validate()
+    storages = config.storages(adapter)
+    if config.size_ratio is None:
+        return _convert_stored(adapter, config, storages[0], budget_for_ratio(
+            adapter.params, config.ratio), progress, factorizations, calib)
+    return _convert_sized(adapter, config, storages, progress, factorizations, calib)
+
+
+def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[Storage],
+                   progress: Callable[[str], None] | None,
+                   factorizations: dict[str, Factorization] | None,
+                   calib: CalibLike | None) -> ConvertResult:
+    """``--size-ratio``: per storage, truncation at the largest parameter budget whose
+    tensors fit the byte budget, and (unless the search is ``truncation``) the search at the
+    largest budget whose tensors, routes included, fit; the lowest error wins (ties: fewer
+    bytes)."""
+    if factorizations is None and calib is None:
+        factorizations = {m.name: factorize(m) for m in adapter.modules}
+    limit = math.floor(adapter.tensor_bytes / float(config.size_ratio) + 1e-9)
+    searches = ["truncation"] + ([config.search] if config.search != "truncation" else [])
+    results = []
+    for st in storages:
+        per_param = max(row_bytes(st, m.d_in, m.d_out) / (m.d_in + m.d_out)
+                        for m in adapter.modules)
+        for search in searches:
+            budget = int(limit / per_param)
+            for _ in range(8):  # shared structures add routes: shrink until the bytes fit
+                try:
+                    res = _convert_stored(adapter, replace(config, search=search), st, budget,
+                                          None, factorizations, calib, limit)
+                except StorageOverflow:
+                    break
+                used = res.report.totals.mos_tensor_bytes or 0
+                if used <= limit:
+                    results.append(res)
+                    break
+                budget -= max(1, math.ceil((used - limit) / per_param))
+                if budget < 0:
+                    break
+        if progress:
+            progress(st.label)
+    if not results:
+        raise ConfigError(f"size ratio {config.size_ratio:g}: no storage fits "
+                          f"{limit} bytes", options=("size_ratio",))
+    results.sort(key=lambda r: (r.report.totals.relative_error, r.report.totals.mos_tensor_bytes))
+    choices, seen = [], set()
+    for r in results:  # per storage, its best
+        if r.mos.storage in seen:
+            continue
+        seen.add(r.mos.storage)
+        t = r.report.totals
+        choices.append({"dtype": r.mos.storage.dtype, "quantize": r.mos.storage.quantize,
+                        "param_ratio": t.param_ratio, "mos_params": t.mos_params,
+                        "mos_tensor_bytes": t.mos_tensor_bytes,
+                        "relative_error": t.relative_error,
+                        "truncation_equal_bytes_relative_error":
+                            t.truncation_equal_bytes_relative_error})
+    best = results[0]
+    totals = replace(best.report.totals, size_ratio=float(config.size_ratio),
+                     size_budget_bytes=limit, size_choices=choices)
+    info = {**best.mos.info, "size_ratio": float(config.size_ratio)}
+    return ConvertResult(replace(best.mos, info=info), replace(best.report, totals=totals),
+                         best.baseline)
+
+
+def _convert_stored(
+    adapter: LoraAdapter,
+    config: ConvertConfig,
+    storage: Storage,
+    budget: int,
+    progress: Callable[[str], None] | None = None,
+    factorizations: dict[str, Factorization] | None = None,
+    calib: CalibLike | None = None,
+    byte_limit: int | None = None,
+) -> ConvertResult:
+    """Convert a LoRA adapter into a MoS adapter under ``budget`` parameters, stored in
+    ``storage``. The equal-bytes truncation baseline gets the MoS tensor bytes, or
+    ``byte_limit`` (``--size-ratio``) when given. A result with shared kinds that this
+    baseline beats (their routes and slot weights cost bytes) is replaced by the
+    all-private structure, so the result never does worse than the baseline at its bytes.
 
     Args:
         adapter: from :func:`mosconv.read_adapter`.
@@ -176,8 +326,6 @@ def convert(
     Raises:
         ConfigError: invalid settings, or ``calib`` that does not match the adapter.
     """
-    config.validate()
-    budget = budget_for_ratio(adapter.params, config.ratio)
     metric: Metric
     if calib is None:
         metric = WeightMetric(factorizations)
@@ -197,7 +345,8 @@ def convert(
     mos_modules.sort(key=lambda m: order[m.name])
     info = {
         "mosconv_version": __version__,
-        "ratio": float(config.ratio),
+        "ratio": float(config.ratio) if config.size_ratio is None
+        else adapter.params / max(budget, 1),
         "seed": config.seed,
         "search": config.search,
         "iters": config.iters,
@@ -211,12 +360,26 @@ def convert(
     mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
                      extra_tensors=dict(adapter.extra_tensors), source=source_info(adapter),
                      info=info)
-    baseline = Baseline(trunc, None if calib is None else fit_trunc, structures)
+    if storage != Storage():
+        mos = store(mos, adapter, storage)
+    full = None if storage == Storage() else (factorizations or (plain if calib else None))
+    equal = equal_bytes_truncation(
+        adapter, storage, byte_limit if byte_limit is not None else mos.tensor_bytes()["total"],
+        plain if storage == Storage() else full)
+    baseline = Baseline(trunc, None if calib is None else fit_trunc, structures, equal)
     data = None
     if isinstance(metric, DataMetric):
         data = DataInputs({n: t.C for n, t in metric.targets.items()}, metric.tokens)
-    report = build_report(adapter, mos, baseline, config.settings(), data=data,
+    settings = replace(config.settings(), ratio=float(info["ratio"]))
+    report = build_report(adapter, mos, baseline, settings, data=data,
                           plain=plain if data else None)
+    t = report.totals
+    if (calib is None and byte_limit is None and config.search != "truncation"
+            and t.kinds_shared and equal.relative_error < t.relative_error):
+        # truncation stored alike in these bytes does better (the routes and slot weights
+        # cost more than sharing gains): keep the all-private structure
+        return _convert_stored(adapter, replace(config, search="truncation"), storage, budget,
+                               progress, factorizations, calib)
     return ConvertResult(mos=mos, report=report, baseline=baseline)
 
 

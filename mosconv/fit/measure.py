@@ -29,6 +29,7 @@ from .report import (
     Totals,
     rel,
 )
+from .storage import EqualBytes
 from .truncation import Truncation
 
 
@@ -41,11 +42,14 @@ class Baseline:
         trunc: global-budget SVD truncation at the conversion's budget (weight metric).
         dtrunc: data-aware truncation at the same budget (data metric), or None.
         structures: what the fit chose per kind.
+        equal_bytes: truncation stored like the MoS adapter in no more tensor bytes
+            (:func:`~mosconv.fit.storage.equal_bytes_truncation`), or None.
     """
 
     trunc: Truncation
     dtrunc: Truncation | None
     structures: dict[str, KindStructure]
+    equal_bytes: EqualBytes | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,8 @@ def build_report(adapter: LoraAdapter, mos: MosAdapter, baseline: Baseline, sett
                             sum(v.data_plain_err_sq for v in vals), de),
                         data_truncation_params=dtrunc.params, calib_tokens=data.tokens)
         gain = (dtrel - drel) if kinds_shared else 0.0  # the data metric's baseline
+    tb = mos.tensor_bytes()
+    st, eq = mos.storage, baseline.equal_bytes
     totals = Totals(
         lora_params=adapter.params, source_params=adapter.stored_params,
         source_format=adapter.format, budget=trunc.budget, mos_params=mos.params,
@@ -186,5 +192,12 @@ def build_report(adapter: LoraAdapter, mos: MosAdapter, baseline: Baseline, sett
         index_bytes=mos.index_bytes, lora_file_bytes=adapter.source_bytes,
         relative_error=err, truncation_relative_error=trunc.relative_error,
         truncation_params=trunc.params, energy_retained=1 - err * err, sharing_gain=gain,
-        kinds_shared=kinds_shared, data=dt, local_params=local_params)
+        kinds_shared=kinds_shared, dtype=st.dtype, quantize=st.quantize,
+        quant_group=st.group if st.quantized else None, lora_tensor_bytes=adapter.tensor_bytes,
+        mos_tensor_bytes=tb["total"], mos_bytes=tb,
+        tensor_bytes_ratio=adapter.tensor_bytes / tb["total"] if tb["total"] else None,
+        truncation_equal_bytes_relative_error=eq.relative_error if eq else None,
+        truncation_equal_bytes_params=eq.params if eq else None,
+        truncation_equal_bytes_tensor_bytes=eq.tensor_bytes if eq else None,
+        data=dt, local_params=local_params)
     return Report(settings, totals, tuple(kinds), tuple(modules), distill)

@@ -133,6 +133,19 @@ class Totals:
     energy_retained: float | None = None
     sharing_gain: float
     kinds_shared: int
+    dtype: str | None = None  # storage of pools, cores, slot weights (float dtype)
+    quantize: str | None = None  # none | int8 | int4 (pools and cores)
+    quant_group: int | None = None  # values per float16 scale when quantized
+    lora_tensor_bytes: int | None = None  # the source's LoRA factor tensors as stored
+    mos_tensor_bytes: int | None = None  # this adapter's own tensors as stored (extra apart)
+    mos_bytes: dict | None = None  # pools, cores, scales, routes, weights, total, extra
+    tensor_bytes_ratio: float | None = None  # lora_tensor_bytes / mos_tensor_bytes
+    truncation_equal_bytes_relative_error: float | None = None
+    truncation_equal_bytes_params: int | None = None
+    truncation_equal_bytes_tensor_bytes: int | None = None
+    size_ratio: float | None = None  # --size-ratio asked for
+    size_budget_bytes: int | None = None  # lora_tensor_bytes / size_ratio
+    size_choices: list | None = None  # the storages tried for --size-ratio, best first
     data: DataTotals | None = None  # written flat, after ``"metric": "data"``
     local_params: int | None = None  # zoo members: params in the adapter's own file
 

@@ -125,7 +125,7 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
 
     # independent: every adapter converted alone, as compress does
     cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
-                       routing_weights=routing_weights)
+                       routing_weights=routing_weights, dtype="float32")
     alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
     indep_err = _group_error(r.report for r in alone)
     indep_params = sum(r.report.totals.mos_params for r in alone)

@@ -39,6 +39,8 @@ class LoraModule:
             whose ``A``/``B`` are an exact factorization of the update), else None.
         source_type: how the source stores the update: ``lora`` (``B @ A``), ``loha``
             (Hadamard product of two low-rank products) or ``lokr`` (Kronecker product).
+        stored_bytes: bytes of the module's factor tensors in the source file, as stored
+            (None: ``file_params`` float32 values).
     """
 
     name: str
@@ -51,6 +53,7 @@ class LoraModule:
     conv_shape: tuple[int, ...] | None = None
     stored_params: int | None = None
     source_type: str = "lora"
+    stored_bytes: int | None = None
 
     @property
     def r(self) -> int:
@@ -73,6 +76,11 @@ class LoraModule:
     def file_params(self) -> int:
         """Parameters the source file stores: ``stored_params`` if set, else ``params``."""
         return self.stored_params if self.stored_params is not None else self.params
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the module's factors in the source file, as stored."""
+        return self.stored_bytes if self.stored_bytes is not None else 4 * self.file_params
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,12 @@ class LoraAdapter:
         """Parameters the source files store for the modules (``params`` for plain LoRA;
         the LoHa/LoKr factors' own count for LyCORIS)."""
         return sum(m.file_params for m in self.modules)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of the LoRA factor tensors as the source stores them (pass-through tensors
+        and file headers apart): what a MoS adapter's tensor bytes compare with."""
+        return sum(m.file_bytes for m in self.modules)
 
     @property
     def kinds(self) -> dict[str, list[LoraModule]]:

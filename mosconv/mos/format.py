@@ -1,7 +1,10 @@
-"""The MoS adapter format, versions 1 and 2: the one place that knows tensor names and file layout.
+"""The MoS adapter format, versions 1 to 3: the one place that knows tensor names and file layout.
 
-Version 2 adds optional per-module cores (``mos.cores.<name>``); a file is written as
-version 1 when no module has one, so v1 readers keep loading what they could before.
+Version 2 adds optional per-module cores (``mos.cores.<name>``). Version 3 adds the storage
+(``storage`` in ``mos_config.json``: float dtype, or int8/int4 values with float16 scales
+``mos.scales.<kid>.A``, ``mos.core_scales.<name>``) and does not store routes that are a
+module's own private range in order (``implicit_routes``). A file is written with the lowest
+version that holds it, so older readers keep loading what they could before.
 
 A MoS folder holds ``mos_adapter.safetensors``, ``report.json`` and
 ``mos_config.json`` (written last: its presence means the folder is complete).
@@ -26,29 +29,60 @@ from ..names import (
     FORMAT_NAME,
     FORMAT_VERSION,
     FORMAT_VERSION_CORES,
+    FORMAT_VERSION_STORAGE,
     FORMAT_VERSIONS,
     REPORT_FILE,
     TENSOR_FILE,
     kind_ids,
 )
 from .manifest import load_report
-from .types import KindPools, MosAdapter, MosModule, route_dtype
+from .quant import FLOAT_DTYPES, QUANTIZE, SCALE_DTYPE, Storage, StorageOverflow, decode, encode
+from .quant import n_groups as _n_groups
+from .types import KindPools, MosAdapter, MosModule, implicit_routes, route_dtype
 
-__all__ = ["is_mos_dir", "load_mos", "load_report", "save_mos", "to_tensors"]
+__all__ = ["format_version", "is_mos_dir", "load_mos", "load_report", "save_mos", "to_tensors"]
 
 # ---------------------------------------------------------------- saving
 
 
+def format_version(mos: MosAdapter) -> int:
+    """The lowest format version that holds ``mos``."""
+    if mos.storage.quantized or any(implicit_routes(m, side) for m in mos.modules
+                                    for side in "AB"):
+        return FORMAT_VERSION_STORAGE
+    if any(m.core is not None for m in mos.modules):
+        return FORMAT_VERSION_CORES
+    return FORMAT_VERSION
+
+
 def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
-    """The safetensors dict and the JSON config of a MoS adapter (no I/O)."""
+    """The safetensors dict and the JSON config of a MoS adapter (no I/O).
+
+    Raises:
+        FormatError: values that the storage cannot hold (beyond float16's range).
+    """
     ids = kind_ids(mos.kinds)
+    version = format_version(mos)
+    st = mos.storage if version == FORMAT_VERSION_STORAGE else Storage(mos.storage.dtype)
     tensors: dict[str, torch.Tensor] = {}
+
+    def put(name: str, x: torch.Tensor, scale_name: str) -> None:
+        if version == FORMAT_VERSION_STORAGE and x.shape[0] == 0:
+            return  # v3: an empty pool is not stored (its kind declares 0 entries)
+        try:
+            values, scales = encode(x, st)
+        except StorageOverflow as e:
+            raise FormatError(f"{name}: {e}; store it as float32 or bfloat16") from None
+        tensors[name] = values
+        if scales is not None:
+            tensors[scale_name] = scales
+
     kinds_cfg = []
     for kind, p in mos.kinds.items():
         kid = ids[kind]
         nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
-        tensors[f"mos.pools.{kid}.A"] = p.pool_A[nA:].to(torch.float32)
-        tensors[f"mos.pools.{kid}.B"] = p.pool_B[nB:].to(torch.float32)
+        put(f"mos.pools.{kid}.A", p.pool_A[nA:], f"mos.scales.{kid}.A")
+        put(f"mos.pools.{kid}.B", p.pool_B[nB:], f"mos.scales.{kid}.B")
         entry = {
             "id": kid, "kind": kind, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
             "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
@@ -60,11 +94,15 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
     modules_cfg = []
     for m in mos.modules:
         p = mos.kinds[m.kind]
-        tensors[f"mos.routes.{m.name}.A"] = m.routes_A.to(route_dtype(p.pool_A.shape[0]))
-        tensors[f"mos.routes.{m.name}.B"] = m.routes_B.to(route_dtype(p.pool_B.shape[0]))
+        implicit = [side for side in "AB" if version == FORMAT_VERSION_STORAGE
+                    and implicit_routes(m, side)]
+        if "A" not in implicit:
+            tensors[f"mos.routes.{m.name}.A"] = m.routes_A.to(route_dtype(p.pool_A.shape[0]))
+        if "B" not in implicit:
+            tensors[f"mos.routes.{m.name}.B"] = m.routes_B.to(route_dtype(p.pool_B.shape[0]))
         if m.weights_A is not None:
-            tensors[f"mos.weights.{m.name}.A"] = m.weights_A.to(torch.float32)
-            tensors[f"mos.weights.{m.name}.B"] = m.weights_B.to(torch.float32)
+            tensors[f"mos.weights.{m.name}.A"] = m.weights_A.to(st.torch_dtype)
+            tensors[f"mos.weights.{m.name}.B"] = m.weights_B.to(st.torch_dtype)
         entry = {
             "name": m.name, "kind": ids[m.kind], "r": m.r, "scale": m.scale,
             "private_A": list(m.private_A), "private_B": list(m.private_B),
@@ -72,24 +110,25 @@ def to_tensors(mos: MosAdapter) -> tuple[dict[str, torch.Tensor], dict]:
             "conv_shape": list(m.conv_shape) if m.conv_shape else None,
         }
         if m.core is not None:
-            tensors[f"mos.cores.{m.name}"] = m.core.to(torch.float32).contiguous()
+            put(f"mos.cores.{m.name}", m.core.contiguous(), f"mos.core_scales.{m.name}")
             entry["core"] = True
             entry["r_A"] = m.r_A
+        if implicit:
+            entry["implicit_routes"] = implicit
         modules_cfg.append(entry)
     for key, t in mos.extra_tensors.items():
         tensors[f"extra.{key}"] = t
     config = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION_CORES if any(m.core is not None for m in mos.modules)
-        else FORMAT_VERSION,
+        "format_version": version,
         **mos.info,
         "params": mos.params,
         "local_params": mos.local_params,
         "index_bytes": mos.index_bytes,
-        "source": mos.source,
-        "kinds": kinds_cfg,
-        "modules": modules_cfg,
     }
+    if version == FORMAT_VERSION_STORAGE:
+        config["storage"] = st.to_json()
+    config.update(source=mos.source, kinds=kinds_cfg, modules=modules_cfg)
     return tensors, config
 
 
@@ -188,16 +227,38 @@ def load_mos(path: str | Path) -> MosAdapter:
     extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     info = {k: v for k, v in cfg.items()
             if k not in ("format", "format_version", "source", "kinds", "modules", "params",
-                         "local_params",
-                         "index_bytes")}
+                         "local_params", "index_bytes", "storage")}
     return MosAdapter(kinds=kinds, modules=tuple(modules), extra_tensors=extra,
-                      source=cfg.get("source", {}), info=info)
+                      source=cfg.get("source", {}), info=info,
+                      storage=_storage(cfg, cfg_path, tensors, version))
+
+
+def _storage(cfg: dict, cfg_path: Path, tensors: dict, version: int) -> Storage:
+    """The storage a config declares (v3), or that its float pools have (v1, v2)."""
+    if version < FORMAT_VERSION_STORAGE:
+        dtypes = {t.dtype for k, t in tensors.items() if k.startswith("mos.pools.")}
+        names = [n for n, d in FLOAT_DTYPES.items() if d in dtypes]
+        return Storage(names[0] if len(names) == 1 else "float32")
+    return _read_storage(cfg, cfg_path)
+
+
+def _read_storage(cfg: dict, cfg_path: Path) -> Storage:
+    st = cfg.get("storage")
+    _need(isinstance(st, dict), cfg_path, f"storage is {_show(st)}, expected an object")
+    dtype, quant = st.get("dtype"), st.get("quantize", "none")
+    _need(dtype in FLOAT_DTYPES, cfg_path,
+          f"storage.dtype is {_show(dtype)}, expected one of {', '.join(FLOAT_DTYPES)}")
+    _need(quant in QUANTIZE, cfg_path,
+          f"storage.quantize is {_show(quant)}, expected one of {', '.join(QUANTIZE)}")
+    group = _field(st, "group", cfg_path, "storage", lo=1, default=64) if quant != "none" else 64
+    return Storage(dtype, quant, group)
 
 
 def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict,
                        version: int = FORMAT_VERSION) -> tuple[dict[str, KindPools], list[MosModule]]:
     """The validated pools and modules of a MoS config whose top level is checked."""
     shared_cache: dict[str, dict[str, torch.Tensor]] = {}
+    st = _read_storage(cfg, cfg_path) if version >= FORMAT_VERSION_STORAGE else Storage()
     kinds: dict[str, KindPools] = {}
     id_to_kind: dict[str, str] = {}
     for i, k in enumerate(cfg["kinds"]):
@@ -212,19 +273,22 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
         _need(d_in % nc == 0 and d_out % nc == 0, cfg_path,
               f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
         sA, sB = d_in // nc, d_out // nc
-        pa = tensors.get(f"mos.pools.{kid}.A")
-        pb = tensors.get(f"mos.pools.{kid}.B")
-        _need(pa is not None and pb is not None, tpath, f"pools of kind {kid} missing")
-        for side, pool, width in (("A", pa, sA), ("B", pb, sB)):
-            _need(pool.is_floating_point() and pool.dim() == 2 and pool.shape[1] == width, tpath,
-                  f"pool mos.pools.{kid}.{side} has shape {tuple(pool.shape)} {pool.dtype}, "
-                  f"expected float (N, {width})")
         shared = k.get("shared_pool")
         if shared is not None:
             _need(isinstance(shared, dict), cfg_path,
                   f"kind {kid}: shared_pool is {_show(shared)}, expected an object")
+        sa = sb = None
         if shared:
             sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache, (sA, sB))
+        # v3 does not store an empty (own part of a) pool
+        n_shared = (0 if sa is None else sa.shape[0], 0 if sb is None else sb.shape[0])
+        empty = [version >= FORMAT_VERSION_STORAGE and f"mos.pools.{kid}.{side}" not in tensors
+                 and k.get(f"pool_{side}") == n for side, n in zip("AB", n_shared)]
+        pa = torch.zeros(0, sA) if empty[0] else _stored(
+            tensors, f"mos.pools.{kid}.A", f"mos.scales.{kid}.A", sA, st, tpath)
+        pb = torch.zeros(0, sB) if empty[1] else _stored(
+            tensors, f"mos.pools.{kid}.B", f"mos.scales.{kid}.B", sB, st, tpath)
+        if shared:
             pa, pb = torch.cat([sa, pa.to(sa.dtype)]), torch.cat([sb, pb.to(sb.dtype)])
         for side, pool in (("A", pa), ("B", pb)):
             declared = k.get(f"pool_{side}")
@@ -253,8 +317,28 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
         # with a core, A_l has r_A rows (C_l is r x r_A); otherwise r
         r_A = _field(m, "r_A", cfg_path, where, default=r) if m.get("core") is True else r
         pools = kinds[id_to_kind[m["kind"]]]
+        implicit = m.get("implicit_routes", [])
+        _need(isinstance(implicit, list) and all(x in ("A", "B") for x in implicit)
+              and (not implicit or version >= FORMAT_VERSION_STORAGE), cfg_path,
+              f"{where}: implicit_routes is {_show(implicit)}, expected a list of 'A'/'B' "
+              "(format_version 3)")
+        private = []
+        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
+            rng = m.get(f"private_{side}", [0, 0])
+            _need(isinstance(rng, list) and len(rng) == 2 and all(_is_int(x) for x in rng)
+                  and 0 <= rng[0] <= rng[1] <= pool.shape[0], cfg_path,
+                  f"{where}: private_{side} is {_show(rng)}, expected [start, stop] within the "
+                  f"pool of {pool.shape[0]} shards")
+            private.append(tuple(rng))
         routes = []
-        for side, pool, rank in (("A", pools.pool_A, r_A), ("B", pools.pool_B, r)):
+        for side, pool, rank, rng in (("A", pools.pool_A, r_A, private[0]),
+                                      ("B", pools.pool_B, r, private[1])):
+            if side in implicit:  # the module's private range, in order
+                _need(rng[1] - rng[0] == rank * pools.nc, cfg_path,
+                      f"{where} has implicit {side} routes but private_{side} {list(rng)} "
+                      f"does not hold {rank * pools.nc} shards")
+                routes.append(torch.arange(rng[0], rng[1], dtype=torch.int64))
+                continue
             t = tensors.get(f"mos.routes.{name}.{side}")
             _need(t is not None, tpath, f"routes of {where} ({side}) missing")
             _need(t.dim() == 1, tpath,
@@ -285,23 +369,13 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
         if flags["core"]:
             _need(version >= FORMAT_VERSION_CORES, cfg_path,
                   f"{where} has a core, which format_version {version} does not have")
-            core = tensors.get(f"mos.cores.{name}")
-            _need(core is not None and core.is_floating_point() and tuple(core.shape) == (r, r_A),
-                  tpath, f"core of {where} missing, not float or not ({r}, {r_A})")
+            core = _stored(tensors, f"mos.cores.{name}", f"mos.core_scales.{name}", r_A, st,
+                           tpath, rows=r, what=f"core of {where}")
             check_finite(tpath, f"mos.cores.{name}", core)
-            core = core.float()
         scale = m.get("scale")
         _need(isinstance(scale, (int, float)) and not isinstance(scale, bool), cfg_path,
               f"{where} has scale {_show(scale)}, expected a number")
         _need(math.isfinite(scale), cfg_path, f"{where} has non-finite scale")
-        private = []
-        for side, pool in (("A", pools.pool_A), ("B", pools.pool_B)):
-            rng = m.get(f"private_{side}", [0, 0])
-            _need(isinstance(rng, list) and len(rng) == 2 and all(_is_int(x) for x in rng)
-                  and 0 <= rng[0] <= rng[1] <= pool.shape[0], cfg_path,
-                  f"{where}: private_{side} is {_show(rng)}, expected [start, stop] within the "
-                  f"pool of {pool.shape[0]} shards")
-            private.append(tuple(rng))
         conv = m.get("conv_shape")
         _need(conv is None or (isinstance(conv, list) and len(conv) == 4
                                and all(_is_int(x) and x >= 1 for x in conv)
@@ -316,6 +390,37 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
             conv_shape=tuple(conv) if conv else None, core=core,
         ))
     return kinds, modules
+
+
+def _stored(tensors: dict, name: str, scale_name: str, width: int, st: Storage, tpath: Path,
+            *, rows: int | None = None, what: str | None = None) -> torch.Tensor:
+    """float32 values of a stored ``(N, width)`` matrix (``rows`` fixes ``N``): a float
+    tensor, or int8 / packed int4 values with their float16 scales."""
+    what = what or f"pool {name}"
+    t = tensors.get(name)
+    want = f"{rows if rows is not None else 'N'}, "
+    if not st.quantized:
+        _need(t is not None and t.is_floating_point() and t.dim() == 2 and t.shape[1] == width
+              and (rows is None or t.shape[0] == rows), tpath,
+              f"{what} " + ("is missing" if t is None else f"has shape {tuple(t.shape)} {t.dtype}")
+              + f", expected float ({want}{width})")
+        return t.float()
+    packed = st.quantize == "int4"
+    cols, dtype = ((width + 1) // 2, torch.uint8) if packed else (width, torch.int8)
+    _need(t is not None and t.dtype == dtype and t.dim() == 2 and t.shape[1] == cols
+          and (rows is None or t.shape[0] == rows), tpath,
+          f"{what} " + ("is missing" if t is None else f"has shape {tuple(t.shape)} {t.dtype}")
+          + f", expected {str(dtype).removeprefix('torch.')} ({want}{cols})"
+          + (" (int4, two per byte)" if packed else ""))
+    s = tensors.get(scale_name)
+    groups = _n_groups(width, st.group)
+    _need(s is not None and s.dtype == SCALE_DTYPE and tuple(s.shape) == (t.shape[0], groups),
+          tpath, f"scales {scale_name} " + ("are missing" if s is None
+                                             else f"have shape {tuple(s.shape)} {s.dtype}")
+          + f", expected float16 ({t.shape[0]}, {groups})")
+    _need(bool(torch.isfinite(s).all()) and bool((s >= 0).all()), tpath,
+          f"scales {scale_name} hold non-finite or negative values")
+    return decode(t, s, st, width)
 
 
 def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,

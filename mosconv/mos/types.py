@@ -22,6 +22,8 @@ from typing import Any, TypedDict
 
 import torch
 
+from .quant import Storage
+
 
 class SharedPoolRef(TypedDict):
     """Where the first entries of a kind's pools live when a zoo shares them
@@ -123,6 +125,9 @@ class MosAdapter:
             fan_in_fan_out, config, metadata, files with sha256).
         info: free-form conversion facts stored in ``mos_config.json`` (ratio, seed,
             command, mosconv version, structure per kind).
+        storage: how pools, cores and slot weights are stored (dtype, quantization); the
+            float32 tensors in memory hold exactly the stored values
+            (:func:`mosconv.mos.quant.snap`).
     """
 
     kinds: dict[str, KindPools]
@@ -130,6 +135,7 @@ class MosAdapter:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    storage: Storage = field(default_factory=Storage)
 
     @property
     def params(self) -> int:
@@ -152,13 +158,42 @@ class MosAdapter:
 
     @property
     def index_bytes(self) -> int:
-        """Bytes of the stored routes (smallest integer dtype per pool)."""
+        """Bytes of the stored routes (smallest integer dtype per pool); routes that are a
+        module's own private range in order are not stored (:func:`implicit_routes`)."""
         total = 0
         for m in self.modules:
             pools = self.kinds[m.kind]
-            total += m.routes_A.numel() * route_dtype(pools.pool_A.shape[0]).itemsize
-            total += m.routes_B.numel() * route_dtype(pools.pool_B.shape[0]).itemsize
+            for side, n in (("A", pools.pool_A.shape[0]), ("B", pools.pool_B.shape[0])):
+                if not implicit_routes(m, side):
+                    total += getattr(m, f"routes_{side}").numel() * route_dtype(n).itemsize
         return total
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Bytes of this adapter's own tensors as stored (a zoo's shared pool file apart):
+        ``shards`` (pool entries), ``cores`` (values), ``scales`` (of quantized pools and cores), ``routes``,
+        ``weights`` (slot weights), ``total`` (their sum) and ``extra`` (pass-through
+        tensors of the source, not in ``total``)."""
+        st = self.storage
+        pools = scales = cores = weights = 0
+        for p in self.kinds.values():
+            nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+            for n, width in ((p.pool_A.shape[0] - nA, p.d_in // p.nc),
+                             (p.pool_B.shape[0] - nB, p.d_out // p.nc)):
+                pools += st.value_bytes(n, width)
+                scales += st.scale_bytes(n, width)
+        fstore = Storage(st.dtype)
+        for m in self.modules:
+            if m.core is not None:
+                cores += st.value_bytes(*m.core.shape)
+                scales += st.scale_bytes(*m.core.shape)
+            for w in (m.weights_A, m.weights_B):
+                if w is not None:
+                    weights += fstore.value_bytes(1, w.numel())
+        routes = self.index_bytes
+        extra = sum(t.numel() * t.element_size() for t in self.extra_tensors.values())
+        return {"shards": pools, "cores": cores, "scales": scales, "routes": routes,
+                "weights": weights, "total": pools + cores + scales + routes + weights,
+                "extra": extra}
 
     def module(self, name: str) -> MosModule:
         for m in self.modules:
@@ -196,6 +231,17 @@ def fold_core(A: torch.Tensor, core: torch.Tensor, B: torch.Tensor
     if core.shape[1] < core.shape[0]:
         return A, (B @ core).contiguous()
     return (core @ A).contiguous(), B
+
+
+def implicit_routes(m: MosModule, side: str) -> bool:
+    """Whether a module's ``side`` routes are its own private range in order
+    (``private_X[0], private_X[0] + 1, ...``, covering it): format v3 does not store them."""
+    routes = getattr(m, f"routes_{side}")
+    start, stop = getattr(m, f"private_{side}")
+    if routes.numel() != stop - start:
+        return False
+    return routes.numel() == 0 or bool(torch.equal(
+        routes, torch.arange(start, stop, dtype=routes.dtype)))
 
 
 def route_dtype(pool_size: int) -> torch.dtype:

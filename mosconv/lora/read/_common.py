@@ -76,4 +76,5 @@ def make_module(
         scale=float(scale),
         embedding=embedding,
         conv_shape=conv_shape,
+        stored_bytes=down.numel() * down.element_size() + up.numel() * up.element_size(),
     )

@@ -174,6 +174,8 @@ def read_lycoris(
         with one_thread():
             module = (_loha if is_loha else _lokr)(path, mod, parts, alpha)
         modules.append(replace(module, stored_params=sum(t.numel() for t in parts.values()),
+                               stored_bytes=sum(t.numel() * t.element_size()
+                                                for t in parts.values()),
                                source_type="loha" if is_loha else "lokr"))
     return modules, used, dtypes
 
