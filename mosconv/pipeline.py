@@ -274,8 +274,8 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
     Scale is folded into ``B`` and ``lora_alpha == r`` (per-module ranks in
     ``rank_pattern``/``alpha_pattern``); non-LoRA tensors are restored under their
     original keys.  A module whose MoS rank is 0 is written as a rank-1 zero pair.
-    ``dtype``: of the LoRA factors; ``auto`` = the MoS adapter's float dtype (a quantized
-    adapter's values are dequantized, exactly, into it).
+    ``dtype``: of the LoRA factors; ``auto`` = the MoS adapter's float dtype, float32 for a
+    quantized adapter (its dequantized values are exact in float32).
 
     Raises:
         FormatError: the source was not PEFT (diffusers/kohya export is not supported).
@@ -288,7 +288,9 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         raise ConfigError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got "
                           f"{dtype!r}", options=("dtype",))
     mos = load_mos(mos_dir)
-    tdtype = FLOAT_DTYPES[mos.storage.dtype if dtype == "auto" else dtype]
+    if dtype == "auto":  # int8/int4 values times float16 scales are exact in float32
+        dtype = "float32" if mos.storage.quantized else mos.storage.dtype
+    tdtype = FLOAT_DTYPES[dtype]
     fmt = mos.source.get("format")
     if fmt != "peft":
         raise FormatError(

@@ -146,3 +146,24 @@ def test_cores_are_trained(lm):
     changed = [not torch.equal(a.core, b.core) for a, b in zip(res.mos.modules, mods) if b.core is not None]
     assert changed and all(changed)
     assert res.mos.params == cored.params
+
+
+def test_distilled_quantized_adapter_is_quantized_again(tiny_lm, tmp_path):
+    """compress --quantize int8 --distill: trained in float, stored as int8 again, and the
+    report's error is that of the stored adapter."""
+    from mosconv.fit.measure import measure
+    from mosconv.mos.format import load_mos
+    from mosconv.mos.quant import Storage
+    from mosconv.pipeline import DataSpec, compress
+
+    spec = DataSpec(base_model=tiny_lm.model, data=tiny_lm.data, max_tokens=32 * 40,
+                    seq_len=32, device="cpu")
+    res = compress(tiny_lm.lora, tmp_path / "m", ConvertConfig(ratio=4, quantize="int8"),
+                   data=spec, distill=DistillConfig(steps=5, lr=1e-2, eval_every=5,
+                                                    device="cpu", patience=0))
+    mos = load_mos(tmp_path / "m")
+    assert mos.storage == Storage("float16", "int8") and mos.info["distilled"] is True
+    assert res.report.distill is not None and res.report.totals.quantize == "int8"
+    got = measure(mos, mosconv.read_adapter(tiny_lm.lora), res.baseline.trunc)
+    err = (sum(x.err_sq for x in got.values()) / sum(x.energy for x in got.values())) ** 0.5
+    assert err == pytest.approx(res.report.totals.relative_error, rel=1e-9, abs=1e-12)

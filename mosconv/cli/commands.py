@@ -233,8 +233,8 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               default="auto", show_default=True,
-              help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (int8/int4 "
-                   "values are dequantized into it).")
+              help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (float32 "
+                   "for int8/int4 adapters: their dequantized values are exact in it).")
 @output_options("a JSON summary of what was written")
 @handle_errors
 def export(mos_dir: str, out: str, dtype: str, overwrite: bool, quiet: bool,
