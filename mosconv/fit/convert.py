@@ -327,6 +327,11 @@ def _convert_stored(
         ConfigError: invalid settings, or ``calib`` that does not match the adapter.
     """
     metric: Metric
+    if calib is None and factorizations is None and storage != Storage():
+        # storing needs the singular vectors again (the equal-bytes baseline): factorize
+        # once, rather than spectra first and each kind while it is fitted
+        with one_thread():
+            factorizations = {m.name: factorize(m) for m in adapter.modules}
     if calib is None:
         metric = WeightMetric(factorizations)
         plain = metric.spectra(adapter)
@@ -360,12 +365,14 @@ def _convert_stored(
     mos = MosAdapter(kinds=kinds, modules=tuple(mos_modules),
                      extra_tensors=dict(adapter.extra_tensors), source=source_info(adapter),
                      info=info)
-    if storage != Storage():
-        mos = store(mos, adapter, storage)
-    full = None if storage == Storage() else (factorizations or (plain if calib else None))
-    equal = equal_bytes_truncation(
-        adapter, storage, byte_limit if byte_limit is not None else mos.tensor_bytes()["total"],
-        plain if storage == Storage() else full)
+    with one_thread():  # many small matrices: threads only add contention
+        if storage != Storage():
+            mos = store(mos, adapter, storage)
+        full = None if storage == Storage() else (factorizations or (plain if calib else None))
+        equal = equal_bytes_truncation(
+            adapter, storage,
+            byte_limit if byte_limit is not None else mos.tensor_bytes()["total"],
+            plain if storage == Storage() else full)
     baseline = Baseline(trunc, None if calib is None else fit_trunc, structures, equal)
     data = None
     if isinstance(metric, DataMetric):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..lora.types import LoraAdapter, LoraModule
-from ..mos.quant import Storage, dequantize, quantize, refit_scales, snap
+from ..mos.quant import QMAX, Storage, dequantize, quantize, refit_scales, snap
 from ..mos.types import KindPools, MosAdapter, MosModule, implicit_routes
 from .factorize import Factorization, factorize
 from .truncation import allocate
@@ -46,7 +46,22 @@ def _fitted(x: torch.Tensor, st: Storage) -> torch.Tensor:
         return x
     q, _ = quantize(x, st.quantize, st.group)
     s = refit_scales(x, q, st.group)
-    return snap(dequantize(q, s, st.group), st)
+    y = dequantize(q, s, st.group)
+    # a fixed point of quantize/dequantize when every group reaches +-qmax (then its scale
+    # is recovered exactly); otherwise (subnormal scales) let snap find one
+    top = _group_max(q.abs(), st.group)
+    if bool(((top == QMAX[st.quantize]) | (s.float() == 0)).all()):
+        return y
+    return snap(y, st)
+
+
+def _group_max(a: torch.Tensor, group: int) -> torch.Tensor:
+    n, w = a.shape
+    g = (w + group - 1) // group
+    pad = g * group - w
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+    return a.reshape(n, g, group).amax(2)
 
 
 def _err_sq(B0: torch.Tensor, A0: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
@@ -87,13 +102,10 @@ def _private_module(A: torch.Tensor, B: torch.Tensor, src: LoraModule, st: Stora
         return _solve(Bq.T @ Bq, (A0.T @ (B0.T @ Bq))).T
 
     A, B = A.to(F64), B.to(F64)
-    cands = [(qa(A), qb(B))]
-    a1 = qa(A)
+    a1, b2 = qa(A), qb(B)
     b1 = qb(solve_b(a1))
-    cands += [(a1, b1), (qa(solve_a(b1)), b1)]
-    b2 = qb(B)
     a2 = qa(solve_a(b2))
-    cands += [(a2, b2), (a2, qb(solve_b(a2)))]
+    cands = [(a1, b2), (a1, b1), (qa(solve_a(b1)), b1), (a2, b2), (a2, qb(solve_b(a2)))]
     errs = [_err_sq(B0, A0, b, a, energy) for a, b in cands]
     a, b = cands[min(range(len(cands)), key=errs.__getitem__)]
     return a.to(torch.float32), b.to(torch.float32)
@@ -170,23 +182,18 @@ def row_bytes(storage: Storage, d_in: int, d_out: int) -> int:
     return storage.row_bytes(d_in) + storage.row_bytes(d_out)
 
 
-def _stored_prefix_errors(f: Factorization, st: Storage) -> list[float]:
-    """``E[k]``: squared error of the top-``k`` truncation whose factors ``sqrt(s) v`` and
-    ``sqrt(s) u`` are stored plainly in ``st`` (rounded, absmax scales), k = 0..len(S)."""
+def _stored_truncation_error(f: Factorization, k: int, st: Storage) -> tuple[float, float]:
+    """``(squared error, energy)`` of the top-``k`` truncation whose factors ``sqrt(s) v``
+    and ``sqrt(s) u`` are stored plainly in ``st`` (rounded; absmax scales)."""
     fd = f.double()
-    k = fd.S.numel()
-    root = fd.S.sqrt()
-    A = snap((root[:, None] * fd.V.T).float(), st).to(F64)  # rows: each stored on its own
-    Bt = snap((root[:, None] * fd.U.T).float(), st).to(F64)
-    t = ((fd.U.T @ Bt.T) * fd.S[:, None] * (fd.V.T @ A.T)).sum(0)  # <dW, b_j a_j>
-    H = (Bt @ Bt.T) * (A @ A.T)
-    errs = [fd.energy]
-    c = g = 0.0
-    for j in range(k):
-        c += float(t[j])
-        g += 2 * float(H[j, :j].sum()) + float(H[j, j])
-        errs.append(max(fd.energy - 2 * c + g, 0.0))
-    return errs
+    if k == 0:
+        return fd.energy, fd.energy
+    root = fd.S[:k].sqrt()
+    A = snap((root[:, None] * fd.V[:, :k].T).float(), st).to(F64)  # (k, d_in)
+    Bt = snap((root[:, None] * fd.U[:, :k].T).float(), st).to(F64)  # (k, d_out)
+    c = float(((fd.U.T @ Bt.T) * fd.S[:, None] * (fd.V.T @ A.T)).sum())  # <dW, B A>
+    g = float(((Bt @ Bt.T) * (A @ A.T)).sum())
+    return max(fd.energy - 2 * c + g, 0.0), fd.energy
 
 
 def equal_bytes_truncation(adapter: LoraAdapter, storage: Storage, budget_bytes: int,
@@ -205,9 +212,9 @@ def equal_bytes_truncation(adapter: LoraAdapter, storage: Storage, budget_bytes:
             energy += f.energy
             err += float((f.S[k:] ** 2).sum())
         else:
-            errs = _stored_prefix_errors(f, storage)
-            energy += errs[0]
-            err += errs[k]
+            e, en = _stored_truncation_error(f, k, storage)
+            energy += en
+            err += e
     rel = math.sqrt(err / energy) if energy > 0 else 0.0
     used = sum(ranks[m.name] * costs[m.name] for m in adapter.modules)
     params = sum(ranks[m.name] * (m.d_in + m.d_out) for m in adapter.modules)
