@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from mosconv.cli.commands import table
+from mosconv.cli.render import table
 from mosconv.lora.write import write_peft_folder
 
 ROOT = Path(__file__).resolve().parents[2]

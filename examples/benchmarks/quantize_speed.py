@@ -56,6 +56,7 @@ T_START = time.perf_counter()  # before the heavy imports, for the inner steps
 
 # the driver never imports torch (see compress_speed.run_step: peak RSS of the children)
 from _llama import ALPHA, RANK, machine_info
+from batch_speed import busy_cpu_s
 from compress_speed import load_avg, source_state, table, write_lora
 
 VARIANTS = ("none", "int8", "int4")
@@ -116,16 +117,6 @@ def inner(step: str, lora: str, out: str | None, ratio: float, quantize: str, dt
 
 
 # ---------------------------------------------------------------- outer driver
-
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has been busy (``/proc/stat``; None elsewhere)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_idle(max_wait: float, threshold: float = 0.2) -> tuple[float | None, float]:
