@@ -326,3 +326,31 @@ def test_batch_passes_the_storage_and_refuses_it_with_shared_pools(tmp_path):
     res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
                                     "--dtype", "float16"])
     assert res.exit_code == 1 and "shared pools" in res.output
+
+
+@pytest.mark.parametrize("storage", [Storage("float16"), Storage("float16", "int8"),
+                                     Storage("float16", "int4")])
+def test_cored_adapters_are_stored_and_read_back(storage, tmp_path):
+    """Format v2's cores (zoo members) take the storage too: quantized with their scales."""
+    from dataclasses import replace
+
+    from mosconv.fit.storage import store
+
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=2, d=64, d_kv=32), r=4)
+    adapter = read_adapter(folder)
+    mos = convert(adapter, ConvertConfig(ratio=2, search="truncation", dtype="float32")).mos
+    g = torch.Generator().manual_seed(0)
+    mos = replace(mos, modules=tuple(
+        replace(m, core=torch.eye(m.r) + 0.1 * torch.randn(m.r, m.r, generator=g))
+        if m.r else m for m in mos.modules))
+    stored = store(mos, adapter, storage)
+    save_mos(stored, tmp_path / "m")
+    back = load_mos(tmp_path / "m")
+    assert back.storage == storage
+    for a, b in zip(stored.modules, back.modules):
+        assert (a.core is None) == (b.core is None)
+        if a.core is not None:
+            assert torch.equal(a.core, b.core)
+    names = set(load_file(str(tmp_path / "m" / TENSOR_FILE)))
+    assert any(n.startswith("mos.cores.") for n in names)
+    assert any(n.startswith("mos.core_scales.") for n in names) == storage.quantized
