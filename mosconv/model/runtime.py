@@ -27,17 +27,38 @@ from ..mos.types import MosAdapter, MosModule, fold_core
 from ..names import kind_ids
 
 POOLS_ATTR = "mos_adapters"
+SHARED_ATTR = "mos_shared_pools"  # a zoo group's pool-file entries, once per model
 
 
 class KindPoolModule(nn.Module):
-    """The two shard pools of one kind: ``pool_A (N_A, d_in/nc)``, ``pool_B (N_B, d_out/nc)``."""
+    """The two shard pools of one kind: ``pool_A (N_A, d_in/nc)``, ``pool_B (N_B, d_out/nc)``.
+
+    A zoo member's pools may start with the entries of its group's pool file: those live in
+    a ``shared`` KindPoolModule held once per model (referenced, not registered) and the
+    member holds only its own entries; routes index the concatenation (shared first)."""
 
     def __init__(self, pool_A: torch.Tensor, pool_B: torch.Tensor, d_in: int, d_out: int,
-                 nc: int, trainable: bool) -> None:
+                 nc: int, trainable: bool, shared: KindPoolModule | None = None) -> None:
         super().__init__()
         self.d_in, self.d_out, self.nc = d_in, d_out, nc
         self.pool_A = nn.Parameter(pool_A, requires_grad=trainable)
         self.pool_B = nn.Parameter(pool_B, requires_grad=trainable)
+        self._shared = (shared,)  # a tuple: not a submodule
+
+    def gather(self, side: str, routes: torch.Tensor) -> torch.Tensor:
+        """Pool rows ``routes`` of ``side`` (shared entries first, then this module's own)."""
+        own = self.pool_A if side == "A" else self.pool_B
+        shared = self._shared[0]
+        if shared is None:
+            return own[routes]
+        sh = shared.pool_A if side == "A" else shared.pool_B
+        n = sh.shape[0]
+        if own.shape[0] == 0:
+            return sh[routes]
+        if n == 0:
+            return own[routes]
+        mask = (routes < n)[:, None]
+        return torch.where(mask, sh[routes.clamp(max=n - 1)], own[(routes - n).clamp(min=0)])
 
 
 class MosDelta(nn.Module):
@@ -69,8 +90,8 @@ class MosDelta(nn.Module):
         """``(A_l (r, d_in), B_l (d_out, r))`` gathered from the pools, scale not folded (a
         core folded into ``A_l``)."""
         p = self._pools[0]
-        a = p.pool_A[self.routes_A]  # (r*nc, d_in/nc)
-        b = p.pool_B[self.routes_B]  # (r*nc, d_out/nc)
+        a = p.gather("A", self.routes_A)  # (r*nc, d_in/nc)
+        b = p.gather("B", self.routes_B)  # (r*nc, d_out/nc)
         if self.weights_A is not None:
             a = a * self.weights_A[:, None]
             b = b * self.weights_B[:, None]
@@ -113,6 +134,8 @@ class AdapterLayer(nn.Module):
         self.base = base
         self.deltas = nn.ModuleDict()
         self.active: str | None = None
+        self.rows: tuple[str | None, ...] | None = None  # mixed batches: one name per row
+        self._groups: dict = {}
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads layer.weight (dtype checks) keeps working
@@ -126,9 +149,36 @@ class AdapterLayer(nn.Module):
         """``base(x, *args, **kwargs)`` plus the active delta of ``x``; extra arguments go to
         the base layer as they are."""
         out = self.base(x, *args, **kwargs)
+        if self.rows is not None:
+            return self._mixed(x, out)
         if self.active is None or self.active not in self.deltas:
             return out
         return out + self.deltas[self.active](x).to(out.dtype)
+
+    def _row_groups(self, batch: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``[(adapter, row indices)]`` for a batch of ``batch`` rows: the names set by
+        :func:`set_active`, each repeated ``batch / len(names)`` times in place when
+        ``generate`` expands rows (``num_return_sequences``, beams)."""
+        key = (batch, str(device))
+        if key not in self._groups:
+            names = self.rows or ()
+            if not names or batch % len(names):
+                raise ConfigError(f"mixed batch: {len(names)} adapter names for a batch of "
+                                  f"{batch} rows (give one name per row)")
+            rep = batch // len(names)
+            rows: dict[str, list[int]] = {}
+            for i, n in enumerate(names):
+                if n is not None and n in self.deltas:
+                    rows.setdefault(n, []).extend(range(i * rep, (i + 1) * rep))
+            self._groups = {key: [(n, torch.tensor(ix, device=device)) for n, ix in rows.items()]}
+        return self._groups[key]
+
+    def _mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter: one call per distinct adapter of the batch, on its rows."""
+        for name, idx in self._row_groups(x.shape[0], x.device):
+            delta = self.deltas[name](x.index_select(0, idx)).to(out.dtype)
+            out = out.index_add(0, idx, delta)
+        return out
 
 
 # ------------------------------------------------------------------ helpers
@@ -159,7 +209,8 @@ def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
-        if name == POOLS_ATTR or name.startswith(POOLS_ATTR + ".") or any(
+        if name in (POOLS_ATTR, SHARED_ATTR) or name.startswith((POOLS_ATTR + ".",
+                                                                 SHARED_ATTR + ".")) or any(
                 name.startswith(s) for s in skip):
             continue
         out[name] = mod
@@ -223,6 +274,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name, or None when the model runs as the base model."""
     for _, layer in _adapter_layers(model):
+        if layer.rows is not None:
+            raise ConfigError("a mixed batch is active (one adapter per row): name the "
+                              "adapter, or set_active(model, name) first")
         if layer.active is not None:
             return layer.active
     return None
@@ -234,9 +288,15 @@ def _check_name(model: nn.Module, name: str) -> None:
                           f"(attached: {', '.join(adapter_names(model)) or 'none'})")
 
 
-def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
-          name: str = "default", trainable: bool = False, activate: bool = True) -> nn.Module:
+def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | list, *,
+          name: str | list[str] = "default", trainable: bool = False,
+          activate: bool = True) -> nn.Module:
     """Attach an adapter to ``model`` in place under ``name``; returns ``model``.
+
+    ``adapter`` may also be a ``batch`` output folder or a list of adapters: each is
+    attached under its own name (its path relative to the zoo, the folder name of a listed
+    path, or ``name`` as a list), a zoo group's shared pools held once, none activated
+    (:func:`set_active` takes one name, or one per row of a batch).
 
     Every check (names, layer types, shapes) runs before the model is changed.
     Adapter tensors are cast to each base layer's device and dtype (a kind's pools to its
@@ -250,6 +310,8 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
             ``nn.Linear`` nor GPT-2 ``Conv1D``.
         FormatError: ``adapter`` is a path that cannot be read.
     """
+    if isinstance(adapter, (list, tuple)) or _is_zoo(adapter):
+        return _apply_many(model, adapter, name, trainable)
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapter_names(model):
@@ -291,8 +353,12 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
         for kind, p in ad.kinds.items():
             w = first.get(kind)
             dev, dt = (w.device, _float_dtype(w)) if w is not None else ("cpu", torch.float32)
-            pa, pb = p.pool_A.to(dev, dt, copy=True), p.pool_B.to(dev, dt, copy=True)
-            pools[kind] = KindPoolModule(pa, pb, p.d_in, p.d_out, p.nc, trainable)
+            nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+            shared = _shared_pools(model, p, dev, dt) if p.shared and not trainable else None
+            if shared is None:
+                nA = nB = 0
+            pa, pb = p.pool_A[nA:].to(dev, dt, copy=True), p.pool_B[nB:].to(dev, dt, copy=True)
+            pools[kind] = KindPoolModule(pa, pb, p.d_in, p.d_out, p.nc, trainable, shared)
             container[ids[kind]] = pools[kind]
         if not hasattr(model, POOLS_ATTR):
             setattr(model, POOLS_ATTR, nn.ModuleDict())
@@ -312,21 +378,39 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path, *,
     return model
 
 
-def set_active(model: nn.Module, name: str | None) -> None:
+def set_active(model: nn.Module, name: str | None | list[str | None]) -> None:
     """Make adapter ``name`` active in every layer (layers it does not target run base only);
     None runs the base model.
 
+    A list gives one adapter name (or None: the base model) per row of the batch: a mixed
+    batch, each row through its own adapter in one forward (one call per distinct adapter,
+    on its rows). When ``generate`` repeats rows (``num_return_sequences``, beams), each name
+    covers its repeated rows; a batch whose size is not a multiple of the list's length is
+    an error at the forward.
+
     Raises:
-        ConfigError: ``name`` is not attached.
+        ConfigError: a name that is not attached, or an empty list.
     """
+    if isinstance(name, (list, tuple)):
+        names = tuple(name)
+        if not names:
+            raise ConfigError("set_active: an empty list of adapter names")
+        for n in dict.fromkeys(names):
+            if n is not None:
+                _check_name(model, n)
+        for _, layer in _adapter_layers(model):
+            layer.active, layer.rows, layer._groups = None, names, {}
+        return
     if name is not None:
         _check_name(model, name)
     for _, layer in _adapter_layers(model):
         layer.active = name if name in layer.deltas else None
+        layer.rows, layer._groups = None, {}
 
 
 def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Adapter ``name``'s parameters, each once: pools, then slot weights (or LoRA A, B).
+    """Adapter ``name``'s parameters, each once: pools (a zoo group's shared entries too,
+    frozen unless attached with ``trainable``), then slot weights (or LoRA A, B).
 
     Raises:
         ConfigError: ``name`` is not attached.
@@ -336,6 +420,9 @@ def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     container = getattr(model, POOLS_ATTR, None)
     if container is not None and name in container:
         out.update((id(p), p) for p in container[name].parameters())
+        for kp in container[name].values():  # a zoo group's pool-file entries (held once)
+            if kp._shared[0] is not None:
+                out.update((id(p), p) for p in kp._shared[0].parameters())
     for _, layer in _adapter_layers(model):
         if name in layer.deltas:
             out.update((id(p), p) for p in layer.deltas[name].parameters())
@@ -369,6 +456,7 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
                 del container[key]
         if not len(container):
             delattr(model, POOLS_ATTR)
+    _drop_unused_shared(model)
     return model
 
 
@@ -402,6 +490,128 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             dw = dw.T
         w.copy_((w.to(acc) + dw).to(w.dtype))
     return remove(model)
+
+
+def _is_zoo(adapter: Any) -> bool:
+    """A ``batch`` output folder (``summary.json``, no ``mos_config.json`` of its own)."""
+    if not isinstance(adapter, (str, Path)):
+        return False
+    from ..names import CONFIG_FILE
+
+    p = Path(adapter)
+    return p.is_dir() and (p / "summary.json").is_file() and not (p / CONFIG_FILE).exists()
+
+
+def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every converted adapter of a ``batch`` output: the names its
+    ``summary.json`` lists (paths relative to the zoo), in that order."""
+    import json
+
+    from ..errors import FormatError
+
+    path = folder / "summary.json"
+    try:
+        rows = json.loads(path.read_text())["adapters"]
+        names = [r["name"] for r in rows if r.get("status") in ("converted", "skipped")]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FormatError(f"{path}: not a batch summary (no adapters list)") from None
+    if not names:
+        raise FormatError(f"{path}: lists no converted adapters")
+    return [(n, folder / n) for n in names]
+
+
+def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) -> nn.Module:
+    """Attach every adapter of a ``batch`` output folder, or of a list, each under its name
+    (its path relative to the zoo; for a list the folder name), nothing attached when one
+    fails. A group's pool-file entries are held once (:data:`SHARED_ATTR`)."""
+    if isinstance(adapters, (list, tuple)):
+        items = [(Path(a).name if isinstance(a, (str, Path)) else f"adapter{i}", a)
+                 for i, a in enumerate(adapters)]
+    else:
+        items = _zoo_members(Path(adapters))
+    if isinstance(names, (list, tuple)):
+        if len(names) != len(items):
+            raise ConfigError(f"{len(names)} names for {len(items)} adapters")
+        items = [(n, a) for n, (_, a) in zip(names, items)]
+    elif names != "default":
+        raise ConfigError("name: give a list of names (one per adapter) or none")
+    seen = set(adapter_names(model))
+    for n, _ in items:
+        if not isinstance(n, str) or not n or "." in n:
+            raise ConfigError(f"adapter name {n!r}: names are non-empty and have no '.' "
+                              "(give names=[...])")
+        if n in seen:
+            raise ConfigError(f"adapter {n!r}: already attached (or listed twice)")
+        seen.add(n)
+    done: list[str] = []
+    try:
+        for n, a in items:
+            apply(model, a, name=n, trainable=trainable, activate=False)
+            done.append(n)
+    except BaseException:
+        for n in done:
+            remove(model, n)
+        raise
+    return model
+
+
+def _shared_pools(model: nn.Module, p: Any, device: Any, dtype: torch.dtype) -> KindPoolModule:
+    """The model's one copy of a zoo group's pool-file entries for kind pools ``p``."""
+    ref = p.shared
+    key = f"{ref['sha256']}-{ref.get('key_A')}-{ref.get('key_B')}-{dtype}".replace(".", "_")
+    if not hasattr(model, SHARED_ATTR):
+        setattr(model, SHARED_ATTR, nn.ModuleDict())
+    store = getattr(model, SHARED_ATTR)
+    if key not in store:
+        nA, nB = ref["n_A"], ref["n_B"]
+        store[key] = KindPoolModule(p.pool_A[:nA].to(device, dtype, copy=True),
+                                    p.pool_B[:nB].to(device, dtype, copy=True),
+                                    p.d_in, p.d_out, p.nc, False)
+    return store[key]
+
+
+def _drop_unused_shared(model: nn.Module) -> None:
+    store = getattr(model, SHARED_ATTR, None)
+    if store is None:
+        return
+    used = {id(kp._shared[0]) for c in (getattr(model, POOLS_ATTR, None) or {}).values()
+            for kp in c.values() if kp._shared[0] is not None}
+    for key in [k for k, v in store.items() if id(v) not in used]:
+        del store[key]
+    if not len(store):
+        delattr(model, SHARED_ATTR)
+
+
+def memory_report(model: nn.Module) -> dict[str, Any]:
+    """Resident bytes of the attached adapters: a zoo's shared pools (once), each adapter's
+    own tensors (pools, routes, slot weights, cores; or LoRA factors), the total, and next to
+    them what the same adapters take as plain LoRAs (each module at its assembled rank, in
+    the layer's dtype), as PEFT would hold them after ``export``."""
+    shared = sum(t.numel() * t.element_size()
+                 for t in (getattr(model, SHARED_ATTR, None) or nn.Module()).parameters())
+    own: dict[str, int] = {}
+    lora: dict[str, int] = {}
+    for name in adapter_names(model):
+        seen: dict[int, torch.Tensor] = {}
+        container = getattr(model, POOLS_ATTR, None)
+        if container is not None and name in container:
+            seen.update((id(t), t) for t in container[name].parameters())
+        nl = 0
+        for _, layer in _adapter_layers(model):
+            if name not in layer.deltas:
+                continue
+            d = layer.deltas[name]
+            seen.update((id(t), t) for t in d.parameters())
+            seen.update((id(t), t) for t in d.buffers())
+            A, B = d.factors()
+            item = layer.base.weight.element_size() if layer.base.weight.is_floating_point() \
+                else 4
+            nl += max(int(A.shape[0]), 1) * (int(A.shape[1]) + int(B.shape[0])) * item
+        own[name] = sum(t.numel() * t.element_size() for t in seen.values())
+        lora[name] = nl
+    return {"shared_bytes": shared, "adapter_bytes": own,
+            "total_bytes": shared + sum(own.values()), "lora_bytes": lora,
+            "lora_total_bytes": sum(lora.values()), "adapters": len(own)}
 
 
 def find_layers(model: nn.Module, adapter: MosAdapter | LoraAdapter) -> dict[str, nn.Module]:

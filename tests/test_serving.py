@@ -1,0 +1,137 @@
+"""Serving a converted zoo: every adapter attached once with its group's pools held once,
+mixed batches (one adapter per row) equal to PEFT's mixed batches with the exported LoRAs,
+under generate too, memory you can see, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import example_module
+
+import mosconv
+from mosconv import ConfigError, FormatError
+from mosconv.batch.run import BatchConfig, run_batch
+from mosconv.pipeline import export_lora
+
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+NAMES = ["zoo/task00", "zoo/task01", "zoo/task02", "zoo/task03"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Llama, a zoo of four LoRAs on it (examples/synthetic_zoo.py: two init seeds, a
+    shared output subspace) converted with shared pools, each member exported to a PEFT LoRA."""
+    pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("serve")
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, vocab_size=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).float().eval().save_pretrained(root / "base")
+    example_module("synthetic_zoo").write_zoo(root / "zoo" / "zoo", 4, d=64, d_kv=32, r=8,
+                                              layers=2, base="tiny-llama")
+    summary = run_batch(root / "zoo", root / "out", BatchConfig(ratio=4, shared_pool=True))
+    assert summary.failed == 0 and (root / "out" / "pools").is_dir()
+    for n in NAMES:
+        export_lora(root / "out" / n, root / "exp" / n)
+    return root, LlamaForCausalLM
+
+
+def _base(root, cls):
+    return cls.from_pretrained(root / "base").float().eval()
+
+
+def _peft(root, cls):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_base(root, cls), root / "exp" / NAMES[0],
+                                      adapter_name=NAMES[0].replace("/", "_"))
+    for n in NAMES[1:]:
+        model.load_adapter(root / "exp" / n, adapter_name=n.replace("/", "_"))
+    return model.eval()
+
+
+def test_zoo_is_attached_with_its_pools_once(served):
+    root, cls = served
+    model = mosconv.apply(_base(root, cls), root / "out")
+    assert mosconv.adapter_names(model) == NAMES
+    report = mosconv.memory_report(model)
+    assert report["adapters"] == 4 and report["shared_bytes"] > 0
+    assert report["total_bytes"] == report["shared_bytes"] + sum(report["adapter_bytes"].values())
+    assert report["total_bytes"] < report["lora_total_bytes"]
+    # one copy of the group's pool file entries, whatever the number of members
+    n_shared = sum(p.numel() for p in model.mos_shared_pools.parameters())
+    assert n_shared * 4 == report["shared_bytes"]
+    mosconv.remove(model, NAMES[0])
+    assert hasattr(model, "mos_shared_pools")
+    mosconv.remove(model)
+    assert not hasattr(model, "mos_shared_pools") and not hasattr(model, "mos_adapters")
+
+
+def test_mixed_batch_equals_peft_row_by_row(served):
+    root, cls = served
+    ids = torch.randint(0, 128, (6, 7), generator=torch.Generator().manual_seed(1))
+    rows = ["zoo/task01", "zoo/task00", None, "zoo/task03", "zoo/task01", "zoo/task02"]
+    ours = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(ours, rows)
+    peft = _peft(root, cls)
+    peft_rows = [r.replace("/", "_") if r else "__base__" for r in rows]
+    with torch.no_grad():
+        got = ours(ids).logits
+        want = peft(ids, adapter_names=peft_rows).logits
+        plain = _base(root, cls)(ids).logits
+    assert float((got - want).abs().max()) < 1e-4
+    assert float((got[2] - plain[2]).abs().max()) < 1e-6  # None: the base model
+    assert float((got[0] - plain[0]).abs().max()) > 1e-3  # the adapters do act
+    # each row as if its adapter were the only one active
+    for i, r in enumerate(rows):
+        mosconv.set_active(ours, r)
+        with torch.no_grad():
+            one = ours(ids[i:i + 1]).logits
+        assert float((one[0] - got[i]).abs().max()) < 1e-5
+
+
+def test_mixed_batch_under_generate(served):
+    root, cls = served
+    ids = torch.randint(1, 128, (4, 5), generator=torch.Generator().manual_seed(2))
+    rows = ["zoo/task02", None, "zoo/task00", "zoo/task02"]
+    ours = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(ours, rows)
+    peft = _peft(root, cls)
+    peft_rows = [r.replace("/", "_") if r else "__base__" for r in rows]
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        got = ours.generate(ids, **kw)
+        want = peft.generate(input_ids=ids, adapter_names=peft_rows, **kw)
+        rep = ours.generate(ids, num_return_sequences=2, num_beams=2, **kw)
+    assert torch.equal(got, want)
+    assert rep.shape[0] == 8  # rows repeated by generate follow their adapter
+
+
+def test_bad_input(served, tmp_path):
+    import shutil
+
+    root, cls = served
+    model = mosconv.apply(_base(root, cls), root / "out")
+    with pytest.raises(ConfigError, match="zoo/nope"):
+        mosconv.set_active(model, ["zoo/task00", "zoo/nope"])
+    mosconv.set_active(model, ["zoo/task00", "zoo/task01", "zoo/task02"])
+    with pytest.raises(ConfigError, match="3 adapter names for a batch of 4 rows"):
+        model(torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ConfigError, match="mixed batch"):
+        mosconv.merge(model)
+    # a zoo folder whose pool file is missing: one line naming it, nothing attached
+    shutil.copytree(root / "out", tmp_path / "out")
+    for f in (tmp_path / "out" / "pools").glob("*.safetensors"):
+        f.unlink()
+    fresh = _base(root, cls)
+    with pytest.raises(FormatError, match="pool file") as e:
+        mosconv.apply(fresh, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert mosconv.adapter_names(fresh) == []
+    with pytest.raises(ConfigError, match="already attached"):
+        mosconv.apply(model, root / "out")
