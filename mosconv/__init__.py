@@ -34,6 +34,7 @@ _LAZY = {
     "set_active": "model.runtime", "adapter_names": "model.runtime",
     "active_adapter": "model.runtime", "trainable_parameters": "model.runtime",
     "AdapterLayer": "model.runtime", "memory_report": "model.runtime",
+    "set_factor_cache": "model.runtime",
     "load_base_model": "model.hf",
     "ConvertConfig": "fit.convert", "ConvertResult": "fit.convert", "convert": "fit.convert",
     "MosAdapter": "mos.types", "save_mos": "mos.format", "load_mos": "mos.format",
@@ -88,6 +89,7 @@ __all__ = [
     "remove",
     "save_mos",
     "set_active",
+    "set_factor_cache",
     "trainable_parameters",
     "truncate",
 ]

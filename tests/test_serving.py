@@ -135,3 +135,32 @@ def test_bad_input(served, tmp_path):
     assert mosconv.adapter_names(fresh) == []
     with pytest.raises(ConfigError, match="already attached"):
         mosconv.apply(model, root / "out")
+
+
+def test_factor_cache_is_bounded_and_never_stale(served):
+    from mosconv.model.runtime import FACTORS
+
+    root, cls = served
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    model = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(model, ["zoo/task00", "zoo/task01"])
+    try:
+        mosconv.set_factor_cache(4096)  # a few modules' factors at most
+        with torch.no_grad():
+            first = model(ids).logits
+            again = model(ids).logits
+        assert 0 < FACTORS.bytes <= 4096 and torch.equal(first, again)
+        # an in-place change of a pool (an optimizer step) is seen at the next forward
+        with torch.no_grad():
+            for kp in [*model.mos_adapters.modules(), *model.mos_shared_pools.modules()]:
+                if hasattr(kp, "pool_B"):
+                    kp.pool_B.mul_(2.0)
+            changed = model(ids).logits
+        mosconv.set_factor_cache(0)
+        with torch.no_grad():
+            fresh = model(ids).logits
+        assert FACTORS.bytes == 0
+        assert float((changed[0] - first[0]).abs().max()) > 1e-4
+        assert torch.equal(changed, fresh)
+    finally:
+        mosconv.set_factor_cache(256 * 2**20)

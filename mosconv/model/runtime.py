@@ -61,6 +61,58 @@ class KindPoolModule(nn.Module):
         return torch.where(mask, sh[routes.clamp(max=n - 1)], own[(routes - n).clamp(min=0)])
 
 
+class FactorCache:
+    """Assembled ``(A, B)`` of MoS modules kept between forwards while nothing can change
+    them (no gradient is being taken; pools, slot weights and cores unmodified: their
+    version counters are checked), least recently used first out beyond ``max_bytes``.
+    ``mosconv.set_factor_cache(max_bytes)`` sets the bound (0: no cache)."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.entries: dict[int, tuple[Any, tuple, tuple[torch.Tensor, torch.Tensor], int]] = {}
+        self.bytes = 0
+
+    def get(self, delta: MosDelta, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        hit = self.entries.get(id(delta))
+        if hit is None or hit[0]() is not delta or hit[1] != key:
+            return None
+        self.entries[id(delta)] = self.entries.pop(id(delta))  # most recently used
+        return hit[2]
+
+    def put(self, delta: MosDelta, key: tuple, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        import weakref
+
+        self.drop(delta)
+        size = sum(t.numel() * t.element_size() for t in factors)
+        if size > self.max_bytes:
+            return
+        while self.entries and self.bytes + size > self.max_bytes:
+            oldest = next(iter(self.entries))
+            self.bytes -= self.entries.pop(oldest)[3]
+        self.entries[id(delta)] = (weakref.ref(delta), key, factors, size)
+        self.bytes += size
+
+    def drop(self, delta: MosDelta) -> None:
+        old = self.entries.pop(id(delta), None)
+        if old is not None:
+            self.bytes -= old[3]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+FACTORS = FactorCache()
+
+
+def set_factor_cache(max_bytes: int) -> None:
+    """Bound the bytes of assembled MoS factors kept between forwards (0 turns it off)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ConfigError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+    FACTORS.max_bytes = max_bytes
+    FACTORS.clear()
+
+
 class MosDelta(nn.Module):
     """One module's MoS update ``scale * (x @ A_l.T) @ B_l.T``, assembled on every call.
 
@@ -100,10 +152,36 @@ class MosDelta(nn.Module):
             return a.reshape(self.r, p.d_in), B
         return fold_core(a.reshape(self.core.shape[1], p.d_in), self.core, B)
 
+    def _inputs(self) -> list[torch.Tensor]:
+        """Every tensor the assembled factors depend on."""
+        p = self._pools[0]
+        ts = [p.pool_A, p.pool_B, self.weights_A, self.weights_B, self.core, self.routes_A,
+              self.routes_B]
+        sh = p._shared[0]
+        if sh is not None:
+            ts += [sh.pool_A, sh.pool_B]
+        return [t for t in ts if t is not None]
+
+    def cached_factors(self, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factors` in ``dtype`` on ``device``, from :data:`FACTORS` when nothing
+        needs their gradient."""
+        inputs = self._inputs()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            A, B = self.factors()
+            return A.to(device, dtype), B.to(device, dtype)
+        key = (str(device), dtype, tuple((id(t), t._version) for t in inputs))
+        hit = FACTORS.get(self, key)
+        if hit is None:
+            with torch.no_grad():
+                A, B = self.factors()
+                hit = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous())
+            FACTORS.put(self, key, hit)
+        return hit
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., d_in) -> (..., d_out)`` in x's dtype and device."""
-        A, B = self.factors()
-        A, B = A.to(x.device, x.dtype), B.to(x.device, x.dtype)
+        A, B = self.cached_factors(x.device, x.dtype)
         return self.scale * ((x @ A.T) @ B.T)
 
 
