@@ -164,3 +164,57 @@ def test_factor_cache_is_bounded_and_never_stale(served):
         assert torch.equal(changed, fresh)
     finally:
         mosconv.set_factor_cache(256 * 2**20)
+
+
+def test_adapters_of_different_base_models_are_refused(served, tmp_path):
+    import json
+    import shutil
+
+    root, cls = served
+    for n in NAMES[:2]:
+        shutil.copytree(root / "out" / n, tmp_path / n)
+    cfg_path = tmp_path / NAMES[1] / "mos_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["source"]["base_model"] = "another-model"
+    cfg_path.write_text(json.dumps(cfg))
+    model = _base(root, cls)
+    with pytest.raises(ConfigError, match="different base models"):
+        mosconv.apply(model, [tmp_path / n for n in NAMES[:2]])
+    assert mosconv.adapter_names(model) == []
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_mixed_batch_on_gpt2_conv1d_equals_peft(tmp_path):
+    """GPT-2's Conv1D layers (fan_in_fan_out): a list of four MoS folders, mixed rows."""
+    pytest.importorskip("peft")
+    from factory import write_random_peft
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mosconv.fit.convert import ConvertConfig
+    from mosconv.pipeline import compress
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).eval().save_pretrained(tmp_path / "base")
+    modules = {f"transformer.h.{i}.attn.c_attn": (192, 64) for i in range(2)}
+    modules.update({f"transformer.h.{i}.mlp.c_fc": (256, 64) for i in range(2)})
+    names = [f"g{i}" for i in range(4)]
+    for i, n in enumerate(names):
+        write_random_peft(tmp_path / "lora" / n, modules, r=4, alpha=8, seed=i, b_std=0.05,
+                          fan_in_fan_out=True)
+        compress(tmp_path / "lora" / n, tmp_path / "mos" / n, ConvertConfig(ratio=2))
+        export_lora(tmp_path / "mos" / n, tmp_path / "exp" / n)
+    ids = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(4))
+    rows = ["g2", "g0", None, "g3", "g2"]
+    ours = mosconv.apply(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+                         [tmp_path / "mos" / n for n in names])
+    mosconv.set_active(ours, rows)
+    peft = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+                                     tmp_path / "exp" / "g0", adapter_name="g0")
+    for n in names[1:]:
+        peft.load_adapter(tmp_path / "exp" / n, adapter_name=n)
+    with torch.no_grad():
+        got = ours(ids).logits
+        want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
+    assert float((got - want).abs().max()) < 1e-4

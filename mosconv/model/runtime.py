@@ -621,6 +621,11 @@ def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) ->
         if n in seen:
             raise ConfigError(f"adapter {n!r}: already attached (or listed twice)")
         seen.add(n)
+    bases = {b: n for n, a in items if (b := _base_model_of(a)) is not None}
+    if len(bases) > 1:
+        (b1, n1), (b2, n2) = list(bases.items())[:2]
+        raise ConfigError(f"adapters of different base models: {n1} ({b1}) and {n2} ({b2}); "
+                          "attach the ones made for this model")
     done: list[str] = []
     try:
         for n, a in items:
@@ -631,6 +636,30 @@ def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) ->
             remove(model, n)
         raise
     return model
+
+
+def _base_model_of(adapter: Any) -> str | None:
+    """The base model an adapter says it was made for (a MoS folder's config is read
+    without its tensors), or None."""
+    import json
+
+    from ..names import CONFIG_FILE, PEFT_CONFIG
+
+    if isinstance(adapter, MosAdapter):
+        return adapter.source.get("base_model")
+    if isinstance(adapter, LoraAdapter):
+        return adapter.base_model
+    if isinstance(adapter, (str, Path)):
+        for name, get in ((CONFIG_FILE, lambda c: (c.get("source") or {}).get("base_model")),
+                          (PEFT_CONFIG, lambda c: c.get("base_model_name_or_path"))):
+            path = Path(adapter) / name
+            if path.is_file():
+                try:
+                    value = get(json.loads(path.read_text()))
+                except (OSError, ValueError, AttributeError):
+                    return None  # unreadable: apply names the problem
+                return value if isinstance(value, str) else None
+    return None
 
 
 def _shared_pools(model: nn.Module, p: Any, device: Any, dtype: torch.dtype) -> KindPoolModule:
