@@ -141,3 +141,60 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
                     for m in mos.modules],
         "report": report.to_json() if report is not None else None,
     }
+
+
+SERVING_SCHEMA = "mosconv.inspect.serving/1"
+
+
+def inspect_serving(path: str | Path) -> dict[str, Any]:
+    """What serving ``path`` (a ``batch`` output folder, or one MoS folder) holds in memory,
+    computed from its files: a group's pool-file entries once, each adapter's own part, the
+    total, next to the same adapters as plain LoRAs (each module at its assembled rank, as
+    ``export`` writes them and PEFT holds them). Bytes assume the runtime's float32 layers:
+    4 bytes a value (dequantized), 8 an int64 route.
+
+    Raises:
+        FormatError: a folder that is neither, or a member that does not load.
+    """
+    from .errors import FormatError
+    from .model.runtime import _is_zoo, _zoo_members
+    from .mos.format import is_mos_dir, load_mos
+
+    p = Path(path)
+    if _is_zoo(p):
+        members = _zoo_members(p)
+    elif is_mos_dir(p):
+        members = [(p.name, p)]
+    else:
+        raise FormatError(f"{p}: not a MoS folder or a batch output (no mos_config.json or "
+                          "summary.json)")
+    shared: dict[tuple, int] = {}
+    rows = []
+    for name, folder in members:
+        mos = load_mos(folder)
+        own = 0
+        for kp in mos.kinds.values():
+            nA, nB = (kp.shared["n_A"], kp.shared["n_B"]) if kp.shared else (0, 0)
+            own += (kp.pool_A.shape[0] - nA) * (kp.d_in // kp.nc) * 4
+            own += (kp.pool_B.shape[0] - nB) * (kp.d_out // kp.nc) * 4
+            if kp.shared:
+                key = (kp.shared["sha256"], kp.shared.get("key_A"), kp.shared.get("key_B"))
+                shared[key] = (nA * (kp.d_in // kp.nc) + nB * (kp.d_out // kp.nc)) * 4
+        lora = 0
+        for m in mos.modules:
+            own += 8 * (m.routes_A.numel() + m.routes_B.numel())
+            own += 4 * sum(t.numel() for t in (m.weights_A, m.weights_B, m.core)
+                           if t is not None)
+            A, B = mos.assemble(m)
+            lora += max(int(A.shape[0]), 1) * (int(A.shape[1]) + int(B.shape[0])) * 4
+        rows.append({"name": name, "own_bytes": own, "lora_bytes": lora,
+                     "params": mos.params, "local_params": mos.local_params})
+        del mos
+    shared_bytes = sum(shared.values())
+    total = shared_bytes + sum(r["own_bytes"] for r in rows)
+    lora_total = sum(r["lora_bytes"] for r in rows)
+    return {"schema": SERVING_SCHEMA, "path": str(p), "adapters": len(rows),
+            "shared_pool_files": len({k[0] for k in shared}), "shared_bytes": shared_bytes,
+            "own_bytes_mean": (total - shared_bytes) / len(rows) if rows else 0.0,
+            "total_bytes": total, "lora_total_bytes": lora_total,
+            "ratio_to_lora": lora_total / total if total else None, "members": rows}

@@ -218,3 +218,25 @@ def test_mixed_batch_on_gpt2_conv1d_equals_peft(tmp_path):
         got = ours(ids).logits
         want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
     assert float((got - want).abs().max()) < 1e-4
+
+
+def test_inspect_serving_agrees_with_memory_report(served):
+    import json
+
+    from click.testing import CliRunner
+
+    from mosconv.cli import main
+
+    root, cls = served
+    res = CliRunner().invoke(main, ["inspect", str(root / "out"), "--serving", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    model = mosconv.apply(_base(root, cls), root / "out")
+    mem = mosconv.memory_report(model)
+    assert info["adapters"] == 4 and info["shared_pool_files"] == 1
+    assert info["shared_bytes"] == mem["shared_bytes"]
+    assert info["total_bytes"] == mem["total_bytes"]
+    assert info["lora_total_bytes"] == mem["lora_total_bytes"]
+    assert [m["name"] for m in info["members"]] == NAMES
+    text = CliRunner().invoke(main, ["inspect", str(root / "out"), "--serving"]).output
+    assert "4 adapters: shared pools" in text and "as LoRAs" in text

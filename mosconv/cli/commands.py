@@ -86,18 +86,31 @@ def _check_plot(plot_path: str | None) -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema instead of tables.")
+@click.option("--serving", is_flag=True,
+              help="For a batch output (or a MoS folder): the memory serving it takes, shared "
+                   "pools once and each adapter's own part, next to the same adapters as "
+                   "plain LoRAs (computed from the files).")
 @_PLOT
 @handle_errors
-def inspect(path: str, as_json: bool, plot_path: str | None) -> None:
+def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> None:
     """Show what an adapter holds: format, modules, kinds, spectra, truncation errors.
 
     PATH is a PEFT folder, an adapter_model.* file inside one, or a diffusers, kohya or
-    LyCORIS (LoHa/LoKr) .safetensors file.
+    LyCORIS (LoHa/LoKr) .safetensors file; a MoS folder; with --serving a batch output.
     """
     from ..inspect import inspect_lora, inspect_mos
     from ..lora.read import read_adapter
     from ..mos.format import is_mos_dir, load_report
 
+    if serving:
+        from ..inspect import inspect_serving
+        from .render import render_serving
+
+        if plot_path is not None:
+            raise click.UsageError("--serving does not draw a plot")
+        info = inspect_serving(path)
+        click.echo(json.dumps(info, indent=2) if as_json else render_serving(info))
+        return
     _check_plot(plot_path)
     mos = is_mos_dir(path)
     report = load_report(path) if mos and plot_path is not None else None

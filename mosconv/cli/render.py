@@ -149,6 +149,24 @@ def render_mos_inspect(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_serving(info: dict[str, Any]) -> str:
+    """``inspect --serving`` (``info``: :func:`mosconv.inspect.inspect_serving`)."""
+    n = info["adapters"]
+    rows = [[m["name"], fmt_bytes(m["own_bytes"]), fmt_bytes(m["lora_bytes"])]
+            for m in info["members"][:20]]
+    out = [table(rows, ["adapter", "own (resident)", "as a LoRA"])]
+    if n > 20:
+        out.append(f"... {n - 20} more")
+    ratio = info["ratio_to_lora"]
+    out += ["", f"{n} adapters: shared pools {fmt_bytes(info['shared_bytes'])} once "
+                f"({info['shared_pool_files']} pool files), own parts "
+                f"{fmt_bytes(info['own_bytes_mean'])} per adapter on average; total "
+                f"{fmt_bytes(info['total_bytes'])} against {fmt_bytes(info['lora_total_bytes'])} "
+                f"as LoRAs" + (f" (x{ratio:.2f} less)" if ratio else ""),
+            "(resident bytes in a float32 model, from the files: 4 bytes a value, 8 a route)"]
+    return "\n".join(out)
+
+
 def _storage_line(info: dict[str, Any]) -> str:
     st, b = info.get("storage") or {}, info.get("tensor_bytes") or {}
     how = st.get("dtype", "float32")
