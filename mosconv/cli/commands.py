@@ -83,6 +83,16 @@ def _check_plot(plot_path: str | None) -> None:
         check_plot_path(plot_path)
 
 
+def _inspect_serving(path: str, as_json: bool, plot_path: str | None) -> None:
+    from ..inspect import inspect_serving
+    from .render import render_serving
+
+    if plot_path is not None:
+        raise click.UsageError("--serving does not draw a plot")
+    info = inspect_serving(path)
+    click.echo(json.dumps(info, indent=2) if as_json else render_serving(info))
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema instead of tables.")
@@ -103,14 +113,7 @@ def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> N
     from ..mos.format import is_mos_dir, load_report
 
     if serving:
-        from ..inspect import inspect_serving
-        from .render import render_serving
-
-        if plot_path is not None:
-            raise click.UsageError("--serving does not draw a plot")
-        info = inspect_serving(path)
-        click.echo(json.dumps(info, indent=2) if as_json else render_serving(info))
-        return
+        return _inspect_serving(path, as_json, plot_path)
     _check_plot(plot_path)
     mos = is_mos_dir(path)
     report = load_report(path) if mos and plot_path is not None else None
