@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .errors import ConfigError, FormatError, NumericalError
 from .fileio import prepare_output_dir, sha256_file
 from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
@@ -267,8 +269,11 @@ def source_provenance(lora_path: str | Path, adapter: LoraAdapter) -> dict[str, 
     return {"path": str(lora_path), "files": files}
 
 
+SERVER_RANKS = (8, 16, 32, 64, 128, 256, 512)  # vLLM's max_lora_rank choices
+
+
 def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False,
-                dtype: str = "auto") -> Path:
+                dtype: str = "auto", pad_rank: int | str | None = None) -> Path:
     """Materialize a MoS adapter as a standard PEFT LoRA folder.
 
     Scale is folded into ``B`` and ``lora_alpha == r`` (per-module ranks in
@@ -276,12 +281,14 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
     original keys.  A module whose MoS rank is 0 is written as a rank-1 zero pair.
     ``dtype``: of the LoRA factors; ``auto`` = the MoS adapter's float dtype, float32 for a
     quantized adapter (its dequantized values are exact in float32).
+    ``pad_rank``: every module padded with zero rows / columns to one rank (an integer, or
+    ``auto``: the smallest of 8, 16, 32, ..., 512 that holds the largest module), so servers
+    that read only the top-level ``r`` (vLLM, LoRAX: ``max_lora_rank``) load it unchanged;
+    the update is the same (zeros add nothing).
 
     Raises:
         FormatError: the source was not PEFT (diffusers/kohya export is not supported).
     """
-    import torch
-
     from .mos.quant import FLOAT_DTYPES
 
     if dtype != "auto" and dtype not in FLOAT_DTYPES:
@@ -311,6 +318,8 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
                                  "too large); export as float32")
         modules.append((m.name, A.contiguous(), B.contiguous(), m.embedding))
         ranks.append((m.name, int(A.shape[0])))
+    if pad_rank is not None:
+        modules, ranks = _pad_ranks(mos_dir, modules, pad_rank)
     base = dict(mos.source.get("config") or {})
     for key in ("rank_pattern", "alpha_pattern"):
         base.pop(key, None)
@@ -323,6 +332,32 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         if created:  # a failed export (disk full, interrupt) leaves no folder we made
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _pad_ranks(mos_dir: str | Path, modules: list, pad_rank: int | str) -> tuple[list, list]:
+    """Modules padded with zeros to one rank (see :func:`export_lora`)."""
+    top = max((int(A.shape[0]) for _, A, _, _ in modules), default=1)
+    if pad_rank == "auto":
+        fits = [r for r in SERVER_RANKS if r >= top]
+        if not fits:
+            raise ConfigError(f"{mos_dir}: a module has rank {top}, above every server rank "
+                              f"({SERVER_RANKS[-1]} at most)", options=("pad_rank",))
+        target = fits[0]
+    elif isinstance(pad_rank, int) and not isinstance(pad_rank, bool) and pad_rank >= 1:
+        target = pad_rank
+        if top > target:
+            raise ConfigError(f"{mos_dir}: a module has rank {top}, above the rank {target} "
+                              "to pad to", options=("pad_rank",))
+    else:
+        raise ConfigError(f"pad rank must be auto or an integer >= 1, got {pad_rank!r}",
+                          options=("pad_rank",))
+    out = []
+    for name, A, B, emb in modules:
+        k = int(A.shape[0])
+        A = torch.cat([A, A.new_zeros(target - k, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], target - k)], dim=1)
+        out.append((name, A.contiguous(), B.contiguous(), emb))
+    return out, [(name, target) for name, *_ in modules]
 
 
 def export_summary(folder: str | Path) -> dict[str, Any]:

@@ -306,3 +306,30 @@ def test_peft_loads_export_gpt2_conv1d(tmp_path):
     mos = _peft_round_trip(tmp_path, GPT2LMHeadModel, config, modules, fan_in_fan_out=True)
     assert len(mos.kinds) == 3  # attn.c_proj and mlp.c_proj are different kinds
     assert math.isfinite(mos.params)
+
+
+@pytest.mark.parametrize("pad", ["auto", 32])
+def test_export_pads_ranks_for_servers(pad, tmp_path):
+    """--pad-rank: one rank for every module (vLLM/LoRAX read only the top-level r); the
+    updates are unchanged."""
+    from click.testing import CliRunner
+
+    from mosconv.cli import main
+
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=2, d=16, d_kv=8), r=4)
+    compress(folder, tmp_path / "mos", ConvertConfig(ratio=2))
+    export_lora(tmp_path / "mos", tmp_path / "plain")
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "mos"), str(tmp_path / "pad"),
+                                    "--pad-rank", str(pad)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "pad" / "adapter_config.json").read_text())
+    want = 8 if pad == "auto" else 32
+    assert cfg["r"] == cfg["lora_alpha"] == want and not cfg["rank_pattern"]
+    plain, padded = read_adapter(tmp_path / "plain"), read_adapter(tmp_path / "pad")
+    for a, b in zip(plain.modules, padded.modules):
+        assert b.r == want and b.scale == 1.0
+        assert torch.equal(dense(a.A, a.B, a.scale), dense(b.A, b.B, b.scale))
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "mos"), str(tmp_path / "x"),
+                                    "--pad-rank", "1"])
+    assert res.exit_code == 1 and "above the rank 1" in res.output
+    assert not (tmp_path / "x").exists()

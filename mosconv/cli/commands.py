@@ -251,10 +251,14 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
               default="auto", show_default=True,
               help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (float32 "
                    "for int8/int4 adapters: their dequantized values are exact in it).")
+@click.option("--pad-rank", default=None, metavar="R|auto",
+              help="Pad every module with zeros to one rank R (auto: the smallest of 8, 16, "
+                   "32, ..., 512 that holds them all), for servers that read only the "
+                   "top-level r (vLLM, LoRAX max_lora_rank).")
 @output_options("a JSON summary of what was written")
 @handle_errors
-def export(mos_dir: str, out: str, dtype: str, overwrite: bool, quiet: bool,
-           as_json: bool) -> None:
+def export(mos_dir: str, out: str, dtype: str, pad_rank: str | None, overwrite: bool,
+           quiet: bool, as_json: bool) -> None:
     """Materialize the MoS adapter MOS_DIR as a plain PEFT LoRA folder OUT.
 
     Scale is folded into B and lora_alpha == r (per-module ranks in rank_pattern /
@@ -262,7 +266,12 @@ def export(mos_dir: str, out: str, dtype: str, overwrite: bool, quiet: bool,
     """
     from ..pipeline import export_lora, export_summary
 
-    folder = export_lora(mos_dir, out, overwrite=overwrite, dtype=dtype)
+    if pad_rank is not None and pad_rank != "auto":
+        if not pad_rank.isdigit() or int(pad_rank) < 1:
+            raise click.BadParameter(f"{pad_rank!r} is not auto or an integer >= 1",
+                                     param_hint="--pad-rank")
+        pad_rank = int(pad_rank)  # type: ignore[assignment]
+    folder = export_lora(mos_dir, out, overwrite=overwrite, dtype=dtype, pad_rank=pad_rank)
     if as_json:
         _dump(export_summary(folder))
     elif not quiet:
