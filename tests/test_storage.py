@@ -211,6 +211,11 @@ def test_peft_loads_export_of_quantized_adapter_and_matches_apply(quant, tmp_pat
         want = ours(ids).logits
     assert float((got - plain).abs().max()) > 1e-3
     assert float((got - want).abs().max()) < 1e-4
+    from mosconv.model.runtime import merge
+
+    merged = merge(ours)  # folded into the weights: the same outputs
+    with torch.no_grad():
+        assert float((merged(ids).logits - want).abs().max()) < 1e-4
 
 
 def test_export_dtype(tmp_path):
