@@ -184,6 +184,45 @@ class MosDelta(nn.Module):
         A, B = self.cached_factors(x.device, x.dtype)
         return self.scale * ((x @ A.T) @ B.T)
 
+    def basis_key(self) -> tuple | None:
+        """For a zoo member whose update is ``U C V^T`` with both ``U`` and ``V`` in its
+        group's shared pools (a core between them, no slot weights): what identifies the
+        basis (other members with the same key differ only in their cores); else None."""
+        if not hasattr(self, "_basis"):
+            p, key = self._pools[0], None
+            sh = p._shared[0]
+            if (self.core is not None and self.weights_A is None and sh is not None
+                    and self.routes_A.numel() and self.routes_B.numel()
+                    and int(self.routes_A.max()) < sh.pool_A.shape[0]
+                    and int(self.routes_B.max()) < sh.pool_B.shape[0]):
+                key = (id(sh), tuple(self.routes_A.tolist()), tuple(self.routes_B.tolist()))
+            self._basis = key
+        return self._basis
+
+    def basis(self, device: torch.device, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V^T (r_A, d_in), U (d_out, r))`` of a member with a :meth:`basis_key`."""
+        sh = self._pools[0]._shared[0]
+        a = sh.pool_A[self.routes_A].reshape(self.core.shape[1], sh.d_in)
+        b = sh.pool_B[self.routes_B].reshape(self.core.shape[0], sh.d_out).T
+        return a.to(device, dtype), b.to(device, dtype)
+
+
+def _joint_pass(x: torch.Tensor, out: torch.Tensor,
+                members: list[tuple[MosDelta, torch.Tensor]]) -> torch.Tensor:
+    """``out[rows] += scale_i * x[rows] V C_i^T U^T`` for members sharing ``U``, ``V``: the
+    basis once for all their rows, the cores by a batched matmul."""
+    idx = torch.cat([i for _, i in members])
+    which = torch.cat([torch.full((int(i.numel()),), k, device=x.device, dtype=torch.long)
+                       for k, (_, i) in enumerate(members)])
+    cores = torch.stack([d.scale * d.core.to(x.device, x.dtype) for d, _ in members])
+    A, B = members[0][0].basis(x.device, x.dtype)
+    xs = x.index_select(0, idx)
+    h = (xs @ A.T).reshape(xs.shape[0], -1, A.shape[0])  # (rows, tokens, r_A)
+    h = torch.bmm(h, cores[which].transpose(1, 2))  # each row through its own core
+    delta = (h @ B.T).reshape(*xs.shape[:-1], B.shape[0])
+    return out.index_add(0, idx, delta.to(out.dtype))
+
 
 class LoraDelta(nn.Module):
     """A plain LoRA update ``scale * (x @ A.T) @ B.T``, ``A (r, d_in)``, ``B (d_out, r)``."""
@@ -214,6 +253,7 @@ class AdapterLayer(nn.Module):
         self.active: str | None = None
         self.rows: tuple[str | None, ...] | None = None  # mixed batches: one name per row
         self._groups: dict = {}
+        self.shared_basis_rows = 0  # rows of the last mixed batch done in a joint pass
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads layer.weight (dtype checks) keeps working
@@ -252,10 +292,25 @@ class AdapterLayer(nn.Module):
         return self._groups[key]
 
     def _mixed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Each row's own adapter: one call per distinct adapter of the batch, on its rows."""
+        """Each row's own adapter. Adapters that are a shared basis and a core each (a zoo's
+        joint fit) share one pass: the basis applied once to all their rows, each row's core
+        gathered by adapter index (``bmm``); every other adapter: one call on its rows."""
+        joint: dict[tuple, list[tuple[MosDelta, torch.Tensor]]] = {}
+        self.shared_basis_rows = 0
         for name, idx in self._row_groups(x.shape[0], x.device):
-            delta = self.deltas[name](x.index_select(0, idx)).to(out.dtype)
-            out = out.index_add(0, idx, delta)
+            d = self.deltas[name]
+            key = d.basis_key() if isinstance(d, MosDelta) else None
+            if key is not None:
+                joint.setdefault(key, []).append((d, idx))
+                continue
+            out = out.index_add(0, idx, d(x.index_select(0, idx)).to(out.dtype))
+        for members in joint.values():
+            if len(members) == 1:
+                d, idx = members[0]
+                out = out.index_add(0, idx, d(x.index_select(0, idx)).to(out.dtype))
+                continue
+            out = _joint_pass(x, out, members)
+            self.shared_basis_rows += sum(int(i.numel()) for _, i in members)
         return out
 
 
