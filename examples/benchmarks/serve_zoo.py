@@ -53,6 +53,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from batch_speed import busy_cpu_s, wait_for_idle
+
+from mosconv.cli.render import table
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,30 +86,8 @@ def rss_kib() -> int | None:
         return None
 
 
-def busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has been busy (``/proc/stat``; None elsewhere)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
-
-
-def table(rows: list[list], headers: list[str]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def machine_line(threads: int) -> tuple[str, dict]:
@@ -490,20 +472,6 @@ def estimate_convert_s(name: str, work: Path, n: int) -> tuple[float, int] | Non
     k = done[-1]
     t = json.loads((work / name / f"n{k}" / "prep.json").read_text())["convert_s"]
     return t * n / k, k
-
-
-def wait_for_idle(max_wait: float, threshold: float = 0.3) -> float | None:
-    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` CPUs."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        b0, t0 = busy_cpu_s(), time.monotonic()
-        time.sleep(1.0)
-        b1 = busy_cpu_s()
-        if b0 is None or b1 is None:
-            return None
-        load = (b1 - b0) / (time.monotonic() - t0)
-        if load < threshold or time.monotonic() >= deadline:
-            return load
 
 
 def measure_spec(common: dict, prep: dict, rows: dict, tag: str) -> dict:
