@@ -18,7 +18,8 @@ zoo plus a per-adapter part. For each N the first N are converted jointly with
 (``run_batch`` on the zoo plus it, into a copy of the output: it is fitted against the
 group's existing pools) and exported too.
 
-Each system then runs in its own fresh subprocess (so ``ru_maxrss`` is its own peak):
+Each system then runs in its own fresh subprocess (so its peak RSS, VmHWM, is its own; the
+JSON has ru_maxrss too, which on Linux includes the parent's RSS at the fork):
   mosconv: ``mosconv.apply(model, OUT)``; PEFT: ``PeftModel.from_pretrained`` + ``load_adapter``
   for the other N-1 exported LoRAs; base: the base model alone (reference).
   1. resident adapter bytes (mosconv: memory_report; PEFT: numel * element_size of every
@@ -42,6 +43,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -75,7 +77,14 @@ MODELS = {
 
 
 def maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    """Peak RSS of this process's own memory (KiB): VmHWM. Not ``ru_maxrss``: Linux carries
+    the parent's RSS at the fork into a child's ``ru_maxrss`` across exec, so a worker started
+    by a large parent would report at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def rss_kib() -> int | None:
@@ -232,9 +241,13 @@ def prepare_zoo(name: str, work: Path, master: Path, n: int) -> dict:
     new = f"task{n:02d}"
     link_zoo(master, zoo, n)
     config = BatchConfig(ratio=RATIO, shared_pool=True)
-    t = time.perf_counter()
+    t, busy0, ru0 = time.perf_counter(), busy_cpu_s(), resource.getrusage(resource.RUSAGE_SELF)
     summary = run_batch(zoo, out, config)
     convert_s = time.perf_counter() - t
+    ru1, busy1 = resource.getrusage(resource.RUSAGE_SELF), busy_cpu_s()
+    own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    others = (max(0.0, busy1 - busy0 - own) / convert_s if busy0 is not None
+              and busy1 is not None and convert_s > 0 else None)
     if summary.failed:
         sys.exit(f"{name} N={n}: {summary.failed} adapters failed to convert")
     names = [a.name for a in summary.adapters]
@@ -264,7 +277,8 @@ def prepare_zoo(name: str, work: Path, master: Path, n: int) -> dict:
     times = json.loads(stamp.read_text()) if stamp.is_file() else {}
     cached = {a.status for a in summary.adapters} == {"skipped"} and "convert_s" in times
     if not cached:
-        times["convert_s"] = convert_s
+        times.update(convert_s=convert_s, convert_cpu_s=own, convert_others_cpus=others,
+                     convert_maxrss_kib=maxrss_kib())
     if "add_convert_s" not in times or added.status == "converted":
         times["add_convert_s"] = add_convert_s
     if "export_s" not in times or export_s > 0.5:
@@ -310,6 +324,7 @@ def worker(spec_path: str) -> None:
     model.requires_grad_(False)
     res["base_load_s"] = time.perf_counter() - t
     res["maxrss_after_base_kib"], res["rss_after_base_kib"] = maxrss_kib(), rss_kib()
+    phases = res["maxrss_phases_kib"] = {"base loaded": maxrss_kib()}
     g = torch.Generator().manual_seed(spec["seed"])
     vocab = model.config.vocab_size
     ids = {b: torch.randint(3, vocab, (b, spec["prompt"]), generator=g) for b in spec["batches"]}
@@ -394,6 +409,7 @@ def worker(spec_path: str) -> None:
 
         cache = None
 
+    phases["adapters attached"] = maxrss_kib()
     with torch.no_grad():
         fwd = {}
         for label, name in (("one_adapter", spec["single"]), ("no_adapter", None)):
@@ -404,6 +420,7 @@ def worker(spec_path: str) -> None:
             best, times, _ = _best(fn, reps)
             fwd[label] = {"best_s": best, "times_s": times}
         res["forward_b8"] = fwd
+        phases["forward b8"] = maxrss_kib()
         if spec.get("profile"):
             import cProfile
             import io
@@ -428,11 +445,13 @@ def worker(spec_path: str) -> None:
             gen[str(b)] = {"best_s": best, "times_s": times, "new_tokens": int(new.shape[1]),
                            "tokens_per_s": b * int(new.shape[1]) / best,
                            "tokens": new.tolist()}
+            phases[f"generate b{b}"] = maxrss_kib()
         res["generate"] = gen
     if cache is not None:
         res["factor_cache"] = {"max_bytes": cache.max_bytes, "bytes": cache.bytes,
                                "entries": len(cache.entries)}
     res["maxrss_kib"] = maxrss_kib()
+    res["ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(spec["result"]).write_text(json.dumps(res))
 
 
@@ -463,15 +482,22 @@ def run_worker(spec: dict, tmp: Path) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def estimate_convert_s(name: str, work: Path, n: int) -> tuple[float, int] | None:
-    """Conversion seconds of zoo n scaled from the largest smaller zoo prepared (linear in n,
-    which the measured 8 -> 64 growth does not beat: a lower bound); and that zoo's size."""
+def estimate_convert_s(name: str, work: Path, n: int) -> tuple[float, str] | None:
+    """Conversion seconds of zoo n extrapolated from the zoos of this model converted before:
+    a power law through the two largest (the joint fit grows faster than linearly), linear
+    from one; and how."""
     done = sorted(k for k in range(1, n) if converted(name, work, k))
     if not done:
         return None
+    t = {k: json.loads((work / name / f"n{k}" / "prep.json").read_text())["convert_s"]
+         for k in done[-2:]}
     k = done[-1]
-    t = json.loads((work / name / f"n{k}" / "prep.json").read_text())["convert_s"]
-    return t * n / k, k
+    if len(t) == 1:
+        return t[k] * n / k, f"{n}/{k} x the N={k} conversion, {t[k]:.0f} s"
+    j = done[-2]
+    alpha = max(1.0, math.log(t[k] / t[j]) / math.log(k / j))
+    return (t[k] * (n / k) ** alpha,
+            f"N={j}: {t[j]:.0f} s, N={k}: {t[k]:.0f} s, extrapolated as N^{alpha:.2f}")
 
 
 def measure_spec(common: dict, prep: dict, rows: dict, tag: str) -> dict:
@@ -568,8 +594,8 @@ def main() -> None:
                 if (not converted(mname, args.work, n) and est is not None
                         and est[0] > args.convert_budget_s):
                     why = (f"not converted yet, and converting {n} adapters jointly would take "
-                           f"about {est[0] / 60:.0f} min or more ({n}/{est[1]} x the measured "
-                           f"conversion of N={est[1]}), more than --convert-budget-s "
+                           f"about {est[0] / 60:.0f} min ({est[1]}), more than "
+                           "--convert-budget-s "
                            f"{args.convert_budget_s:.0f} s (raise it, with --prepare-only "
                            "to convert without measuring)")
                     print(f"  N={n}: SKIPPED: {why}", flush=True)
@@ -648,7 +674,9 @@ def report_prep(n: int, prep: dict) -> None:
         cached += f" [{prep['note']}]"
     print(f"  N={n}: converted {t['converted'] + t['skipped']}/{t['adapters']}, rel.err "
           f"{t['relative_error']:.3f}, params {t['mos_params']:,} of LoRA {t['lora_params']:,} "
-          f"(pools {t['shared_pool_params']:,}); convert {prep['convert_s']:.0f} s{cached}, "
+          f"(pools {t['shared_pool_params']:,}); convert {prep['convert_s']:.0f} s{cached}"
+          + (f" (other processes used {prep['convert_others_cpus']:.2f} CPUs meanwhile)"
+             if prep.get("convert_others_cpus") is not None else "") + ", "
           f"adding one more to the group {prep['add_convert_s']:.1f} s ({prep['add_status']}, "
           f"rel.err {prep['add_relative_error']:.3f}, same group: {prep['add_group_same']}), "
           f"export {prep['export_s']:.1f} s", flush=True)
@@ -714,6 +742,10 @@ def summary_tables(mres: dict, batches: list[int]) -> None:
              is not None else ""))
     for n, z in zoos.items():
         o, p = z["mosconv"], z["peft"]
+        print(f"  N={n}: peak RSS (MiB) after each phase: "
+              + "; ".join(f"{k}: " + ", ".join(f"{ph} {v / 1024:,.0f}"
+                                               for ph, v in r["maxrss_phases_kib"].items())
+                          for k, r in (("mosconv", o), ("PEFT", p))))
         print(f"  N={n}: no adapter active, forward b8: mosconv "
               f"{o['forward_b8']['no_adapter']['best_s'] * 1e3:.0f} ms, PEFT "
               f"{p['forward_b8']['no_adapter']['best_s'] * 1e3:.0f} ms; add one adapter: "
