@@ -117,3 +117,57 @@ def test_calibrate_convert_and_distill_on_real_text(smollm, tmp_path):
                   DistillConfig(steps=4, lr=1e-3, batch_size=2, eval_every=2, device="cpu"))
     assert out.info["kl_after"] < out.info["kl_before"]
     assert os.path.getsize(tmp_path / "c.safetensors") > 0
+
+
+def test_mixed_batch_of_a_zoo_equals_peft_on_the_real_model(smollm, tmp_path):
+    """Issue 14 on the real model: four synthetic LoRAs on SmolLM2's q_proj/v_proj shapes
+    (examples/synthetic_zoo.py: a shared output subspace, two init seeds) converted jointly; a
+    mixed batch through mosconv equals PEFT's ``adapter_names`` mixed batch with the exported
+    LoRAs, row by row (logits and greedy generate). (The real medical LoRA is not in the zoo: its
+    update has ~10^4 times their energy, so the group's energy-weighted joint fit does not beat
+    converting each alone and the group falls back to independent conversions.)"""
+    import copy
+
+    from helpers import example_module
+    from peft import PeftModel
+
+    from mosconv.batch.run import BatchConfig, run_batch
+
+    _, model, tok, _, _ = smollm
+    zoo = tmp_path / "zoo"
+    example_module("synthetic_zoo").write_zoo(zoo / "syn", 4, d=576, d_kv=192, r=16, layers=30,
+                                              base="HuggingFaceTB/SmolLM-135M-Instruct")
+    summary = run_batch(zoo, tmp_path / "out", BatchConfig(ratio=8, shared_pool=True))
+    assert summary.failed == 0
+    assert (tmp_path / "out" / "pools").is_dir()  # a joint fit, not four conversions alone
+    names = ["syn/task00", "syn/task01", "syn/task02", "syn/task03"]
+    for n in names:
+        export_lora(tmp_path / "out" / n, tmp_path / "exp" / n)
+    key = {n: n.replace("/", "_") for n in names}
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "exp" / names[0],
+                                     adapter_name=key[names[0]])
+    for n in names[1:]:
+        peft.load_adapter(tmp_path / "exp" / n, adapter_name=key[n])
+    peft.eval()
+    rows = ["syn/task01", "syn/task03", None, "syn/task02", "syn/task00", "syn/task03"]
+    ids = tok(["The patient was given two tablets of ibuprofen for the fever."] * len(rows),
+              return_tensors="pt")["input_ids"]
+    peft_rows = [key[r] if r else "__base__" for r in rows]
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tok.eos_token_id}
+    try:
+        mosconv.apply(model, tmp_path / "out")
+        assert mosconv.adapter_names(model) == names
+        mosconv.set_active(model, rows)
+        with torch.no_grad():
+            got = model(ids).logits
+            want = peft(ids, adapter_names=peft_rows).logits
+            got_gen = model.generate(ids, **kw)
+            want_gen = peft.generate(input_ids=ids, adapter_names=peft_rows, **kw)
+        layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
+        shared_rows = max(m.shared_basis_rows for m in layers)
+    finally:
+        mosconv.remove(model)
+    assert float((got - want).abs().max()) < 1e-4
+    assert torch.equal(got_gen, want_gen)
+    assert shared_rows >= 2  # zoo members with a shared basis went through one pass
+    assert float((got[1] - got[2]).abs().max()) > 0.05  # the adapters do act (0.23 here)
