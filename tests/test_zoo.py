@@ -341,6 +341,7 @@ def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
         assert math.sqrt(err / energy) == pytest.approx(a.relative_error, rel=1e-4)
         # the shared bases serve the newcomer better than converting it alone
         assert a.relative_error < a.truncation_relative_error
+        assert _mixed_routes(mos)  # a private residual beside the shared rows
     refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
     assert {a.status for a in refit.adapters} == {"skipped"}  # nothing new: nothing to refit
     (out / "task0" / "mos_config.json").unlink()  # an incomplete member, with --refit
@@ -368,3 +369,63 @@ def test_no_member_is_worse_off_than_converted_alone(tmp_path):
     assert all(g <= a * (1 + 1e-6) for g, a in zip(got, alone, strict=True))
     assert res.mode == "shared" and res.totals.joint_members >= 2
     assert group_params(res) <= res.totals.budget
+
+
+def test_newcomers_get_private_residuals_and_are_never_worse_off(tmp_path):
+    """Adapters joining a fitted group: their parts against the shared bases grow private
+    residuals (directions outside the bases) where that pays; one from another seed and
+    task, which the bases do not serve, is converted alone."""
+    from mosconv.fit.convert import ConvertConfig, convert
+    from mosconv.fit.zoo import fit_new_members
+
+    paths = [write_lora_like(tmp_path / f"t{i}", i, layers=2, d=128, d_kv=64, r=16)
+             for i in range(5)]
+    paths.append(write_lora_like(tmp_path / "other", 7, layers=2, d=128, d_kv=64, r=16,
+                                 shared_A=False, seed=3, decay=0.95))
+    adapters = [read_adapter(p) for p in paths]
+    res = fit_group(adapters[:4], RATIO, seed=0)
+    assert res.mode == "shared"
+    mos, reports = fit_new_members(res.adapters, adapters[4:], RATIO)
+    alone = [convert(a, ConvertConfig(ratio=RATIO)).report.totals.relative_error
+             for a in adapters[4:]]
+    got = [r.totals.relative_error for r in reports]
+    print("new", [f"{e:.4f}" for e in got], "alone", [f"{e:.4f}" for e in alone])
+    assert all(g <= a * (1 + 1e-6) for g, a in zip(got, alone, strict=True))
+    assert got[0] < 0.9 * alone[0]  # the related newcomer gains from the bases
+    assert _mixed_routes(mos[0])  # residual directions of its own beside the shared rows
+    for m_new, a in zip(mos, adapters[4:]):
+        assert m_new.local_params <= a.params / RATIO
+
+
+def _mixed_routes(mos) -> list[str]:
+    """Modules with one side routed both to the group's shared rows and to rows of their own."""
+    out = []
+    for m in mos.modules:
+        p = mos.kinds[m.kind]
+        if not p.shared:
+            continue
+        for routes, n in ((m.routes_A, p.shared["n_A"]), (m.routes_B, p.shared["n_B"])):
+            if bool((routes < n).any()) and bool((routes >= n).any()):
+                out.append(m.name)
+    return out
+
+
+def test_newcomer_residuals_on_joint_cores_match_their_reported_errors(tmp_path):
+    """A zoo whose members share bases on both sides with a core each (two init seeds, a
+    shared output subspace): newcomers' cores grow by their residual directions; the errors
+    reported equal the errors of the adapters as built, and they beat converting alone."""
+    from mosconv.fit.zoo import fit_new_members
+
+    paths = example_module("synthetic_zoo").write_zoo(tmp_path / "zoo", 8, d=128, d_kv=64, r=16,
+                                                      layers=2)
+    adapters = [read_adapter(p) for p in paths]
+    res = fit_group(adapters[:6], RATIO, seed=0)
+    assert res.mode == "shared"
+    mos, reports = fit_new_members(res.adapters, adapters[6:], RATIO)
+    _, per = measured_error(adapters[6:], mos)
+    for m, r, e in zip(mos, reports, per, strict=True):
+        assert e == pytest.approx(r.totals.relative_error, rel=1e-4)
+        assert r.totals.relative_error < 0.85 * r.totals.truncation_relative_error
+        n_B = {k: p.shared["n_B"] for k, p in m.kinds.items() if p.shared}
+        assert any(x.core is not None and x.core.shape[0] > int((x.routes_B < n_B[x.kind]).sum())
+                   for x in m.modules)  # a core wider than the shared basis: a residual

@@ -10,6 +10,11 @@ only) and the joint fit (`batch --shared-pool` now), side by side in one run.
     largest ratio at which the joint fit is still as good as converting each adapter alone at
     ratio 8, and what one adapter costs there (its own params, and with its share of the pools).
 (c) Time to fit a group of 8 adapters of ~1M LoRA parameters each (fit_group, this machine).
+(d) Adapters joining a fitted group (what `batch --shared-pool` does when a zoo gains
+    adapters: fit_new_members): the synthetic zoo's first 8 adapters fitted, 4 more added
+    against their pools; each newcomer's error with private residuals (now), without them
+    (parts against the bases or own truncation only, as before; a newcomer then worse off
+    than alone is converted alone) and converted alone.
 
 "Shared pools of 0.x" is recomputed here from its definition: per module name the top right
 singular vectors of the stacked updates are shared A rows, each adapter keeps ``B_i = dW_i Q``;
@@ -39,7 +44,7 @@ from synthetic_zoo import write_zoo
 from mosconv import factorize_adapter, read_adapter
 from mosconv.fit.joint import joint_basis
 from mosconv.fit.truncation import allocate, budget_for_ratio
-from mosconv.fit.zoo import fit_group
+from mosconv.fit.zoo import fit_group, fit_new_members
 
 PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
          "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
@@ -114,6 +119,26 @@ def synthetic(ns: list[int]) -> list[dict]:
     return rows
 
 
+def newcomers(ratios: list[float], fitted: int = 8, added: int = 4) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = [read_adapter(p) for p in write_zoo(Path(tmp), fitted + added)]
+    facts = [factorize_adapter(a) for a in adapters]
+    rows = []
+    for ratio in ratios:
+        res = fit_group(adapters[:fitted], ratio, factorizations=facts[:fitted])
+        new, fa = adapters[fitted:], facts[fitted:]
+        mos, with_res = fit_new_members(res.adapters, new, ratio, factorizations=fa)
+        _, without = fit_new_members(res.adapters, new, ratio, factorizations=fa,
+                                     residuals=False)
+        rows.append({"ratio": ratio, "fitted": fitted, "mode": res.mode,
+                     "with_residuals": [r.totals.relative_error for r in with_res],
+                     "without_residuals": [r.totals.relative_error for r in without],
+                     "alone": [r.totals.truncation_relative_error for r in with_res],
+                     "own_params": [m.local_params for m in mos],
+                     "budget_per_adapter": [a.params // int(ratio) for a in new]})
+    return rows
+
+
 def speed() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_zoo(Path(tmp), 8, d=1024, d_kv=1024, r=16, layers=16)
@@ -157,6 +182,13 @@ def main() -> None:
     print(f"\n(c) fit_group of {s['adapters']} adapters x {s['lora_params_per_adapter']:,} LoRA params: "
           f"{s['seconds']:.1f} s (mode {s['mode']}, joint {s['joint']:.4f}, "
           f"independent {s['independent']:.4f})")
+    out["newcomers"] = newcomers(args.ratios)
+    print("\n(d) 4 adapters added to a group fitted on 8 (synthetic zoo): relative error each")
+    print("ratio | with private residuals | without | alone")
+    for r in out["newcomers"]:
+        fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)
+        print(f"{r['ratio']:g} | {fmt(r['with_residuals'])} | {fmt(r['without_residuals'])} | "
+              f"{fmt(r['alone'])}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

@@ -396,13 +396,17 @@ def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
 
 def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], ratio: float,
                     seed: int = 0,
-                    factorizations: list[dict[str, Factorization]] | None = None
-                    ) -> tuple[list[MosAdapter], list[Report]]:
+                    factorizations: list[dict[str, Factorization]] | None = None,
+                    residuals: bool = True) -> tuple[list[MosAdapter], list[Report]]:
     """Fit ``adapters`` that join a group already fitted into ``members`` (loaded MoS
     adapters of that group, whose pools hold the group's shared rows): the shared bases stay
     as they are; each new adapter gets, per module, either its own part against them (a core,
-    or its side of a one-sided basis, by least squares) or its own truncation, whichever
-    lowers its error most per parameter, within its own ``lora_params / ratio``.
+    or its side of a one-sided basis, by least squares) extended by a private residual of
+    some rank (directions outside the bases, rows of its own), or its own truncation,
+    whichever lowers its error most per parameter, within its own ``lora_params / ratio``.
+    A new adapter the bases do not serve (its error above its truncation's) is converted
+    alone, so it is never worse off than converting it on its own.  ``residuals=False``
+    leaves out the private residuals (for comparison).
 
     Returns the new members' MoS adapters (kinds in the existing members' order, pointing at
     the same pool file) and their reports (truncation baseline: each adapter alone).
@@ -418,67 +422,151 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
             p = template.kinds.get(m.kind)
             if b is not None and p is not None:
                 own[m.name] = _own_part(fa[m.name], p, b)
-        plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio))
-        mos = _build_new(a, fa, template, own, plans, ratio, seed)
+        plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio), template.kinds,
+                          residuals)
+        mos = _build_new(a, fa, template, plans, ratio, seed)
+        rep = _report(a, fa, mos, ratio, seed)
+        if rep.totals.relative_error > rep.totals.truncation_relative_error:
+            # the shared bases do not serve it: converted alone, as compress would
+            cc = ConvertConfig(ratio=float(ratio), seed=seed, dtype="float32")
+            res = convert(a, cc, factorizations=fa)
+            mos, rep = res.mos, res.report
         out.append(mos)
-        reports.append(_report(a, fa, mos, ratio, seed))
+        reports.append(rep)
     return out, reports
 
 
 @dataclass(frozen=True)
 class _OwnPart:
-    """A new adapter's least-squares part against a module's shared bases."""
+    """A new adapter's least-squares part against a module's shared bases, extended by
+    ``rank`` private directions of its own (a private residual): ``extra_A`` (``rank x d_in``)
+    rows routed after the shared A rows, ``extra_B`` (``rank x d_out``) after the shared B
+    rows."""
 
     basis: _SharedBasis
-    core: torch.Tensor | None  # (k_U, k_V) for joint bases
-    rows: torch.Tensor | None  # its own B rows (k_V, d_out) or A rows (k_U, d_in), one-sided
+    core: torch.Tensor | None  # (k_U + rank, k_V + rank) for joint bases
+    rows: torch.Tensor | None  # its own B rows (k_V + rank, d_out) or A rows, one-sided
     params: int
     gain: float  # ||dW||^2 - ||dW - approximation||^2
+    rank: int = 0
+    extra_A: torch.Tensor | None = None
+    extra_B: torch.Tensor | None = None
 
 
-def _own_part(f: Factorization, p: KindPools, b: _SharedBasis) -> _OwnPart:
-    """Least squares against the stored (float32, nearly orthonormal) bases; the gain is
-    measured on the part as it will be stored (float32)."""
+def _orth(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``M``'s (float64)."""
+    return torch.linalg.qr(M)[0] if M.shape[1] else M
+
+
+def _top_outside(side: torch.Tensor, Q: torch.Tensor, other: torch.Tensor, r: int
+                 ) -> torch.Tensor:
+    """The ``r`` top left singular vectors of ``(I - Q Q^T) side other^T`` (``side``:
+    ``d x s``, ``other``: ``m x s``), computed in the ``s``-dimensional span of ``side``."""
+    P = side - Q @ (Q.T @ side)
+    q, R = torch.linalg.qr(P)
+    u = torch.linalg.svd(R @ other.T, full_matrices=False)[0]
+    return q @ u[:, :r]
+
+
+def _residual_directions(f: Factorization, Ub: torch.Tensor, Vb: torch.Tensor, r: int,
+                         core: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, a)``: ``r`` output and ``r`` input directions outside the shared bases that
+    keep the most of ``dW`` beyond them (``d_out x r``, ``d_in x r``; an empty side where the
+    basis is one-sided).  One-sided bases: the top singular vectors of the part of ``dW``
+    outside the basis (exact).  Joint bases: alternating over the two sides, keeping the
+    state whose full core (cross terms included) keeps the most."""
+    U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
+    US, VS = U * S[None, :], V * S[None, :]
+    Qu, Qv = _orth(Ub), _orth(Vb)
+    none_out, none_in = torch.zeros(Ub.shape[0], 0, dtype=F64), torch.zeros(Vb.shape[0], 0, dtype=F64)
+    if not core and Vb.shape[1]:  # shared A rows: new A rows, own B rows refitted
+        return none_out, _top_outside(V, Qv, US, r)
+    if not core:
+        return _top_outside(U, Qu, VS, r), none_in
+    b = _top_outside(U, Qu, VS, r)
+    best, kept = (b, _top_outside(V, Qv, US, r)), -1.0
+    for _ in range(6):
+        L = torch.cat([Qu, b], dim=1)
+        a = _top_outside(V, Qv, (L.T @ U) * S[None, :], r)
+        R = torch.cat([Qv, a], dim=1)
+        k = float((((L.T @ U) * S[None, :]) @ (V.T @ R)).pow(2).sum())
+        if k <= kept * (1 + 1e-12):
+            break
+        best, kept = (b, a), k
+        b = _top_outside(U, Qu, (R.T @ V) * S[None, :], r)
+    return best
+
+
+def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0) -> _OwnPart:
+    """Least squares against the stored (float32, nearly orthonormal) bases, extended by
+    ``rank`` private directions (:func:`_residual_directions`); the gain is measured on the
+    part as it will be stored (float32)."""
     Vb = p.pool_A[b.idx_A].to(F64).T  # (d_in, k_V)
     Ub = p.pool_B[b.idx_B].to(F64).T  # (d_out, k_U)
+    core = b.core and bool(Ub.shape[1]) and bool(Vb.shape[1])
+    ext_A = ext_B = None
+    if rank:
+        bo, ai = _residual_directions(f, Ub, Vb, rank, core)
+        if bo.shape[1]:
+            ext_B = bo.T.float().contiguous()
+            Ub = torch.cat([Ub, ext_B.to(F64).T], dim=1)
+        if ai.shape[1]:
+            ext_A = ai.T.float().contiguous()
+            Vb = torch.cat([Vb, ext_A.to(F64).T], dim=1)
+    extra = sum(t.numel() for t in (ext_A, ext_B) if t is not None)
     U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
     US = U * S[None, :]
-    if b.core and Ub.shape[1] and Vb.shape[1]:
+    if core:
         C = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)
-        part = _OwnPart(b, C.float().contiguous(), None, C.numel(), 0.0)
+        part = _OwnPart(b, C.float().contiguous(), None, C.numel() + extra, 0.0)
         aU, aV = Ub @ part.core.to(F64), Vb  # dW ~ aU aV^T
     elif Vb.shape[1]:  # shared A rows: B_own = dW Vb (Vb^T Vb)^-1, stored as rows
         Bown = US @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)  # (d_out, k_V)
-        part = _OwnPart(b, None, Bown.T.float().contiguous(), Bown.numel(), 0.0)
+        part = _OwnPart(b, None, Bown.T.float().contiguous(), Bown.numel() + extra, 0.0)
         aU, aV = part.rows.to(F64).T, Vb
     else:  # shared B rows: A_own = (Ub^T Ub)^-1 Ub^T dW
         Aown = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ V.T  # (k_U, d_in)
-        part = _OwnPart(b, None, Aown.float().contiguous(), Aown.numel(), 0.0)
+        part = _OwnPart(b, None, Aown.float().contiguous(), Aown.numel() + extra, 0.0)
         aU, aV = Ub, part.rows.to(F64).T
     energy = float((S ** 2).sum())
     cross = float(((U.T @ aU) * (S[:, None] * (V.T @ aV))).sum())
     quad = float(((aU.T @ aU) * (aV.T @ aV)).sum())
-    return replace(part, gain=energy - max(energy - 2 * cross + quad, 0.0))
+    return replace(part, gain=energy - max(energy - 2 * cross + quad, 0.0), rank=rank,
+                   extra_A=ext_A, extra_B=ext_B)
 
 
 def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnPart],
-              budget: int) -> dict[str, str | int]:
-    """Per module ``"shared"`` or a private rank: greedy by gain per parameter (a module's
-    first step decides between its shared part and its own triplets)."""
-    state: dict[str, str | int] = {m.name: 0 for m in a.modules}
+              budget: int, kinds: dict[str, KindPools], residuals: bool = True
+              ) -> dict[str, int | _OwnPart]:
+    """Per module its shared part (an :class:`_OwnPart`, with a private residual of some
+    rank) or a private rank: greedy by gain per parameter (a module's first step decides
+    between its shared part and its own triplets; a shared part then grows its residual)."""
+    state: dict[str, int | _OwnPart] = {m.name: 0 for m in a.modules}
+    grown: dict[tuple[str, int], _OwnPart] = {}
+
+    def wider(m: LoraModule, o: _OwnPart) -> _OwnPart | None:
+        if not residuals or o.rank >= fa[m.name].S.numel():
+            return None
+        key = (m.name, o.rank + 1)
+        if key not in grown:
+            grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1)
+        return grown[key]
+
     left = budget
     while True:
         best = None
         for m in a.modules:
             st, g = state[m.name], fa[m.name].S.to(F64) ** 2
-            if st == 0 and m.name in own and own[m.name].params <= left:
-                o = own[m.name]
-                if o.gain > 0 and (best is None or o.gain / o.params > best[0]):
-                    best = (o.gain / o.params, m.name, "shared", o.params)
-            if isinstance(st, int) and st < g.numel() and float(g[st]) > 0:
-                c = m.d_in + m.d_out
-                if c <= left and (best is None or float(g[st]) / c > best[0]):
-                    best = (float(g[st]) / c, m.name, st + 1, c)
+            steps = []
+            if st == 0 and m.name in own:
+                steps.append((own[m.name].gain, own[m.name].params, own[m.name]))
+            if isinstance(st, _OwnPart) and (w := wider(m, st)) is not None:
+                steps.append((w.gain - st.gain, w.params - st.params, w))
+            if isinstance(st, int) and st < g.numel():
+                steps.append((float(g[st]), m.d_in + m.d_out, st + 1))
+            for gain, cost, new in steps:
+                if gain > 0 and 0 < cost <= left and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, m.name, new, cost)
         if best is None:
             break
         _, name, new, cost = best
@@ -488,8 +576,7 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
 
 
 def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapter,
-               own: dict[str, _OwnPart], plans: dict[str, str | int], ratio: float,
-               seed: int) -> MosAdapter:
+               plans: dict[str, int | _OwnPart], ratio: float, seed: int) -> MosAdapter:
     kinds, mods = {}, []
     by_kind = a.kinds
     for kind, p in template.kinds.items():
@@ -499,25 +586,24 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
         loc_A, loc_B, sA, sB = [], [], 0, 0
         for m in by_kind[kind]:
             plan, f = plans[m.name], fa[m.name]
-            if plan == "shared":
-                o = own[m.name]
-                if o.core is not None:
-                    mods.append(_module(m, kind, o.basis.idx_A, o.basis.idx_B, (0, 0), (0, 0),
-                                        o.core))
-                elif o.basis.idx_A.numel():
-                    k = o.rows.shape[0]
-                    loc_B.append(o.rows)
-                    rng = (nB + sB, nB + sB + k)
-                    mods.append(_module(m, kind, o.basis.idx_A, torch.arange(*rng), (0, 0), rng,
-                                        None))
-                    sB += k
-                else:
-                    k = o.rows.shape[0]
-                    loc_A.append(o.rows)
-                    rng = (nA + sA, nA + sA + k)
-                    mods.append(_module(m, kind, torch.arange(*rng), o.basis.idx_B, rng, (0, 0),
-                                        None))
-                    sA += k
+            if isinstance(plan, _OwnPart):  # shared bases, own part, private residual
+                o = plan
+                ownA = o.rows if o.rows is not None and not o.basis.idx_A.numel() else o.extra_A
+                ownB = o.rows if o.rows is not None and o.basis.idx_A.numel() else o.extra_B
+                rA = rB = (0, 0)
+                if ownA is not None:
+                    loc_A.append(ownA)
+                    rA = (nA + sA, nA + sA + ownA.shape[0])
+                    sA += ownA.shape[0]
+                if ownB is not None:
+                    loc_B.append(ownB)
+                    rB = (nB + sB, nB + sB + ownB.shape[0])
+                    sB += ownB.shape[0]
+                shared_A = o.basis.idx_A if o.rows is None or o.basis.idx_A.numel() else None
+                shared_B = o.basis.idx_B if o.rows is None or not o.basis.idx_A.numel() else None
+                routes_A = torch.cat([t for t in (shared_A, torch.arange(*rA)) if t is not None])
+                routes_B = torch.cat([t for t in (shared_B, torch.arange(*rB)) if t is not None])
+                mods.append(_module(m, kind, routes_A, routes_B, rA, rB, o.core))
                 continue
             k = int(plan)
             root = f.S[:k].to(F64).sqrt()
