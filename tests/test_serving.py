@@ -169,6 +169,41 @@ def test_factor_cache_is_bounded_and_never_stale(served):
         mosconv.set_factor_cache(256 * 2**20)
 
 
+def test_joint_pass_inputs_are_kept_and_never_stale(served):
+    """The joint pass keeps its gathered cores between forwards; an in-place change of a core
+    or of the shared pools is seen at the next forward."""
+    root, cls = served
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(4))
+    rows = ["zoo/task00", "zoo/task01", "zoo/task02", "zoo/task00"]
+    model = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(model, rows)
+    layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
+
+    def per_row():
+        outs = []
+        for i, r in enumerate(rows):
+            mosconv.set_active(model, r)
+            outs.append(model(ids[i:i + 1]).logits)
+        mosconv.set_active(model, rows)
+        return torch.cat(outs)
+
+    with torch.no_grad():
+        first = model(ids).logits
+        assert any(m._joint for m in layers)  # kept for the next forward
+        assert torch.equal(model(ids).logits, first)
+        for m in layers:
+            for d in m.deltas.values():
+                if getattr(d, "core", None) is not None:
+                    d.core.mul_(3.0)
+        cores = model(ids).logits
+        assert float((cores - first).abs().max()) > 1e-4
+        assert float((cores - per_row()).abs().max()) < 1e-5
+        model.mos_shared_pools.apply(lambda k: hasattr(k, "pool_A") and k.pool_A.mul_(0.5))
+        pools = model(ids).logits
+        assert float((pools - cores).abs().max()) > 1e-4
+        assert float((pools - per_row()).abs().max()) < 1e-5
+
+
 def test_adapters_of_different_base_models_are_refused(served, tmp_path):
     import json
     import shutil

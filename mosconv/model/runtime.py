@@ -201,27 +201,63 @@ class MosDelta(nn.Module):
 
     def basis(self, device: torch.device, dtype: torch.dtype
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V^T (r_A, d_in), U (d_out, r))`` of a member with a :meth:`basis_key`."""
+        """``(V^T (r_A, d_in), U (d_out, r))`` of a member with a :meth:`basis_key` (views of
+        the shared pools where the routes are a range, as a joint fit writes them)."""
         sh = self._pools[0]._shared[0]
-        a = sh.pool_A[self.routes_A].reshape(self.core.shape[1], sh.d_in)
-        b = sh.pool_B[self.routes_B].reshape(self.core.shape[0], sh.d_out).T
+        a = _rows(sh.pool_A, self.routes_A).reshape(self.core.shape[1], sh.d_in)
+        b = _rows(sh.pool_B, self.routes_B).reshape(self.core.shape[0], sh.d_out).T
         return a.to(device, dtype), b.to(device, dtype)
 
 
+def _rows(pool: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """``pool[routes]``: a view when ``routes`` is a contiguous increasing range."""
+    n = int(routes.numel())
+    if n and int(routes[-1]) - int(routes[0]) == n - 1 and bool(
+            (routes[1:] - routes[:-1] == 1).all()):
+        return pool.narrow(0, int(routes[0]), n)
+    return pool[routes]
+
+
 def _joint_pass(x: torch.Tensor, out: torch.Tensor,
-                members: list[tuple[MosDelta, torch.Tensor]]) -> torch.Tensor:
+                members: list[tuple[MosDelta, torch.Tensor]], cache: dict) -> torch.Tensor:
     """``out[rows] += scale_i * x[rows] V C_i^T U^T`` for members sharing ``U``, ``V``: the
     basis once for all their rows, the cores by a batched matmul."""
+    idx, cores, A, B = _joint_inputs(x, members, cache)
+    xs = x.index_select(0, idx)
+    h = (xs @ A.T).reshape(xs.shape[0], -1, A.shape[0])  # (rows, tokens, r_A)
+    h = torch.bmm(h, cores)  # each row through its own core (gathered per row)
+    delta = (h @ B.T).reshape(*xs.shape[:-1], B.shape[0])
+    return out.index_add_(0, idx, delta.to(out.dtype))
+
+
+def _joint_inputs(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]],
+                  cache: dict) -> tuple:
+    """``(rows, stacked scaled cores gathered per row, V^T, U)`` of a joint pass, kept in the
+    layer's ``cache`` between calls (a few kilobytes per group of members: the bases are
+    views of the shared pools) while the members, their rows and every tensor they depend on
+    are the same (objects and version counters) and no gradient is being taken."""
+    d0 = members[0][0]
+    tensors = [d.core for d, _ in members] + d0._inputs()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _joint_build(x, members)
+    objs = [d for d, _ in members] + [i for _, i in members] + tensors
+    versions = (str(x.device), x.dtype, tuple(t._version for t in tensors))
+    hit = cache.get(d0.basis_key())
+    if (hit is None or len(hit[0]) != len(objs) or hit[1] != versions
+            or any(a is not b for a, b in zip(hit[0], objs))):
+        with torch.no_grad():
+            hit = (objs, versions, _joint_build(x, members))
+        cache[d0.basis_key()] = hit
+    return hit[2]
+
+
+def _joint_build(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]]) -> tuple:
     idx = torch.cat([i for _, i in members])
     which = torch.cat([torch.full((int(i.numel()),), k, device=x.device, dtype=torch.long)
                        for k, (_, i) in enumerate(members)])
     cores = torch.stack([d.scale * d.core.to(x.device, x.dtype) for d, _ in members])
     A, B = members[0][0].basis(x.device, x.dtype)
-    xs = x.index_select(0, idx)
-    h = (xs @ A.T).reshape(xs.shape[0], -1, A.shape[0])  # (rows, tokens, r_A)
-    h = torch.bmm(h, cores[which].transpose(1, 2))  # each row through its own core
-    delta = (h @ B.T).reshape(*xs.shape[:-1], B.shape[0])
-    return out.index_add(0, idx, delta.to(out.dtype))
+    return idx, cores[which].transpose(1, 2).contiguous(), A, B
 
 
 class LoraDelta(nn.Module):
@@ -253,6 +289,7 @@ class AdapterLayer(nn.Module):
         self.active: str | None = None
         self.rows: tuple[str | None, ...] | None = None  # mixed batches: one name per row
         self._groups: dict = {}
+        self._joint: dict = {}  # inputs of joint passes (see _joint_inputs)
         self.shared_basis_rows = 0  # rows of the last mixed batch done in a joint pass
 
     @property
@@ -303,13 +340,13 @@ class AdapterLayer(nn.Module):
             if key is not None:
                 joint.setdefault(key, []).append((d, idx))
                 continue
-            out = out.index_add(0, idx, d(x.index_select(0, idx)).to(out.dtype))
+            out.index_add_(0, idx, d(x.index_select(0, idx)).to(out.dtype))
         for members in joint.values():
             if len(members) == 1:
                 d, idx = members[0]
-                out = out.index_add(0, idx, d(x.index_select(0, idx)).to(out.dtype))
+                out.index_add_(0, idx, d(x.index_select(0, idx)).to(out.dtype))
                 continue
-            out = _joint_pass(x, out, members)
+            out = _joint_pass(x, out, members, self._joint)
             self.shared_basis_rows += sum(int(i.numel()) for _, i in members)
         return out
 
@@ -532,13 +569,13 @@ def set_active(model: nn.Module, name: str | None | list[str | None]) -> None:
             if n is not None:
                 _check_name(model, n)
         for _, layer in _adapter_layers(model):
-            layer.active, layer.rows, layer._groups = None, names, {}
+            layer.active, layer.rows, layer._groups, layer._joint = None, names, {}, {}
         return
     if name is not None:
         _check_name(model, name)
     for _, layer in _adapter_layers(model):
         layer.active = name if name in layer.deltas else None
-        layer.rows, layer._groups = None, {}
+        layer.rows, layer._groups, layer._joint = None, {}, {}
 
 
 def trainable_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
