@@ -33,6 +33,8 @@ JSON has ru_maxrss too, which on Linux includes the parent's RSS at the fork):
   5. one adapter active: a forward of batch 8 x 128 (mosconv set_active(name), PEFT
      set_adapter(name)), best of --repeats after one warm-up, and the same with no adapter.
 The greedy outputs of the mixed batches are compared token for token (mosconv vs PEFT).
+With --rounds R each system runs in R processes per zoo, alternating mosconv and PEFT (a slow
+spell of a shared machine then hits both); timings are the best over all of them.
 Torch threads: --threads (2). ``--profile`` adds a cProfile of one mosconv mixed-batch
 generate (batch 8) on the largest zoo of the first model.
 """
@@ -455,16 +457,46 @@ def worker(spec_path: str) -> None:
     Path(spec["result"]).write_text(json.dumps(res))
 
 
-def run_worker(spec: dict, tmp: Path) -> dict:
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One system's results over several measuring processes: the first process's, with every
+    timing the best over all of them (their times kept), and peak RSS the highest."""
+    rounds = [r for r in rounds if "timed_out" not in r] or rounds[:1]
+    res = json.loads(json.dumps(rounds[0]))
+    if "timed_out" in res:
+        return res
+    res["rounds"] = len(rounds)
+    for b, g in res.get("generate", {}).items():
+        g["times_s"] = [t for r in rounds for t in r["generate"][b]["times_s"]]
+        g["best_s"] = min(g["times_s"])
+        g["tokens_per_s"] = int(b) * g["new_tokens"] / g["best_s"]
+    for key, g in res.get("forward_b8", {}).items():
+        g["times_s"] = [t for r in rounds for t in r["forward_b8"][key]["times_s"]]
+        g["best_s"] = min(g["times_s"])
+    for key in ("attach_s", "add_one_s"):
+        if key in res:
+            res[key + "_rounds"] = [r[key] for r in rounds]
+            res[key] = min(res[key + "_rounds"])
+    res["maxrss_kib_rounds"] = [r["maxrss_kib"] for r in rounds]
+    res["maxrss_kib"] = max(res["maxrss_kib_rounds"])
+    return res
+
+
+def run_worker(spec: dict, tmp: Path, limit_s: float | None = None) -> dict:
+    """One system measured in its own process; ``{"timed_out": seconds}`` when it ran past
+    ``limit_s``."""
     path = tmp / f"spec-{spec['system']}-{spec.get('tag', '')}.json"
     spec = {**spec, "result": str(path.with_suffix(".out.json"))}
     path.write_text(json.dumps(spec))
     before, busy0 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s()
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(path)],
-                          capture_output=True, text=True, check=False,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                               "OMP_NUM_THREADS": str(spec["threads"])})
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(path)],
+                              capture_output=True, text=True, check=False, timeout=limit_s,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                   "TRANSFORMERS_OFFLINE": "1",
+                                   "OMP_NUM_THREADS": str(spec["threads"])})
+    except subprocess.TimeoutExpired:
+        return {"system": spec["system"], "timed_out": limit_s}
     wall = time.perf_counter() - t
     after, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_s()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -517,6 +549,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed repeats, best shown (default: 2 on SmolLM2, 3 on the tiny Llama)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peft-limit-s", type=float, default=None,
+                    help="stop a PEFT process that runs longer (recorded as timed out; "
+                         "loading hundreds of adapters with load_adapter is slow)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measuring processes per system and zoo, alternating mosconv and "
+                         "PEFT; timings: best over all rounds and repeats")
     ap.add_argument("--convert-budget-s", type=float, default=900.0,
                     help="skip a zoo not converted yet whose conversion would take longer "
                          "(estimated from the largest smaller zoo converted)")
@@ -563,6 +601,7 @@ def main() -> None:
                      "settings": {"counts": counts, "batches": args.batches,
                                   "prompt": PROMPT, "new_tokens": NEW_TOKENS, "ratio": RATIO,
                                   "repeats": reps, "threads": args.threads,
+                                  "rounds": args.rounds, "peft_limit_s": args.peft_limit_s,
                                   "convert_budget_s": args.convert_budget_s},
                      "models": {}, "skipped": []}
     first_check = None
@@ -613,10 +652,33 @@ def main() -> None:
                     continue
                 spec = measure_spec(common, prep, rows, f"{mname}{n}")
                 t_run = time.perf_counter()
-                wait_for_idle(args.wait_idle)
-                ours = run_worker({**spec, "system": "mosconv"}, tmp)
-                wait_for_idle(args.wait_idle)
-                peft = run_worker({**spec, "system": "peft"}, tmp)
+                runs: dict[str, list[dict]] = {"mosconv": [], "peft": []}
+                for _ in range(args.rounds):  # alternating, so a slow spell hits both
+                    for system, done in runs.items():
+                        if done and "timed_out" in done[-1]:
+                            continue
+                        wait_for_idle(args.wait_idle)
+                        limit = args.peft_limit_s if system == "peft" else None
+                        done.append(run_worker({**spec, "system": system}, tmp, limit))
+                ours, peft = merge_rounds(runs["mosconv"]), merge_rounds(runs["peft"])
+                if "timed_out" in peft:
+                    for g in ours["generate"].values():
+                        g["tokens_sha256"] = hashlib.sha256(
+                            json.dumps(g.pop("tokens")).encode()).hexdigest()[:16]
+                    mres["zoos"][str(n)] = {"prep": prep, "rows": rows, "mosconv": ours,
+                                            "peft": peft, "greedy_match": None,
+                                            "measure_s": time.perf_counter() - t_run,
+                                            "total_s": time.perf_counter() - t_zoo}
+                    report_prep(n, prep)
+                    print(f"  PEFT did not finish within --peft-limit-s {args.peft_limit_s:.0f} s "
+                          f"(loading {n} adapters with load_adapter); mosconv: attached in "
+                          f"{ours['attach_s']:.1f} s, resident adapter bytes "
+                          f"{mib(ours['adapter_bytes'])} (LoRAs: "
+                          f"{mib(ours['lora_equivalent_bytes'])}), tokens/s "
+                          + ", ".join(f"batch {b}: {g['tokens_per_s']:.1f}"
+                                      for b, g in ours["generate"].items())
+                          + f", peak RSS {mib(ours['maxrss_kib'] * 1024)}", flush=True)
+                    continue
                 match = {b: ours["generate"][b]["tokens"] == peft["generate"][b]["tokens"]
                          for b in ours["generate"]}
                 for r in (ours, peft):  # the JSON keeps a digest of the generated ids
@@ -693,8 +755,12 @@ def report_zoo(ours: dict, peft: dict, match: dict) -> None:
 
 def summary_tables(mres: dict, batches: list[int]) -> None:
     base = mres["base_only"]
-    zoos = mres["zoos"]
+    zoos = {n: z for n, z in mres["zoos"].items() if "timed_out" not in z["peft"]}
     print(f"-- {mres['title']}")
+    for n, z in mres["zoos"].items():
+        if n not in zoos:
+            print(f"N={n}: PEFT timed out after {z['peft']['timed_out']:.0f} s (not in the "
+                  "tables); mosconv's figures are in the JSON")
     rows = []
     for n, z in zoos.items():
         o, p = z["mosconv"], z["peft"]
