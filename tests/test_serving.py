@@ -140,6 +140,32 @@ def test_bad_input(served, tmp_path):
         mosconv.apply(model, root / "out")
 
 
+def test_a_zoo_reads_its_pool_file_once_and_checks_every_member(served, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from mosconv import fileio
+
+    root, cls = served
+    calls = []
+    real = fileio.sha256_file
+    monkeypatch.setattr(fileio, "sha256_file", lambda p: calls.append(p) or real(p))
+    model = mosconv.apply(_base(root, cls), root / "out")
+    assert len(mosconv.adapter_names(model)) == 4 and len(calls) == 1  # hashed once
+    # a member recording another sha256 of the pool file is refused, with nothing attached
+    shutil.copytree(root / "out", tmp_path / "out")
+    cfg_path = tmp_path / "out" / "zoo" / "task02" / "mos_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k in cfg["kinds"]:
+        if k.get("shared_pool"):
+            k["shared_pool"]["sha256"] = "0" * 64
+    cfg_path.write_text(json.dumps(cfg))
+    fresh = _base(root, cls)
+    with pytest.raises(FormatError, match="task02.*sha256"):
+        mosconv.apply(fresh, tmp_path / "out")
+    assert mosconv.adapter_names(fresh) == []
+
+
 def test_factor_cache_is_bounded_and_never_stale(served):
     from mosconv.model.runtime import FACTORS
 

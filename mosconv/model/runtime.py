@@ -15,6 +15,7 @@ Non-LoRA tensors of an adapter (``modules_to_save``, ...) are not applied.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -374,19 +375,28 @@ def _layer_shape(layer: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``named_modules`` without the insides of adapter layers and the pool container."""
-    out: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for name, mod in model.named_modules():
-        if name in (POOLS_ATTR, SHARED_ATTR) or name.startswith((POOLS_ATTR + ".",
-                                                                 SHARED_ATTR + ".")) or any(
-                name.startswith(s) for s in skip):
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` of the base model: adapter layers are yielded, not entered, and the
+    adapters' pool containers are left out, so a walk costs the same whatever the number of
+    adapters attached."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    seen: set[int] = set()  # a module reachable twice is yielded once (as named_modules does)
+    while stack:
+        name, mod = stack.pop()
+        if id(mod) in seen:
             continue
-        out[name] = mod
+        seen.add(id(mod))
+        yield name, mod
         if isinstance(mod, AdapterLayer):
-            skip.append(name + ".")
-    return out
+            continue
+        children = [(f"{name}.{n}" if name else n, c) for n, c in mod._modules.items()
+                    if c is not None and not (mod is model and n in (POOLS_ATTR, SHARED_ATTR))]
+        stack.extend(reversed(children))
+
+
+def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules`` without the insides of adapter layers and the pool containers."""
+    return dict(_walk(model))
 
 
 def _resolve(name: str, layers: dict[str, nn.Module]) -> str:
@@ -410,7 +420,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    return [(n, m) for n, m in _walk(model) if isinstance(m, AdapterLayer)]
 
 
 def _load(adapter: MosAdapter | LoraAdapter | str | Path) -> MosAdapter | LoraAdapter:
@@ -719,8 +729,14 @@ def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) ->
         raise ConfigError(f"adapters of different base models: {n1} ({b1}) and {n2} ({b2}); "
                           "attach the ones made for this model")
     done: list[str] = []
+    pool_cache: dict = {}  # each group's pool file read and hashed once
     try:
         for n, a in items:
+            if isinstance(a, (str, Path)):
+                from ..mos.format import is_mos_dir, load_mos
+
+                if is_mos_dir(a):
+                    a = load_mos(a, pool_cache=pool_cache)
             apply(model, a, name=n, trainable=trainable, activate=False)
             done.append(n)
     except BaseException:

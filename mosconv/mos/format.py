@@ -184,8 +184,11 @@ def _field(obj: dict, key: str, cfg_path: Path, where: str, *, lo: int = 0,
     return value
 
 
-def load_mos(path: str | Path) -> MosAdapter:
+def load_mos(path: str | Path, pool_cache: dict | None = None) -> MosAdapter:
     """Load and validate a MoS folder (routes in range, pool shapes, ranks).
+
+    ``pool_cache``: a dict kept across calls, so that the members of a zoo read and hash
+    their group's pool file once (each member's recorded sha256 is still checked).
 
     Raises:
         FormatError: missing or corrupt files, wrong version, inconsistent tensors.
@@ -217,7 +220,8 @@ def load_mos(path: str | Path) -> MosAdapter:
     tensors, _ = load_tensor_file(folder / TENSOR_FILE)
     tpath = folder / TENSOR_FILE
     try:
-        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors, version)
+        kinds, modules = _kinds_and_modules(folder, cfg, cfg_path, tpath, tensors, version,
+                                            pool_cache)
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
@@ -255,9 +259,10 @@ def _read_storage(cfg: dict, cfg_path: Path) -> Storage:
 
 
 def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, tensors: dict,
-                       version: int = FORMAT_VERSION) -> tuple[dict[str, KindPools], list[MosModule]]:
+                       version: int = FORMAT_VERSION, pool_cache: dict | None = None
+                       ) -> tuple[dict[str, KindPools], list[MosModule]]:
     """The validated pools and modules of a MoS config whose top level is checked."""
-    shared_cache: dict[str, dict[str, torch.Tensor]] = {}
+    shared_cache: dict = pool_cache if pool_cache is not None else {}
     st = _read_storage(cfg, cfg_path) if version >= FORMAT_VERSION_STORAGE else Storage()
     kinds: dict[str, KindPools] = {}
     id_to_kind: dict[str, str] = {}
@@ -441,11 +446,12 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
             digest = sha256_file(path)
         except OSError as e:
             raise FormatError(f"{path}: cannot read shared pool file ({e.strerror or e})") from None
-        _need(digest == ref["sha256"], cfg_path,
-              f"shared pool file {path} has sha256 {digest[:12]}..., expected "
-              f"{ref['sha256'][:12]}... (changed or replaced)")
-        cache[str(path)] = load_tensor_file(path)[0]
-    tensors = cache[str(path)]
+        cache[str(path)] = (digest, load_tensor_file(path)[0]
+                            if digest == ref["sha256"] else None)
+    digest, tensors = cache[str(path)]
+    _need(digest == ref["sha256"], cfg_path,
+          f"shared pool file {path} has sha256 {digest[:12]}..., expected "
+          f"{ref['sha256'][:12]}... (changed or replaced)")
     out = []
     for side, width in zip("AB", widths):
         key = ref.get(f"key_{side}")
