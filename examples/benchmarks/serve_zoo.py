@@ -661,14 +661,19 @@ def main() -> None:
                         limit = args.peft_limit_s if system == "peft" else None
                         done.append(run_worker({**spec, "system": system}, tmp, limit))
                 ours, peft = merge_rounds(runs["mosconv"]), merge_rounds(runs["peft"])
-                if "timed_out" in peft:
-                    for g in ours["generate"].values():
+                timed_out = "timed_out" in peft
+                match = None if timed_out else {
+                    b: ours["generate"][b]["tokens"] == peft["generate"][b]["tokens"]
+                    for b in ours["generate"]}
+                for r in (ours,) if timed_out else (ours, peft):  # the JSON keeps a digest
+                    for g in r["generate"].values():
                         g["tokens_sha256"] = hashlib.sha256(
                             json.dumps(g.pop("tokens")).encode()).hexdigest()[:16]
-                    mres["zoos"][str(n)] = {"prep": prep, "rows": rows, "mosconv": ours,
-                                            "peft": peft, "greedy_match": None,
-                                            "measure_s": time.perf_counter() - t_run,
-                                            "total_s": time.perf_counter() - t_zoo}
+                mres["zoos"][str(n)] = {"prep": prep, "rows": rows, "mosconv": ours,
+                                        "peft": peft, "greedy_match": match,
+                                        "measure_s": time.perf_counter() - t_run,
+                                        "total_s": time.perf_counter() - t_zoo}
+                if timed_out:
                     report_prep(n, prep)
                     print(f"  PEFT did not finish within --peft-limit-s {args.peft_limit_s:.0f} s "
                           f"(loading {n} adapters with load_adapter); mosconv: attached in "
@@ -679,16 +684,6 @@ def main() -> None:
                                       for b, g in ours["generate"].items())
                           + f", peak RSS {mib(ours['maxrss_kib'] * 1024)}", flush=True)
                     continue
-                match = {b: ours["generate"][b]["tokens"] == peft["generate"][b]["tokens"]
-                         for b in ours["generate"]}
-                for r in (ours, peft):  # the JSON keeps a digest of the generated ids
-                    for g in r["generate"].values():
-                        g["tokens_sha256"] = hashlib.sha256(
-                            json.dumps(g.pop("tokens")).encode()).hexdigest()[:16]
-                mres["zoos"][str(n)] = {"prep": prep, "rows": rows, "mosconv": ours,
-                                        "peft": peft, "greedy_match": match,
-                                        "measure_s": time.perf_counter() - t_run,
-                                        "total_s": time.perf_counter() - t_zoo}
                 report_prep(n, prep)
                 report_zoo(ours, peft, match)
                 if first_check is None:
