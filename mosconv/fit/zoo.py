@@ -469,23 +469,22 @@ def _top_outside(side: torch.Tensor, Q: torch.Tensor, other: torch.Tensor, r: in
 
 
 def _residual_directions(f: Factorization, Ub: torch.Tensor, Vb: torch.Tensor, r: int,
-                         core: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         core: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(b, a)``: ``r`` output and ``r`` input directions outside the shared bases that
-    keep the most of ``dW`` beyond them (``d_out x r``, ``d_in x r``; an empty side where the
-    basis is one-sided).  One-sided bases: the top singular vectors of the part of ``dW``
+    keep the most of ``dW`` beyond them (``d_out x r``, ``d_in x r``; None for the side a
+    one-sided basis does not extend).  One-sided bases: the top singular vectors of the part of ``dW``
     outside the basis (exact).  Joint bases: alternating over the two sides, keeping the
     state whose full core (cross terms included) keeps the most."""
     U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
     US, VS = U * S[None, :], V * S[None, :]
     Qu, Qv = _orth(Ub), _orth(Vb)
-    none_out, none_in = torch.zeros(Ub.shape[0], 0, dtype=F64), torch.zeros(Vb.shape[0], 0, dtype=F64)
     if not core and Vb.shape[1]:  # shared A rows: new A rows, own B rows refitted
-        return none_out, _top_outside(V, Qv, US, r)
+        return None, _top_outside(V, Qv, US, r)
     if not core:
-        return _top_outside(U, Qu, VS, r), none_in
+        return _top_outside(U, Qu, VS, r), None
     b = _top_outside(U, Qu, VS, r)
-    best, kept = (b, _top_outside(V, Qv, US, r)), -1.0
-    for _ in range(6):
+    best, kept = None, -1.0
+    for _ in range(6):  # the first round always improves on kept = -1, so best is set
         L = torch.cat([Qu, b], dim=1)
         a = _top_outside(V, Qv, (L.T @ U) * S[None, :], r)
         R = torch.cat([Qv, a], dim=1)
@@ -507,10 +506,10 @@ def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0) ->
     ext_A = ext_B = None
     if rank:
         bo, ai = _residual_directions(f, Ub, Vb, rank, core)
-        if bo.shape[1]:
+        if bo is not None:
             ext_B = bo.T.float().contiguous()
             Ub = torch.cat([Ub, ext_B.to(F64).T], dim=1)
-        if ai.shape[1]:
+        if ai is not None:
             ext_A = ai.T.float().contiguous()
             Vb = torch.cat([Vb, ext_A.to(F64).T], dim=1)
     extra = sum(t.numel() for t in (ext_A, ext_B) if t is not None)
@@ -552,11 +551,12 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
             grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1)
         return grown[key]
 
+    gains = {m.name: fa[m.name].S.to(F64) ** 2 for m in a.modules}
     left = budget
     while True:
         best = None
         for m in a.modules:
-            st, g = state[m.name], fa[m.name].S.to(F64) ** 2
+            st, g = state[m.name], gains[m.name]
             steps = []
             if st == 0 and m.name in own:
                 steps.append((own[m.name].gain, own[m.name].params, own[m.name]))
@@ -588,8 +588,10 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
             plan, f = plans[m.name], fa[m.name]
             if isinstance(plan, _OwnPart):  # shared bases, own part, private residual
                 o = plan
-                ownA = o.rows if o.rows is not None and not o.basis.idx_A.numel() else o.extra_A
-                ownB = o.rows if o.rows is not None and o.basis.idx_A.numel() else o.extra_B
+                own_B_rows = o.rows is not None and bool(o.basis.idx_A.numel())  # shared A
+                own_A_rows = o.rows is not None and not own_B_rows  # shared B
+                ownA = o.rows if own_A_rows else o.extra_A
+                ownB = o.rows if own_B_rows else o.extra_B
                 rA = rB = (0, 0)
                 if ownA is not None:
                     loc_A.append(ownA)
@@ -599,8 +601,8 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
                     loc_B.append(ownB)
                     rB = (nB + sB, nB + sB + ownB.shape[0])
                     sB += ownB.shape[0]
-                shared_A = o.basis.idx_A if o.rows is None or o.basis.idx_A.numel() else None
-                shared_B = o.basis.idx_B if o.rows is None or not o.basis.idx_A.numel() else None
+                shared_A = None if own_A_rows else o.basis.idx_A
+                shared_B = None if own_B_rows else o.basis.idx_B
                 routes_A = torch.cat([t for t in (shared_A, torch.arange(*rA)) if t is not None])
                 routes_B = torch.cat([t for t in (shared_B, torch.arange(*rB)) if t is not None])
                 mods.append(_module(m, kind, routes_A, routes_B, rA, rB, o.core))

@@ -728,15 +728,14 @@ def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) ->
         (b1, n1), (b2, n2) = list(bases.items())[:2]
         raise ConfigError(f"adapters of different base models: {n1} ({b1}) and {n2} ({b2}); "
                           "attach the ones made for this model")
+    from ..mos.format import is_mos_dir, load_mos
+
     done: list[str] = []
     pool_cache: dict = {}  # each group's pool file read and hashed once
     try:
         for n, a in items:
-            if isinstance(a, (str, Path)):
-                from ..mos.format import is_mos_dir, load_mos
-
-                if is_mos_dir(a):
-                    a = load_mos(a, pool_cache=pool_cache)
+            if isinstance(a, (str, Path)) and is_mos_dir(a):
+                a = load_mos(a, pool_cache=pool_cache)
             apply(model, a, name=n, trainable=trainable, activate=False)
             done.append(n)
     except BaseException:
