@@ -429,3 +429,81 @@ def test_newcomer_residuals_on_joint_cores_match_their_reported_errors(tmp_path)
         n_B = {k: p.shared["n_B"] for k, p in m.kinds.items() if p.shared}
         assert any(x.core is not None and x.core.shape[0] > int((x.routes_B < n_B[x.kind]).sum())
                    for x in m.modules)  # a core wider than the shared basis: a residual
+
+
+# ------------------------------------------------------------------ exact allocation
+
+
+def _small_group(seed: int):
+    """Three modules of two holders each (rank 2 factorizations), shapes differing."""
+    from mosconv.fit.factorize import Factorization
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (7, 5), "b": (4, 9), "c": (6, 6)}
+    shared = {n: (torch.randn(o, 1, generator=g), torch.randn(1, i, generator=g))
+              for n, (i, o) in shapes.items()}
+    facts = []
+    for _ in range(2):
+        fa = {}
+        for n, (d_in, d_out) in shapes.items():
+            B = torch.randn(d_out, 2, generator=g) * 0.5
+            A = torch.randn(2, d_in, generator=g)
+            dw = (B @ A + 2 * shared[n][0] @ shared[n][1]).double()
+            U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
+            fa[n] = Factorization(U[:, :3], S[:3], Vh[:3].T, None)
+        facts.append(fa)
+    return list(shapes), {n: (0, 1) for n in shapes}, facts
+
+
+def _brute_force(names, holders, facts, bases, budget):
+    """Least predicted error over every combination of every module's options, listed here
+    from the definitions (no frontier): joint ranks, one-sided ranks, private ranks per holder."""
+    import itertools
+
+    menus = []
+    for n in names:
+        d_in, d_out = facts[0][n].d_in, facts[0][n].d_out
+        b, h = bases[n], len(holders[n])
+        g = [fa[n].S.double() ** 2 for fa in facts]
+        menu = [((r0 + r1) * (d_in + d_out), float(g[0][r0:].sum() + g[1][r1:].sum()))
+                for r0 in range(g[0].numel() + 1) for r1 in range(g[1].numel() + 1)]
+        menu += [(a * d_out + c * d_in + h * a * c, b.energy - float(b.kept[a, c]))
+                 for a in range(1, b.kept.shape[0]) for c in range(1, b.kept.shape[1])]
+        menu += [(k * (d_in + h * d_out), b.energy - float(b.gain_V[:k].sum()))
+                 for k in range(1, b.gain_V.numel() + 1)]
+        menu += [(k * (d_out + h * d_in), b.energy - float(b.gain_U[:k].sum()))
+                 for k in range(1, b.gain_U.numel() + 1)]
+        menus.append(menu)
+    return min(sum(e for _, e in combo) for combo in itertools.product(*menus)
+               if sum(c for c, _ in combo) <= budget)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_allocation_matches_brute_force_and_never_loses(seed):
+    from mosconv.fit.joint import (
+        _by_price,
+        _greedy,
+        _knapsack,
+        _plan_params,
+        _spectra,
+        allocate,
+        joint_basis,
+    )
+
+    names, holders, facts = _small_group(seed)
+    bases = {n: joint_basis([fa[n] for fa in facts]) for n in names}
+    _, shape = _spectra(names, holders, facts)
+    for budget in (10, 23, 40, 61, 90, 140):
+        plans, err = _knapsack(names, holders, facts, bases, budget)
+        assert sum(_plan_params(p, shape[p.name]) for p in plans) <= budget
+        assert err == pytest.approx(_brute_force(names, holders, facts, bases, budget),
+                                    rel=1e-12, abs=1e-12), budget
+        chosen = allocate(names, holders, facts, bases, budget)[1]
+        assert chosen <= _by_price(names, holders, facts, bases, budget)[1] + 1e-12
+        assert chosen <= _greedy(names, holders, facts, bases, budget)[1] + 1e-12
+        assert chosen == pytest.approx(err, rel=1e-12, abs=1e-12)
+        # coarse units (rounded-up costs) still fit the budget
+        coarse = _knapsack(names, holders, facts, bases, budget, cells=4)
+        assert sum(_plan_params(p, shape[p.name]) for p in coarse[0]) <= budget
+        assert coarse[1] >= err - 1e-12
+    assert _knapsack(names, holders, facts, bases, 140, work=10) is None

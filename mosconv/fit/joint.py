@@ -25,7 +25,11 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
   at ``d_in + d_out`` each.  One price ``lam`` (error per parameter) is found by bisection so
   that every module, choosing the option and rank that minimize ``error + lam * params``,
   fits the group budget together; leftover budget buys private triplets greedily.  The
-  chosen parameters never increase with ``lam``, so the bisection is exact.
+  chosen parameters never increase with ``lam``, so the bisection is exact.  A greedy over
+  every module's next step is the second candidate, and the exact optimum the third: a
+  multiple-choice knapsack (each module name picks one option from its cost/error frontier)
+  solved by dynamic programming over the budget, in parameter units where the table is small
+  enough (coarser, rounded-up units otherwise).  The lowest predicted error of the three wins.
 * **Refinement**: alternating least squares on the exact error (higher-order orthogonal
   iteration): ``U`` = top-``k`` left singular vectors of ``[dW_1 V, ..., dW_n V]``, then
   ``V`` likewise of the stacked ``U^T dW_i``; the kept energy never decreases, the best state
@@ -34,6 +38,7 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -305,12 +310,16 @@ def _private_choice(gains: list[torch.Tensor], c: int, lam: float
 def allocate(names: list[str], holders: dict[str, tuple[int, ...]],
              facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
              budget: int) -> tuple[list[ModulePlan], float]:
-    """The plans of every module name under ``budget`` parameters: the better (lower
-    predicted error) of a price-based allocation and a greedy one (see the module
-    docstring); returns the plans and the predicted total squared error (before refinement)."""
-    a = _by_price(names, holders, facts, bases, budget)
-    b = _greedy(names, holders, facts, bases, budget)
-    return a if a[1] <= b[1] else b
+    """The plans of every module name under ``budget`` parameters: the best (lowest
+    predicted error) of a price-based allocation, a greedy one and, where its table is small
+    enough, the exact one (:func:`_knapsack`) (see the module docstring); returns the plans
+    and the predicted total squared error (before refinement)."""
+    found = [_by_price(names, holders, facts, bases, budget),
+             _greedy(names, holders, facts, bases, budget)]
+    exact = _knapsack(names, holders, facts, bases, budget)
+    if exact is not None:
+        found.append(exact)
+    return min(found, key=lambda x: x[1])  # the first of equals: price, greedy, knapsack
 
 
 def _spectra(names: list[str], holders: dict[str, tuple[int, ...]],
@@ -475,3 +484,115 @@ def _fill(chosen: list[ModulePlan], gains: dict[str, list[torch.Tensor]],
            ModulePlan(p.name, p.holders, "private", ranks=tuple(ranks[pos]))
            for pos, p in enumerate(chosen)]
     return out, max(err, 0.0)
+
+
+KNAPSACK_CELLS = 1 << 16  # budget cells of the exact allocation (coarser units above)
+KNAPSACK_WORK = 1 << 28  # cells x options it may visit, else it is not run
+
+
+def _frontier(cost: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """Indices of the options no cheaper (or equally cheap) option beats, by cost: strictly
+    falling error (ties: the first listed)."""
+    order = torch.sort(err, stable=True).indices
+    order = order[torch.sort(cost[order], stable=True).indices]
+    e = err[order]
+    prev = torch.cat([torch.full((1,), math.inf, dtype=e.dtype), e.cummin(0).values[:-1]])
+    return order[e < prev]
+
+
+def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape: tuple[int, int],
+                    b: JointBasis | None) -> list[tuple[int, float, ModulePlan]]:
+    """Every ``(params, predicted error, plan)`` of one module name on its cost/error
+    frontier, by cost.  Private options take the best ``t`` triplets over all holders (each
+    holder's gains fall, so the ``t`` largest are prefixes of each holder's)."""
+    d_in, d_out = shape
+    energy = float(sum(float(g.sum()) for g in gains))
+    vals = torch.cat([g for g in gains]) if gains else torch.zeros(0, dtype=F64)
+    who = torch.cat([torch.full((g.numel(),), j) for j, g in enumerate(gains)]) if gains \
+        else torch.zeros(0, dtype=torch.int64)
+    top = torch.sort(-vals, stable=True).indices
+    top = top[vals[top] > 0]
+    t = torch.arange(top.numel() + 1)
+    costs = [t * (d_in + d_out)]
+    errs = [(energy - torch.cat([torch.zeros(1, dtype=F64), vals[top].cumsum(0)])).clamp(min=0)]
+    kinds = [("private", t)]
+    if b is not None and b.kept.shape[0] > 1 and b.kept.shape[1] > 1:
+        err, params = _joint_grid(b, len(h), d_in, d_out)
+        kU, kV = torch.meshgrid(torch.arange(1, err.shape[0]), torch.arange(1, err.shape[1]),
+                                indexing="ij")
+        costs.append(params[1:, 1:].reshape(-1).round().long())
+        errs.append(err[1:, 1:].reshape(-1))
+        kinds.append(("joint", torch.stack([kU.reshape(-1), kV.reshape(-1)], 1)))
+        for mode, (err1, params1) in _one_sided_tables(b, len(h), d_in, d_out).items():
+            costs.append(params1[1:].round().long())
+            errs.append(err1[1:])
+            kinds.append((mode, torch.arange(1, err1.numel())))
+    cost, errv = torch.cat([c.long() for c in costs]), torch.cat(errs)
+    starts = torch.tensor([0] + [c.numel() for c in costs]).cumsum(0)
+    out = []
+    for i in _frontier(cost, errv).tolist():
+        seg = int(torch.searchsorted(starts, i, right=True)) - 1
+        mode, what = kinds[seg]
+        x = what[i - int(starts[seg])]
+        if mode == "private":
+            ranks = torch.bincount(who[top[:int(x)]], minlength=len(gains))
+            plan = ModulePlan(n, h, "private", ranks=tuple(int(r) for r in ranks))
+        elif mode == "joint":
+            plan = ModulePlan(n, h, "joint", k_U=int(x[0]), k_V=int(x[1]))
+        else:
+            plan = ModulePlan(n, h, mode, k_U=int(x) if mode == "shared_B" else 0,
+                              k_V=int(x) if mode == "shared_A" else 0)
+        out.append((int(cost[i]), float(errv[i]), plan))
+    return out
+
+
+def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
+              facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+              budget: int, cells: int = KNAPSACK_CELLS, work: int = KNAPSACK_WORK
+              ) -> tuple[list[ModulePlan], float] | None:
+    """The exact allocation: one option per module name (mode and ranks) minimizing the
+    predicted total error within ``budget`` (a multiple-choice knapsack, by dynamic
+    programming over the budget).  Costs are counted in units of
+    ``ceil(budget / cells)`` parameters (rounded up, so the plans always fit; exact when the
+    unit is 1); None when the table would exceed ``work`` cell visits."""
+    if budget <= 0:
+        return None
+    gains, shape = _spectra(names, holders, facts)
+    menus = [_module_options(n, holders[n], gains[n], shape[n], bases.get(n)) for n in names]
+    unit = max(1, -(-budget // cells))
+    size = budget // unit + 1
+    if size * sum(len(m) for m in menus) > work:
+        return None
+    best = torch.zeros(size, dtype=F64)  # least error of the modules so far at cost <= b
+    picks = []
+    for menu in menus:
+        new = torch.full((size,), math.inf, dtype=F64)
+        arg = torch.zeros(size, dtype=torch.int32)
+        for j, (c, e, _) in enumerate(menu):
+            u = -(-c // unit)
+            if u >= size:
+                break  # the menu is by cost
+            cand = best[:size - u] + e
+            better = cand < new[u:]
+            new[u:] = torch.where(better, cand, new[u:])
+            arg[u:] = torch.where(better, torch.tensor(j, dtype=torch.int32), arg[u:])
+        best = new
+        picks.append(arg)
+    b, chosen = size - 1, []
+    for menu, arg in zip(reversed(menus), reversed(picks)):
+        c, _, plan = menu[int(arg[b])]
+        chosen.append(plan)
+        b -= -(-c // unit)
+    chosen.reverse()
+    used = sum(_plan_params(p, shape[p.name]) for p in chosen)
+    width = {n: sum(shape[n]) for n in names}
+    return _fill(chosen, gains, width, budget - used, float(best[-1]))
+
+
+def _plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
+    d_in, d_out = shape
+    if p.mode == "joint":
+        return int(joint_params(p.k_U, p.k_V, d_in, d_out, len(p.holders)))
+    if p.mode in ("shared_A", "shared_B"):
+        return one_sided_params(p.mode, p.k_V or p.k_U, d_in, d_out, len(p.holders))
+    return sum(p.ranks) * (d_in + d_out)
