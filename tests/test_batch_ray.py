@@ -105,6 +105,10 @@ class CountingRayReducer(RayReducer):
         self.tasks += len(args)
         return super().map(fn, args)
 
+    def keep(self, fn, args):
+        self.tasks += len(args)
+        return super().keep(fn, args)
+
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
@@ -161,3 +165,26 @@ def test_fit_group_on_ray_equals_local(ray_session, group):
     assert [r.to_json() for r in local.reports] == [r.to_json() for r in remote.reports]
     for a, b in zip(local.reports, whole.reports):
         assert abs(a.totals.relative_error - b.totals.relative_error) <= 1e-6
+
+
+def test_group_members_are_held_in_the_object_store(ray_session, tmp_path):
+    """``batch --shared-pool --engine ray``: the members are read, factorized, converted alone
+    and built by tasks, in chunks that stay in Ray's object store (the fitting process holds
+    object refs); the fit equals the one computed in this process."""
+    from mosconv.batch.run import discover, fit_group_items
+
+    for i in range(7):
+        write_lora_like(tmp_path / "zoo" / f"t{i}", i, layers=2, seed=int(i >= 5))
+    items = discover(tmp_path / "zoo")
+    config = BatchConfig(ratio=8.0, shared_pool=True, chunk=2, engine="ray")
+    red = CountingRayReducer()
+    with one_thread():
+        handles, remote = fit_group_items(items, config, red)
+        _, local = fit_group_items(items, config)
+    assert len(handles) == 4 and all(isinstance(h, ray_session.ObjectRef) for h in handles)
+    assert all(b is None or isinstance(b, ray_session.ObjectRef) for b in remote.built)
+    assert red.tasks > 4
+    assert remote.mode == local.mode == "shared"
+    assert all(torch.equal(remote.shared_pools[k], local.shared_pools[k])
+               for k in local.shared_pools)
+    assert [r.to_json() for r in remote.reports] == [r.to_json() for r in local.reports]

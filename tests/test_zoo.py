@@ -11,7 +11,8 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from dataclasses import asdict
+import pickle
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
@@ -485,25 +486,141 @@ def test_exact_allocation_matches_brute_force_and_never_loses(seed):
         _greedy,
         _knapsack,
         _plan_params,
-        _spectra,
         allocate,
         joint_basis,
+        spectra,
     )
 
     names, holders, facts = _small_group(seed)
     bases = {n: joint_basis([fa[n] for fa in facts]) for n in names}
-    _, shape = _spectra(names, holders, facts)
+    spec = spectra(names, holders, facts)
+    shape = spec[1]
     for budget in (10, 23, 40, 61, 90, 140):
-        plans, err = _knapsack(names, holders, facts, bases, budget)
+        plans, err = _knapsack(names, holders, spec, bases, budget)
         assert sum(_plan_params(p, shape[p.name]) for p in plans) <= budget
         assert err == pytest.approx(_brute_force(names, holders, facts, bases, budget),
                                     rel=1e-12, abs=1e-12), budget
-        chosen = allocate(names, holders, facts, bases, budget)[1]
-        assert chosen <= _by_price(names, holders, facts, bases, budget)[1] + 1e-12
-        assert chosen <= _greedy(names, holders, facts, bases, budget)[1] + 1e-12
+        chosen = allocate(names, holders, spec, bases, budget)[1]
+        assert chosen <= _by_price(names, holders, spec, bases, budget)[1] + 1e-12
+        assert chosen <= _greedy(names, holders, spec, bases, budget)[1] + 1e-12
         assert chosen == pytest.approx(err, rel=1e-12, abs=1e-12)
         # coarse units (rounded-up costs) still fit the budget
-        coarse = _knapsack(names, holders, facts, bases, budget, cells=4)
+        coarse = _knapsack(names, holders, spec, bases, budget, cells=4)
         assert sum(_plan_params(p, shape[p.name]) for p in coarse[0]) <= budget
         assert coarse[1] >= err - 1e-12
-    assert _knapsack(names, holders, facts, bases, 140, work=10) is None
+    assert _knapsack(names, holders, spec, bases, 140, work=10) is None
+
+
+# ------------------------------------------------------------------ members held in chunks
+
+
+@dataclass(frozen=True)
+class _Handle:
+    key: int
+
+
+class IsolatedReducer:
+    """A reducer whose tasks see copies of what it keeps (as another process would) and whose
+    caller gets opaque handles; it records every value that comes back to the caller."""
+
+    def __init__(self) -> None:
+        self.store: dict[int, object] = {}
+        self.returned: list = []  # what tasks sent back, and what get fetched
+        self.gets = 0
+
+    def _copy(self, x):
+        return pickle.loads(pickle.dumps(x))  # our own objects, in this test only
+
+    def _arg(self, a):
+        return self._copy(self.store[a.key]) if isinstance(a, _Handle) else self._copy(a)
+
+    def put(self, value):
+        h = _Handle(len(self.store))
+        self.store[h.key] = self._copy(value)
+        return h
+
+    def map(self, fn, args):
+        out = [self._copy(fn(*[self._arg(a) for a in x])) for x in args]
+        self.returned.append(out)
+        return out
+
+    def keep(self, fn, args):
+        out = []
+        for x in args:
+            heavy, light = fn(*[self._arg(a) for a in x])
+            light = self._copy(light)
+            self.returned.append(light)
+            out.append((self.put(heavy), light))
+        return out
+
+    def get(self, h):
+        self.gets += 1
+        value = self._copy(self.store[h.key])
+        self.returned.append(value)
+        return value
+
+
+def _held(x, seen=None):
+    """Every object reachable from ``x`` through containers and dataclasses, and the bytes
+    of the tensors among them."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return [], 0
+    seen.add(id(x))
+    if isinstance(x, torch.Tensor):
+        return [x], x.numel() * x.element_size()
+    items = (list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, list | tuple)
+             else [getattr(x, f.name) for f in dataclasses.fields(x)]
+             if dataclasses.is_dataclass(x) and not isinstance(x, type) else [])
+    objs, size = [x], 0
+    for y in items:
+        o, s = _held(y, seen)
+        objs += o
+        size += s
+    return objs, size
+
+
+def test_group_fit_holds_no_factorization_outside_its_chunks(tmp_path):
+    """``batch --shared-pool``'s group fit with members held in chunks elsewhere (copies, opaque
+    handles): the fitting process gets back spectra, bases, last triangles of reductions and
+    reports, no adapter, factorization, chunk or MoS adapter, and no tensor larger than one
+    module's ``d x d``; the fit is the one computed in this process (same pools, reports and
+    built adapters)."""
+    from mosconv.batch.run import discover, fit_group_items
+    from mosconv.fit.factorize import Factorization
+    from mosconv.fit.zoo import Chunk
+    from mosconv.lora.types import LoraAdapter
+    from mosconv.mos.types import MosAdapter
+
+    for i in range(7):
+        write_lora_like(tmp_path / "zoo" / f"t{i}", i, layers=2, seed=int(i >= 5))
+    items = discover(tmp_path / "zoo")
+    config = BatchConfig(ratio=RATIO, shared_pool=True, chunk=2)
+    iso = IsolatedReducer()
+    handles, fit = fit_group_items(items, config, iso)
+    _, local = fit_group_items(items, config)
+    assert fit.mode == local.mode == "shared"
+    assert all(isinstance(h, _Handle) for h in handles)
+    assert [b is None for b in fit.built] == [b is None for b in local.built]
+    assert any(isinstance(b, _Handle) for b in fit.built)
+    assert fit.shared_pools.keys() == local.shared_pools.keys()
+    assert all(torch.equal(fit.shared_pools[k], local.shared_pools[k]) for k in fit.shared_pools)
+    assert [r.to_json() for r in fit.reports] == [r.to_json() for r in local.reports]
+    objs, _ = _held(iso.returned)
+    assert not [o for o in objs if isinstance(o, Factorization | LoraAdapter | Chunk | MosAdapter)]
+    d = 64  # the widest module of these adapters
+    tensors = [o for o in objs if isinstance(o, torch.Tensor)]
+    assert iso.gets > 0 and tensors
+    assert all(t.dim() <= 2 and max(t.shape, default=0) <= d for t in tensors)
+    # the chunks the fit built are written from where they are held: the same adapters
+    for c, b in enumerate(local.built):
+        if b is None:  # none of the chunk's members is served by the pools
+            continue
+        built = iso.store[fit.built[c].key]
+        assert len(built) == len(b) == len(iso.store[handles[c].key].adapters)
+        for m_iso, m_loc in zip(built, b):
+            assert (m_iso is None) == (m_loc is None)
+            if m_iso is not None:
+                assert_same_mos(m_iso, m_loc)

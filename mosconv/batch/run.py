@@ -30,7 +30,7 @@ from ..names import PEFT_CONFIG as CONFIG_NAME
 
 if TYPE_CHECKING:
     from ..fit.report import Report
-    from ..fit.zoo import GroupResult
+    from ..fit.zoo import ChunkedFit
     from ..lora.types import LoraAdapter
     from ..mos.types import MosAdapter
 
@@ -57,7 +57,8 @@ class BatchConfig:
     shared_pool: bool = False
     overwrite: bool = False
     refit: bool = False  # shared_pool: refit groups that gained adapters (else add to them)
-    chunk: int = 32  # shared_pool: adapters per leaf of the joint-basis reductions
+    chunk: int = 32  # shared_pool: adapters held, factorized and built together (a leaf of the
+    # joint-basis reductions; with Ray, one task and one object-store entry)
 
     def settings(self) -> dict:
         """What an output must have been made with to count as done on a rerun."""
@@ -316,8 +317,9 @@ def _group_id(key: str) -> str:
 
 
 class RayReducer:
-    """Runs the chunks of a reduction (:mod:`mosconv.fit.joint`) as Ray tasks: chunks live in
-    the object store, results come back in order.  Needs an initialized Ray."""
+    """Runs the chunks of a group fit (:mod:`mosconv.fit.joint`, :mod:`mosconv.fit.zoo`) as
+    Ray tasks: chunks live in the object store, results come back in order; what ``keep``
+    keeps stays in the object store.  Needs an initialized Ray."""
 
     def __init__(self) -> None:
         import ray
@@ -325,29 +327,57 @@ class RayReducer:
         self._ray = ray
         self._tasks: dict = {}
 
+    def _task(self, fn: Callable[..., Any], returns: int) -> Any:
+        task = self._tasks.get((fn, returns))
+        if task is None:
+            task = self._tasks[fn, returns] = self._ray.remote(num_cpus=1,
+                                                               num_returns=returns)(fn)
+        return task
+
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
 
     def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-        task = self._tasks.get(fn)
-        if task is None:
-            task = self._tasks[fn] = self._ray.remote(num_cpus=1)(fn)
+        task = self._task(fn, 1)
         return self._ray.get([task.remote(*a) for a in args])
 
+    def keep(self, fn: Callable[..., Any], args: list[tuple]) -> list[tuple[Any, Any]]:
+        task = self._task(fn, 2)
+        refs = [task.remote(*a) for a in args]
+        return list(zip([h for h, _ in refs], self._ray.get([x for _, x in refs])))
 
-def fit_group_items(items: list[Item], config: BatchConfig
-                    ) -> tuple[list[LoraAdapter], GroupResult]:
-    """Read and fit one group (where the group's vectors are); returns the GroupResult.  With
-    the Ray engine the joint bases are reductions over Ray tasks."""
-    from ..fit.zoo import fit_group
+    def get(self, handle: Any) -> Any:
+        return self._ray.get(handle)
+
+
+def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None
+                    ) -> tuple[list[Any], ChunkedFit]:
+    """Fit one group: its members are read, factorized and converted alone in chunks of
+    ``config.chunk`` where ``reducer`` keeps them (this process by default; Ray tasks and
+    the object store with :class:`RayReducer`), and fitted from there
+    (:func:`mosconv.fit.zoo.fit_chunks`).  Returns the chunks' handles and the fit."""
+    from ..fit.joint import LOCAL
+    from ..fit.zoo import alone_config, fit_chunks, make_chunk
     from ..lora.read import read_adapter
 
-    adapters = [read_adapter(i.source) for i in items]
-    reducer = RayReducer() if config.engine == "ray" else None
-    return adapters, fit_group(adapters, float(config.ratio), config.seed,
-                               search=config.search, iters=config.iters,
-                               routing_weights=config.routing_weights, reducer=reducer,
-                               chunk=config.chunk)
+    red = reducer or LOCAL
+    cc = alone_config(config.ratio, config.seed, config.search, config.iters,
+                      config.routing_weights)
+    kept = red.keep(make_chunk, [(tuple(i.source for i in items[s:s + config.chunk]), cc, None,
+                                  read_adapter) for s in range(0, len(items), config.chunk)])
+    return [h for h, _ in kept], fit_chunks(kept, float(config.ratio), config.seed,
+                                            reducer=red)
+
+
+def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list[Report],
+                out: str, config: BatchConfig, gid: str, pool: tuple[str, str] | None,
+                seconds: float) -> list[Outcome]:
+    """Write a chunk's members (where the chunk is): each its joint MoS adapter, or the one
+    converted alone where the fit has none for it."""
+    mos = [r.mos if built is None or built[j] is None else built[j]
+           for j, r in enumerate(chunk.alone)]
+    return [write_member(i, a, m, r, out, config, gid, pool, seconds)
+            for i, a, m, r in zip(items, chunk.adapters, mos, reports)]
 
 
 def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
@@ -389,12 +419,7 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
     t0 = time.perf_counter()
     remote = config.engine == "ray"
     try:
-        if remote:
-            import ray
-
-            adapters, res = ray.get(ray.remote(num_cpus=1)(fit_group_items).remote(members, config))
-        else:
-            adapters, res = fit_group_items(members, config)
+        handles, res = fit_group_items(members, config, RayReducer() if remote else None)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in members:
@@ -409,16 +434,18 @@ def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
         pool_file(out, gid).unlink(missing_ok=True)
         pool_members_file(out, gid).unlink(missing_ok=True)
     per = (time.perf_counter() - t0) / len(members)
-    args = [(i, a, m, r, out, config, gid, pool, per)
-            for i, a, m, r in zip(members, adapters, res.adapters, res.reports)]
+    n = config.chunk
+    args = [(h, b, members[c * n:(c + 1) * n], res.reports[c * n:(c + 1) * n], out, config,
+             gid, pool, per) for c, (h, b) in enumerate(zip(handles, res.built))]
     if remote:
         import ray
 
-        task = ray.remote(num_cpus=1)(write_member)
-        yield from ray.get([task.remote(*x) for x in args])
+        task = ray.remote(num_cpus=1)(write_chunk)
+        for outcomes in ray.get([task.remote(*x) for x in args]):
+            yield from outcomes
     else:
         for x in args:
-            yield write_member(*x)
+            yield from write_chunk(*x)
 
 
 def _recorded_group(dest: Path) -> str | None:

@@ -75,22 +75,35 @@ class JointBasis:
 class Reducer(Protocol):
     """Where the per-chunk work of a reduction runs: ``put`` stores a value where tasks read
     it (returns a handle), ``map`` runs ``fn(*a)`` for every ``a`` and returns the results in
-    order.  :class:`LocalReducer` runs in this process; ``mosconv.batch.run.RayReducer`` on
-    Ray tasks."""
+    order, ``keep`` runs ``fn(*a)`` (which returns ``(heavy, light)``) for every ``a`` and
+    returns ``(handle of heavy, light)``: the heavy part stays where the task ran, ``get``
+    fetches a handle's value.  Handles passed as arguments of ``map`` and ``keep`` reach the
+    task as their values.  :class:`LocalReducer` runs in this process;
+    ``mosconv.batch.run.RayReducer`` on Ray tasks (handles: object refs)."""
 
     def put(self, value: Any) -> Any: ...
 
     def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]: ...
 
+    def keep(self, fn: Callable[..., Any], args: list[tuple]) -> list[tuple[Any, Any]]: ...
+
+    def get(self, handle: Any) -> Any: ...
+
 
 class LocalReducer:
-    """Runs every chunk in this process, in order."""
+    """Runs every chunk in this process, in order (a handle is the value itself)."""
 
     def put(self, value: Any) -> Any:
         return value
 
     def map(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
         return [fn(*a) for a in args]
+
+    def keep(self, fn: Callable[..., Any], args: list[tuple]) -> list[tuple[Any, Any]]:
+        return [fn(*a) for a in args]
+
+    def get(self, handle: Any) -> Any:
+        return handle
 
 
 LOCAL = LocalReducer()
@@ -101,10 +114,14 @@ FAN_IN = 8  # triangles merged per task
 @dataclass(frozen=True)
 class Parts:
     """The factorizations of one module name's holders, in chunks stored by a reducer (the
-    leaves of every reduction over them)."""
+    leaves of every reduction over them).  Without ``pick`` a chunk is a list of
+    factorizations; with it, chunk ``c``'s list is ``picker(chunk, *args)`` for
+    ``pick[c] = (picker, *args)``, computed in the task (chunks of whole adapters held where
+    the reducer keeps them, :mod:`mosconv.fit.zoo`)."""
 
     chunks: tuple
     reducer: Reducer
+    pick: tuple | None = None
 
     @staticmethod
     def of(facts: list[Factorization] | Parts, reducer: Reducer | None = None,
@@ -118,12 +135,29 @@ class Parts:
                      red)
 
     def map(self, fn: Callable[..., Any], *extra: Any) -> list[Any]:
-        return self.reducer.map(fn, [(c, *extra) for c in self.chunks])
+        if self.pick is None:
+            return self.reducer.map(fn, [(c, *extra) for c in self.chunks])
+        return self.reducer.map(_picked, [(fn, c, p, *extra)
+                                          for c, p in zip(self.chunks, self.pick)])
+
+    def keep(self, fn: Callable[..., Any], *extra: Any) -> list[tuple[Any, Any]]:
+        """Like :meth:`map` for an ``fn`` that returns ``(heavy, light)``: the heavy results
+        stay where the tasks ran (handles; see :class:`Reducer`)."""
+        if self.pick is None:
+            return self.reducer.keep(fn, [(c, *extra) for c in self.chunks])
+        return self.reducer.keep(_picked, [(fn, c, p, *extra)
+                                           for c, p in zip(self.chunks, self.pick)])
 
     @property
     def final(self) -> bool:
         """One chunk: its leaf computes the SVD itself (no reduction)."""
         return len(self.chunks) == 1
+
+
+def _picked(fn: Callable[..., Any], chunk: Any, pick: tuple, *extra: Any) -> Any:
+    """``fn`` on the factorizations that ``pick`` selects from a chunk."""
+    picker, *args = pick
+    return fn(picker(chunk, *args), *extra)
 
 
 def _triangle(cols: torch.Tensor) -> torch.Tensor:
@@ -150,17 +184,30 @@ def _leaf(cols: torch.Tensor, final: bool) -> Any:
     return _left_svd(cols) if final else _triangle(cols)
 
 
-def _svd_of(leaves: list[Any], reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors and values of the columns behind the leaves: a single leaf's own
-    SVD, or the leaf triangles merged ``FAN_IN`` at a time in a fixed tree (so the result does
-    not depend on where the tasks ran) and the SVD of the columns behind the last triangle
+def _at(x: Any, index: int | None) -> Any:
+    return x if index is None else x[index]
+
+
+def _merge_kept(index: int | None, *items: Any) -> tuple[torch.Tensor, None]:
+    """:func:`_merge` of the triangles at ``index`` of several leaves (all of them: None)."""
+    return _merge(*[_at(x, index) for x in items]), None
+
+
+def _svd_of(leaves: list[Any], reducer: Reducer, index: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values of the columns behind the leaves (handles of what the
+    leaf tasks kept; their part ``index`` when a leaf holds several): a single leaf's own
+    SVD, or the leaf triangles merged ``FAN_IN`` at a time in a fixed tree by tasks that keep
+    their results too (so the result does not depend on where the tasks ran, and only the
+    last triangle comes back here), then the SVD of the columns behind the last triangle
     ``T`` (``T^T T = cols cols^T``, so ``T^T`` has the same left singular vectors)."""
     if len(leaves) == 1:  # the only leaf: its own SVD (see _leaf)
-        return leaves[0]
+        return _at(reducer.get(leaves[0]), index)
     while len(leaves) > 1:
-        leaves = reducer.map(_merge, [tuple(leaves[i:i + FAN_IN])
-                                      for i in range(0, len(leaves), FAN_IN)])
-    return _left_svd(leaves[0].T)
+        leaves = [h for h, _ in reducer.keep(_merge_kept, [(index, *leaves[i:i + FAN_IN])
+                                                           for i in range(0, len(leaves), FAN_IN)])]
+        index = None
+    return _left_svd(reducer.get(leaves[0]).T)
 
 
 def _scaled(side: torch.Tensor, f: Factorization) -> torch.Tensor:
@@ -168,23 +215,23 @@ def _scaled(side: torch.Tensor, f: Factorization) -> torch.Tensor:
     return side.to(F64) * f.S.to(F64)[None, :]
 
 
-def _leaf_bases(facts: list[Factorization], final: bool) -> tuple[Any, Any, float]:
-    """Leaves of the updates side by side and stacked, and their energy."""
-    return (_leaf(torch.cat([_scaled(f.U, f) for f in facts], dim=1), final),
-            _leaf(torch.cat([_scaled(f.V, f) for f in facts], dim=1), final),
+def _leaf_bases(facts: list[Factorization], final: bool) -> tuple[tuple[Any, Any], float]:
+    """Leaves of the updates side by side and stacked (kept), and their energy."""
+    return ((_leaf(torch.cat([_scaled(f.U, f) for f in facts], dim=1), final),
+             _leaf(torch.cat([_scaled(f.V, f) for f in facts], dim=1), final)),
             float(sum((f.S.to(F64) ** 2).sum() for f in facts)))
 
 
-def _leaf_left(facts: list[Factorization], V: torch.Tensor, final: bool) -> Any:
-    """Leaf of ``[dW_i V]`` side by side."""
+def _leaf_left(facts: list[Factorization], V: torch.Tensor, final: bool) -> tuple[Any, None]:
+    """Leaf of ``[dW_i V]`` side by side (kept)."""
     return _leaf(torch.cat([_scaled(f.U, f) @ (f.V.to(F64).T @ V) for f in facts], dim=1),
-                 final)
+                 final), None
 
 
-def _leaf_right(facts: list[Factorization], U: torch.Tensor, final: bool) -> Any:
-    """Leaf of ``[dW_i^T U]`` side by side."""
+def _leaf_right(facts: list[Factorization], U: torch.Tensor, final: bool) -> tuple[Any, None]:
+    """Leaf of ``[dW_i^T U]`` side by side (kept)."""
     return _leaf(torch.cat([_scaled(f.V, f) @ (f.U.to(F64).T @ U) for f in facts], dim=1),
-                 final)
+                 final), None
 
 
 def _leaf_kept(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -203,14 +250,14 @@ def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = No
     QR reduction over chunks of ``chunk`` adapters run by ``reducer`` (this process by
     default); the same chunking gives the same bytes wherever the chunks run."""
     parts = Parts.of(facts, reducer, chunk)
-    leaves = parts.map(_leaf_bases, parts.final)
-    U, sU = _svd_of([t for t, _, _ in leaves], parts.reducer)
-    V, sV = _svd_of([t for _, t, _ in leaves], parts.reducer)
+    leaves = parts.keep(_leaf_bases, parts.final)
+    U, sU = _svd_of([h for h, _ in leaves], parts.reducer, 0)
+    V, sV = _svd_of([h for h, _ in leaves], parts.reducer, 1)
     kept = torch.zeros(U.shape[1] + 1, V.shape[1] + 1, dtype=F64)
     if U.shape[1] and V.shape[1]:
         E = sum(parts.map(_leaf_kept, U, V))  # chunk sums, added in chunk order
         kept[1:, 1:] = E.cumsum(0).cumsum(1)
-    energy = sum(e for _, _, e in leaves)
+    energy = sum(e for _, e in leaves)
     return JointBasis(U, V, kept, energy, sU ** 2, sV ** 2)
 
 
@@ -228,8 +275,10 @@ def refine(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
 
     best = (U, V, kept(U, V))
     for _ in range(iters):
-        U = _svd_of(parts.map(_leaf_left, V, parts.final), parts.reducer)[0][:, :kU]
-        V = _svd_of(parts.map(_leaf_right, U, parts.final), parts.reducer)[0][:, :kV]
+        U = _svd_of([h for h, _ in parts.keep(_leaf_left, V, parts.final)],
+                    parts.reducer)[0][:, :kU]
+        V = _svd_of([h for h, _ in parts.keep(_leaf_right, U, parts.final)],
+                    parts.reducer)[0][:, :kV]
         if U.shape[1] < kU or V.shape[1] < kV:
             break
         e = kept(U, V)
@@ -307,38 +356,40 @@ def _private_choice(gains: list[torch.Tensor], c: int, lam: float
     return ranks, err, float(sum(ranks) * c)
 
 
-def allocate(names: list[str], holders: dict[str, tuple[int, ...]],
-             facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
-             budget: int) -> tuple[list[ModulePlan], float]:
-    """The plans of every module name under ``budget`` parameters: the best (lowest
-    predicted error) of a price-based allocation, a greedy one and, where its table is small
-    enough, the exact one (:func:`_knapsack`) (see the module docstring); returns the plans
-    and the predicted total squared error (before refinement)."""
-    found = [_by_price(names, holders, facts, bases, budget),
-             _greedy(names, holders, facts, bases, budget)]
-    exact = _knapsack(names, holders, facts, bases, budget)
-    if exact is not None:
-        found.append(exact)
-    return min(found, key=lambda x: x[1])  # the first of equals: price, greedy, knapsack
+Spectra = tuple[dict[str, list[torch.Tensor]], dict[str, tuple[int, int]]]
 
 
-def _spectra(names: list[str], holders: dict[str, tuple[int, ...]],
-             facts: list[dict[str, Factorization]]
-             ) -> tuple[dict[str, list[torch.Tensor]], dict[str, tuple[int, int]]]:
-    """Per module name, each holder's squared singular values, and ``(d_in, d_out)``."""
+def spectra(names: list[str], holders: dict[str, tuple[int, ...]],
+            facts: list[dict[str, Factorization]]) -> Spectra:
+    """Per module name, each holder's squared singular values (float64), and
+    ``(d_in, d_out)``: all that the allocation needs of the factorizations."""
     gains = {n: [facts[i][n].S.to(F64) ** 2 for i in holders[n]] for n in names}
     shape = {n: (facts[holders[n][0]][n].d_in, facts[holders[n][0]][n].d_out) for n in names}
     return gains, shape
 
 
+def allocate(names: list[str], holders: dict[str, tuple[int, ...]], spec: Spectra,
+             bases: dict[str, JointBasis], budget: int) -> tuple[list[ModulePlan], float]:
+    """The plans of every module name under ``budget`` parameters: the best (lowest
+    predicted error) of a price-based allocation, a greedy one and, where its table is small
+    enough, the exact one (:func:`_knapsack`) (see the module docstring); returns the plans
+    and the predicted total squared error (before refinement)."""
+    found = [_by_price(names, holders, spec, bases, budget),
+             _greedy(names, holders, spec, bases, budget)]
+    exact = _knapsack(names, holders, spec, bases, budget)
+    if exact is not None:
+        found.append(exact)
+    return min(found, key=lambda x: x[1])  # the first of equals: price, greedy, knapsack
+
+
 def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
-            facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+            spec: Spectra, bases: dict[str, JointBasis],
             budget: int) -> tuple[list[ModulePlan], float]:
     """Greedy by error decrease per parameter over every module's next step: one more
     column on either side (or both) of its joint bases, or one more private triplet; a
     module's first step decides its mode.  Steps whose gain per parameter can rise later
     (joint cores grow quadratically) are why this complements :func:`_by_price`."""
-    gains, shape = _spectra(names, holders, facts)
+    gains, shape = spec
     state = {n: ["none", 0, 0, [0] * len(holders[n])] for n in names}
     left = budget
     err = sum(float(g.sum()) for n in names for g in gains[n])
@@ -402,10 +453,10 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
 
 
 def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
-             facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+             spec: Spectra, bases: dict[str, JointBasis],
              budget: int) -> tuple[list[ModulePlan], float]:
     """Plans from one price per parameter (a Lagrangian relaxation of the budget)."""
-    gains, shape = _spectra(names, holders, facts)
+    gains, shape = spec
     width = {n: sum(shape[n]) for n in names}
     grids = {n: _joint_grid(b, len(holders[n]), *shape[n])
              for n, b in bases.items() if b.kept.shape[0] > 1 and b.kept.shape[1] > 1}
@@ -547,7 +598,7 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
 
 
 def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
-              facts: list[dict[str, Factorization]], bases: dict[str, JointBasis],
+              spec: Spectra, bases: dict[str, JointBasis],
               budget: int, cells: int = KNAPSACK_CELLS, work: int = KNAPSACK_WORK
               ) -> tuple[list[ModulePlan], float] | None:
     """The exact allocation: one option per module name (mode and ranks) minimizing the
@@ -557,7 +608,7 @@ def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
     unit is 1); None when the table would exceed ``work`` cell visits."""
     if budget <= 0:
         return None
-    gains, shape = _spectra(names, holders, facts)
+    gains, shape = spec
     menus = [_module_options(n, holders[n], gains[n], shape[n], bases.get(n)) for n in names]
     unit = max(1, -(-budget // cells))
     size = budget // unit + 1

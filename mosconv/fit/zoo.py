@@ -16,12 +16,19 @@ does) is computed too: a member the joint fit leaves worse off than that weighs 
 fit, or leaves the group, so no member is worse off; and the group keeps whichever has the
 lower total error, so the joint fit never makes the group worse than converting each adapter
 on its own.
+
+Members are held in chunks (:class:`Chunk`: adapters, factorizations, alone conversions)
+where a reducer keeps them: this process, or Ray's object store.  The fit itself
+(:func:`fit_chunks`) sees each member's spectra and reports only; the reductions of the joint
+bases and the building and measuring of each member run as tasks on the chunks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -29,10 +36,11 @@ from .. import __version__
 from ..lora.types import LoraAdapter, LoraModule
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
-from .convert import ConvertConfig, convert, source_info
+from .convert import ConvertConfig, ConvertResult, convert, source_info
 from .factorize import Factorization, factorize_adapter
 from .joint import (
     CHUNK,
+    LOCAL,
     JointBasis,
     ModulePlan,
     Parts,
@@ -101,6 +109,89 @@ def group_key(adapter: LoraAdapter) -> str:
     return f"{adapter.base_model or 'unknown'}|" + ";".join(kinds)
 
 
+def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int = 4,
+                 routing_weights: bool = True) -> ConvertConfig:
+    """How a member is converted alone, for the comparison (exactly as ``compress`` does)."""
+    return ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
+                         routing_weights=routing_weights, dtype="float32")
+
+
+# ---------------------------------------------------------------- members held in chunks
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Members of a group held together where a reducer keeps them (this process, or Ray's
+    object store): the adapters, their exact factorizations and each converted alone.  The
+    process that fits the group sees only their :class:`MemberInfo`."""
+
+    adapters: list[LoraAdapter]
+    facts: list[dict[str, Factorization]]
+    alone: list[ConvertResult]
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What fitting a group needs of one member: its spectra and its alone conversion's
+    report, no other tensor.
+
+    Attributes:
+        modules: ``(name, kind, d_in, d_out)`` per module, in the adapter's order.
+        gains: squared singular values of each module's update (float64).
+    """
+
+    params: int
+    modules: tuple[tuple[str, str, int, int], ...]
+    kinds: tuple[str, ...]
+    gains: dict[str, torch.Tensor]
+    energy: float
+    alone: Report
+    alone_local_params: int
+
+
+def make_chunk(sources: list, config: ConvertConfig,
+               facts: list[dict[str, Factorization]] | None = None,
+               load: Callable[[Any], LoraAdapter] | None = None
+               ) -> tuple[Chunk, list[MemberInfo]]:
+    """A chunk of members (``sources``: adapters, or what ``load`` reads them from),
+    factorized and converted alone, and what the fitting process needs of them."""
+    adapters = [load(x) for x in sources] if load is not None else list(sources)
+    facts = list(facts) if facts is not None else [factorize_adapter(a) for a in adapters]
+    alone = [convert(a, config, factorizations=fa) for a, fa in zip(adapters, facts)]
+    infos = [MemberInfo(params=a.params,
+                        modules=tuple((m.name, m.kind, m.d_in, m.d_out) for m in a.modules),
+                        kinds=tuple(a.kinds),
+                        gains={n: f.S.to(F64) ** 2 for n, f in fa.items()},
+                        energy=sum(f.energy for f in fa.values()), alone=r.report,
+                        alone_local_params=r.mos.local_params)
+             for a, fa, r in zip(adapters, facts, alone)]
+    return Chunk(adapters, facts, alone), infos
+
+
+def _select(chunk: Chunk, name: str, sel: tuple[tuple[int, float], ...]) -> list[Factorization]:
+    """The factorizations of module ``name`` of a chunk's members ``(position, weight)``."""
+    return [chunk.facts[j][name] if w == 1.0 else _weighted(chunk.facts[j][name], w)
+            for j, w in sel]
+
+
+@dataclass(frozen=True)
+class ChunkedFit:
+    """A group fitted over members held in chunks (:func:`fit_chunks`).
+
+    Attributes:
+        reports: one per member, in member order.
+        built: per chunk, the handle of its members' MoS adapters from the joint fit (a list
+            over the chunk's members, None for a member converted alone), or None (all
+            alone; so in ``independent`` mode).
+    """
+
+    mode: str
+    reports: list[Report]
+    totals: GroupTotals
+    shared_pools: dict[str, torch.Tensor]
+    built: list[Any]
+
+
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               factorizations: list[dict[str, Factorization]] | None = None,
               search: str = "fast", iters: int = 4,
@@ -115,34 +206,57 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     than converting independently, for the group or for any member.  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
-    adapter's kinds).  The joint bases are reductions over chunks of ``chunk`` adapters run by
-    ``reducer`` (:func:`mosconv.fit.joint.joint_basis`; this process by default).
-    """
-    facts = factorizations or [factorize_adapter(a) for a in adapters]
-    total_params = sum(a.params for a in adapters)
-    budget = budget_for_ratio(total_params, ratio)
-    energy = sum(f.energy for fa in facts for f in fa.values())
+    adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
+    (this process by default), where each is factorized, converted alone and built; the
+    joint bases are reductions over those chunks (:func:`mosconv.fit.joint.joint_basis`)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    red = reducer or LOCAL
+    cc = alone_config(ratio, seed, search, iters, routing_weights)
+    spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
+    kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
+                                  else factorizations[a:b]) for a, b in spans])
+    handles = [h for h, _ in kept]
+    fit = fit_chunks(kept, ratio, seed, refine_iters, red)
+    mos_list = []
+    for h, b in zip(handles, fit.built):
+        ch, built = red.get(h), None if b is None else red.get(b)
+        mos_list += [r.mos if built is None or built[j] is None else built[j]
+                     for j, r in enumerate(ch.alone)]
+    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools)
 
-    # independent: every adapter converted alone, as compress does
-    cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
-                       routing_weights=routing_weights, dtype="float32")
-    alone = [convert(a, cc, factorizations=fa) for a, fa in zip(adapters, facts)]
-    indep_err = _group_error(r.report for r in alone)
-    indep_params = sum(r.report.totals.mos_params for r in alone)
+
+def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
+               refine_iters: int = 10, reducer: Reducer | None = None) -> ChunkedFit:
+    """Fit a group whose members ``reducer`` holds in chunks: ``kept`` is what
+    ``reducer.keep(make_chunk, ...)`` returned (per chunk, its handle and its members'
+    :class:`MemberInfo`; members are numbered chunk after chunk).  This process holds the
+    members' spectra, the bases and the reports, never their factorizations: every step that
+    reads those runs on the chunks (leaves of the reductions, building and measuring each
+    member)."""
+    red = reducer or LOCAL
+    handles = [h for h, _ in kept]
+    infos = [i for _, part in kept for i in part]
+    index = [(c, j) for c, (_, part) in enumerate(kept) for j in range(len(part))]
+    total_params = sum(m.params for m in infos)
+    budget = budget_for_ratio(total_params, ratio)
+    energy = sum(m.energy for m in infos)
+    indep_err = _group_error(m.alone for m in infos)
+    indep_params = sum(m.alone.totals.mos_params for m in infos)
 
     # the joint fit, over the members it serves. The group budget is spent where the group's
     # error drops most, which can leave one member worse off than converted alone: such a
     # member's error then weighs more in the fit (doubled, a few rounds), and a member still
     # worse off leaves the group (converted alone) and the others are fitted again.
-    members = list(range(len(adapters)))
-    weights = [1.0] * len(adapters)
+    members = list(range(len(infos)))
+    weights = [1.0] * len(infos)
     rounds = 0
     while True:
-        pools, mos_sub, rep_sub, plans = _joint(
-            [adapters[i] for i in members], [facts[i] for i in members], ratio, seed,
-            refine_iters, [weights[i] for i in members], reducer, chunk)
+        pools, built, rep_sub, local_sub, plans = _joint(
+            handles, infos, index, members, ratio, seed, refine_iters,
+            [weights[i] for i in members], red)
         losers = [i for i, r in zip(members, rep_sub)
-                  if r.totals.relative_error > alone[i].report.totals.relative_error * (1 + 1e-9)]
+                  if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
         if not losers or not pools:
             break
         rounds += 1
@@ -154,17 +268,17 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
         if len(members) < 2:
             pools = {}
             break
-    mos_list = [r.mos for r in alone]
-    reports = [r.report for r in alone]
+    reports = [m.alone for m in infos]
+    local_of = [m.alone_local_params for m in infos]
     if pools:
-        for i, m, r in zip(members, mos_sub, rep_sub):
-            mos_list[i], reports[i] = m, r
+        for i, r, lp in zip(members, rep_sub, local_sub):
+            reports[i], local_of[i] = r, lp
     pool_params = sum(t.numel() for t in pools.values())
-    local = sum(m.local_params for m in mos_list)
+    local = sum(local_of)
     shared_err = _group_error(reports)
     if pool_params + local > budget:
         raise AssertionError(f"internal error: joint fit uses {pool_params + local} > {budget}")
-    totals = GroupTotals(lora_params=total_params, budget=budget, adapters=len(adapters),
+    totals = GroupTotals(lora_params=total_params, budget=budget, adapters=len(infos),
                          independent_relative_error=indep_err,
                          shared_relative_error=shared_err, independent_params=indep_params,
                          shared_params=pool_params + local, mode="independent",
@@ -172,38 +286,75 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
                          joint_modules=sum(1 for p in plans if p.mode != "private") if pools else 0,
                          modules=len(plans), joint_members=len(members) if pools else 0)
     if not pools or shared_err >= indep_err or energy <= 0:
-        return GroupResult("independent", [r.mos for r in alone], [r.report for r in alone],
-                           totals)
-    return GroupResult("shared", mos_list, reports,
-                       replace(totals, mode="shared", pool_params=pool_params,
-                               local_params=local, mos_params=pool_params + local), pools)
+        return ChunkedFit("independent", [m.alone for m in infos], totals, {},
+                          [None] * len(handles))
+    return ChunkedFit("shared", reports,
+                      replace(totals, mode="shared", pool_params=pool_params,
+                              local_params=local, mos_params=pool_params + local),
+                      pools, built)
 
 
-def _joint(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]], ratio: float,
-           seed: int, refine_iters: int, weights: list[float] | None = None,
-           reducer: Reducer | None = None, chunk: int = CHUNK
-           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter], list[Report], list[ModulePlan]]:
-    """The joint fit of ``adapters`` under their group budget: pool tensors, MoS adapters,
-    reports and the plan of every module name.  ``weights`` scale each adapter's squared
-    error in the fit (bases, allocation, refinement); cores and own shards are always the
-    exact least squares for the adapter's own update."""
-    budget = budget_for_ratio(sum(a.params for a in adapters), ratio)
-    fit_facts = facts
-    if weights is not None and any(w != 1.0 for w in weights):
-        fit_facts = [{n: _weighted(f, w) for n, f in fa.items()} for fa, w in zip(facts, weights)]
+def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
+           members: list[int], ratio: float, seed: int, refine_iters: int,
+           weights: list[float], red: Reducer
+           ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int],
+                      list[ModulePlan]]:
+    """The joint fit of ``members`` under their group budget: pool tensors, the handle of
+    each chunk's built MoS adapters, each member's report and own params, and the plan of
+    every module name.  ``weights`` scale each member's squared error in the fit (bases,
+    allocation, refinement); cores and own shards are always the exact least squares for the
+    member's own update."""
+    sub = [infos[i] for i in members]
+    budget = budget_for_ratio(sum(m.params for m in sub), ratio)
     names: list[str] = []
-    for a in adapters:
-        names += [m.name for m in a.modules if m.name not in names]
-    holders = {n: tuple(i for i, fa in enumerate(facts) if n in fa) for n in names}
-    parts = {n: Parts.of([fit_facts[i][n] for i in holders[n]], reducer, chunk)
+    for m in sub:
+        names += [n for n, *_ in m.modules if n not in names]
+    holders = {n: tuple(i for i, m in enumerate(sub) if n in m.gains) for n in names}
+    gains = {n: [sub[i].gains[n] * w for i in holders[n] for w in [weights[i]]] for n in names}
+    shape = {}
+    for m in sub:
+        for n, _, d_in, d_out in m.modules:
+            shape.setdefault(n, (d_in, d_out))
+    parts = {n: _parts(n, holders[n], members, weights, index, handles, red)
              for n in names if len(holders[n]) > 1}
     bases = {n: joint_basis(p) for n, p in parts.items()}
-    plans, _ = allocate(names, holders, fit_facts, bases, budget)
+    plans, _ = allocate(names, holders, (gains, shape), bases, budget)
     fitted = {p.name: _refined(p, bases[p.name], parts[p.name], refine_iters)
               for p in plans if p.mode != "private"}
-    pools, mos_list = _build(adapters, facts, {p.name: p for p in plans}, fitted, ratio, seed)
-    reports = [_report(a, fa, mos, ratio, seed) for a, fa, mos in zip(adapters, facts, mos_list)]
-    return pools, mos_list, reports, plans
+    first = sub[0]
+    kind_of = {n: k for m in sub for n, k, _, _ in m.modules}
+    widths = {k: (d_in, d_out) for m in sub for _, k, d_in, d_out in m.modules}
+    ids = kind_ids(first.kinds)
+    pools, offsets = _pools(ids, kind_of, fitted)
+    ctx = red.put((ids, widths, {p.name: p for p in plans}, fitted, offsets, pools, ratio, seed))
+    by_chunk: dict[int, list[tuple[int, int]]] = {}
+    for i, g in enumerate(members):
+        c, j = index[g]
+        by_chunk.setdefault(c, []).append((j, i))
+    order = sorted(by_chunk)
+    kept = red.keep(_build_chunk, [(handles[c], tuple(by_chunk[c]), ctx) for c in order])
+    built: list[Any] = [None] * len(handles)
+    light: dict[int, tuple[Report, int]] = {}
+    for c, (h, rows) in zip(order, kept):
+        built[c] = h
+        for (j, i), row in zip(by_chunk[c], rows):
+            light[i] = row
+    reports = [light[i][0] for i in range(len(members))]
+    local = [light[i][1] for i in range(len(members))]
+    return pools, built, reports, local, plans
+
+
+def _parts(name: str, held: tuple[int, ...], members: list[int], weights: list[float],
+           index: list[tuple[int, int]], handles: list[Any], red: Reducer) -> Parts:
+    """The reduction leaves of one module name: per chunk that holds some of its holders,
+    those members' factorizations (weighted), picked in the task."""
+    sel: dict[int, list[tuple[int, float]]] = {}
+    for i in held:
+        c, j = index[members[i]]
+        sel.setdefault(c, []).append((j, weights[i]))
+    order = sorted(sel)
+    return Parts(tuple(handles[c] for c in order), red,
+                 tuple((_select, name, tuple(sel[c])) for c in order))
 
 
 def _weighted(f: Factorization, w: float) -> Factorization:
@@ -237,16 +388,13 @@ def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _
     return _Fitted(U, V)
 
 
-def _build(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]],
-           plans: dict[str, ModulePlan], fitted: dict[str, _Fitted], ratio: float, seed: int
-           ) -> tuple[dict[str, torch.Tensor], list[MosAdapter]]:
-    """The group's pool tensors and each adapter's MoS adapter (shared rows first in pools)."""
-    ids = kind_ids(adapters[0].kinds)
+def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitted]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """The group's pool tensors (per kind, the shared rows of its modules in module order)
+    and each shared module's first A row and first B row in them."""
     pools: dict[str, torch.Tensor] = {}
-    offsets: dict[str, tuple[int, int]] = {}  # module -> first A row, first B row
-    kind_of = {m.name: m.kind for a in adapters for m in a.modules}
-    widths = {m.kind: (m.d_in, m.d_out) for a in adapters for m in a.modules}
-    for kind in ids:
+    offsets: dict[str, tuple[int, int]] = {}
+    for kind, kid in ids.items():
         rows_A, rows_B, start_A, start_B = [], [], 0, 0
         for n, kd in kind_of.items():
             if kd == kind and n in fitted:
@@ -258,66 +406,88 @@ def _build(adapters: list[LoraAdapter], facts: list[dict[str, Factorization]],
         rows_A = [r for r in rows_A if r.shape[0]]
         rows_B = [r for r in rows_B if r.shape[0]]
         if rows_A:
-            pools[f"{ids[kind]}.A"] = torch.cat(rows_A).float().contiguous()
+            pools[f"{kid}.A"] = torch.cat(rows_A).float().contiguous()
         if rows_B:
-            pools[f"{ids[kind]}.B"] = torch.cat(rows_B).float().contiguous()
-    mos_list = []
-    for i, (a, fa) in enumerate(zip(adapters, facts)):
-        kinds, mods = {}, []
-        for kind, ms in a.kinds.items():
-            d_in, d_out = widths[kind]
-            shared_A = pools.get(f"{ids[kind]}.A", torch.zeros(0, d_in))
-            shared_B = pools.get(f"{ids[kind]}.B", torch.zeros(0, d_out))
-            nA, nB = int(shared_A.shape[0]), int(shared_B.shape[0])
-            loc_A, loc_B, start_A, start_B = [], [], 0, 0
-            for m in ms:
-                p, f = plans[m.name], fa[m.name]
-                if p.mode == "joint":
-                    fit = fitted[m.name]
-                    core = cores([f], fit.U, fit.V)[0].float().contiguous()  # (k_U, k_V)
-                    oa, ob = offsets[m.name]
-                    mods.append(_module(m, kind, torch.arange(oa, oa + p.k_V),
-                                        torch.arange(ob, ob + p.k_U), (0, 0), (0, 0), core))
-                    continue
-                if p.mode in ("shared_A", "shared_B"):
-                    fit, (oa, ob) = fitted[m.name], offsets[m.name]
-                    U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
-                    if p.mode == "shared_A":  # B_i = dW_i V: the exact least squares for V
-                        k, own = p.k_V, ((U * S) @ (V.T @ fit.V)).T  # (k, d_out)
-                        loc_B.append(own.float())
-                        rng_B = (nB + start_B, nB + start_B + k)
-                        routes = (torch.arange(oa, oa + k), torch.arange(*rng_B))
-                        private = ((0, 0), rng_B)
-                        start_B += k
-                    else:  # A_i = U^T dW_i
-                        k, own = p.k_U, (fit.U.T @ U * S) @ V.T  # (k, d_in)
-                        loc_A.append(own.float())
-                        rng_A = (nA + start_A, nA + start_A + k)
-                        routes = (torch.arange(*rng_A), torch.arange(ob, ob + k))
-                        private = (rng_A, (0, 0))
-                        start_A += k
-                    mods.append(_module(m, kind, *routes, *private, None))
-                    continue
-                k = p.ranks[p.holders.index(i)]
-                root = f.S[:k].to(F64).sqrt()
-                loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
-                loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
-                rng_A = (nA + start_A, nA + start_A + k)
-                rng_B = (nB + start_B, nB + start_B + k)
-                mods.append(_module(m, kind, torch.arange(*rng_A), torch.arange(*rng_B), rng_A,
-                                    rng_B, None))
-                start_A += k
-                start_B += k
-            pool_A = torch.cat([shared_A, *loc_A]) if loc_A else shared_A
-            pool_B = torch.cat([shared_B, *loc_B]) if loc_B else shared_B
-            ref = None
-            if nA or nB:
-                ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A",
-                       "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
-            kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
-                                    pool_B.contiguous(), nA, nB, ref)
-        mos_list.append(_mos(a, kinds, mods, ratio, seed, "shared"))
-    return pools, mos_list
+            pools[f"{kid}.B"] = torch.cat(rows_B).float().contiguous()
+    return pools, offsets
+
+
+def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
+                 ) -> tuple[list[MosAdapter | None], list[tuple[Report, int]]]:
+    """Build and measure a chunk's members (``(position in the chunk, position among the
+    fitted members)``): their MoS adapters (None for the chunk's other members), and each
+    one's report and own params."""
+    ids, widths, plans, fitted, offsets, pools, ratio, seed = ctx
+    out: list[MosAdapter | None] = [None] * len(chunk.adapters)
+    light = []
+    for j, i in rows:
+        a, fa = chunk.adapters[j], chunk.facts[j]
+        mos = _build(a, fa, i, ids, widths, plans, fitted, offsets, pools, ratio, seed)
+        out[j] = mos
+        light.append((_report(a, fa, mos, ratio, seed), mos.local_params))
+    return out, light
+
+
+def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, str],
+           widths: dict[str, tuple[int, int]], plans: dict[str, ModulePlan],
+           fitted: dict[str, _Fitted], offsets: dict[str, tuple[int, int]],
+           pools: dict[str, torch.Tensor], ratio: float, seed: int) -> MosAdapter:
+    """Member ``i``'s MoS adapter: routes into the group's pools (shared rows first), its
+    cores and its own shards."""
+    kinds, mods = {}, []
+    for kind, ms in a.kinds.items():
+        d_in, d_out = widths[kind]
+        shared_A = pools.get(f"{ids[kind]}.A", torch.zeros(0, d_in))
+        shared_B = pools.get(f"{ids[kind]}.B", torch.zeros(0, d_out))
+        nA, nB = int(shared_A.shape[0]), int(shared_B.shape[0])
+        loc_A, loc_B, start_A, start_B = [], [], 0, 0
+        for m in ms:
+            p, f = plans[m.name], fa[m.name]
+            if p.mode == "joint":
+                fit = fitted[m.name]
+                core = cores([f], fit.U, fit.V)[0].float().contiguous()  # (k_U, k_V)
+                oa, ob = offsets[m.name]
+                mods.append(_module(m, kind, torch.arange(oa, oa + p.k_V),
+                                    torch.arange(ob, ob + p.k_U), (0, 0), (0, 0), core))
+                continue
+            if p.mode in ("shared_A", "shared_B"):
+                fit, (oa, ob) = fitted[m.name], offsets[m.name]
+                U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
+                if p.mode == "shared_A":  # B_i = dW_i V: the exact least squares for V
+                    k, own = p.k_V, ((U * S) @ (V.T @ fit.V)).T  # (k, d_out)
+                    loc_B.append(own.float())
+                    rng_B = (nB + start_B, nB + start_B + k)
+                    routes = (torch.arange(oa, oa + k), torch.arange(*rng_B))
+                    private = ((0, 0), rng_B)
+                    start_B += k
+                else:  # A_i = U^T dW_i
+                    k, own = p.k_U, (fit.U.T @ U * S) @ V.T  # (k, d_in)
+                    loc_A.append(own.float())
+                    rng_A = (nA + start_A, nA + start_A + k)
+                    routes = (torch.arange(*rng_A), torch.arange(ob, ob + k))
+                    private = (rng_A, (0, 0))
+                    start_A += k
+                mods.append(_module(m, kind, *routes, *private, None))
+                continue
+            k = p.ranks[p.holders.index(i)]
+            root = f.S[:k].to(F64).sqrt()
+            loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
+            loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
+            rng_A = (nA + start_A, nA + start_A + k)
+            rng_B = (nB + start_B, nB + start_B + k)
+            mods.append(_module(m, kind, torch.arange(*rng_A), torch.arange(*rng_B), rng_A,
+                                rng_B, None))
+            start_A += k
+            start_B += k
+        pool_A = torch.cat([shared_A, *loc_A]) if loc_A else shared_A
+        pool_B = torch.cat([shared_B, *loc_B]) if loc_B else shared_B
+        ref = None
+        if nA or nB:
+            ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A",
+                   "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
+        kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
+                                pool_B.contiguous(), nA, nB, ref)
+    return _mos(a, kinds, mods, ratio, seed, "shared")
 
 
 def _uses_shared(m: MosModule, p: KindPools) -> bool:
