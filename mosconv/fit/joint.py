@@ -134,19 +134,19 @@ class Parts:
         return Parts(tuple(red.put(facts[i:i + chunk]) for i in range(0, len(facts), chunk)),
                      red)
 
-    def map(self, fn: Callable[..., Any], *extra: Any) -> list[Any]:
+    def _calls(self, fn: Callable[..., Any], extra: tuple) -> tuple[Callable[..., Any], list]:
+        """The function and the argument tuples that run ``fn(chunk's list, *extra)`` per chunk."""
         if self.pick is None:
-            return self.reducer.map(fn, [(c, *extra) for c in self.chunks])
-        return self.reducer.map(_picked, [(fn, c, p, *extra)
-                                          for c, p in zip(self.chunks, self.pick)])
+            return fn, [(c, *extra) for c in self.chunks]
+        return _picked, [(fn, c, p, *extra) for c, p in zip(self.chunks, self.pick)]
+
+    def map(self, fn: Callable[..., Any], *extra: Any) -> list[Any]:
+        return self.reducer.map(*self._calls(fn, extra))
 
     def keep(self, fn: Callable[..., Any], *extra: Any) -> list[tuple[Any, Any]]:
         """Like :meth:`map` for an ``fn`` that returns ``(heavy, light)``: the heavy results
         stay where the tasks ran (handles; see :class:`Reducer`)."""
-        if self.pick is None:
-            return self.reducer.keep(fn, [(c, *extra) for c in self.chunks])
-        return self.reducer.keep(_picked, [(fn, c, p, *extra)
-                                           for c, p in zip(self.chunks, self.pick)])
+        return self.reducer.keep(*self._calls(fn, extra))
 
     @property
     def final(self) -> bool:
@@ -558,7 +558,7 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
     holder's gains fall, so the ``t`` largest are prefixes of each holder's)."""
     d_in, d_out = shape
     energy = float(sum(float(g.sum()) for g in gains))
-    vals = torch.cat([g for g in gains]) if gains else torch.zeros(0, dtype=F64)
+    vals = torch.cat(gains) if gains else torch.zeros(0, dtype=F64)
     who = torch.cat([torch.full((g.numel(),), j) for j, g in enumerate(gains)]) if gains \
         else torch.zeros(0, dtype=torch.int64)
     top = torch.sort(-vals, stable=True).indices

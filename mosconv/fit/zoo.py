@@ -334,13 +334,12 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     order = sorted(by_chunk)
     kept = red.keep(_build_chunk, [(handles[c], tuple(by_chunk[c]), ctx) for c in order])
     built: list[Any] = [None] * len(handles)
-    light: dict[int, tuple[Report, int]] = {}
+    reports: list[Any] = [None] * len(members)
+    local = [0] * len(members)
     for c, (h, rows) in zip(order, kept):
         built[c] = h
-        for (j, i), row in zip(by_chunk[c], rows):
-            light[i] = row
-    reports = [light[i][0] for i in range(len(members))]
-    local = [light[i][1] for i in range(len(members))]
+        for (_, i), (r, lp) in zip(by_chunk[c], rows):
+            reports[i], local[i] = r, lp
     return pools, built, reports, local, plans
 
 

@@ -446,12 +446,15 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
             digest = sha256_file(path)
         except OSError as e:
             raise FormatError(f"{path}: cannot read shared pool file ({e.strerror or e})") from None
-        cache[str(path)] = (digest, load_tensor_file(path)[0]
-                            if digest == ref["sha256"] else None)
-    digest, tensors = cache[str(path)]
+        cache[str(path)] = [digest, None]  # tensors read once a member's sha256 matches
+    hit = cache[str(path)]
+    digest = hit[0]
     _need(digest == ref["sha256"], cfg_path,
           f"shared pool file {path} has sha256 {digest[:12]}..., expected "
           f"{ref['sha256'][:12]}... (changed or replaced)")
+    if hit[1] is None:
+        hit[1] = load_tensor_file(path)[0]
+    tensors = hit[1]
     out = []
     for side, width in zip("AB", widths):
         key = ref.get(f"key_{side}")
