@@ -329,7 +329,7 @@ def test_batch_passes_the_storage_and_refuses_it_with_shared_pools(tmp_path):
     with pytest.raises(ConfigError, match="shared pools"):
         BatchConfig(shared_pool=True, quantize="int8").validate()
     res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
-                                    "--dtype", "float16"])
+                                    "--size-ratio", "16"])
     assert res.exit_code == 1 and "shared pools" in res.output
 
 

@@ -82,10 +82,9 @@ class BatchConfig:
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ConfigError(f"chunk must be an integer >= 1, got {self.chunk!r}")
-        if self.shared_pool and (self.quantize != "none" or self.size_ratio is not None
-                                 or self.dtype not in ("auto", "float32")):
-            raise ConfigError("shared pools are stored as float32: a dtype, quantization or "
-                              "size ratio is not supported with them yet",
+        if self.shared_pool and (self.quantize != "none" or self.size_ratio is not None):
+            raise ConfigError("shared pools are stored as floats (a dtype): quantization and "
+                              "a size ratio are not supported with them yet",
                               options=("shared_pool",))
 
 
@@ -350,11 +349,12 @@ class RayReducer:
         return self._ray.get(handle)
 
 
-def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None
-                    ) -> tuple[list[Any], ChunkedFit]:
-    """Fit one group: its members are read, factorized and converted alone in chunks of
-    ``config.chunk`` where ``reducer`` keeps them (this process by default; Ray tasks and
-    the object store with :class:`RayReducer`), and fitted from there
+def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None,
+                    dtype: str = "float32") -> tuple[list[Any], ChunkedFit]:
+    """Fit one group, stored in ``dtype`` (a float dtype; see
+    :func:`mosconv.fit.zoo.group_dtype`): its members are read, factorized and converted
+    alone in chunks of ``config.chunk`` where ``reducer`` keeps them (this process by
+    default; Ray tasks and the object store with :class:`RayReducer`), and fitted from there
     (:func:`mosconv.fit.zoo.fit_chunks`).  Returns the chunks' handles and the fit."""
     from ..fit.joint import LOCAL
     from ..fit.zoo import alone_config, fit_chunks, make_chunk
@@ -362,11 +362,11 @@ def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None
 
     red = reducer or LOCAL
     cc = alone_config(config.ratio, config.seed, config.search, config.iters,
-                      config.routing_weights)
+                      config.routing_weights, dtype)
     kept = red.keep(make_chunk, [(tuple(i.source for i in items[s:s + config.chunk]), cc, None,
                                   read_adapter) for s in range(0, len(items), config.chunk)])
     return [h for h, _ in kept], fit_chunks(kept, float(config.ratio), config.seed,
-                                            reducer=red)
+                                            reducer=red, dtype=dtype)
 
 
 def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list[Report],
@@ -380,11 +380,14 @@ def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list
             for i, a, m, r in zip(items, chunk.adapters, mos, reports)]
 
 
-def write_pool_file(out: str, gid: str, pools: dict) -> tuple[Path, str]:
-    """Write a group's shared pools once; returns ``(path, sha256)``."""
+def write_pool_file(out: str, gid: str, pools: dict, dtype: str = "float32") -> tuple[Path, str]:
+    """Write a group's shared pools once, stored in ``dtype``; returns ``(path, sha256)``."""
+    from ..mos.quant import FLOAT_DTYPES
+
     path = pool_file(out, gid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes(pools, {"format": "mosconv.pools.v1"})
+    data = safetensors_bytes({k: v.to(FLOAT_DTYPES[dtype]) for k, v in pools.items()},
+                             {"format": "mosconv.pools.v1"})
     atomic_write_bytes(path, data)
     return path, hashlib.sha256(data).hexdigest()
 
@@ -413,20 +416,21 @@ def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Repo
         return Outcome(item.name, item.source, "failed", error=str(e).splitlines()[0], group=gid)
 
 
-def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str
-                    ) -> Iterator[Outcome]:
+def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str,
+                    dtype: str = "float32") -> Iterator[Outcome]:
     """Fit where the group's vectors are, then fan the per-adapter writing out."""
     t0 = time.perf_counter()
     remote = config.engine == "ray"
     try:
-        handles, res = fit_group_items(members, config, RayReducer() if remote else None)
+        handles, res = fit_group_items(members, config, RayReducer() if remote else None,
+                                       dtype)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in members:
             yield Outcome(i.name, i.source, "failed", error=msg, group=gid)
         return
     if res.mode == "shared":
-        path, digest = write_pool_file(out, gid, res.shared_pools)
+        path, digest = write_pool_file(out, gid, res.shared_pools, res.dtype)
         pool = (str(path), digest)
         write_pool_members(out, gid, digest, [i.name for i in members])
     else:  # a pool file from an earlier run of this group is no longer used
@@ -464,16 +468,20 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             return
     from ..fit.zoo import group_key
     from ..lora.read import read_adapter
+    from ..mos.quant import storage_of_source
 
     groups: dict[str, list[Item]] = {}
+    dtypes: dict[str, list[str]] = {}  # the members' source dtypes, per group
     singles: list[Item] = []
     for item in items:
         try:
-            key = group_key(read_adapter(item.source))
+            adapter = read_adapter(item.source)
         except (MosconvError, OSError) as e:
             yield Outcome(item.name, item.source, "failed", error=str(e).splitlines()[0])
             continue
+        key = group_key(adapter)
         groups.setdefault(key, []).append(item)
+        dtypes.setdefault(key, []).append(adapter.dtype)
     for key in list(groups):
         if len(groups[key]) == 1:
             singles.append(groups.pop(key)[0])
@@ -497,7 +505,9 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
                                      config, gid, served)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
-            yield from _group_outcomes(members, out, config, gid)
+            dtype = config.dtype if config.dtype != "auto" else \
+                storage_of_source("/".join(dtypes[key]))
+            yield from _group_outcomes(members, out, config, gid, dtype)
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,

@@ -85,8 +85,9 @@ def convert_options(fn: F) -> F:
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                      default="auto", show_default=True,
                      help="How pools, cores and slot weights are stored; auto keeps the "
-                          "source's float dtype (with --size-ratio, a float32 source may also "
-                          "get float16)."),
+                          "source's float dtype (batch --shared-pool: one per group, the "
+                          "widest of its members'; with --size-ratio, a float32 source may "
+                          "also get float16)."),
         click.option("--quantize", type=click.Choice(["none", "int8", "int4", "auto"]),
                      default=None,
                      help="Store pools and cores as int8 or int4 (float16 scales per 64 values, "

@@ -34,6 +34,7 @@ import torch
 
 from .. import __version__
 from ..lora.types import LoraAdapter, LoraModule
+from ..mos.quant import FLOAT_DTYPES, Storage, storage_of_source
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
 from .convert import ConvertConfig, ConvertResult, convert, source_info
@@ -46,7 +47,6 @@ from .joint import (
     Parts,
     Reducer,
     allocate,
-    cores,
     joint_basis,
     refine,
 )
@@ -92,8 +92,10 @@ class GroupResult:
         adapters: one MoS adapter per input, in input order; in shared mode each kind's
             ``shared`` ref has ``n_A`` entries that live in ``shared_pools``.
         reports: one report per adapter (errors against its own source).
-        shared_pools: tensor name -> tensor, the content of the group's pool file.
+        shared_pools: tensor name -> tensor, the content of the group's pool file (float32
+            tensors holding the values ``dtype`` stores).
         totals: group totals: params, budget, errors of both modes.
+        dtype: how the pools and the adapters' own tensors are stored.
     """
 
     mode: str
@@ -101,6 +103,7 @@ class GroupResult:
     reports: list[Report]
     totals: GroupTotals
     shared_pools: dict[str, torch.Tensor] = field(default_factory=dict)
+    dtype: str = "float32"
 
 
 def group_key(adapter: LoraAdapter) -> str:
@@ -110,10 +113,26 @@ def group_key(adapter: LoraAdapter) -> str:
 
 
 def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int = 4,
-                 routing_weights: bool = True) -> ConvertConfig:
-    """How a member is converted alone, for the comparison (exactly as ``compress`` does)."""
+                 routing_weights: bool = True, dtype: str = "float32") -> ConvertConfig:
+    """How a member is converted alone, for the comparison (exactly as ``compress`` does,
+    stored in the group's ``dtype``)."""
     return ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
-                         routing_weights=routing_weights, dtype="float32")
+                         routing_weights=routing_weights, dtype=dtype)
+
+
+def group_dtype(adapters: list[LoraAdapter], dtype: str = "auto") -> str:
+    """The float dtype a group is stored in: ``dtype``, or for ``auto`` its members' source
+    dtype (the widest where they differ: float32, or float32 for float16 with bfloat16)."""
+    if dtype != "auto":
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+        return dtype
+    return storage_of_source("/".join(a.dtype for a in adapters))
+
+
+def _rounded(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` as a float32 tensor holding the values ``dtype`` stores."""
+    return x.to(FLOAT_DTYPES[dtype]).float().contiguous()
 
 
 # ---------------------------------------------------------------- members held in chunks
@@ -190,20 +209,24 @@ class ChunkedFit:
     totals: GroupTotals
     shared_pools: dict[str, torch.Tensor]
     built: list[Any]
+    dtype: str = "float32"  # how the pools (and the members' own tensors) are stored
 
 
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               factorizations: list[dict[str, Factorization]] | None = None,
               search: str = "fast", iters: int = 4,
               routing_weights: bool = True, refine_iters: int = 10,
-              reducer: Reducer | None = None, chunk: int = CHUNK) -> GroupResult:
+              reducer: Reducer | None = None, chunk: int = CHUNK,
+              dtype: str = "auto") -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
     plain ``batch`` give, with ``search``/``iters``/``routing_weights``): no member ends worse
     off than that (see the module docstring), and the group keeps whichever has the lower
-    total error (measured on the stored float32 tensors), so ``--shared-pool`` is never worse
-    than converting independently, for the group or for any member.  ``refine_iters``:
+    total error (measured on the stored tensors), so ``--shared-pool`` is never worse
+    than converting independently, for the group or for any member.  ``dtype``: how pools,
+    cores and own shards are stored, both ways (``auto``: :func:`group_dtype`; cores and own
+    parts are least squares against the bases as stored).  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
     adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
@@ -212,25 +235,28 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     red = reducer or LOCAL
-    cc = alone_config(ratio, seed, search, iters, routing_weights)
+    dt = group_dtype(adapters, dtype)
+    cc = alone_config(ratio, seed, search, iters, routing_weights, dt)
     spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
     kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
                                   else factorizations[a:b]) for a, b in spans])
     handles = [h for h, _ in kept]
-    fit = fit_chunks(kept, ratio, seed, refine_iters, red)
+    fit = fit_chunks(kept, ratio, seed, refine_iters, red, dt)
     mos_list = []
     for h, b in zip(handles, fit.built):
         ch, built = red.get(h), None if b is None else red.get(b)
         mos_list += [r.mos if built is None or built[j] is None else built[j]
                      for j, r in enumerate(ch.alone)]
-    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools)
+    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, dt)
 
 
 def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
-               refine_iters: int = 10, reducer: Reducer | None = None) -> ChunkedFit:
+               refine_iters: int = 10, reducer: Reducer | None = None,
+               dtype: str = "float32") -> ChunkedFit:
     """Fit a group whose members ``reducer`` holds in chunks: ``kept`` is what
     ``reducer.keep(make_chunk, ...)`` returned (per chunk, its handle and its members'
-    :class:`MemberInfo`; members are numbered chunk after chunk).  This process holds the
+    :class:`MemberInfo`; members are numbered chunk after chunk), their alone conversions
+    stored in ``dtype`` like the group's pools and cores.  This process holds the
     members' spectra, the bases and the reports, never their factorizations: every step that
     reads those runs on the chunks (leaves of the reductions, building and measuring each
     member)."""
@@ -254,7 +280,7 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     while True:
         pools, built, rep_sub, local_sub, plans = _joint(
             handles, infos, index, members, ratio, seed, refine_iters,
-            [weights[i] for i in members], red)
+            [weights[i] for i in members], red, dtype)
         losers = [i for i, r in zip(members, rep_sub)
                   if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
         if not losers or not pools:
@@ -287,23 +313,23 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
                          modules=len(plans), joint_members=len(members) if pools else 0)
     if not pools or shared_err >= indep_err or energy <= 0:
         return ChunkedFit("independent", [m.alone for m in infos], totals, {},
-                          [None] * len(handles))
+                          [None] * len(handles), dtype)
     return ChunkedFit("shared", reports,
                       replace(totals, mode="shared", pool_params=pool_params,
                               local_params=local, mos_params=pool_params + local),
-                      pools, built)
+                      pools, built, dtype)
 
 
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
            members: list[int], ratio: float, seed: int, refine_iters: int,
-           weights: list[float], red: Reducer
+           weights: list[float], red: Reducer, dtype: str = "float32"
            ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int],
                       list[ModulePlan]]:
     """The joint fit of ``members`` under their group budget: pool tensors, the handle of
     each chunk's built MoS adapters, each member's report and own params, and the plan of
     every module name.  ``weights`` scale each member's squared error in the fit (bases,
     allocation, refinement); cores and own shards are always the exact least squares for the
-    member's own update."""
+    member's own update, against the bases as stored in ``dtype``."""
     sub = [infos[i] for i in members]
     budget = budget_for_ratio(sum(m.params for m in sub), ratio)
     names: list[str] = []
@@ -325,8 +351,8 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     kind_of = {n: k for m in sub for n, k, _, _ in m.modules}
     widths = {k: (d_in, d_out) for m in sub for _, k, d_in, d_out in m.modules}
     ids = kind_ids(first.kinds)
-    pools, offsets = _pools(ids, kind_of, fitted)
-    ctx = red.put((ids, widths, {p.name: p for p in plans}, fitted, offsets, pools, ratio, seed))
+    pools, offsets = _pools(ids, kind_of, fitted, dtype)
+    ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, pools, ratio, seed, dtype))
     by_chunk: dict[int, list[tuple[int, int]]] = {}
     for i, g in enumerate(members):
         c, j = index[g]
@@ -387,10 +413,11 @@ def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _
     return _Fitted(U, V)
 
 
-def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitted]
-           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
-    """The group's pool tensors (per kind, the shared rows of its modules in module order)
-    and each shared module's first A row and first B row in them."""
+def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitted],
+           dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """The group's pool tensors (per kind, the shared rows of its modules in module order;
+    float32 holding the values ``dtype`` stores) and each shared module's first A row and
+    first B row in them."""
     pools: dict[str, torch.Tensor] = {}
     offsets: dict[str, tuple[int, int]] = {}
     for kind, kid in ids.items():
@@ -405,9 +432,9 @@ def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitt
         rows_A = [r for r in rows_A if r.shape[0]]
         rows_B = [r for r in rows_B if r.shape[0]]
         if rows_A:
-            pools[f"{kid}.A"] = torch.cat(rows_A).float().contiguous()
+            pools[f"{kid}.A"] = _rounded(torch.cat(rows_A), dtype)
         if rows_B:
-            pools[f"{kid}.B"] = torch.cat(rows_B).float().contiguous()
+            pools[f"{kid}.B"] = _rounded(torch.cat(rows_B), dtype)
     return pools, offsets
 
 
@@ -416,12 +443,12 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
     """Build and measure a chunk's members (``(position in the chunk, position among the
     fitted members)``): their MoS adapters (None for the chunk's other members), and each
     one's report and own params."""
-    ids, widths, plans, fitted, offsets, pools, ratio, seed = ctx
+    ids, widths, plans, offsets, pools, ratio, seed, dtype = ctx
     out: list[MosAdapter | None] = [None] * len(chunk.adapters)
     light = []
     for j, i in rows:
         a, fa = chunk.adapters[j], chunk.facts[j]
-        mos = _build(a, fa, i, ids, widths, plans, fitted, offsets, pools, ratio, seed)
+        mos = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, dtype)
         out[j] = mos
         light.append((_report(a, fa, mos, ratio, seed), mos.local_params))
     return out, light
@@ -429,10 +456,11 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
 
 def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, str],
            widths: dict[str, tuple[int, int]], plans: dict[str, ModulePlan],
-           fitted: dict[str, _Fitted], offsets: dict[str, tuple[int, int]],
-           pools: dict[str, torch.Tensor], ratio: float, seed: int) -> MosAdapter:
+           offsets: dict[str, tuple[int, int]], pools: dict[str, torch.Tensor], ratio: float,
+           seed: int, dtype: str = "float32") -> MosAdapter:
     """Member ``i``'s MoS adapter: routes into the group's pools (shared rows first), its
-    cores and its own shards."""
+    cores and its own shards (least squares against the shared rows as stored, stored in
+    ``dtype``)."""
     kinds, mods = {}, []
     for kind, ms in a.kinds.items():
         d_in, d_out = widths[kind]
@@ -442,36 +470,31 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
         loc_A, loc_B, start_A, start_B = [], [], 0, 0
         for m in ms:
             p, f = plans[m.name], fa[m.name]
-            if p.mode == "joint":
-                fit = fitted[m.name]
-                core = cores([f], fit.U, fit.V)[0].float().contiguous()  # (k_U, k_V)
+            if p.mode in ("joint", "shared_A", "shared_B"):
                 oa, ob = offsets[m.name]
-                mods.append(_module(m, kind, torch.arange(oa, oa + p.k_V),
-                                    torch.arange(ob, ob + p.k_U), (0, 0), (0, 0), core))
-                continue
-            if p.mode in ("shared_A", "shared_B"):
-                fit, (oa, ob) = fitted[m.name], offsets[m.name]
-                U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
-                if p.mode == "shared_A":  # B_i = dW_i V: the exact least squares for V
-                    k, own = p.k_V, ((U * S) @ (V.T @ fit.V)).T  # (k, d_out)
-                    loc_B.append(own.float())
-                    rng_B = (nB + start_B, nB + start_B + k)
-                    routes = (torch.arange(oa, oa + k), torch.arange(*rng_B))
-                    private = ((0, 0), rng_B)
-                    start_B += k
-                else:  # A_i = U^T dW_i
-                    k, own = p.k_U, (fit.U.T @ U * S) @ V.T  # (k, d_in)
-                    loc_A.append(own.float())
-                    rng_A = (nA + start_A, nA + start_A + k)
-                    routes = (torch.arange(*rng_A), torch.arange(ob, ob + k))
-                    private = (rng_A, (0, 0))
-                    start_A += k
-                mods.append(_module(m, kind, *routes, *private, None))
+                Vb = shared_A[oa:oa + p.k_V].to(F64).T  # (d_in, k_V) as stored
+                Ub = shared_B[ob:ob + p.k_U].to(F64).T  # (d_out, k_U)
+                routes_A, routes_B = torch.arange(oa, oa + p.k_V), torch.arange(ob, ob + p.k_U)
+                rng_A = rng_B = (0, 0)
+                core = None
+                if p.mode == "joint":
+                    core = _rounded(_least_squares(f, Ub, Vb), dtype)  # (k_U, k_V)
+                elif p.mode == "shared_A":  # B_i: the least squares for the stored V
+                    loc_B.append(_rounded(_least_squares(f, None, Vb).T, dtype))  # (k, d_out)
+                    rng_B = (nB + start_B, nB + start_B + p.k_V)
+                    routes_B = torch.arange(*rng_B)
+                    start_B += p.k_V
+                else:  # A_i, for the stored U
+                    loc_A.append(_rounded(_least_squares(f, Ub, None), dtype))  # (k, d_in)
+                    rng_A = (nA + start_A, nA + start_A + p.k_U)
+                    routes_A = torch.arange(*rng_A)
+                    start_A += p.k_U
+                mods.append(_module(m, kind, routes_A, routes_B, rng_A, rng_B, core))
                 continue
             k = p.ranks[p.holders.index(i)]
             root = f.S[:k].to(F64).sqrt()
-            loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
-            loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
+            loc_A.append(_rounded(root[:, None] * f.V[:, :k].to(F64).T, dtype))
+            loc_B.append(_rounded(root[:, None] * f.U[:, :k].to(F64).T, dtype))
             rng_A = (nA + start_A, nA + start_A + k)
             rng_B = (nB + start_B, nB + start_B + k)
             mods.append(_module(m, kind, torch.arange(*rng_A), torch.arange(*rng_B), rng_A,
@@ -486,7 +509,22 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
                    "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
         kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
                                 pool_B.contiguous(), nA, nB, ref)
-    return _mos(a, kinds, mods, ratio, seed, "shared")
+    return _mos(a, kinds, mods, ratio, seed, "shared", dtype)
+
+
+def _least_squares(f: Factorization, Ub: torch.Tensor | None, Vb: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The exact least squares for ``dW`` given stored bases (float64): the core
+    ``(Ub^T Ub)^+ Ub^T dW Vb (Vb^T Vb)^+`` (``k_U x k_V``); with ``Ub`` None, the ``B``
+    that ``Vb`` leaves, ``dW Vb (Vb^T Vb)^+`` (``d_out x k_V``); with ``Vb`` None, the ``A``
+    for ``Ub``, ``(Ub^T Ub)^+ Ub^T dW`` (``k_U x d_in``)."""
+    left = f.U.to(F64) * f.S.to(F64)[None, :]  # (d_out, r): dW = left V^T
+    right = f.V.to(F64).T  # (r, d_in)
+    if Ub is not None:
+        left = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ left)
+    if Vb is not None:
+        right = (right @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)
+    return left @ right
 
 
 def _uses_shared(m: MosModule, p: KindPools) -> bool:
@@ -506,7 +544,7 @@ def _module(m: LoraModule, kind: str, routes_A: torch.Tensor, routes_B: torch.Te
 
 
 def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], ratio: float,
-         seed: int, mode: str) -> MosAdapter:
+         seed: int, mode: str, dtype: str = "float32") -> MosAdapter:
     order = {m.name: i for i, m in enumerate(a.modules)}
     mods.sort(key=lambda m: order[m.name])
     info = {"mosconv_version": __version__, "ratio": float(ratio), "seed": seed,
@@ -514,7 +552,7 @@ def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], rat
             "iters": 0, "routing_weights": False, "lora_params": a.params,
             "budget": budget_for_ratio(a.params, ratio)}
     return MosAdapter(kinds=kinds, modules=tuple(mods), extra_tensors=dict(a.extra_tensors),
-                      source=source_info(a), info=info)
+                      source=source_info(a), info=info, storage=Storage(dtype))
 
 
 def _report(a: LoraAdapter, fa: dict[str, Factorization], mos: MosAdapter, ratio: float,
@@ -577,11 +615,13 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
     alone, so it is never worse off than converting it on its own.  ``residuals=False``
     leaves out the private residuals (for comparison).
 
+    Their own parts are stored like the group's (``members[0].storage``: its float dtype).
     Returns the new members' MoS adapters (kinds in the existing members' order, pointing at
     the same pool file) and their reports (truncation baseline: each adapter alone).
     """
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     template = members[0]
+    dtype = template.storage.dtype
     bases = _shared_bases(members)
     out, reports = [], []
     for a, fa in zip(adapters, facts):
@@ -590,14 +630,14 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
             b = bases.get(m.name)
             p = template.kinds.get(m.kind)
             if b is not None and p is not None:
-                own[m.name] = _own_part(fa[m.name], p, b)
+                own[m.name] = _own_part(fa[m.name], p, b, dtype=dtype)
         plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio), template.kinds,
-                          residuals)
-        mos = _build_new(a, fa, template, plans, ratio, seed)
+                          residuals, dtype)
+        mos = _build_new(a, fa, template, plans, ratio, seed, dtype)
         rep = _report(a, fa, mos, ratio, seed)
         if rep.totals.relative_error > rep.totals.truncation_relative_error:
             # the shared bases do not serve it: converted alone, as compress would
-            cc = ConvertConfig(ratio=float(ratio), seed=seed, dtype="float32")
+            cc = ConvertConfig(ratio=float(ratio), seed=seed, dtype=dtype)
             res = convert(a, cc, factorizations=fa)
             mos, rep = res.mos, res.report
         out.append(mos)
@@ -665,10 +705,11 @@ def _residual_directions(f: Factorization, Ub: torch.Tensor, Vb: torch.Tensor, r
     return best
 
 
-def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0) -> _OwnPart:
-    """Least squares against the stored (float32, nearly orthonormal) bases, extended by
-    ``rank`` private directions (:func:`_residual_directions`); the gain is measured on the
-    part as it will be stored (float32)."""
+def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0,
+              dtype: str = "float32") -> _OwnPart:
+    """Least squares against the stored (nearly orthonormal) bases, extended by ``rank``
+    private directions (:func:`_residual_directions`); the gain is measured on the part as it
+    will be stored (in ``dtype``)."""
     Vb = p.pool_A[b.idx_A].to(F64).T  # (d_in, k_V)
     Ub = p.pool_B[b.idx_B].to(F64).T  # (d_out, k_U)
     core = b.core and bool(Ub.shape[1]) and bool(Vb.shape[1])
@@ -676,25 +717,24 @@ def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0) ->
     if rank:
         bo, ai = _residual_directions(f, Ub, Vb, rank, core)
         if bo is not None:
-            ext_B = bo.T.float().contiguous()
+            ext_B = _rounded(bo.T, dtype)
             Ub = torch.cat([Ub, ext_B.to(F64).T], dim=1)
         if ai is not None:
-            ext_A = ai.T.float().contiguous()
+            ext_A = _rounded(ai.T, dtype)
             Vb = torch.cat([Vb, ext_A.to(F64).T], dim=1)
     extra = sum(t.numel() for t in (ext_A, ext_B) if t is not None)
     U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
-    US = U * S[None, :]
     if core:
-        C = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)
-        part = _OwnPart(b, C.float().contiguous(), None, C.numel() + extra, 0.0)
+        C = _least_squares(f, Ub, Vb)
+        part = _OwnPart(b, _rounded(C, dtype), None, C.numel() + extra, 0.0)
         aU, aV = Ub @ part.core.to(F64), Vb  # dW ~ aU aV^T
     elif Vb.shape[1]:  # shared A rows: B_own = dW Vb (Vb^T Vb)^-1, stored as rows
-        Bown = US @ (V.T @ Vb) @ torch.linalg.pinv(Vb.T @ Vb)  # (d_out, k_V)
-        part = _OwnPart(b, None, Bown.T.float().contiguous(), Bown.numel() + extra, 0.0)
+        Bown = _least_squares(f, None, Vb)  # (d_out, k_V)
+        part = _OwnPart(b, None, _rounded(Bown.T, dtype), Bown.numel() + extra, 0.0)
         aU, aV = part.rows.to(F64).T, Vb
     else:  # shared B rows: A_own = (Ub^T Ub)^-1 Ub^T dW
-        Aown = torch.linalg.pinv(Ub.T @ Ub) @ (Ub.T @ US) @ V.T  # (k_U, d_in)
-        part = _OwnPart(b, None, Aown.float().contiguous(), Aown.numel() + extra, 0.0)
+        Aown = _least_squares(f, Ub, None)  # (k_U, d_in)
+        part = _OwnPart(b, None, _rounded(Aown, dtype), Aown.numel() + extra, 0.0)
         aU, aV = Ub, part.rows.to(F64).T
     energy = float((S ** 2).sum())
     cross = float(((U.T @ aU) * (S[:, None] * (V.T @ aV))).sum())
@@ -704,8 +744,8 @@ def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0) ->
 
 
 def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnPart],
-              budget: int, kinds: dict[str, KindPools], residuals: bool = True
-              ) -> dict[str, int | _OwnPart]:
+              budget: int, kinds: dict[str, KindPools], residuals: bool = True,
+              dtype: str = "float32") -> dict[str, int | _OwnPart]:
     """Per module its shared part (an :class:`_OwnPart`, with a private residual of some
     rank) or a private rank: greedy by gain per parameter (a module's first step decides
     between its shared part and its own triplets; a shared part then grows its residual)."""
@@ -717,7 +757,7 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
             return None
         key = (m.name, o.rank + 1)
         if key not in grown:
-            grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1)
+            grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1, dtype)
         return grown[key]
 
     gains = {m.name: fa[m.name].S.to(F64) ** 2 for m in a.modules}
@@ -745,7 +785,8 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
 
 
 def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapter,
-               plans: dict[str, int | _OwnPart], ratio: float, seed: int) -> MosAdapter:
+               plans: dict[str, int | _OwnPart], ratio: float, seed: int,
+               dtype: str = "float32") -> MosAdapter:
     kinds, mods = {}, []
     by_kind = a.kinds
     for kind, p in template.kinds.items():
@@ -778,8 +819,8 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
                 continue
             k = int(plan)
             root = f.S[:k].to(F64).sqrt()
-            loc_A.append((root[:, None] * f.V[:, :k].to(F64).T).float())
-            loc_B.append((root[:, None] * f.U[:, :k].to(F64).T).float())
+            loc_A.append(_rounded(root[:, None] * f.V[:, :k].to(F64).T, dtype))
+            loc_B.append(_rounded(root[:, None] * f.U[:, :k].to(F64).T, dtype))
             rA, rB = (nA + sA, nA + sA + k), (nB + sB, nB + sB + k)
             mods.append(_module(m, kind, torch.arange(*rA), torch.arange(*rB), rA, rB, None))
             sA += k
@@ -789,4 +830,4 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
         kinds[kind] = KindPools(kind, p.d_in, p.d_out, p.nc, pool_A.contiguous(),
                                 pool_B.contiguous(), nA, nB,
                                 dict(p.shared) if p.shared else None)
-    return _mos(a, kinds, mods, ratio, seed, "shared")
+    return _mos(a, kinds, mods, ratio, seed, "shared", dtype)

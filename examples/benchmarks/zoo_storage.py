@@ -1,0 +1,102 @@
+"""A zoo group stored in float32, float16 and bfloat16 (`batch --shared-pool --dtype`), side
+by side in one run: the group's error and its bytes as stored, next to each adapter converted
+alone in the same dtype.
+
+    python examples/benchmarks/zoo_storage.py [--zoo ../shared/zoo] [--json out.json]
+
+Groups: the related pairs of ../shared/zoo (float32 sources) at total ratio 8 and 16, and the
+synthetic zoo of examples/synthetic_zoo.py (N = 8 adapters) written as float16, as a float16
+user's zoo is: there ``--dtype auto`` keeps float16 where mosconv 0.x stored float32 pools.
+
+Bytes are tensor bytes as stored: the pool file's tensors once, plus every member's own tensors
+(cores, own shards, routes; ``MosAdapter.tensor_bytes``), against the source LoRA factors'
+tensor bytes. Errors are energy-weighted relative errors of dW over the group, measured on the
+stored values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from synthetic_zoo import write_zoo
+
+from mosconv import factorize_adapter, read_adapter
+from mosconv.fit.zoo import fit_group
+from mosconv.mos.quant import FLOAT_DTYPES
+
+PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
+         "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def measure(name: str, adapters, ratio: float) -> list[dict]:
+    facts = [factorize_adapter(a) for a in adapters]
+    src_bytes = sum(a.tensor_bytes for a in adapters)
+    rows = []
+    for dtype in DTYPES:
+        res = fit_group(adapters, ratio, factorizations=facts, dtype=dtype)
+        size = FLOAT_DTYPES[dtype].itemsize
+        pool = sum(t.numel() for t in res.shared_pools.values()) * size
+        own = sum(m.tensor_bytes()["total"] for m in res.adapters)
+        t = res.totals
+        rows.append({"group": name, "source_dtype": adapters[0].dtype, "ratio": ratio,
+                     "dtype": dtype, "mode": res.mode, "error": t.shared_relative_error
+                     if res.mode == "shared" else t.independent_relative_error,
+                     "alone_error": t.independent_relative_error,
+                     "pool_bytes": pool, "own_bytes": own, "bytes": pool + own,
+                     "source_bytes": src_bytes, "bytes_ratio": src_bytes / (pool + own)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, default=HERE.parents[1] / ".." / "shared" / "zoo")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for project, names in PAIRS.items():
+        paths = [args.zoo / project / n for n in names]
+        if not all(p.exists() for p in paths):
+            print(f"{project}: not in {args.zoo}, skipped")
+            continue
+        adapters = [read_adapter(p) for p in paths]
+        for ratio in (8.0, 16.0):
+            rows += measure(project, adapters, ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import load_file, save_file
+
+        paths = write_zoo(Path(tmp), 8)
+        for p in paths:  # the same zoo as a float16 user has it
+            f = p / "adapter_model.safetensors"
+            save_file({k: v.half() for k, v in load_file(f).items()}, str(f))
+        adapters = [read_adapter(p) for p in paths]
+    for ratio in (8.0, 16.0):
+        rows += measure("synthetic zoo (N = 8, float16)", adapters, ratio)
+    print("group | source | ratio | dtype | mode | error (alone, same dtype) | bytes: pools + own "
+          "= total (x source)")
+    for r in rows:
+        print(f"{r['group']} | {r['source_dtype']} | {r['ratio']:g} | {r['dtype']} | {r['mode']} | "
+              f"{r['error']:.5f} ({r['alone_error']:.5f}) | {r['pool_bytes']:,} + "
+              f"{r['own_bytes']:,} = {r['bytes']:,} (x{r['bytes_ratio']:.1f})")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"Python {platform.python_version()}")
+    print(f"\nmachine: {machine}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Zoo groups stored in a float dtype (``batch --shared-pool --dtype``, and ``auto``: the
+members' source dtype): the pool file, the cores and the own shards all take it, errors are
+measured on the stored values, and bytes are counted as stored."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from test_batch import files_of, write_lora_like
+
+from mosconv.batch.run import BatchConfig, run_batch
+from mosconv.cli import main
+from mosconv.errors import ConfigError
+from mosconv.lora.read import read_adapter
+from mosconv.mos.format import load_mos
+from mosconv.names import POOLS_DIR, TENSOR_FILE
+
+RATIO = 8.0
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def write_zoo(root: Path, n: int, dtype: str, start: int = 0) -> None:
+    """``n`` adapters trained from one init (so the group shares bases), stored in ``dtype``."""
+    for i in range(start, start + n):
+        folder = write_lora_like(root / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+        f = folder / "adapter_model.safetensors"
+        save_file({k: v.to(getattr(torch, dtype)) for k, v in load_file(f).items()}, str(f))
+
+
+def dtypes_of(path: Path) -> set[str]:
+    """The dtypes of a file's pools and cores (a member's) or of its bases (a pool file)."""
+    return {str(t.dtype).removeprefix("torch.") for k, t in load_file(path).items()
+            if k.startswith(("mos.pools.", "mos.cores.", "k"))}
+
+
+def error_of(src, mos) -> float:
+    """Energy-weighted relative error of the loaded MoS adapter against its source (float64)."""
+    err = energy = 0.0
+    for m in src.modules:
+        ref = m.scale * (m.B.double() @ m.A.double())
+        mm = mos.module(m.name)
+        A, B = mos.assemble(mm)
+        err += float((ref - mm.scale * (B.double() @ A.double())).pow(2).sum())
+        energy += float(ref.pow(2).sum())
+    return math.sqrt(err / energy)
+
+
+def tensor_bytes(path: Path) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(path).values())
+
+
+def pool_path(out: Path) -> Path:
+    return next((out / POOLS_DIR).glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_group_keeps_its_source_dtype(dtype, tmp_path):
+    zoo16, zoo32 = tmp_path / "zoo16", tmp_path / "zoo32"
+    write_zoo(zoo16, 4, dtype)
+    write_zoo(zoo32, 4, "float32")
+    out16, out32 = tmp_path / "out16", tmp_path / "out32"
+    s16 = run_batch(zoo16, out16, BatchConfig(ratio=RATIO, shared_pool=True))
+    s32 = run_batch(zoo32, out32, BatchConfig(ratio=RATIO, shared_pool=True))
+    assert s16.failed == s32.failed == 0
+    assert s16.totals.shared_pool_params == s32.totals.shared_pool_params > 0
+    # the pool file and every member's own tensors are stored in the source's dtype
+    short = dtype
+    assert dtypes_of(pool_path(out16)) == {short}
+    assert dtypes_of(pool_path(out32)) == {"float32"}
+    assert tensor_bytes(pool_path(out32)) == 2 * tensor_bytes(pool_path(out16))
+    for a16, a32 in zip(s16.adapters, s32.adapters):
+        assert dtypes_of(out16 / a16.name / TENSOR_FILE) == {short}
+        mos = load_mos(out16 / a16.name)
+        assert mos.storage.dtype == dtype
+        assert any(m.core is not None for m in mos.modules)
+        # the reported error is the error of what was stored (rounded bases, cores, shards)
+        src = read_adapter(zoo16 / a16.name)
+        assert error_of(src, mos) == pytest.approx(a16.relative_error, rel=1e-4)
+        # and rounding costs little next to the float32 group's
+        assert a16.relative_error < a32.relative_error + 0.01
+        # own tensors take half the bytes (routes aside)
+        rep16 = json.loads((out16 / a16.name / "report.json").read_text())["totals"]
+        rep32 = json.loads((out32 / a32.name / "report.json").read_text())["totals"]
+        b16, b32 = rep16["mos_bytes"], rep32["mos_bytes"]
+        assert b16["cores"] * 2 == b32["cores"] > 0
+        assert b16["shards"] * 2 == b32["shards"]
+
+
+def test_dtype_is_a_choice_and_quantization_is_still_refused(tmp_path):
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo, 3, "float16")
+    res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool", "--dtype",
+                                    "float32", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert dtypes_of(pool_path(out)) == {"float32"}
+    assert load_mos(out / "task0").storage.dtype == "float32"
+    cfg = json.loads((out / "task0" / "mos_config.json").read_text())
+    assert cfg["batch"]["dtype"] == "float32"
+    # a rerun asking for another dtype refits the group in it
+    res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool", "--dtype",
+                                    "bfloat16", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert dtypes_of(pool_path(out)) == {"bfloat16"}
+    assert load_mos(out / "task2").storage.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="quantization"):
+        BatchConfig(shared_pool=True, quantize="int8").validate()
+    res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
+                                    "--quantize", "int8"])
+    assert res.exit_code == 1 and "quantization" in res.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_a_mixed_group_is_stored_in_the_widest_dtype(tmp_path):
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo, 2, "float16")
+    write_zoo(zoo, 1, "bfloat16", start=2)  # float16 with bfloat16: neither holds the other
+    summary = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True))
+    assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+    assert dtypes_of(pool_path(out)) == {"float32"}
+
+
+def test_newcomers_are_stored_like_their_group(tmp_path):
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo, 4, "float16")
+    config = BatchConfig(ratio=RATIO, shared_pool=True)
+    assert run_batch(zoo, out, config).totals.shared_pool_params > 0
+    before = files_of(out)
+    write_zoo(zoo, 2, "float16", start=4)
+    again = run_batch(zoo, out, config)
+    assert [a.status for a in again.adapters] == ["skipped"] * 4 + ["converted"] * 2
+    after = files_of(out)
+    for path, data in before.items():
+        if not path.endswith(".members.json"):
+            assert after[path] == data, path
+    for a in again.adapters[4:]:
+        assert dtypes_of(out / a.name / TENSOR_FILE) == {"float16"}
+        mos = load_mos(out / a.name)
+        assert mos.storage.dtype == "float16"
+        assert error_of(read_adapter(zoo / a.name), mos) == pytest.approx(a.relative_error,
+                                                                          rel=1e-4)
+        assert a.relative_error < a.truncation_relative_error
