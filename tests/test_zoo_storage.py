@@ -146,3 +146,43 @@ def test_newcomers_are_stored_like_their_group(tmp_path):
         assert error_of(read_adapter(zoo / a.name), mos) == pytest.approx(a.relative_error,
                                                                           rel=1e-4)
         assert a.relative_error < a.truncation_relative_error
+
+
+def test_summary_counts_each_group_with_its_pool_once(tmp_path):
+    """``summary.json``: per group its pool file once, apart from the members' own parts, in
+    parameters and in bytes as stored; the zoo totals add them up the same way."""
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo / "g16", 3, "float16")
+    for i in range(2):  # another base model: a second group, float32
+        write_lora_like(zoo / "g32" / f"b{i}", i, layers=2, d=64, d_kv=32, r=8, base="other-lm")
+    res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary == json.loads((out / "summary.json").read_text())
+    groups = {g["adapters"]: g for g in summary["groups"]}
+    assert sorted(groups) == [2, 3]
+    total_pool_bytes = 0
+    for g in summary["groups"]:
+        rows = [a for a in summary["adapters"] if a["group"] == g["group"]]
+        pool = out / g["pool_file"]
+        assert g["pool_bytes"] == tensor_bytes(pool)
+        assert g["pool_params"] == sum(t.numel() for t in load_file(pool).values())
+        assert g["local_params"] == sum(a["local_params"] for a in rows)
+        assert g["mos_params"] == g["pool_params"] + g["local_params"]
+        assert g["mos_tensor_bytes"] == g["pool_bytes"] + sum(a["mos_tensor_bytes"] for a in rows)
+        assert g["lora_tensor_bytes"] == sum(a["lora_tensor_bytes"] for a in rows)
+        energy = sum(a["energy"] for a in rows)
+        err = math.sqrt(sum(a["energy"] * a["relative_error"] ** 2 for a in rows) / energy)
+        assert g["relative_error"] == pytest.approx(err)
+        assert g["relative_error"] < g["truncation_relative_error"]
+        total_pool_bytes += g["pool_bytes"]
+    # the float16 group's own tensors and pools take 2 bytes a value, the float32 one's 4
+    g16, g32 = groups[3], groups[2]
+    assert g16["pool_bytes"] == 2 * g16["pool_params"] and g32["pool_bytes"] == 4 * g32["pool_params"]
+    t = summary["totals"]
+    assert t["shared_pool_bytes"] == total_pool_bytes
+    assert t["mos_tensor_bytes"] == total_pool_bytes + sum(
+        a["mos_tensor_bytes"] for a in summary["adapters"])
+    assert t["lora_tensor_bytes"] == sum(a["lora_tensor_bytes"] for a in summary["adapters"])
+    text = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool"]).output
+    assert "tensor bytes" in text and text.count("\ngroup ") == 2

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,8 @@ class Outcome:
     group: str | None = None
     error: str | None = None
     energy: float | None = None
+    lora_tensor_bytes: int | None = None  # the source's LoRA factors as stored
+    mos_tensor_bytes: int | None = None  # its own tensors as stored (a pool file apart)
 
 
 def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
@@ -127,7 +129,7 @@ def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
     local = t.local_params if t.local_params is not None else t.mos_params
     return Outcome(item.name, item.source, status, seconds, t.lora_params, t.mos_params,
                    local, t.relative_error, t.truncation_relative_error, group, None,
-                   report.energy)
+                   report.energy, t.lora_tensor_bytes, t.mos_tensor_bytes)
 
 
 # ---------------------------------------------------------------- discovery
@@ -552,8 +554,8 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
 # ---------------------------------------------------------------- the whole run
 
 
-def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
-    """Parameters of the shared pool files that the given outputs refer to (each once)."""
+def _pools_in_use(dests: list[Path]) -> dict[Path, tuple[int, int]]:
+    """The shared pool files the given outputs refer to: ``(params, tensor bytes)`` each."""
     files: set[Path] = set()
     for dest in dests:
         try:
@@ -561,15 +563,29 @@ def _pool_params_in_use(out: Path, dests: list[Path]) -> int:
         except (OSError, MosconvError):
             continue
         files.update((dest / ref.file).resolve() for ref in refs)
-    total = 0
+    out = {}
     if files:
         from ..lora.read._header import read_safetensors_header
     for f in sorted(files):
         if f.is_file():
             header, _ = read_safetensors_header(f)
-            for entry in header.values():
-                total += math.prod(int(d) for d in entry["shape"])
-    return total
+            out[f] = (sum(math.prod(int(d) for d in e["shape"]) for e in header.values()),
+                      sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0])
+                          for e in header.values()))
+    return out
+
+
+def _energy_weighted(rows: list[Outcome], key: str) -> float | None:
+    """``sqrt(sum energy * err^2 / sum energy)`` over ``rows`` (None without energy)."""
+    energy = sum(r.energy or 0.0 for r in rows)
+    if not rows or energy <= 0:
+        return None
+    return (sum((r.energy or 0.0) * getattr(r, key) ** 2 for r in rows) / energy) ** 0.5
+
+
+def _bytes_sum(rows: list[Outcome], key: str) -> int | None:
+    values = [getattr(r, key) for r in rows]
+    return None if any(v is None for v in values) else sum(values)
 
 
 @dataclass(frozen=True)
@@ -587,20 +603,71 @@ class ZooTotals:
     relative_error: float | None
     truncation_relative_error: float | None
     seconds: float
+    shared_pool_bytes: int = 0  # the pool files' tensor bytes, each file once
+    lora_tensor_bytes: int | None = None  # the sources' LoRA factors as stored
+    mos_tensor_bytes: int | None = None  # the adapters' own tensors + the pool files' (None:
+    # an output made before reports counted bytes)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One group of ``--shared-pool`` (a row of ``summary.json``'s ``groups``): its members
+    that did not fail, its pool file (shown once, apart from the members' own parts) and its
+    errors, energy-weighted over the members."""
+
+    group: str
+    adapters: int
+    pool_file: str | None  # relative to OUT; None: the group was converted alone
+    pool_params: int
+    pool_bytes: int
+    local_params: int
+    lora_params: int
+    mos_params: int  # pool once + the members' own
+    lora_tensor_bytes: int | None
+    mos_tensor_bytes: int | None
+    relative_error: float | None
+    truncation_relative_error: float | None
 
 
 @dataclass(frozen=True)
 class Summary:
-    """``summary.json`` (``dataclasses.asdict``): per adapter outcomes and zoo totals."""
+    """``summary.json`` (``dataclasses.asdict``): per adapter outcomes, zoo totals and, with
+    ``--shared-pool``, per group."""
 
     ratio: float
     shared_pool: bool
     adapters: list[Outcome]
     totals: ZooTotals
+    groups: list[GroupSummary] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
         return sum(1 for a in self.adapters if a.status == "failed")
+
+
+def _group_summaries(out: Path, done: list[Outcome]) -> list[GroupSummary]:
+    """Per group (in order of first appearance), its members that did not fail."""
+    by_group: dict[str, list[Outcome]] = {}
+    for r in done:
+        if r.group is not None:
+            by_group.setdefault(r.group, []).append(r)
+    groups = []
+    for gid, members in by_group.items():
+        pools = _pools_in_use([out / r.name for r in members])
+        pool_params, pool_bytes = (sum(v[i] for v in pools.values()) for i in (0, 1))
+        own_bytes = _bytes_sum(members, "mos_tensor_bytes")
+        local = sum(r.local_params or 0 for r in members)
+        files = sorted(os.path.relpath(f, out.resolve()) for f in pools)
+        groups.append(GroupSummary(
+            group=gid, adapters=len(members), pool_file=files[0] if files else None,
+            pool_params=pool_params, pool_bytes=pool_bytes, local_params=local,
+            lora_params=sum(r.lora_params or 0 for r in members),
+            mos_params=local + pool_params,
+            lora_tensor_bytes=_bytes_sum(members, "lora_tensor_bytes"),
+            mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes,
+            relative_error=_energy_weighted(members, "relative_error"),
+            truncation_relative_error=_energy_weighted(members, "truncation_relative_error")))
+    return groups
 
 
 def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfig(),
@@ -624,23 +691,21 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
             progress(outcome)
     rows = [results[i.name] for i in items]
     done = [r for r in rows if r.status != "failed" and r.lora_params is not None]
-    pool_params = _pool_params_in_use(out, [out / r.name for r in done])
-    energy = sum(r.energy or 0.0 for r in done)
-
-    def weighted(key: str) -> float | None:
-        if not done or energy <= 0:
-            return None
-        return (sum((r.energy or 0.0) * getattr(r, key) ** 2 for r in done) / energy) ** 0.5
-
+    pools = _pools_in_use([out / r.name for r in done])
+    pool_params, pool_bytes = (sum(v[i] for v in pools.values()) for i in (0, 1))
     local = sum(r.local_params or 0 for r in done)
+    own_bytes = _bytes_sum(done, "mos_tensor_bytes")
     totals = ZooTotals(
         adapters=len(rows), converted=sum(1 for r in rows if r.status == "converted"),
         skipped=sum(1 for r in rows if r.status == "skipped"),
         failed=sum(1 for r in rows if r.status == "failed"),
         lora_params=sum(r.lora_params for r in done), mos_params=local + pool_params,
-        shared_pool_params=pool_params, relative_error=weighted("relative_error"),
-        truncation_relative_error=weighted("truncation_relative_error"),
-        seconds=sum(r.seconds for r in rows))
-    summary = Summary(config.ratio, config.shared_pool, rows, totals)
+        shared_pool_params=pool_params, relative_error=_energy_weighted(done, "relative_error"),
+        truncation_relative_error=_energy_weighted(done, "truncation_relative_error"),
+        seconds=sum(r.seconds for r in rows), shared_pool_bytes=pool_bytes,
+        lora_tensor_bytes=_bytes_sum(done, "lora_tensor_bytes"),
+        mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes)
+    groups = _group_summaries(out, done) if config.shared_pool else []
+    summary = Summary(config.ratio, config.shared_pool, rows, totals, groups)
     atomic_write_json(out / SUMMARY_FILE, asdict(summary))
     return summary

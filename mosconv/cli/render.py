@@ -207,7 +207,22 @@ def render_summary(summary: Summary) -> str:
     if t.shared_pool_params:
         line += f" (incl. {t.shared_pool_params:,} in shared pools)"
     out.append(line)
+    if t.lora_tensor_bytes and t.mos_tensor_bytes:
+        out.append(f"tensor bytes {fmt_bytes(t.lora_tensor_bytes)} -> "
+                   f"{fmt_bytes(t.mos_tensor_bytes)} (x{t.lora_tensor_bytes / t.mos_tensor_bytes:.1f}"
+                   + (f"; shared pools {fmt_bytes(t.shared_pool_bytes)} once)"
+                      if t.shared_pool_bytes else ")"))
     if t.relative_error is not None:
         out.append(f"zoo relative error {t.relative_error:.4f}   truncation "
                    f"{t.truncation_relative_error:.4f} (energy-weighted over adapters)")
+    for g in summary.groups:
+        if g.pool_file is None:
+            continue
+        size = (f", {fmt_bytes(g.lora_tensor_bytes)} -> {fmt_bytes(g.mos_tensor_bytes)}"
+                if g.lora_tensor_bytes and g.mos_tensor_bytes else "")
+        err = "" if g.relative_error is None else \
+            f"; error {g.relative_error:.4f}, truncation {g.truncation_relative_error:.4f}"
+        out.append(f"group {g.group}: {g.adapters} adapters, params {g.lora_params:,} -> "
+                   f"{g.mos_params:,} (pool {g.pool_params:,} once + own {g.local_params:,})"
+                   f"{size}{err}")
     return "\n".join(out)
