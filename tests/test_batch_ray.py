@@ -26,6 +26,7 @@ from mosconv.fit.factorize import factorize_adapter
 from mosconv.fit.joint import joint_basis, refine
 from mosconv.fit.zoo import fit_group
 from mosconv.lora.read import read_adapter
+from mosconv.names import POOLS_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -79,15 +80,21 @@ def test_ray_engine_matches_local(ray_session, zoo, tmp_path, shared):
             "shared_pool_params"] > 0
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["independent", "shared-pool"])
-def test_cli_engine_ray(ray_session, zoo, tmp_path, shared):
-    flags = ["--shared-pool"] if shared else []
+@pytest.mark.parametrize("flags", [[], ["--shared-pool"], ["--shared-pool", "--dtype", "float16"]],
+                         ids=["independent", "shared-pool", "shared-pool-float16"])
+def test_cli_engine_ray(ray_session, zoo, tmp_path, flags):
     with one_thread():
         res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "-q", *flags)
         assert res.exit_code == 0, res.output
         res = run_cli("batch", zoo, tmp_path / "local", "-q", *flags)
         assert res.exit_code == 0, res.output
     assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    if "float16" in flags:  # the group's pool file takes the dtype asked for
+        from safetensors.torch import load_file
+
+        pools = list((tmp_path / "ray" / POOLS_DIR).glob("*.safetensors"))
+        assert pools and all(t.dtype == torch.float16 for p in pools
+                             for t in load_file(p).values())
     # a rerun on Ray skips everything
     res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "--json", *flags)
     assert res.exit_code == 0, res.output
