@@ -468,9 +468,8 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             for i, g in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
             return
-    from ..fit.zoo import group_key
+    from ..fit.zoo import group_dtype, group_key
     from ..lora.read import read_adapter
-    from ..mos.quant import storage_of_source
 
     groups: dict[str, list[Item]] = {}
     dtypes: dict[str, list[str]] = {}  # the members' source dtypes, per group
@@ -507,9 +506,8 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
                                      config, gid, served)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
-            dtype = config.dtype if config.dtype != "auto" else \
-                storage_of_source("/".join(dtypes[key]))
-            yield from _group_outcomes(members, out, config, gid, dtype)
+            yield from _group_outcomes(members, out, config, gid,
+                                       group_dtype(dtypes[key], config.dtype))
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,

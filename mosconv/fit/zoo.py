@@ -120,14 +120,15 @@ def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int =
                          routing_weights=routing_weights, dtype=dtype)
 
 
-def group_dtype(adapters: list[LoraAdapter], dtype: str = "auto") -> str:
+def group_dtype(sources: list[str], dtype: str = "auto") -> str:
     """The float dtype a group is stored in: ``dtype``, or for ``auto`` its members' source
-    dtype (the widest where they differ: float32, or float32 for float16 with bfloat16)."""
+    dtypes (``sources``, :attr:`LoraAdapter.dtype` each) kept: the widest where they differ
+    (float32; also for float16 with bfloat16)."""
     if dtype != "auto":
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
         return dtype
-    return storage_of_source("/".join(a.dtype for a in adapters))
+    return storage_of_source("/".join(sources))
 
 
 def _rounded(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -235,7 +236,7 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     red = reducer or LOCAL
-    dt = group_dtype(adapters, dtype)
+    dt = group_dtype([a.dtype for a in adapters], dtype)
     cc = alone_config(ratio, seed, search, iters, routing_weights, dt)
     spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
     kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
