@@ -80,8 +80,10 @@ def test_ray_engine_matches_local(ray_session, zoo, tmp_path, shared):
             "shared_pool_params"] > 0
 
 
-@pytest.mark.parametrize("flags", [[], ["--shared-pool"], ["--shared-pool", "--dtype", "float16"]],
-                         ids=["independent", "shared-pool", "shared-pool-float16"])
+@pytest.mark.parametrize("flags", [[], ["--shared-pool"], ["--shared-pool", "--dtype", "float16"],
+                                   ["--shared-pool", "--quantize", "int4"]],
+                         ids=["independent", "shared-pool", "shared-pool-float16",
+                              "shared-pool-int4"])
 def test_cli_engine_ray(ray_session, zoo, tmp_path, flags):
     with one_thread():
         res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "-q", *flags)
@@ -89,12 +91,13 @@ def test_cli_engine_ray(ray_session, zoo, tmp_path, flags):
         res = run_cli("batch", zoo, tmp_path / "local", "-q", *flags)
         assert res.exit_code == 0, res.output
     assert_same_outputs(tmp_path / "ray", tmp_path / "local")
-    if "float16" in flags:  # the group's pool file takes the dtype asked for
+    if len(flags) > 1:  # the group's pool file takes the storage asked for
         from safetensors.torch import load_file
 
         pools = list((tmp_path / "ray" / POOLS_DIR).glob("*.safetensors"))
-        assert pools and all(t.dtype == torch.float16 for p in pools
-                             for t in load_file(p).values())
+        want = torch.float16 if "float16" in flags else torch.uint8  # int4: packed
+        assert pools and all(t.dtype == (torch.float16 if k.endswith(".scales") else want)
+                             for p in pools for k, t in load_file(p).items())
     # a rerun on Ray skips everything
     res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "--json", *flags)
     assert res.exit_code == 0, res.output

@@ -327,7 +327,7 @@ def test_batch_passes_the_storage_and_refuses_it_with_shared_pools(tmp_path):
     again = run_batch(zoo, tmp_path / "out", BatchConfig(ratio=4, quantize="int4"))
     assert all(a.status == "skipped" for a in again.adapters)
     with pytest.raises(ConfigError, match="shared pools"):
-        BatchConfig(shared_pool=True, quantize="int8").validate()
+        BatchConfig(shared_pool=True, quantize="auto", size_ratio=16).validate()
     res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
                                     "--size-ratio", "16"])
     assert res.exit_code == 1 and "shared pools" in res.output

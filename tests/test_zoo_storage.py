@@ -93,7 +93,7 @@ def test_a_group_keeps_its_source_dtype(dtype, tmp_path):
         assert b16["shards"] * 2 == b32["shards"]
 
 
-def test_dtype_is_a_choice_and_quantization_is_still_refused(tmp_path):
+def test_dtype_is_a_choice_and_a_size_ratio_is_still_refused(tmp_path):
     zoo, out = tmp_path / "zoo", tmp_path / "out"
     write_zoo(zoo, 3, "float16")
     res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool", "--dtype",
@@ -109,12 +109,87 @@ def test_dtype_is_a_choice_and_quantization_is_still_refused(tmp_path):
     assert res.exit_code == 0, res.output
     assert dtypes_of(pool_path(out)) == {"bfloat16"}
     assert load_mos(out / "task2").storage.dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="quantization"):
-        BatchConfig(shared_pool=True, quantize="int8").validate()
+    with pytest.raises(ConfigError, match="size ratio"):
+        BatchConfig(shared_pool=True, size_ratio=16.0).validate()
     res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
-                                    "--quantize", "int8"])
-    assert res.exit_code == 1 and "quantization" in res.output
+                                    "--size-ratio", "16"])
+    assert res.exit_code == 1 and "size ratio" in res.output
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_quantized_group(quant, tmp_path):
+    """``--shared-pool --quantize``: the pool file holds integer values with float16 scales,
+    the members' cores and own shards are quantized too, the reported errors are those of
+    what was stored, and adapters joining the group are stored the same way."""
+    from mosconv.pipeline import export_lora
+
+    zoo, out, ref = tmp_path / "zoo", tmp_path / "out", tmp_path / "ref"
+    write_zoo(zoo, 4, "float32")
+    s32 = run_batch(zoo, ref, BatchConfig(ratio=RATIO, shared_pool=True))
+    sq = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, quantize=quant))
+    assert sq.failed == 0 and sq.totals.shared_pool_params == s32.totals.shared_pool_params > 0
+    pools = load_file(pool_path(out))
+    values = {k: t for k, t in pools.items() if not k.endswith(".scales")}
+    want = torch.int8 if quant == "int8" else torch.uint8
+    assert values and all(t.dtype == want for t in values.values())
+    assert all(pools[f"{k}.scales"].dtype == torch.float16 for k in values)
+    # bytes: values at 1 (int8) or 1/2 (int4) byte, plus a float16 scale per 64 values
+    g = sq.groups[0]
+    assert g.pool_bytes == tensor_bytes(pool_path(out)) < s32.groups[0].pool_bytes / (
+        3.5 if quant == "int8" else 6.0)
+    for a, a32 in zip(sq.adapters, s32.adapters):
+        mos = load_mos(out / a.name)
+        assert mos.storage.quantize == quant and mos.storage.group == 64
+        assert error_of(read_adapter(zoo / a.name), mos) == pytest.approx(a.relative_error,
+                                                                          rel=1e-4)
+        assert a.relative_error < a32.relative_error + (0.01 if quant == "int8" else 0.05)
+        assert a.relative_error < a.truncation_relative_error
+    exp = export_lora(out / "task0", tmp_path / "exp")
+    assert read_adapter(exp).params > 0
+    # newcomers: fitted against the quantized bases, stored quantized, files untouched
+    before = files_of(out)
+    write_zoo(zoo, 2, "float32", start=4)
+    again = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, quantize=quant))
+    assert [a.status for a in again.adapters] == ["skipped"] * 4 + ["converted"] * 2
+    after = files_of(out)
+    assert all(after[p] == d for p, d in before.items() if not p.endswith(".members.json"))
+    for a in again.adapters[4:]:
+        mos = load_mos(out / a.name)
+        assert mos.storage.quantize == quant
+        assert error_of(read_adapter(zoo / a.name), mos) == pytest.approx(a.relative_error,
+                                                                          rel=1e-4)
+
+
+def test_a_changed_quantized_pool_file_is_refused(tmp_path):
+    """A pool file whose scales are missing (and whose sha256 was forged to match) is refused
+    by name."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from mosconv.errors import FormatError
+
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo, 3, "float32")
+    run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, quantize="int8"))
+    path = pool_path(out)
+    tensors = load_file(path)
+    dropped = next(k for k in tensors if k.endswith(".scales"))
+    del tensors[dropped]
+    data = save(tensors, {"format": "mosconv.pools.v1"})
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    for member in ("task0", "task1", "task2"):
+        cfg_path = out / member / "mos_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        for k in cfg["kinds"]:
+            if k.get("shared_pool"):
+                k["shared_pool"]["sha256"] = digest
+        cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=f"scales {dropped} are missing"):
+        for member in ("task0", "task1", "task2"):
+            load_mos(out / member)
 
 
 def test_a_mixed_group_is_stored_in_the_widest_dtype(tmp_path):

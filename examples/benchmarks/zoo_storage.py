@@ -1,6 +1,6 @@
-"""A zoo group stored in float32, float16 and bfloat16 (`batch --shared-pool --dtype`), side
-by side in one run: the group's error and its bytes as stored, next to each adapter converted
-alone in the same dtype.
+"""A zoo group stored in float32, float16, bfloat16, int8 and int4 (`batch --shared-pool
+--dtype / --quantize`), side by side in one run: the group's error and its bytes as stored,
+next to each adapter converted alone in the same storage.
 
     python examples/benchmarks/zoo_storage.py [--zoo ../shared/zoo] [--json out.json]
 
@@ -33,25 +33,26 @@ from synthetic_zoo import write_zoo
 
 from mosconv import factorize_adapter, read_adapter
 from mosconv.fit.zoo import fit_group
-from mosconv.mos.quant import FLOAT_DTYPES
 
 PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
          "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
-DTYPES = ("float32", "float16", "bfloat16")
+STORAGES = (("float32", "none"), ("float16", "none"), ("bfloat16", "none"), ("auto", "int8"),
+            ("auto", "int4"))  # quantized: float16 scales per 64 values
 
 
 def measure(name: str, adapters, ratio: float) -> list[dict]:
     facts = [factorize_adapter(a) for a in adapters]
     src_bytes = sum(a.tensor_bytes for a in adapters)
     rows = []
-    for dtype in DTYPES:
-        res = fit_group(adapters, ratio, factorizations=facts, dtype=dtype)
-        size = FLOAT_DTYPES[dtype].itemsize
-        pool = sum(t.numel() for t in res.shared_pools.values()) * size
+    for dtype, quantize in STORAGES:
+        res = fit_group(adapters, ratio, factorizations=facts, dtype=dtype, quantize=quantize)
+        st = res.storage
+        pool = sum(st.value_bytes(*t.shape) + st.scale_bytes(*t.shape)
+                   for t in res.shared_pools.values())
         own = sum(m.tensor_bytes()["total"] for m in res.adapters)
         t = res.totals
         rows.append({"group": name, "source_dtype": adapters[0].dtype, "ratio": ratio,
-                     "dtype": dtype, "mode": res.mode, "error": t.shared_relative_error
+                     "dtype": st.dtype if not st.quantized else st.quantize, "mode": res.mode, "error": t.shared_relative_error
                      if res.mode == "shared" else t.independent_relative_error,
                      "alone_error": t.independent_relative_error,
                      "pool_bytes": pool, "own_bytes": own, "bytes": pool + own,
@@ -85,7 +86,7 @@ def main() -> None:
         adapters = [read_adapter(p) for p in paths]
     for ratio in (8.0, 16.0):
         rows += measure("synthetic zoo (N = 8, float16)", adapters, ratio)
-    print("group | source | ratio | dtype | mode | error (alone, same dtype) | bytes: pools + own "
+    print("group | source | ratio | storage | mode | error (alone, same dtype) | bytes: pools + own "
           "= total (x source)")
     for r in rows:
         print(f"{r['group']} | {r['source_dtype']} | {r['ratio']:g} | {r['dtype']} | {r['mode']} | "

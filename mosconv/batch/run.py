@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ..fit.report import Report
     from ..fit.zoo import ChunkedFit
     from ..lora.types import LoraAdapter
+    from ..mos.quant import Storage
     from ..mos.types import MosAdapter
 
 SUMMARY_FILE = "summary.json"
@@ -72,7 +73,6 @@ class BatchConfig:
         return out
 
     def validate(self) -> None:
-        import math
 
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
@@ -82,9 +82,9 @@ class BatchConfig:
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ConfigError(f"chunk must be an integer >= 1, got {self.chunk!r}")
-        if self.shared_pool and (self.quantize != "none" or self.size_ratio is not None):
-            raise ConfigError("shared pools are stored as floats (a dtype): quantization and "
-                              "a size ratio are not supported with them yet",
+        if self.shared_pool and (self.quantize == "auto" or self.size_ratio is not None):
+            raise ConfigError("shared pools take a dtype and a quantization, not a size ratio "
+                              "(nor quantize auto, which chooses by size) yet",
                               options=("shared_pool",))
 
 
@@ -352,9 +352,9 @@ class RayReducer:
 
 
 def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None,
-                    dtype: str = "float32") -> tuple[list[Any], ChunkedFit]:
-    """Fit one group, stored in ``dtype`` (a float dtype; see
-    :func:`mosconv.fit.zoo.group_dtype`): its members are read, factorized and converted
+                    storage: Storage | None = None) -> tuple[list[Any], ChunkedFit]:
+    """Fit one group, stored in ``storage`` (float32 by default; see
+    :func:`mosconv.fit.zoo.group_storage`): its members are read, factorized and converted
     alone in chunks of ``config.chunk`` where ``reducer`` keeps them (this process by
     default; Ray tasks and the object store with :class:`RayReducer`), and fitted from there
     (:func:`mosconv.fit.zoo.fit_chunks`).  Returns the chunks' handles and the fit."""
@@ -364,11 +364,11 @@ def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None,
 
     red = reducer or LOCAL
     cc = alone_config(config.ratio, config.seed, config.search, config.iters,
-                      config.routing_weights, dtype)
+                      config.routing_weights, storage)
     kept = red.keep(make_chunk, [(tuple(i.source for i in items[s:s + config.chunk]), cc, None,
                                   read_adapter) for s in range(0, len(items), config.chunk)])
     return [h for h, _ in kept], fit_chunks(kept, float(config.ratio), config.seed,
-                                            reducer=red, dtype=dtype)
+                                            reducer=red, storage=storage)
 
 
 def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list[Report],
@@ -382,14 +382,23 @@ def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list
             for i, a, m, r in zip(items, chunk.adapters, mos, reports)]
 
 
-def write_pool_file(out: str, gid: str, pools: dict, dtype: str = "float32") -> tuple[Path, str]:
-    """Write a group's shared pools once, stored in ``dtype``; returns ``(path, sha256)``."""
-    from ..mos.quant import FLOAT_DTYPES
+def write_pool_file(out: str, gid: str, pools: dict, storage: Storage | None = None
+                    ) -> tuple[Path, str]:
+    """Write a group's shared pools once, stored in ``storage`` (float32 by default; a
+    quantized pool ``k0.A`` has its float16 scales in ``k0.A.scales``); returns
+    ``(path, sha256)``."""
+    from ..mos.quant import Storage, encode
 
+    st = storage or Storage()
+    tensors = {}
+    for key, x in pools.items():
+        values, scales = encode(x, st)
+        tensors[key] = values
+        if scales is not None:
+            tensors[f"{key}.scales"] = scales
     path = pool_file(out, gid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({k: v.to(FLOAT_DTYPES[dtype]) for k, v in pools.items()},
-                             {"format": "mosconv.pools.v1"})
+    data = safetensors_bytes(tensors, {"format": "mosconv.pools.v1"})
     atomic_write_bytes(path, data)
     return path, hashlib.sha256(data).hexdigest()
 
@@ -419,20 +428,20 @@ def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Repo
 
 
 def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str,
-                    dtype: str = "float32") -> Iterator[Outcome]:
+                    storage: Storage | None = None) -> Iterator[Outcome]:
     """Fit where the group's vectors are, then fan the per-adapter writing out."""
     t0 = time.perf_counter()
     remote = config.engine == "ray"
     try:
         handles, res = fit_group_items(members, config, RayReducer() if remote else None,
-                                       dtype)
+                                       storage)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in members:
             yield Outcome(i.name, i.source, "failed", error=msg, group=gid)
         return
     if res.mode == "shared":
-        path, digest = write_pool_file(out, gid, res.shared_pools, res.dtype)
+        path, digest = write_pool_file(out, gid, res.shared_pools, res.storage)
         pool = (str(path), digest)
         write_pool_members(out, gid, digest, [i.name for i in members])
     else:  # a pool file from an earlier run of this group is no longer used
@@ -468,7 +477,7 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             for i, g in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
             return
-    from ..fit.zoo import group_dtype, group_key
+    from ..fit.zoo import group_key, group_storage
     from ..lora.read import read_adapter
 
     groups: dict[str, list[Item]] = {}
@@ -506,8 +515,8 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
                                      config, gid, served)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
-            yield from _group_outcomes(members, out, config, gid,
-                                       group_dtype(dtypes[key], config.dtype))
+            yield from _group_outcomes(members, out, config, gid, group_storage(
+                dtypes[key], config.dtype, config.quantize))
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,
@@ -553,21 +562,24 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
 
 
 def _pools_in_use(dests: list[Path]) -> dict[Path, tuple[int, int]]:
-    """The shared pool files the given outputs refer to: ``(params, tensor bytes)`` each."""
-    files: set[Path] = set()
+    """The shared pool files the given outputs refer to: ``(params, tensor bytes)`` each
+    (params as the outputs' references count them, so int4 packing and the scales of
+    quantized pools count in bytes only)."""
+    keys: dict[Path, dict[str, int]] = {}
     for dest in dests:
         try:
             refs = read_manifest(dest).pool_refs
         except (OSError, MosconvError):
             continue
-        files.update((dest / ref.file).resolve() for ref in refs)
+        for ref in refs:
+            keys.setdefault((dest / ref.file).resolve(), {}).update(ref.tensors)
     out = {}
-    if files:
+    if keys:
         from ..lora.read._header import read_safetensors_header
-    for f in sorted(files):
+    for f in sorted(keys):
         if f.is_file():
             header, _ = read_safetensors_header(f)
-            out[f] = (sum(math.prod(int(d) for d in e["shape"]) for e in header.values()),
+            out[f] = (sum(keys[f].values()),
                       sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0])
                           for e in header.values()))
     return out

@@ -37,8 +37,9 @@ F64 = torch.float64
 # ---------------------------------------------------------------- storing a fitted adapter
 
 
-def _fitted(x: torch.Tensor, st: Storage) -> torch.Tensor:
-    """``x`` (rows) as stored: rounded with absmax scales, then least-squares scales."""
+def stored_values(x: torch.Tensor, st: Storage) -> torch.Tensor:
+    """``x`` (rows) as stored, float32: cast to a float dtype, or quantized (rounded with
+    absmax scales, then least-squares scales) and read back."""
     if not st.quantized:
         return snap(x, st)
     x = x.to(torch.float32)
@@ -90,10 +91,10 @@ def _private_module(A: torch.Tensor, B: torch.Tensor, src: LoraModule, st: Stora
     energy = float(((B0.T @ B0) * (A0 @ A0.T)).sum())
 
     def qa(x: torch.Tensor) -> torch.Tensor:
-        return _fitted(x, st).to(F64)
+        return stored_values(x, st).to(F64)
 
     def qb(x: torch.Tensor) -> torch.Tensor:  # B's columns are its stored rows
-        return _fitted(x.T.contiguous(), st).T.to(F64)
+        return stored_values(x.T.contiguous(), st).T.to(F64)
 
     def solve_b(Aq: torch.Tensor) -> torch.Tensor:  # argmin ||B0 A0 - B Aq||
         return _solve(Aq @ Aq.T, B0 @ (A0 @ Aq.T))
@@ -143,14 +144,14 @@ def store(mos: MosAdapter, adapter: LoraAdapter, storage: Storage) -> MosAdapter
                                        storage)
                 pa[a0:a1], pb[b0:b1] = A, B.T
         else:  # shared entries (a zoo's pool file) stay as they are
-            pa = torch.cat([p.pool_A[:nA], _fitted(p.pool_A[nA:], storage)])
-            pb = torch.cat([p.pool_B[:nB], _fitted(p.pool_B[nB:], storage)])
+            pa = torch.cat([p.pool_A[:nA], stored_values(p.pool_A[nA:], storage)])
+            pb = torch.cat([p.pool_B[:nB], stored_values(p.pool_B[nB:], storage)])
         kinds[kind] = replace(p, pool_A=pa.contiguous(), pool_B=pb.contiguous())
     modules = tuple(replace(
         m,
         weights_A=None if m.weights_A is None else snap(m.weights_A, fstore, rows=False),
         weights_B=None if m.weights_B is None else snap(m.weights_B, fstore, rows=False),
-        core=None if m.core is None else _fitted(m.core, storage)) for m in mos.modules)
+        core=None if m.core is None else stored_values(m.core, storage)) for m in mos.modules)
     return replace(mos, kinds=kinds, modules=modules, storage=storage)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from .. import __version__
 from ..lora.types import LoraAdapter, LoraModule
-from ..mos.quant import FLOAT_DTYPES, Storage, storage_of_source
+from ..mos.quant import FLOAT_DTYPES, QUANTIZE, Storage, storage_of_source
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
 from .convert import ConvertConfig, ConvertResult, convert, source_info
@@ -52,6 +52,7 @@ from .joint import (
 )
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
+from .storage import stored_values
 from .truncation import budget_for_ratio, truncate
 
 F64 = torch.float64
@@ -93,9 +94,9 @@ class GroupResult:
             ``shared`` ref has ``n_A`` entries that live in ``shared_pools``.
         reports: one report per adapter (errors against its own source).
         shared_pools: tensor name -> tensor, the content of the group's pool file (float32
-            tensors holding the values ``dtype`` stores).
+            tensors holding the values ``storage`` stores).
         totals: group totals: params, budget, errors of both modes.
-        dtype: how the pools and the adapters' own tensors are stored.
+        storage: how the pools, cores and the adapters' own shards are stored.
     """
 
     mode: str
@@ -103,7 +104,7 @@ class GroupResult:
     reports: list[Report]
     totals: GroupTotals
     shared_pools: dict[str, torch.Tensor] = field(default_factory=dict)
-    dtype: str = "float32"
+    storage: Storage = field(default_factory=Storage)
 
 
 def group_key(adapter: LoraAdapter) -> str:
@@ -113,27 +114,32 @@ def group_key(adapter: LoraAdapter) -> str:
 
 
 def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int = 4,
-                 routing_weights: bool = True, dtype: str = "float32") -> ConvertConfig:
+                 routing_weights: bool = True, storage: Storage | None = None) -> ConvertConfig:
     """How a member is converted alone, for the comparison (exactly as ``compress`` does,
-    stored in the group's ``dtype``)."""
+    stored like the group: ``storage``, float32 by default)."""
+    st = storage or Storage()
     return ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
-                         routing_weights=routing_weights, dtype=dtype)
+                         routing_weights=routing_weights, dtype=st.dtype,
+                         quantize=st.quantize, group=st.group)
 
 
-def group_dtype(sources: list[str], dtype: str = "auto") -> str:
-    """The float dtype a group is stored in: ``dtype``, or for ``auto`` its members' source
-    dtypes (``sources``, :attr:`LoraAdapter.dtype` each) kept: the widest where they differ
-    (float32; also for float16 with bfloat16)."""
-    if dtype != "auto":
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
-        return dtype
-    return storage_of_source("/".join(sources))
-
-
-def _rounded(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``x`` as a float32 tensor holding the values ``dtype`` stores."""
-    return x.to(FLOAT_DTYPES[dtype]).float().contiguous()
+def group_storage(sources: list[str], dtype: str = "auto", quantize: str = "none",
+                  group: int = 64) -> Storage:
+    """How a group is stored: its pool file, its members' cores and own shards.  The float
+    dtype is ``dtype``, or for ``auto`` its members' source dtypes (``sources``,
+    :attr:`LoraAdapter.dtype` each) kept: the widest where they differ (float32; also for
+    float16 with bfloat16).  ``quantize`` (``int8``/``int4``) quantizes pools and cores
+    (float16 scales per ``group`` values); the dtype is then float16 for ``auto`` (bfloat16
+    for a bfloat16 group), as ``compress`` does."""
+    if dtype != "auto" and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    src = storage_of_source("/".join(sources))
+    if quantize == "none":
+        return Storage(src if dtype == "auto" else dtype)
+    return Storage(dtype if dtype != "auto" else "bfloat16" if src == "bfloat16" else "float16",
+                   quantize, group)
 
 
 # ---------------------------------------------------------------- members held in chunks
@@ -210,7 +216,7 @@ class ChunkedFit:
     totals: GroupTotals
     shared_pools: dict[str, torch.Tensor]
     built: list[Any]
-    dtype: str = "float32"  # how the pools (and the members' own tensors) are stored
+    storage: Storage = field(default_factory=Storage)  # of the pools and the members' own
 
 
 def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
@@ -218,16 +224,16 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               search: str = "fast", iters: int = 4,
               routing_weights: bool = True, refine_iters: int = 10,
               reducer: Reducer | None = None, chunk: int = CHUNK,
-              dtype: str = "auto") -> GroupResult:
+              dtype: str = "auto", quantize: str = "none") -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
     plain ``batch`` give, with ``search``/``iters``/``routing_weights``): no member ends worse
     off than that (see the module docstring), and the group keeps whichever has the lower
     total error (measured on the stored tensors), so ``--shared-pool`` is never worse
-    than converting independently, for the group or for any member.  ``dtype``: how pools,
-    cores and own shards are stored, both ways (``auto``: :func:`group_dtype`; cores and own
-    parts are least squares against the bases as stored).  ``refine_iters``:
+    than converting independently, for the group or for any member.  ``dtype``/``quantize``:
+    how pools, cores and own shards are stored, both ways (:func:`group_storage`; cores and
+    own parts are least squares against the bases as stored).  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
     adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
@@ -236,32 +242,34 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     red = reducer or LOCAL
-    dt = group_dtype([a.dtype for a in adapters], dtype)
-    cc = alone_config(ratio, seed, search, iters, routing_weights, dt)
+    st = group_storage([a.dtype for a in adapters], dtype, quantize)
+    cc = alone_config(ratio, seed, search, iters, routing_weights, st)
     spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
     kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
                                   else factorizations[a:b]) for a, b in spans])
     handles = [h for h, _ in kept]
-    fit = fit_chunks(kept, ratio, seed, refine_iters, red, dt)
+    fit = fit_chunks(kept, ratio, seed, refine_iters, red, st)
     mos_list = []
     for h, b in zip(handles, fit.built):
         ch, built = red.get(h), None if b is None else red.get(b)
         mos_list += [r.mos if built is None or built[j] is None else built[j]
                      for j, r in enumerate(ch.alone)]
-    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, dt)
+    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, st)
 
 
 def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
                refine_iters: int = 10, reducer: Reducer | None = None,
-               dtype: str = "float32") -> ChunkedFit:
+               storage: Storage | None = None) -> ChunkedFit:
     """Fit a group whose members ``reducer`` holds in chunks: ``kept`` is what
     ``reducer.keep(make_chunk, ...)`` returned (per chunk, its handle and its members'
     :class:`MemberInfo`; members are numbered chunk after chunk), their alone conversions
-    stored in ``dtype`` like the group's pools and cores.  This process holds the
+    stored in ``storage`` (float32 by default) like the group's pools and cores.  This
+    process holds the
     members' spectra, the bases and the reports, never their factorizations: every step that
     reads those runs on the chunks (leaves of the reductions, building and measuring each
     member)."""
     red = reducer or LOCAL
+    storage = storage or Storage()
     handles = [h for h, _ in kept]
     infos = [i for _, part in kept for i in part]
     index = [(c, j) for c, (_, part) in enumerate(kept) for j in range(len(part))]
@@ -281,7 +289,7 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     while True:
         pools, built, rep_sub, local_sub, plans = _joint(
             handles, infos, index, members, ratio, seed, refine_iters,
-            [weights[i] for i in members], red, dtype)
+            [weights[i] for i in members], red, storage)
         losers = [i for i, r in zip(members, rep_sub)
                   if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
         if not losers or not pools:
@@ -314,23 +322,23 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
                          modules=len(plans), joint_members=len(members) if pools else 0)
     if not pools or shared_err >= indep_err or energy <= 0:
         return ChunkedFit("independent", [m.alone for m in infos], totals, {},
-                          [None] * len(handles), dtype)
+                          [None] * len(handles), storage)
     return ChunkedFit("shared", reports,
                       replace(totals, mode="shared", pool_params=pool_params,
                               local_params=local, mos_params=pool_params + local),
-                      pools, built, dtype)
+                      pools, built, storage)
 
 
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
            members: list[int], ratio: float, seed: int, refine_iters: int,
-           weights: list[float], red: Reducer, dtype: str = "float32"
+           weights: list[float], red: Reducer, storage: Storage
            ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int],
                       list[ModulePlan]]:
     """The joint fit of ``members`` under their group budget: pool tensors, the handle of
     each chunk's built MoS adapters, each member's report and own params, and the plan of
     every module name.  ``weights`` scale each member's squared error in the fit (bases,
     allocation, refinement); cores and own shards are always the exact least squares for the
-    member's own update, against the bases as stored in ``dtype``."""
+    member's own update, against the bases as stored (``storage``)."""
     sub = [infos[i] for i in members]
     budget = budget_for_ratio(sum(m.params for m in sub), ratio)
     names: list[str] = []
@@ -352,8 +360,9 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     kind_of = {n: k for m in sub for n, k, _, _ in m.modules}
     widths = {k: (d_in, d_out) for m in sub for _, k, d_in, d_out in m.modules}
     ids = kind_ids(first.kinds)
-    pools, offsets = _pools(ids, kind_of, fitted, dtype)
-    ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, pools, ratio, seed, dtype))
+    pools, offsets = _pools(ids, kind_of, fitted, storage)
+    ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, pools, ratio, seed,
+                   storage))
     by_chunk: dict[int, list[tuple[int, int]]] = {}
     for i, g in enumerate(members):
         c, j = index[g]
@@ -415,9 +424,9 @@ def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _
 
 
 def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitted],
-           dtype: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+           storage: Storage) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """The group's pool tensors (per kind, the shared rows of its modules in module order;
-    float32 holding the values ``dtype`` stores) and each shared module's first A row and
+    float32 holding the values ``storage`` stores) and each shared module's first A row and
     first B row in them."""
     pools: dict[str, torch.Tensor] = {}
     offsets: dict[str, tuple[int, int]] = {}
@@ -433,9 +442,9 @@ def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitt
         rows_A = [r for r in rows_A if r.shape[0]]
         rows_B = [r for r in rows_B if r.shape[0]]
         if rows_A:
-            pools[f"{kid}.A"] = _rounded(torch.cat(rows_A), dtype)
+            pools[f"{kid}.A"] = stored_values(torch.cat(rows_A), storage)
         if rows_B:
-            pools[f"{kid}.B"] = _rounded(torch.cat(rows_B), dtype)
+            pools[f"{kid}.B"] = stored_values(torch.cat(rows_B), storage)
     return pools, offsets
 
 
@@ -444,12 +453,12 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
     """Build and measure a chunk's members (``(position in the chunk, position among the
     fitted members)``): their MoS adapters (None for the chunk's other members), and each
     one's report and own params."""
-    ids, widths, plans, offsets, pools, ratio, seed, dtype = ctx
+    ids, widths, plans, offsets, pools, ratio, seed, storage = ctx
     out: list[MosAdapter | None] = [None] * len(chunk.adapters)
     light = []
     for j, i in rows:
         a, fa = chunk.adapters[j], chunk.facts[j]
-        mos = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, dtype)
+        mos = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, storage)
         out[j] = mos
         light.append((_report(a, fa, mos, ratio, seed), mos.local_params))
     return out, light
@@ -458,10 +467,10 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
 def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, str],
            widths: dict[str, tuple[int, int]], plans: dict[str, ModulePlan],
            offsets: dict[str, tuple[int, int]], pools: dict[str, torch.Tensor], ratio: float,
-           seed: int, dtype: str = "float32") -> MosAdapter:
+           seed: int, storage: Storage) -> MosAdapter:
     """Member ``i``'s MoS adapter: routes into the group's pools (shared rows first), its
     cores and its own shards (least squares against the shared rows as stored, stored in
-    ``dtype``)."""
+    ``storage``)."""
     kinds, mods = {}, []
     for kind, ms in a.kinds.items():
         d_in, d_out = widths[kind]
@@ -479,23 +488,23 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
                 rng_A = rng_B = (0, 0)
                 core = None
                 if p.mode == "joint":
-                    core = _rounded(_least_squares(f, Ub, Vb), dtype)  # (k_U, k_V)
+                    core = stored_values(_least_squares(f, Ub, Vb), storage)  # (k_U, k_V)
                 elif p.mode == "shared_A":  # B_i: the least squares for the stored V
-                    loc_B.append(_rounded(_least_squares(f, None, Vb).T, dtype))  # (k, d_out)
+                    loc_B.append(stored_values(_least_squares(f, None, Vb).T, storage))
                     rng_B = (nB + start_B, nB + start_B + p.k_V)
                     routes_B = torch.arange(*rng_B)
                     start_B += p.k_V
                 else:  # A_i, for the stored U
-                    loc_A.append(_rounded(_least_squares(f, Ub, None), dtype))  # (k, d_in)
+                    loc_A.append(stored_values(_least_squares(f, Ub, None), storage))
                     rng_A = (nA + start_A, nA + start_A + p.k_U)
                     routes_A = torch.arange(*rng_A)
                     start_A += p.k_U
                 mods.append(_module(m, kind, routes_A, routes_B, rng_A, rng_B, core))
                 continue
             k = p.ranks[p.holders.index(i)]
-            root = f.S[:k].to(F64).sqrt()
-            loc_A.append(_rounded(root[:, None] * f.V[:, :k].to(F64).T, dtype))
-            loc_B.append(_rounded(root[:, None] * f.U[:, :k].to(F64).T, dtype))
+            a_k, b_k = _private_rows(f, k, storage)
+            loc_A.append(a_k)
+            loc_B.append(b_k)
             rng_A = (nA + start_A, nA + start_A + k)
             rng_B = (nB + start_B, nB + start_B + k)
             mods.append(_module(m, kind, torch.arange(*rng_A), torch.arange(*rng_B), rng_A,
@@ -510,7 +519,16 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
                    "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
         kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
                                 pool_B.contiguous(), nA, nB, ref)
-    return _mos(a, kinds, mods, ratio, seed, "shared", dtype)
+    return _mos(a, kinds, mods, ratio, seed, "shared", storage)
+
+
+def _private_rows(f: Factorization, k: int, storage: Storage) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's own rank-``k`` truncation as stored: ``A`` rows ``sqrt(s) v`` as stored,
+    then ``B`` the least squares for ``dW`` given them (``k x d_in``, ``k x d_out``)."""
+    root = f.S[:k].to(F64).sqrt()
+    A = stored_values(root[:, None] * f.V[:, :k].to(F64).T, storage)
+    B = _least_squares(f, None, A.to(F64).T)  # (d_out, k)
+    return A, stored_values(B.T, storage)
 
 
 def _least_squares(f: Factorization, Ub: torch.Tensor | None, Vb: torch.Tensor | None
@@ -545,7 +563,7 @@ def _module(m: LoraModule, kind: str, routes_A: torch.Tensor, routes_B: torch.Te
 
 
 def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], ratio: float,
-         seed: int, mode: str, dtype: str = "float32") -> MosAdapter:
+         seed: int, mode: str, storage: Storage) -> MosAdapter:
     order = {m.name: i for i, m in enumerate(a.modules)}
     mods.sort(key=lambda m: order[m.name])
     info = {"mosconv_version": __version__, "ratio": float(ratio), "seed": seed,
@@ -553,7 +571,7 @@ def _mos(a: LoraAdapter, kinds: dict[str, KindPools], mods: list[MosModule], rat
             "iters": 0, "routing_weights": False, "lora_params": a.params,
             "budget": budget_for_ratio(a.params, ratio)}
     return MosAdapter(kinds=kinds, modules=tuple(mods), extra_tensors=dict(a.extra_tensors),
-                      source=source_info(a), info=info, storage=Storage(dtype))
+                      source=source_info(a), info=info, storage=storage)
 
 
 def _report(a: LoraAdapter, fa: dict[str, Factorization], mos: MosAdapter, ratio: float,
@@ -616,13 +634,13 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
     alone, so it is never worse off than converting it on its own.  ``residuals=False``
     leaves out the private residuals (for comparison).
 
-    Their own parts are stored like the group's (``members[0].storage``: its float dtype).
+    Their own parts are stored like the group's (``members[0].storage``).
     Returns the new members' MoS adapters (kinds in the existing members' order, pointing at
     the same pool file) and their reports (truncation baseline: each adapter alone).
     """
     facts = factorizations or [factorize_adapter(a) for a in adapters]
     template = members[0]
-    dtype = template.storage.dtype
+    storage = template.storage
     bases = _shared_bases(members)
     out, reports = [], []
     for a, fa in zip(adapters, facts):
@@ -631,14 +649,14 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
             b = bases.get(m.name)
             p = template.kinds.get(m.kind)
             if b is not None and p is not None:
-                own[m.name] = _own_part(fa[m.name], p, b, dtype=dtype)
+                own[m.name] = _own_part(fa[m.name], p, b, storage=storage)
         plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio), template.kinds,
-                          residuals, dtype)
-        mos = _build_new(a, fa, template, plans, ratio, seed, dtype)
+                          residuals, storage)
+        mos = _build_new(a, fa, template, plans, ratio, seed, storage)
         rep = _report(a, fa, mos, ratio, seed)
         if rep.totals.relative_error > rep.totals.truncation_relative_error:
             # the shared bases do not serve it: converted alone, as compress would
-            cc = ConvertConfig(ratio=float(ratio), seed=seed, dtype=dtype)
+            cc = alone_config(ratio, seed, storage=storage)
             res = convert(a, cc, factorizations=fa)
             mos, rep = res.mos, res.report
         out.append(mos)
@@ -707,10 +725,11 @@ def _residual_directions(f: Factorization, Ub: torch.Tensor, Vb: torch.Tensor, r
 
 
 def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0,
-              dtype: str = "float32") -> _OwnPart:
+              storage: Storage | None = None) -> _OwnPart:
     """Least squares against the stored (nearly orthonormal) bases, extended by ``rank``
     private directions (:func:`_residual_directions`); the gain is measured on the part as it
-    will be stored (in ``dtype``)."""
+    will be stored (in ``storage``, float32 by default)."""
+    storage = storage or Storage()
     Vb = p.pool_A[b.idx_A].to(F64).T  # (d_in, k_V)
     Ub = p.pool_B[b.idx_B].to(F64).T  # (d_out, k_U)
     core = b.core and bool(Ub.shape[1]) and bool(Vb.shape[1])
@@ -718,24 +737,24 @@ def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0,
     if rank:
         bo, ai = _residual_directions(f, Ub, Vb, rank, core)
         if bo is not None:
-            ext_B = _rounded(bo.T, dtype)
+            ext_B = stored_values(bo.T, storage)
             Ub = torch.cat([Ub, ext_B.to(F64).T], dim=1)
         if ai is not None:
-            ext_A = _rounded(ai.T, dtype)
+            ext_A = stored_values(ai.T, storage)
             Vb = torch.cat([Vb, ext_A.to(F64).T], dim=1)
     extra = sum(t.numel() for t in (ext_A, ext_B) if t is not None)
     U, S, V = f.U.to(F64), f.S.to(F64), f.V.to(F64)
     if core:
         C = _least_squares(f, Ub, Vb)
-        part = _OwnPart(b, _rounded(C, dtype), None, C.numel() + extra, 0.0)
+        part = _OwnPart(b, stored_values(C, storage), None, C.numel() + extra, 0.0)
         aU, aV = Ub @ part.core.to(F64), Vb  # dW ~ aU aV^T
     elif Vb.shape[1]:  # shared A rows: B_own = dW Vb (Vb^T Vb)^-1, stored as rows
         Bown = _least_squares(f, None, Vb)  # (d_out, k_V)
-        part = _OwnPart(b, None, _rounded(Bown.T, dtype), Bown.numel() + extra, 0.0)
+        part = _OwnPart(b, None, stored_values(Bown.T, storage), Bown.numel() + extra, 0.0)
         aU, aV = part.rows.to(F64).T, Vb
     else:  # shared B rows: A_own = (Ub^T Ub)^-1 Ub^T dW
         Aown = _least_squares(f, Ub, None)  # (k_U, d_in)
-        part = _OwnPart(b, None, _rounded(Aown, dtype), Aown.numel() + extra, 0.0)
+        part = _OwnPart(b, None, stored_values(Aown, storage), Aown.numel() + extra, 0.0)
         aU, aV = Ub, part.rows.to(F64).T
     energy = float((S ** 2).sum())
     cross = float(((U.T @ aU) * (S[:, None] * (V.T @ aV))).sum())
@@ -746,7 +765,7 @@ def _own_part(f: Factorization, p: KindPools, b: _SharedBasis, rank: int = 0,
 
 def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnPart],
               budget: int, kinds: dict[str, KindPools], residuals: bool = True,
-              dtype: str = "float32") -> dict[str, int | _OwnPart]:
+              storage: Storage | None = None) -> dict[str, int | _OwnPart]:
     """Per module its shared part (an :class:`_OwnPart`, with a private residual of some
     rank) or a private rank: greedy by gain per parameter (a module's first step decides
     between its shared part and its own triplets; a shared part then grows its residual)."""
@@ -758,7 +777,7 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
             return None
         key = (m.name, o.rank + 1)
         if key not in grown:
-            grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1, dtype)
+            grown[key] = _own_part(fa[m.name], kinds[m.kind], o.basis, o.rank + 1, storage)
         return grown[key]
 
     gains = {m.name: fa[m.name].S.to(F64) ** 2 for m in a.modules}
@@ -787,7 +806,7 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
 
 def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapter,
                plans: dict[str, int | _OwnPart], ratio: float, seed: int,
-               dtype: str = "float32") -> MosAdapter:
+               storage: Storage) -> MosAdapter:
     kinds, mods = {}, []
     by_kind = a.kinds
     for kind, p in template.kinds.items():
@@ -819,9 +838,9 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
                 mods.append(_module(m, kind, routes_A, routes_B, rA, rB, o.core))
                 continue
             k = int(plan)
-            root = f.S[:k].to(F64).sqrt()
-            loc_A.append(_rounded(root[:, None] * f.V[:, :k].to(F64).T, dtype))
-            loc_B.append(_rounded(root[:, None] * f.U[:, :k].to(F64).T, dtype))
+            a_k, b_k = _private_rows(f, k, storage)
+            loc_A.append(a_k)
+            loc_B.append(b_k)
             rA, rB = (nA + sA, nA + sA + k), (nB + sB, nB + sB + k)
             mods.append(_module(m, kind, torch.arange(*rA), torch.arange(*rB), rA, rB, None))
             sA += k
@@ -831,4 +850,4 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
         kinds[kind] = KindPools(kind, p.d_in, p.d_out, p.nc, pool_A.contiguous(),
                                 pool_B.contiguous(), nA, nB,
                                 dict(p.shared) if p.shared else None)
-    return _mos(a, kinds, mods, ratio, seed, "shared", dtype)
+    return _mos(a, kinds, mods, ratio, seed, "shared", storage)

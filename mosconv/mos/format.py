@@ -284,7 +284,7 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
                   f"kind {kid}: shared_pool is {_show(shared)}, expected an object")
         sa = sb = None
         if shared:
-            sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache, (sA, sB))
+            sa, sb = _shared_pools(folder, cfg_path, kid, shared, shared_cache, (sA, sB), st)
         # v3 does not store an empty (own part of a) pool
         n_shared = (0 if sa is None else sa.shape[0], 0 if sb is None else sb.shape[0])
         empty = [version >= FORMAT_VERSION_STORAGE and f"mos.pools.{kid}.{side}" not in tensors
@@ -429,8 +429,10 @@ def _stored(tensors: dict, name: str, scale_name: str, width: int, st: Storage, 
 
 
 def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,
-                  widths: tuple[int, int]):
-    """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked."""
+                  widths: tuple[int, int], st: Storage | None = None):
+    """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked, stored
+    like the member's pools (``st``: a float dtype, or quantized values under ``key_A`` with
+    their float16 scales under ``key_A + ".scales"``)."""
     from ..fileio import sha256_file
 
     _need(isinstance(ref, dict) and isinstance(ref.get("file"), str)
@@ -461,6 +463,12 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
         n = _field(ref, f"n_{side}", cfg_path, f"kind {kid}: shared_pool", default=0)
         if n == 0:
             out.append(torch.zeros(0, width))
+            continue
+        if st is not None and st.quantized:
+            _need(isinstance(key, str), cfg_path, f"kind {kid}: shared_pool key_{side} is "
+                  f"{_show(key)}, expected a string")
+            out.append(_stored(tensors, key, f"{key}.scales", width, st, path, rows=n,
+                               what=f"shared pool tensor {key}"))
             continue
         t = tensors.get(key) if isinstance(key, str) else None
         _need(t is not None and t.is_floating_point() and tuple(t.shape) == (n, width), path,

@@ -43,10 +43,13 @@ def load_report(path: str | Path) -> Report | None:
 
 @dataclass(frozen=True)
 class PoolRef:
-    """A kind's reference to a zoo's shared pool file (path relative to the MoS folder)."""
+    """A kind's reference to a zoo's shared pool file (path relative to the MoS folder) and
+    the parameters of the tensors it names there (``(key, params)`` each; a quantized
+    tensor's values, whatever their packing)."""
 
     file: str
     sha256: str
+    tensors: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ class Manifest:
     pool_refs: tuple[PoolRef, ...]
 
 
+def _pool_ref(kind: dict) -> PoolRef:
+    ref, nc = kind["shared_pool"], int(kind.get("nc") or 1)
+    tensors = tuple((str(ref[f"key_{s}"]), int(ref.get(f"n_{s}") or 0) * int(kind[d]) // nc)
+                    for s, d in (("A", "d_in"), ("B", "d_out")) if ref.get(f"key_{s}"))
+    return PoolRef(str(ref["file"]), str(ref["sha256"]), tensors)
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """The :class:`Manifest` of the MoS folder ``path``.
 
@@ -78,10 +88,9 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         files = tuple((f.get("name"), f.get("sha256"))
                       for f in (cfg.get("source") or {}).get("files") or ())
-        refs = tuple(PoolRef(str(k["shared_pool"]["file"]), str(k["shared_pool"]["sha256"]))
-                     for k in cfg.get("kinds", []) if k.get("shared_pool"))
+        refs = tuple(_pool_ref(k) for k in cfg.get("kinds", []) if k.get("shared_pool"))
         batch, group = cfg.get("batch"), cfg.get("zoo_group")
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise FormatError(f"{p}: invalid MoS config (source files or shared pool references "
                           "of the wrong type)") from None
     if batch is not None and not isinstance(batch, dict) or \
