@@ -93,7 +93,7 @@ def test_a_group_keeps_its_source_dtype(dtype, tmp_path):
         assert b16["shards"] * 2 == b32["shards"]
 
 
-def test_dtype_is_a_choice_and_a_size_ratio_is_still_refused(tmp_path):
+def test_dtype_is_a_choice(tmp_path):
     zoo, out = tmp_path / "zoo", tmp_path / "out"
     write_zoo(zoo, 3, "float16")
     res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool", "--dtype",
@@ -109,12 +109,8 @@ def test_dtype_is_a_choice_and_a_size_ratio_is_still_refused(tmp_path):
     assert res.exit_code == 0, res.output
     assert dtypes_of(pool_path(out)) == {"bfloat16"}
     assert load_mos(out / "task2").storage.dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="size ratio"):
-        BatchConfig(shared_pool=True, size_ratio=16.0).validate()
-    res = CliRunner().invoke(main, ["batch", str(zoo), str(tmp_path / "o2"), "--shared-pool",
-                                    "--size-ratio", "16"])
-    assert res.exit_code == 1 and "size ratio" in res.output
-    assert not (tmp_path / "o2").exists()
+    with pytest.raises(ConfigError, match="size ratio"):  # quantize auto chooses by size
+        BatchConfig(shared_pool=True, quantize="auto").validate()
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
@@ -261,3 +257,53 @@ def test_summary_counts_each_group_with_its_pool_once(tmp_path):
     assert t["lora_tensor_bytes"] == sum(a["lora_tensor_bytes"] for a in summary["adapters"])
     text = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool"]).output
     assert "tensor bytes" in text and text.count("\ngroup ") == 2
+
+
+def test_a_group_under_a_size_ratio(tmp_path):
+    """``--shared-pool --size-ratio S``: the group's tensors (pool file once, members' own,
+    routes and scales) fit its members' LoRA bytes / S; the storage and parameter ratio with
+    the lowest group error are chosen; the group beats each member converted alone at the
+    same byte budget, and every member beats truncation at its own equal bytes."""
+    from mosconv.fit.zoo import fit_group
+
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    write_zoo(zoo, 4, "float32")
+    res = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool",
+                                    "--size-ratio", "24", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    (g,) = summary["groups"]
+    assert g["pool_file"] is not None
+    assert g["mos_tensor_bytes"] <= g["lora_tensor_bytes"] / 24
+    assert g["mos_tensor_bytes"] == tensor_bytes(out / g["pool_file"]) + sum(
+        a["mos_tensor_bytes"] for a in summary["adapters"])
+    storages = set()
+    for a in summary["adapters"]:
+        mos = load_mos(out / a["name"])
+        storages.add(mos.storage)
+        assert error_of(read_adapter(zoo / a["name"]), mos) == pytest.approx(
+            a["relative_error"], rel=1e-4)
+        rep = json.loads((out / a["name"] / "report.json").read_text())["totals"]
+        assert rep["size_ratio"] == 24.0
+        assert a["relative_error"] < rep["truncation_equal_bytes_relative_error"]
+        cfg = json.loads((out / a["name"] / "mos_config.json").read_text())
+        assert cfg["batch"]["size_ratio"] == 24.0
+    assert len(storages) == 1  # one storage for the group
+    # the same fit through the API: the group against each member alone at its byte budget
+    adapters = [read_adapter(zoo / f"task{i}") for i in range(4)]
+    fit = fit_group(adapters, 8.0, size_ratio=24.0, quantize="auto")
+    assert fit.mode == "shared" and fit.storage == storages.pop()
+    assert fit.totals.shared_relative_error == pytest.approx(g["relative_error"], rel=1e-9)
+    assert fit.totals.shared_relative_error < fit.totals.independent_relative_error
+    # a rerun skips; a newcomer joins at the group's parameter ratio, in its storage
+    again = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool",
+                                      "--size-ratio", "24", "--json"])
+    assert {a["status"] for a in json.loads(again.output)["adapters"]} == {"skipped"}
+    write_zoo(zoo, 1, "float32", start=4)
+    again = CliRunner().invoke(main, ["batch", str(zoo), str(out), "--shared-pool",
+                                      "--size-ratio", "24", "--json"])
+    rows = json.loads(again.output)["adapters"]
+    assert [a["status"] for a in rows] == ["skipped"] * 4 + ["converted"]
+    new = load_mos(out / "task4")
+    assert new.storage == fit.storage
+    assert rows[4]["mos_tensor_bytes"] <= rows[4]["lora_tensor_bytes"] / 24

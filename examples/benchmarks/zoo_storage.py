@@ -8,6 +8,10 @@ Groups: the related pairs of ../shared/zoo (float32 sources) at total ratio 8 an
 synthetic zoo of examples/synthetic_zoo.py (N = 8 adapters) written as float16, as a float16
 user's zoo is: there ``--dtype auto`` keeps float16 where mosconv 0.x stored float32 pools.
 
+Then (b) the same groups under a byte budget (``--size-ratio S``, S = 16, 32, 64, quantize
+auto): the storage and parameter ratio chosen for the group, its error, next to each adapter
+converted alone at its own byte budget (``compress --size-ratio S``).
+
 Bytes are tensor bytes as stored: the pool file's tensors once, plus every member's own tensors
 (cores, own shards, routes; ``MosAdapter.tensor_bytes``), against the source LoRA factors'
 tensor bytes. Errors are energy-weighted relative errors of dW over the group, measured on the
@@ -60,6 +64,27 @@ def measure(name: str, adapters, ratio: float) -> list[dict]:
     return rows
 
 
+def sized(name: str, adapters) -> list[dict]:
+    facts = [factorize_adapter(a) for a in adapters]
+    rows = []
+    for size_ratio in (16.0, 32.0, 64.0):
+        res = fit_group(adapters, 8.0, factorizations=facts, size_ratio=size_ratio,
+                        quantize="auto")
+        t, st = res.totals, res.storage
+        src = sum(a.tensor_bytes for a in adapters)
+        used = sum(st.value_bytes(*p.shape) + st.scale_bytes(*p.shape)
+                   for p in res.shared_pools.values()) + sum(
+            r.totals.mos_tensor_bytes or 0 for r in res.reports)
+        rows.append({"group": name, "size_ratio": size_ratio, "mode": res.mode,
+                     "storage": st.quantize if st.quantized else st.dtype,
+                     "param_ratio": t.lora_params / max(t.mos_params, 1),
+                     "error": t.shared_relative_error if res.mode == "shared"
+                     else t.independent_relative_error,
+                     "alone_error": t.independent_relative_error,
+                     "bytes": used, "budget_bytes": src // int(size_ratio)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +92,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = []
+    rows, sized_rows = [], []
     for project, names in PAIRS.items():
         paths = [args.zoo / project / n for n in names]
         if not all(p.exists() for p in paths):
@@ -76,6 +101,7 @@ def main() -> None:
         adapters = [read_adapter(p) for p in paths]
         for ratio in (8.0, 16.0):
             rows += measure(project, adapters, ratio)
+        sized_rows += sized(project, adapters)
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import load_file, save_file
 
@@ -86,17 +112,25 @@ def main() -> None:
         adapters = [read_adapter(p) for p in paths]
     for ratio in (8.0, 16.0):
         rows += measure("synthetic zoo (N = 8, float16)", adapters, ratio)
+    sized_rows += sized("synthetic zoo (N = 8, float16)", adapters)
     print("group | source | ratio | storage | mode | error (alone, same dtype) | bytes: pools + own "
           "= total (x source)")
     for r in rows:
         print(f"{r['group']} | {r['source_dtype']} | {r['ratio']:g} | {r['dtype']} | {r['mode']} | "
               f"{r['error']:.5f} ({r['alone_error']:.5f}) | {r['pool_bytes']:,} + "
               f"{r['own_bytes']:,} = {r['bytes']:,} (x{r['bytes_ratio']:.1f})")
+    print("\n(b) group | size ratio | mode | storage | param ratio | error (alone at equal bytes) "
+          "| bytes (budget)")
+    for r in sized_rows:
+        print(f"{r['group']} | {r['size_ratio']:g} | {r['mode']} | {r['storage']} | "
+              f"{r['param_ratio']:.2f} | {r['error']:.4f} ({r['alone_error']:.4f}) | "
+              f"{r['bytes']:,} ({r['budget_bytes']:,})")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"Python {platform.python_version()}")
     print(f"\nmachine: {machine}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows,
+                                         "size_ratio": sized_rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

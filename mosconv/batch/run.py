@@ -73,7 +73,6 @@ class BatchConfig:
         return out
 
     def validate(self) -> None:
-
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
         if self.jobs < 1:
@@ -82,10 +81,9 @@ class BatchConfig:
             raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
         if not isinstance(self.chunk, int) or self.chunk < 1:
             raise ConfigError(f"chunk must be an integer >= 1, got {self.chunk!r}")
-        if self.shared_pool and (self.quantize == "auto" or self.size_ratio is not None):
-            raise ConfigError("shared pools take a dtype and a quantization, not a size ratio "
-                              "(nor quantize auto, which chooses by size) yet",
-                              options=("shared_pool",))
+        if self.quantize == "auto" and self.size_ratio is None:  # (without importing torch)
+            raise ConfigError("quantize auto chooses by size: it needs a size ratio",
+                              options=("size_ratio",))
 
 
 @dataclass(frozen=True)
@@ -352,23 +350,36 @@ class RayReducer:
 
 
 def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None,
-                    storage: Storage | None = None) -> tuple[list[Any], ChunkedFit]:
-    """Fit one group, stored in ``storage`` (float32 by default; see
-    :func:`mosconv.fit.zoo.group_storage`): its members are read, factorized and converted
+                    storages: list[Storage] | None = None) -> tuple[list[Any], ChunkedFit]:
+    """Fit one group, stored in ``storages[0]`` (float32 by default), or with
+    ``config.size_ratio`` in the best of ``storages`` that fits the byte budget (see
+    :func:`mosconv.fit.zoo.group_storages`): its members are read, factorized and converted
     alone in chunks of ``config.chunk`` where ``reducer`` keeps them (this process by
     default; Ray tasks and the object store with :class:`RayReducer`), and fitted from there
     (:func:`mosconv.fit.zoo.fit_chunks`).  Returns the chunks' handles and the fit."""
+    from ..fit.convert import ConvertConfig
     from ..fit.joint import LOCAL
-    from ..fit.zoo import alone_config, fit_chunks, make_chunk
+    from ..fit.zoo import alone_config, fit_chunks, fit_chunks_sized, make_chunk
     from ..lora.read import read_adapter
 
     red = reducer or LOCAL
-    cc = alone_config(config.ratio, config.seed, config.search, config.iters,
-                      config.routing_weights, storage)
+    if config.size_ratio is None:
+        st = storages[0] if storages else None
+        cc = alone_config(config.ratio, config.seed, config.search, config.iters,
+                          config.routing_weights, st)
+    else:  # each member alone at its own byte budget, in the storage that serves it best
+        cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
+                           iters=config.iters, routing_weights=config.routing_weights,
+                           dtype=config.dtype, quantize=config.quantize,
+                           size_ratio=config.size_ratio)
     kept = red.keep(make_chunk, [(tuple(i.source for i in items[s:s + config.chunk]), cc, None,
                                   read_adapter) for s in range(0, len(items), config.chunk)])
-    return [h for h, _ in kept], fit_chunks(kept, float(config.ratio), config.seed,
-                                            reducer=red, storage=storage)
+    handles = [h for h, _ in kept]
+    if config.size_ratio is None:
+        return handles, fit_chunks(kept, float(config.ratio), config.seed, reducer=red,
+                                   storage=st)
+    return handles, fit_chunks_sized(kept, float(config.size_ratio), storages or [],
+                                     config.seed, reducer=red)
 
 
 def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list[Report],
@@ -428,13 +439,13 @@ def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Repo
 
 
 def _group_outcomes(members: list[Item], out: str, config: BatchConfig, gid: str,
-                    storage: Storage | None = None) -> Iterator[Outcome]:
+                    storages: list[Storage] | None = None) -> Iterator[Outcome]:
     """Fit where the group's vectors are, then fan the per-adapter writing out."""
     t0 = time.perf_counter()
     remote = config.engine == "ray"
     try:
         handles, res = fit_group_items(members, config, RayReducer() if remote else None,
-                                       storage)
+                                       storages)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in members:
@@ -477,7 +488,7 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             for i, g in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
             return
-    from ..fit.zoo import group_key, group_storage
+    from ..fit.zoo import group_key, group_storages
     from ..lora.read import read_adapter
 
     groups: dict[str, list[Item]] = {}
@@ -515,8 +526,8 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
                                      config, gid, served)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
-            yield from _group_outcomes(members, out, config, gid, group_storage(
-                dtypes[key], config.dtype, config.quantize))
+            yield from _group_outcomes(members, out, config, gid, group_storages(
+                dtypes[key], config.dtype, config.quantize, size_ratio=config.size_ratio))
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,
@@ -540,7 +551,11 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
             if wanted <= seen:
                 break
         members = members or [load_mos(Path(out) / done[0].name)]
-        mos_list, reports = fit_new_members(members, adapters, float(config.ratio), config.seed)
+        # with a size ratio the group was fitted at some parameter ratio in its storage:
+        # newcomers take the same, so they keep the group's bytes per LoRA byte
+        ratio = float(members[0].info.get("ratio", config.ratio)) if config.size_ratio \
+            else float(config.ratio)
+        mos_list, reports = fit_new_members(members, adapters, ratio, config.seed)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in new:

@@ -102,7 +102,13 @@ class ConvertConfig:
         leaves a choice: ``dtype auto`` then also tries float16 for a float32 source,
         ``quantize auto`` tries none, int8 and int4). Quantized storages keep their slot
         weights in float16 (bfloat16 for a bfloat16 source) unless ``dtype`` says otherwise."""
-        src = storage_of_source(adapter.dtype)
+        return self.storages_for(adapter.dtype)
+
+    def storages_for(self, source_dtype: str) -> list[Storage]:
+        """:meth:`storages` for a source whose factors are ``source_dtype`` (as
+        :attr:`LoraAdapter.dtype` records it; several joined by ``/`` for a group of
+        adapters: ``auto`` then keeps the widest)."""
+        src = storage_of_source(source_dtype)
         if self.dtype != "auto":
             dtypes = [self.dtype]
         elif self.size_ratio is not None and src == "float32":

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import ConfigError
 from ..lora.types import LoraAdapter, LoraModule
-from ..mos.quant import FLOAT_DTYPES, QUANTIZE, Storage, storage_of_source
+from ..mos.quant import Storage, StorageOverflow
 from ..mos.types import KindPools, MosAdapter, MosModule
 from ..names import kind_ids
 from .convert import ConvertConfig, ConvertResult, convert, source_info
@@ -52,7 +53,7 @@ from .joint import (
 )
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
-from .storage import stored_values
+from .storage import row_bytes, stored_values
 from .truncation import budget_for_ratio, truncate
 
 F64 = torch.float64
@@ -123,23 +124,20 @@ def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int =
                          quantize=st.quantize, group=st.group)
 
 
-def group_storage(sources: list[str], dtype: str = "auto", quantize: str = "none",
-                  group: int = 64) -> Storage:
-    """How a group is stored: its pool file, its members' cores and own shards.  The float
-    dtype is ``dtype``, or for ``auto`` its members' source dtypes (``sources``,
-    :attr:`LoraAdapter.dtype` each) kept: the widest where they differ (float32; also for
-    float16 with bfloat16).  ``quantize`` (``int8``/``int4``) quantizes pools and cores
-    (float16 scales per ``group`` values); the dtype is then float16 for ``auto`` (bfloat16
-    for a bfloat16 group), as ``compress`` does."""
-    if dtype != "auto" and dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    src = storage_of_source("/".join(sources))
-    if quantize == "none":
-        return Storage(src if dtype == "auto" else dtype)
-    return Storage(dtype if dtype != "auto" else "bfloat16" if src == "bfloat16" else "float16",
-                   quantize, group)
+def group_storages(sources: list[str], dtype: str = "auto", quantize: str = "none",
+                   group: int = 64, size_ratio: float | None = None) -> list[Storage]:
+    """How a group may be stored (its pool file, its members' cores and own shards): as
+    ``compress`` chooses for one adapter (:meth:`ConvertConfig.storages`), for the members'
+    source dtypes ``sources`` (:attr:`LoraAdapter.dtype` each; ``auto`` keeps the widest
+    where they differ: float32, also for float16 with bfloat16).  One storage unless
+    ``size_ratio`` leaves a choice (``dtype``/``quantize`` ``auto``).
+
+    Raises:
+        ConfigError: settings ``compress`` refuses (``quantize auto`` without a size ratio).
+    """
+    cfg = ConvertConfig(dtype=dtype, quantize=quantize, group=group, size_ratio=size_ratio)
+    cfg.validate()
+    return cfg.storages_for("/".join(sources))
 
 
 # ---------------------------------------------------------------- members held in chunks
@@ -173,6 +171,7 @@ class MemberInfo:
     energy: float
     alone: Report
     alone_local_params: int
+    tensor_bytes: int = 0  # the source's LoRA factors as stored
 
 
 def make_chunk(sources: list, config: ConvertConfig,
@@ -189,7 +188,7 @@ def make_chunk(sources: list, config: ConvertConfig,
                         kinds=tuple(a.kinds),
                         gains={n: f.S.to(F64) ** 2 for n, f in fa.items()},
                         energy=sum(f.energy for f in fa.values()), alone=r.report,
-                        alone_local_params=r.mos.local_params)
+                        alone_local_params=r.mos.local_params, tensor_bytes=a.tensor_bytes)
              for a, fa, r in zip(adapters, facts, alone)]
     return Chunk(adapters, facts, alone), infos
 
@@ -224,7 +223,8 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
               search: str = "fast", iters: int = 4,
               routing_weights: bool = True, refine_iters: int = 10,
               reducer: Reducer | None = None, chunk: int = CHUNK,
-              dtype: str = "auto", quantize: str = "none") -> GroupResult:
+              dtype: str = "auto", quantize: str = "none",
+              size_ratio: float | None = None) -> GroupResult:
     """Convert ``adapters`` (same base model and kinds) with bases shared across them.
 
     The alternative is each adapter converted on its own (exactly what ``compress`` and a
@@ -232,8 +232,9 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     off than that (see the module docstring), and the group keeps whichever has the lower
     total error (measured on the stored tensors), so ``--shared-pool`` is never worse
     than converting independently, for the group or for any member.  ``dtype``/``quantize``:
-    how pools, cores and own shards are stored, both ways (:func:`group_storage`; cores and
-    own parts are least squares against the bases as stored).  ``refine_iters``:
+    how pools, cores and own shards are stored, both ways (:func:`group_storages`; cores and
+    own parts are least squares against the bases as stored).  ``size_ratio``: the budget in
+    bytes instead (:func:`fit_chunks_sized`; ``ratio`` is then not used).  ``refine_iters``:
     alternating least-squares rounds per joint module.  The pool file tensors are named
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
     adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
@@ -242,19 +243,26 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     red = reducer or LOCAL
-    st = group_storage([a.dtype for a in adapters], dtype, quantize)
-    cc = alone_config(ratio, seed, search, iters, routing_weights, st)
+    storages = group_storages([a.dtype for a in adapters], dtype, quantize,
+                              size_ratio=size_ratio)
+    if size_ratio is None:
+        cc = alone_config(ratio, seed, search, iters, routing_weights, storages[0])
+    else:  # each member alone at its own byte budget, in the storage that serves it best
+        cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
+                           routing_weights=routing_weights, dtype=dtype, quantize=quantize,
+                           size_ratio=size_ratio)
     spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
     kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
                                   else factorizations[a:b]) for a, b in spans])
     handles = [h for h, _ in kept]
-    fit = fit_chunks(kept, ratio, seed, refine_iters, red, st)
+    fit = fit_chunks(kept, ratio, seed, refine_iters, red, storages[0]) if size_ratio is None \
+        else fit_chunks_sized(kept, size_ratio, storages, seed, refine_iters, red)
     mos_list = []
     for h, b in zip(handles, fit.built):
         ch, built = red.get(h), None if b is None else red.get(b)
         mos_list += [r.mos if built is None or built[j] is None else built[j]
                      for j, r in enumerate(ch.alone)]
-    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, st)
+    return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, fit.storage)
 
 
 def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
@@ -311,8 +319,11 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     pool_params = sum(t.numel() for t in pools.values())
     local = sum(local_of)
     shared_err = _group_error(reports)
-    if pool_params + local > budget:
-        raise AssertionError(f"internal error: joint fit uses {pool_params + local} > {budget}")
+    # the joint members within their budget (a member converted alone is within its own)
+    joint_budget = budget_for_ratio(sum(infos[i].params for i in members), ratio)
+    if pools and pool_params + sum(local_sub) > joint_budget:
+        raise AssertionError(f"internal error: joint fit uses {pool_params + sum(local_sub)} "
+                             f"> {joint_budget}")
     totals = GroupTotals(lora_params=total_params, budget=budget, adapters=len(infos),
                          independent_relative_error=indep_err,
                          shared_relative_error=shared_err, independent_params=indep_params,
@@ -327,6 +338,63 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
                       replace(totals, mode="shared", pool_params=pool_params,
                               local_params=local, mos_params=pool_params + local),
                       pools, built, storage)
+
+
+def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float,
+                     storages: list[Storage], seed: int = 0, refine_iters: int = 10,
+                     reducer: Reducer | None = None) -> ChunkedFit:
+    """:func:`fit_chunks` under a byte budget: the group's tensors (its pool file once and
+    its members' own, routes and scales included) <= the members' LoRA tensor bytes /
+    ``size_ratio``.  Per storage of ``storages`` (:func:`group_storages`), the fit at the
+    largest parameter budget whose bytes fit (shrunk until they do); the lowest group error
+    wins (ties: fewer bytes).  The members' alone conversions in ``kept`` should be made
+    under the same ``size_ratio`` (each at its own byte budget)."""
+    infos = [i for _, part in kept for i in part]
+    total = sum(m.params for m in infos)
+    limit = math.floor(sum(m.tensor_bytes for m in infos) / float(size_ratio) + 1e-9)
+    shapes = {(d_in, d_out) for m in infos for _, _, d_in, d_out in m.modules}
+    found = []
+    for st in storages:
+        per_param = max(row_bytes(st, d_in, d_out) / (d_in + d_out) for d_in, d_out in shapes)
+        budget = int(limit / per_param)
+        for step in range(8):  # routes and scales: shrink until the bytes fit
+            if budget < 1:
+                break
+            try:
+                fit = fit_chunks(kept, total / budget, seed, refine_iters, reducer, st)
+            except StorageOverflow:
+                break
+            used, t = _fit_bytes(fit), fit.totals
+            if used <= limit:
+                err = t.shared_relative_error if fit.mode == "shared" \
+                    else t.independent_relative_error
+                found.append((err, used, len(found), fit))
+                break
+            # below the parameters the fit used (a plan may leave some of its budget), by
+            # the bytes over, more each round
+            budget = min(budget, t.mos_params) - (2 ** step) * max(
+                1, math.ceil((used - limit) / per_param))
+    if not found:
+        raise ConfigError(f"size ratio {size_ratio:g}: no storage fits the group in "
+                          f"{limit} bytes", options=("size_ratio",))
+    best = min(found, key=lambda x: x[:3])[3]
+    reports = []
+    for r, m in zip(best.reports, infos):  # the baseline at equal bytes: the member's own
+        a = m.alone.totals
+        reports.append(r if r is m.alone else replace(r, totals=replace(
+            r.totals, size_ratio=float(size_ratio), size_budget_bytes=a.size_budget_bytes,
+            truncation_equal_bytes_relative_error=a.truncation_equal_bytes_relative_error,
+            truncation_equal_bytes_params=a.truncation_equal_bytes_params,
+            truncation_equal_bytes_tensor_bytes=a.truncation_equal_bytes_tensor_bytes)))
+    return replace(best, reports=reports)
+
+
+def _fit_bytes(fit: ChunkedFit) -> int:
+    """Tensor bytes of a fitted group as stored: its pool file once, its members' own."""
+    st = fit.storage
+    pools = sum(st.value_bytes(*t.shape) + st.scale_bytes(*t.shape)
+                for t in fit.shared_pools.values())
+    return pools + sum(r.totals.mos_tensor_bytes or 0 for r in fit.reports)
 
 
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
