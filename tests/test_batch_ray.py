@@ -81,9 +81,10 @@ def test_ray_engine_matches_local(ray_session, zoo, tmp_path, shared):
 
 
 @pytest.mark.parametrize("flags", [[], ["--shared-pool"], ["--shared-pool", "--dtype", "float16"],
-                                   ["--shared-pool", "--quantize", "int4"]],
+                                   ["--shared-pool", "--quantize", "int4"],
+                                   ["--shared-pool", "--size-ratio", "24"]],
                          ids=["independent", "shared-pool", "shared-pool-float16",
-                              "shared-pool-int4"])
+                              "shared-pool-int4", "shared-pool-size-ratio"])
 def test_cli_engine_ray(ray_session, zoo, tmp_path, flags):
     with one_thread():
         res = run_cli("batch", zoo, tmp_path / "ray", "--engine", "ray", "-q", *flags)
@@ -91,7 +92,7 @@ def test_cli_engine_ray(ray_session, zoo, tmp_path, flags):
         res = run_cli("batch", zoo, tmp_path / "local", "-q", *flags)
         assert res.exit_code == 0, res.output
     assert_same_outputs(tmp_path / "ray", tmp_path / "local")
-    if len(flags) > 1:  # the group's pool file takes the storage asked for
+    if "--dtype" in flags or "--quantize" in flags:  # the pool file is stored as asked
         from safetensors.torch import load_file
 
         pools = list((tmp_path / "ray" / POOLS_DIR).glob("*.safetensors"))
