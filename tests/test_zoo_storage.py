@@ -157,9 +157,22 @@ def test_a_quantized_group(quant, tmp_path):
                                                                           rel=1e-4)
 
 
-def test_a_changed_quantized_pool_file_is_refused(tmp_path):
-    """A pool file whose scales are missing (and whose sha256 was forged to match) is refused
-    by name."""
+QUANT_POOL_LIES = {
+    "scales-missing": (lambda t, k: t.pop(f"{k}.scales"), "scales {k}.scales are missing"),
+    "scales-negative": (lambda t, k: t.update({f"{k}.scales": -t[f"{k}.scales"]}),
+                        "scales {k}.scales hold non-finite or negative values"),
+    "scales-wrong-shape": (lambda t, k: t.update({f"{k}.scales": t[f"{k}.scales"][:, :1].repeat(
+        1, t[f"{k}.scales"].shape[1] + 1)}), "scales {k}.scales have shape"),
+    "values-float": (lambda t, k: t.update({k: t[k].float()}), "shared pool tensor {k} has shape"),
+    "values-missing": (lambda t, k: t.pop(k), "shared pool tensor {k} is missing"),
+}
+
+
+@pytest.mark.parametrize("lie", list(QUANT_POOL_LIES))
+def test_a_changed_quantized_pool_file_is_refused(lie, tmp_path):
+    """A quantized group's pool file whose values or scales are wrong (with the members'
+    recorded sha256 forged to match, so the content checks are reached) is refused with one
+    line naming the file and the tensor."""
     import hashlib
 
     from safetensors.torch import save
@@ -171,21 +184,27 @@ def test_a_changed_quantized_pool_file_is_refused(tmp_path):
     run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, quantize="int8"))
     path = pool_path(out)
     tensors = load_file(path)
-    dropped = next(k for k in tensors if k.endswith(".scales"))
-    del tensors[dropped]
+    key = min(k for k in tensors if not k.endswith(".scales"))
+    how, words = QUANT_POOL_LIES[lie]
+    how(tensors, key)
     data = save(tensors, {"format": "mosconv.pools.v1"})
     path.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
+    users = []
     for member in ("task0", "task1", "task2"):
         cfg_path = out / member / "mos_config.json"
         cfg = json.loads(cfg_path.read_text())
         for k in cfg["kinds"]:
             if k.get("shared_pool"):
                 k["shared_pool"]["sha256"] = digest
+                if key in (k["shared_pool"]["key_A"], k["shared_pool"]["key_B"]):
+                    users.append(member)
         cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match=f"scales {dropped} are missing"):
-        for member in ("task0", "task1", "task2"):
-            load_mos(out / member)
+    assert users
+    with pytest.raises(FormatError) as e:
+        load_mos(out / users[0])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path)) and words.format(k=key) in msg, msg
 
 
 def test_a_mixed_group_is_stored_in_the_widest_dtype(tmp_path):
