@@ -624,3 +624,18 @@ def test_group_fit_holds_no_factorization_outside_its_chunks(tmp_path):
             assert (m_iso is None) == (m_loc is None)
             if m_iso is not None:
                 assert_same_mos(m_iso, m_loc)
+
+
+def test_a_group_whose_members_all_lose_is_fitted_once(tmp_path, monkeypatch):
+    """When the joint fit leaves every member worse off than alone, doubling every weight
+    would give the same fit again: the group falls back after one fit, as it would after
+    all the rounds."""
+    from mosconv.fit import zoo
+
+    # a different random A per adapter: nothing to share, everyone loses to alone
+    adapters = [read_adapter(p) for p in lora_like_zoo(tmp_path / "zoo", n=4, shared_A=False)]
+    calls = []
+    real = zoo._joint
+    monkeypatch.setattr(zoo, "_joint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = fit_group(adapters, RATIO, seed=0)
+    assert res.mode == "independent" and len(calls) == 1

@@ -302,6 +302,12 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
                   if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
         if not losers or not pools:
             break
+        if len(losers) == len(members):
+            # every member worse off: doubling every weight scales the fit's objective
+            # uniformly (the same fit, up to rounding), so the rounds would end with all of
+            # them left out; skip to that
+            pools = {}
+            break
         rounds += 1
         if rounds <= 6:
             for i in losers:
@@ -345,11 +351,15 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
                      reducer: Reducer | None = None) -> ChunkedFit:
     """:func:`fit_chunks` under a byte budget: the group's tensors (its pool file once and
     its members' own, routes and scales included) <= the members' LoRA tensor bytes /
-    ``size_ratio``.  Per storage of ``storages`` (:func:`group_storages`), the fit at the
-    largest parameter budget whose bytes fit (shrunk until they do); the lowest group error
-    wins (ties: fewer bytes).  The members' alone conversions in ``kept`` should be made
-    under the same ``size_ratio`` (each at its own byte budget)."""
+    ``size_ratio``, at the largest parameter budget whose bytes fit (shrunk until they do).
+    The storage: of ``storages`` (:func:`group_storages`), the one that serves the members
+    best converted alone at this byte ratio (the lowest energy-weighted error over their
+    ``size_choices``; a group fit costs several of those conversions); without those
+    choices, each storage is fitted and the lowest group error wins (ties: fewer bytes).
+    The members' alone conversions in ``kept`` should be made under the same ``size_ratio``
+    (each at its own byte budget, as ``compress --size-ratio`` does)."""
     infos = [i for _, part in kept for i in part]
+    storages = _best_alone(storages, infos)
     total = sum(m.params for m in infos)
     limit = math.floor(sum(m.tensor_bytes for m in infos) / float(size_ratio) + 1e-9)
     shapes = {(d_in, d_out) for m in infos for _, _, d_in, d_out in m.modules}
@@ -387,6 +397,25 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
             truncation_equal_bytes_params=a.truncation_equal_bytes_params,
             truncation_equal_bytes_tensor_bytes=a.truncation_equal_bytes_tensor_bytes)))
     return replace(best, reports=reports)
+
+
+def _best_alone(storages: list[Storage], infos: list[MemberInfo]) -> list[Storage]:
+    """``[the storage of storages with the lowest energy-weighted alone error]`` over the
+    members' ``size_choices`` (each storage's best conversion of that member), or
+    ``storages`` when some member lacks a choice for one of them."""
+    if len(storages) < 2:
+        return storages
+    errs = []
+    for st in storages:
+        total = 0.0
+        for m in infos:
+            hit = [c["relative_error"] for c in m.alone.totals.size_choices or ()
+                   if c["dtype"] == st.dtype and c["quantize"] == st.quantize]
+            if not hit:
+                return storages
+            total += m.energy * hit[0] ** 2
+        errs.append(total)
+    return [storages[min(range(len(storages)), key=errs.__getitem__)]]
 
 
 def _fit_bytes(fit: ChunkedFit) -> int:
