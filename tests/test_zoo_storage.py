@@ -326,3 +326,29 @@ def test_a_group_under_a_size_ratio(tmp_path):
     new = load_mos(out / "task4")
     assert new.storage == fit.storage
     assert rows[4]["mos_tensor_bytes"] <= rows[4]["lora_tensor_bytes"] / 24
+
+
+def test_a_sized_group_takes_the_storage_that_serves_its_members_best_alone():
+    """The storage a sized group is fitted in: the lowest energy-weighted error of its
+    members' own conversions at the byte ratio; one some member could not be converted in
+    is not a candidate; without any choice for every member, all are tried."""
+    from types import SimpleNamespace
+
+    from mosconv.fit.zoo import _best_alone
+    from mosconv.mos.quant import Storage
+
+    def member(energy, **errs):
+        choices = [{"dtype": "float16" if q != "float32" else "float32",
+                    "quantize": q if q in ("int8", "int4") else "none", "relative_error": e}
+                   for q, e in errs.items()]
+        return SimpleNamespace(energy=energy, alone=SimpleNamespace(
+            totals=SimpleNamespace(size_choices=choices)))
+
+    f32, i8, i4 = Storage("float32"), Storage("float16", "int8"), Storage("float16", "int4")
+    both = [member(1.0, float32=0.5, int8=0.3, int4=0.2), member(9.0, float32=0.5, int8=0.1,
+                                                                  int4=0.2)]
+    assert _best_alone([f32, i8, i4], both) == [i8]  # 9 x 0.01 + 0.09 < 9 x 0.04 + 0.04
+    assert _best_alone([f32, i8, i4], [member(1.0, float32=0.5, int4=0.2),
+                                       member(1.0, float32=0.5, int8=0.1, int4=0.3)]) == [i4]
+    assert _best_alone([f32, i8], [member(1.0, int4=0.2)]) == [f32, i8]
+    assert _best_alone([i8], both) == [i8]

@@ -400,22 +400,25 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
 
 
 def _best_alone(storages: list[Storage], infos: list[MemberInfo]) -> list[Storage]:
-    """``[the storage of storages with the lowest energy-weighted alone error]`` over the
-    members' ``size_choices`` (each storage's best conversion of that member), or
-    ``storages`` when some member lacks a choice for one of them."""
+    """``[the storage with the lowest energy-weighted alone error]`` over the members'
+    ``size_choices`` (each storage's best conversion of that member; a storage some member
+    could not be converted in at its byte budget is not a candidate), or ``storages`` when
+    no storage has a choice for every member."""
     if len(storages) < 2:
         return storages
-    errs = []
+    errs: dict[Storage, float] = {}
     for st in storages:
-        total = 0.0
+        total: float | None = 0.0
         for m in infos:
             hit = [c["relative_error"] for c in m.alone.totals.size_choices or ()
                    if c["dtype"] == st.dtype and c["quantize"] == st.quantize]
             if not hit:
-                return storages
+                total = None
+                break
             total += m.energy * hit[0] ** 2
-        errs.append(total)
-    return [storages[min(range(len(storages)), key=errs.__getitem__)]]
+        if total is not None:
+            errs[st] = total
+    return [min(errs, key=errs.__getitem__)] if errs else storages
 
 
 def _fit_bytes(fit: ChunkedFit) -> int:
