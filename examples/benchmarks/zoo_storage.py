@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 from synthetic_zoo import write_zoo
 
 from mosconv import factorize_adapter, read_adapter
-from mosconv.fit.zoo import fit_group
+from mosconv.fit.zoo import fit_group, group_bytes
 
 PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
          "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
@@ -51,9 +51,7 @@ def measure(name: str, adapters, ratio: float) -> list[dict]:
     for dtype, quantize in STORAGES:
         res = fit_group(adapters, ratio, factorizations=facts, dtype=dtype, quantize=quantize)
         st = res.storage
-        pool = sum(st.value_bytes(*t.shape) + st.scale_bytes(*t.shape)
-                   for t in res.shared_pools.values())
-        own = sum(m.tensor_bytes()["total"] for m in res.adapters)
+        pool, own = group_bytes(res.shared_pools, st, res.reports)
         t = res.totals
         rows.append({"group": name, "source_dtype": adapters[0].dtype, "ratio": ratio,
                      "dtype": st.dtype if not st.quantized else st.quantize, "mode": res.mode, "error": t.shared_relative_error
@@ -72,9 +70,7 @@ def sized(name: str, adapters) -> list[dict]:
                         quantize="auto")
         t, st = res.totals, res.storage
         src = sum(a.tensor_bytes for a in adapters)
-        used = sum(st.value_bytes(*p.shape) + st.scale_bytes(*p.shape)
-                   for p in res.shared_pools.values()) + sum(
-            r.totals.mos_tensor_bytes or 0 for r in res.reports)
+        used = sum(group_bytes(res.shared_pools, st, res.reports))
         rows.append({"group": name, "size_ratio": size_ratio, "mode": res.mode,
                      "storage": st.quantize if st.quantized else st.dtype,
                      "param_ratio": t.lora_params / max(t.mos_params, 1),

@@ -356,30 +356,15 @@ def fit_group_items(items: list[Item], config: BatchConfig, reducer: Any = None,
     :func:`mosconv.fit.zoo.group_storages`): its members are read, factorized and converted
     alone in chunks of ``config.chunk`` where ``reducer`` keeps them (this process by
     default; Ray tasks and the object store with :class:`RayReducer`), and fitted from there
-    (:func:`mosconv.fit.zoo.fit_chunks`).  Returns the chunks' handles and the fit."""
-    from ..fit.convert import ConvertConfig
-    from ..fit.joint import LOCAL
-    from ..fit.zoo import alone_config, fit_chunks, fit_chunks_sized, make_chunk
+    (:func:`mosconv.fit.zoo.fit_members`).  Returns the chunks' handles and the fit."""
+    from ..fit.zoo import fit_members
     from ..lora.read import read_adapter
+    from ..mos.quant import Storage
 
-    red = reducer or LOCAL
-    if config.size_ratio is None:
-        st = storages[0] if storages else None
-        cc = alone_config(config.ratio, config.seed, config.search, config.iters,
-                          config.routing_weights, st)
-    else:  # each member alone at its own byte budget, in the storage that serves it best
-        cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
-                           iters=config.iters, routing_weights=config.routing_weights,
-                           dtype=config.dtype, quantize=config.quantize,
-                           size_ratio=config.size_ratio)
-    kept = red.keep(make_chunk, [(tuple(i.source for i in items[s:s + config.chunk]), cc, None,
-                                  read_adapter) for s in range(0, len(items), config.chunk)])
-    handles = [h for h, _ in kept]
-    if config.size_ratio is None:
-        return handles, fit_chunks(kept, float(config.ratio), config.seed, reducer=red,
-                                   storage=st)
-    return handles, fit_chunks_sized(kept, float(config.size_ratio), storages or [],
-                                     config.seed, reducer=red)
+    return fit_members([i.source for i in items], storages or [Storage()], float(config.ratio),
+                       config.seed, config.search, config.iters, config.routing_weights,
+                       config.dtype, config.quantize, config.size_ratio, reducer=reducer,
+                       chunk=config.chunk, load=read_adapter)
 
 
 def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list[Report],
@@ -576,18 +561,21 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
 # ---------------------------------------------------------------- the whole run
 
 
-def _pools_in_use(dests: list[Path]) -> dict[Path, tuple[int, int]]:
-    """The shared pool files the given outputs refer to: ``(params, tensor bytes)`` each
+def _pools_in_use(dests: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[Path, set[Path]]]:
+    """The shared pool files the given outputs refer to, ``(params, tensor bytes)`` each
     (params as the outputs' references count them, so int4 packing and the scales of
-    quantized pools count in bytes only)."""
+    quantized pools count in bytes only), and the files each output refers to."""
     keys: dict[Path, dict[str, int]] = {}
+    used: dict[Path, set[Path]] = {}
     for dest in dests:
         try:
             refs = read_manifest(dest).pool_refs
         except (OSError, MosconvError):
             continue
         for ref in refs:
-            keys.setdefault((dest / ref.file).resolve(), {}).update(ref.tensors)
+            f = (dest / ref.file).resolve()
+            keys.setdefault(f, {}).update(ref.tensors)
+            used.setdefault(dest, set()).add(f)
     out = {}
     if keys:
         from ..lora.read._header import read_safetensors_header
@@ -597,7 +585,7 @@ def _pools_in_use(dests: list[Path]) -> dict[Path, tuple[int, int]]:
             out[f] = (sum(keys[f].values()),
                       sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0])
                           for e in header.values()))
-    return out
+    return out, used
 
 
 def _energy_weighted(rows: list[Outcome], key: str) -> float | None:
@@ -670,21 +658,23 @@ class Summary:
         return sum(1 for a in self.adapters if a.status == "failed")
 
 
-def _group_summaries(out: Path, done: list[Outcome]) -> list[GroupSummary]:
-    """Per group (in order of first appearance), its members that did not fail."""
+def _group_summaries(out: Path, done: list[Outcome], pools: dict[Path, tuple[int, int]],
+                     used: dict[Path, set[Path]]) -> list[GroupSummary]:
+    """Per group (in order of first appearance), its members that did not fail; ``pools``
+    and ``used`` as :func:`_pools_in_use` gives them for the outputs."""
     by_group: dict[str, list[Outcome]] = {}
     for r in done:
         if r.group is not None:
             by_group.setdefault(r.group, []).append(r)
     groups = []
     for gid, members in by_group.items():
-        pools = _pools_in_use([out / r.name for r in members])
-        pool_params, pool_bytes = (sum(v[i] for v in pools.values()) for i in (0, 1))
+        files = set().union(*(used.get(out / r.name, set()) for r in members)) & pools.keys()
+        pool_params, pool_bytes = (sum(pools[f][i] for f in files) for i in (0, 1))
         own_bytes = _bytes_sum(members, "mos_tensor_bytes")
         local = sum(r.local_params or 0 for r in members)
-        files = sorted(os.path.relpath(f, out.resolve()) for f in pools)
+        names = sorted(os.path.relpath(f, out.resolve()) for f in files)
         groups.append(GroupSummary(
-            group=gid, adapters=len(members), pool_file=files[0] if files else None,
+            group=gid, adapters=len(members), pool_file=names[0] if names else None,
             pool_params=pool_params, pool_bytes=pool_bytes, local_params=local,
             lora_params=sum(r.lora_params or 0 for r in members),
             mos_params=local + pool_params,
@@ -716,7 +706,7 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
             progress(outcome)
     rows = [results[i.name] for i in items]
     done = [r for r in rows if r.status != "failed" and r.lora_params is not None]
-    pools = _pools_in_use([out / r.name for r in done])
+    pools, used = _pools_in_use([out / r.name for r in done])
     pool_params, pool_bytes = (sum(v[i] for v in pools.values()) for i in (0, 1))
     local = sum(r.local_params or 0 for r in done)
     own_bytes = _bytes_sum(done, "mos_tensor_bytes")
@@ -730,7 +720,7 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
         seconds=sum(r.seconds for r in rows), shared_pool_bytes=pool_bytes,
         lora_tensor_bytes=_bytes_sum(done, "lora_tensor_bytes"),
         mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes)
-    groups = _group_summaries(out, done) if config.shared_pool else []
+    groups = _group_summaries(out, done, pools, used) if config.shared_pool else []
     summary = Summary(config.ratio, config.shared_pool, rows, totals, groups)
     atomic_write_json(out / SUMMARY_FILE, asdict(summary))
     return summary

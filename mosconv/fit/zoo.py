@@ -240,29 +240,48 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
     (this process by default), where each is factorized, converted alone and built; the
     joint bases are reductions over those chunks (:func:`mosconv.fit.joint.joint_basis`)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
     red = reducer or LOCAL
     storages = group_storages([a.dtype for a in adapters], dtype, quantize,
                               size_ratio=size_ratio)
-    if size_ratio is None:
-        cc = alone_config(ratio, seed, search, iters, routing_weights, storages[0])
-    else:  # each member alone at its own byte budget, in the storage that serves it best
-        cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
-                           routing_weights=routing_weights, dtype=dtype, quantize=quantize,
-                           size_ratio=size_ratio)
-    spans = [(s, s + chunk) for s in range(0, len(adapters), chunk)]
-    kept = red.keep(make_chunk, [(adapters[a:b], cc, None if factorizations is None
-                                  else factorizations[a:b]) for a, b in spans])
-    handles = [h for h, _ in kept]
-    fit = fit_chunks(kept, ratio, seed, refine_iters, red, storages[0]) if size_ratio is None \
-        else fit_chunks_sized(kept, size_ratio, storages, seed, refine_iters, red)
+    handles, fit = fit_members(adapters, storages, ratio, seed, search, iters, routing_weights,
+                               dtype, quantize, size_ratio, refine_iters, red, chunk,
+                               factorizations)
     mos_list = []
     for h, b in zip(handles, fit.built):
         ch, built = red.get(h), None if b is None else red.get(b)
         mos_list += [r.mos if built is None or built[j] is None else built[j]
                      for j, r in enumerate(ch.alone)]
     return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, fit.storage)
+
+
+def fit_members(sources: list, storages: list[Storage], ratio: float, seed: int = 0,
+                search: str = "fast", iters: int = 4, routing_weights: bool = True,
+                dtype: str = "auto", quantize: str = "none", size_ratio: float | None = None,
+                refine_iters: int = 10, reducer: Reducer | None = None, chunk: int = CHUNK,
+                factorizations: list[dict[str, Factorization]] | None = None,
+                load: Callable[[Any], LoraAdapter] | None = None
+                ) -> tuple[list[Any], ChunkedFit]:
+    """Hold a group's members in chunks of ``chunk`` where ``reducer`` keeps them
+    (:func:`make_chunk`: ``sources`` are adapters, or what ``load`` reads them from), each
+    converted alone, and fit the group from there: in ``storages[0]`` at ``ratio``
+    (:func:`fit_chunks`), or under ``size_ratio`` (:func:`fit_chunks_sized`; each member
+    alone as ``compress --size-ratio`` with ``dtype``/``quantize`` does).  Returns the
+    chunks' handles and the fit."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    red = reducer or LOCAL
+    if size_ratio is None:
+        cc = alone_config(ratio, seed, search, iters, routing_weights, storages[0])
+    else:  # each member alone at its own byte budget, in the storage that serves it best
+        cc = ConvertConfig(ratio=float(ratio), seed=seed, search=search, iters=iters,
+                           routing_weights=routing_weights, dtype=dtype, quantize=quantize,
+                           size_ratio=size_ratio)
+    spans = [(s, s + chunk) for s in range(0, len(sources), chunk)]
+    kept = red.keep(make_chunk, [(sources[a:b], cc, None if factorizations is None
+                                  else factorizations[a:b], load) for a, b in spans])
+    fit = fit_chunks(kept, ratio, seed, refine_iters, red, storages[0]) if size_ratio is None \
+        else fit_chunks_sized(kept, size_ratio, storages, seed, refine_iters, red)
+    return [h for h, _ in kept], fit
 
 
 def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
@@ -421,12 +440,17 @@ def _best_alone(storages: list[Storage], infos: list[MemberInfo]) -> list[Storag
     return [min(errs, key=errs.__getitem__)] if errs else storages
 
 
+def group_bytes(shared_pools: dict[str, torch.Tensor], storage: Storage,
+                reports: list[Report]) -> tuple[int, int]:
+    """Tensor bytes of a fitted group as stored: ``(its pool file's, its members' own)``
+    (``GroupResult`` or ``ChunkedFit`` fields)."""
+    pools = sum(storage.value_bytes(*t.shape) + storage.scale_bytes(*t.shape)
+                for t in shared_pools.values())
+    return pools, sum(r.totals.mos_tensor_bytes or 0 for r in reports)
+
+
 def _fit_bytes(fit: ChunkedFit) -> int:
-    """Tensor bytes of a fitted group as stored: its pool file once, its members' own."""
-    st = fit.storage
-    pools = sum(st.value_bytes(*t.shape) + st.scale_bytes(*t.shape)
-                for t in fit.shared_pools.values())
-    return pools + sum(r.totals.mos_tensor_bytes or 0 for r in fit.reports)
+    return sum(group_bytes(fit.shared_pools, fit.storage, fit.reports))
 
 
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],

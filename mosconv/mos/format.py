@@ -464,14 +464,8 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
         if n == 0:
             out.append(torch.zeros(0, width))
             continue
-        if st is not None and st.quantized:
-            _need(isinstance(key, str), cfg_path, f"kind {kid}: shared_pool key_{side} is "
-                  f"{_show(key)}, expected a string")
-            out.append(_stored(tensors, key, f"{key}.scales", width, st, path, rows=n,
-                               what=f"shared pool tensor {key}"))
-            continue
-        t = tensors.get(key) if isinstance(key, str) else None
-        _need(t is not None and t.is_floating_point() and tuple(t.shape) == (n, width), path,
-              f"shared pool tensor {_show(key)} missing or not a float ({n}, {width}) matrix")
-        out.append(t.float())
+        _need(isinstance(key, str), cfg_path, f"kind {kid}: shared pool tensor key_{side} is "
+              f"{_show(key)}, expected a string")
+        out.append(_stored(tensors, key, f"{key}.scales", width, st or Storage(), path, rows=n,
+                           what=f"shared pool tensor {key}"))
     return tuple(out)
