@@ -12,6 +12,11 @@ Then (b) the same groups under a byte budget (``--size-ratio S``, S = 16, 32, 64
 auto): the storage and parameter ratio chosen for the group, its error, next to each adapter
 converted alone at its own byte budget (``compress --size-ratio S``).
 
+(c) Time, in one run: a group of 8 synthetic adapters of ~1M LoRA parameters fitted at
+``--ratio 8`` (the baseline), with ``--quantize int8`` and at ``--size-ratio 16`` (quantize
+auto), and the eight alone conversions that ``compress --size-ratio 16`` makes (part of the
+last).
+
 Bytes are tensor bytes as stored: the pool file's tensors once, plus every member's own tensors
 (cores, own shards, routes; ``MosAdapter.tensor_bytes``), against the source LoRA factors'
 tensor bytes. Errors are energy-weighted relative errors of dW over the group, measured on the
@@ -26,6 +31,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,6 +87,27 @@ def sized(name: str, adapters) -> list[dict]:
     return rows
 
 
+def timing() -> dict:
+    from mosconv.fit.convert import ConvertConfig, convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_zoo(Path(tmp), 8, d=1024, d_kv=1024, r=16, layers=16)
+        adapters = [read_adapter(p) for p in paths]
+    out = {"adapters": 8, "lora_params_per_adapter": adapters[0].params}
+    for name, kw in (("ratio_8", {}), ("int8", {"quantize": "int8"}),
+                     ("size_ratio_16", {"size_ratio": 16.0, "quantize": "auto"})):
+        t0 = time.perf_counter()
+        res = fit_group(adapters, 8.0, **kw)
+        out[name] = {"seconds": time.perf_counter() - t0, "mode": res.mode,
+                     "storage": res.storage.quantize if res.storage.quantized
+                     else res.storage.dtype}
+    t0 = time.perf_counter()
+    for a in adapters:
+        convert(a, ConvertConfig(size_ratio=16.0, quantize="auto"))
+    out["alone_size_ratio_16"] = {"seconds": time.perf_counter() - t0}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,12 +148,20 @@ def main() -> None:
         print(f"{r['group']} | {r['size_ratio']:g} | {r['mode']} | {r['storage']} | "
               f"{r['param_ratio']:.2f} | {r['error']:.4f} ({r['alone_error']:.4f}) | "
               f"{r['bytes']:,} ({r['budget_bytes']:,})")
+    t = timing()
+    base = t["ratio_8"]["seconds"]
+    print(f"\n(c) fit_group of 8 adapters x {t['lora_params_per_adapter']:,} LoRA params:")
+    for name in ("ratio_8", "int8", "size_ratio_16", "alone_size_ratio_16"):
+        r = t[name]
+        print(f"{name}: {r['seconds']:.1f} s (x{r['seconds'] / base:.2f} of ratio_8)"
+              + (f", {r['mode']}, {r['storage']}" if "mode" in r else ""))
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"Python {platform.python_version()}")
     print(f"\nmachine: {machine}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows,
-                                         "size_ratio": sized_rows}, indent=1) + "\n")
+                                         "size_ratio": sized_rows, "timing": t},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":
