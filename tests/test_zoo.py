@@ -485,9 +485,9 @@ def test_exact_allocation_matches_brute_force_and_never_loses(seed):
         _by_price,
         _greedy,
         _knapsack,
-        _plan_params,
         allocate,
         joint_basis,
+        plan_params,
         spectra,
     )
 
@@ -497,7 +497,7 @@ def test_exact_allocation_matches_brute_force_and_never_loses(seed):
     shape = spec[1]
     for budget in (10, 23, 40, 61, 90, 140):
         plans, err = _knapsack(names, holders, spec, bases, budget)
-        assert sum(_plan_params(p, shape[p.name]) for p in plans) <= budget
+        assert sum(plan_params(p, shape[p.name]) for p in plans) <= budget
         assert err == pytest.approx(_brute_force(names, holders, facts, bases, budget),
                                     rel=1e-12, abs=1e-12), budget
         chosen = allocate(names, holders, spec, bases, budget)[1]
@@ -506,7 +506,7 @@ def test_exact_allocation_matches_brute_force_and_never_loses(seed):
         assert chosen == pytest.approx(err, rel=1e-12, abs=1e-12)
         # coarse units (rounded-up costs) still fit the budget
         coarse = _knapsack(names, holders, spec, bases, budget, cells=4)
-        assert sum(_plan_params(p, shape[p.name]) for p in coarse[0]) <= budget
+        assert sum(plan_params(p, shape[p.name]) for p in coarse[0]) <= budget
         assert coarse[1] >= err - 1e-12
     assert _knapsack(names, holders, spec, bases, 140, work=10) is None
 

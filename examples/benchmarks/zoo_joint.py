@@ -1,5 +1,6 @@
 """Zoos fitted jointly: independent conversion, the shared pools of mosconv 0.x (shared A rows
-only) and the joint fit (`batch --shared-pool` now), side by side in one run.
+only), the plain joint basis and the joint fit (`batch --shared-pool` now), side by side in one
+run.
 
     python examples/benchmarks/zoo_joint.py [--zoo ../shared/zoo] [--json out.json]
 
@@ -9,14 +10,18 @@ only) and the joint fit (`batch --shared-pool` now), side by side in one run.
     adapter-specific parts) of N = 4, 8, 16, 32 adapters: at ratio 8 the errors; then the
     largest ratio at which the joint fit is still as good as converting each adapter alone at
     ratio 8, and what one adapter costs there (its own params, and with its share of the pools).
-(c) Time to fit a group of 8 adapters of ~1M LoRA parameters each (fit_group, this machine).
+    At ratio 8 also the joint fit without re-routing (every member's core spanning all of a
+    module's basis columns), and the own params per adapter both ways.
+(c) Time to fit a group of 8 adapters of ~1M LoRA parameters each (fit_group, this machine),
+    without re-routing (the baseline) and with it, as a ratio.
 (d) Adapters joining a fitted group (what `batch --shared-pool` does when a zoo gains
     adapters: fit_new_members): the synthetic zoo's first 8 adapters fitted, 4 more added
     against their pools; each newcomer's error with private residuals (now), without them
     (parts against the bases or own truncation only, as before; a newcomer then worse off
     than alone is converted alone) and converted alone.
 
-"Shared pools of 0.x" is recomputed here from its definition: per module name the top right
+"Plain joint basis" is issue 12's starting point (square cores, greedy ranks; see
+plain_joint_basis). "Shared pools of 0.x" is recomputed here from its definition: per module name the top right
 singular vectors of the stacked updates are shared A rows, each adapter keeps ``B_i = dW_i Q``;
 directions compete for the group budget by energy per parameter. All numbers are measured on
 the adapters' exact factorizations; the joint fit's are measured on its stored float32 tensors.
@@ -32,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from synthetic_zoo import write_zoo
 
 from mosconv import factorize_adapter, read_adapter
+from mosconv.fit import zoo
 from mosconv.fit.joint import joint_basis
 from mosconv.fit.truncation import allocate, budget_for_ratio
 from mosconv.fit.zoo import fit_group, fit_new_members
@@ -65,6 +72,39 @@ def old_shared_pools(adapters, facts, ratio: float) -> tuple[float, int]:
     return math.sqrt(max(err, 0.0) / energy), sum(ks[n] * costs[n] for n in names)
 
 
+def plain_joint_basis(adapters, facts, ratio: float) -> tuple[float, int]:
+    """(relative error, params) of the plain joint basis at the group budget, as issue 12
+    defines it: per module name the top-k left singular vectors of the updates side by side
+    and the top-k right ones of them stacked, a k x k core per adapter (``k (d_out + d_in)``
+    once plus ``n k^2``), k chosen per module by a global greedy on error decrease per
+    parameter."""
+    budget = budget_for_ratio(sum(a.params for a in adapters), ratio)
+    n, names = len(adapters), [m.name for m in adapters[0].modules]
+    bases = {m: joint_basis([fa[m] for fa in facts]) for m in names}
+    width = {m.name: m.d_in + m.d_out for m in adapters[0].modules}
+    k = dict.fromkeys(names, 0)
+    left, kept = budget, 0.0
+
+    def step(m: str) -> tuple[float, float, int] | None:
+        b, j = bases[m], k[m]
+        if j + 1 >= min(b.kept.shape):
+            return None
+        gain = float(b.kept[j + 1, j + 1] - b.kept[j, j])
+        cost = width[m] + n * (2 * j + 1)
+        return (gain / cost, gain, cost) if gain > 0 and cost <= left else None
+
+    while True:
+        moves = [(s, m) for m in names if (s := step(m)) is not None]
+        if not moves:
+            break
+        (_, gain, cost), m = max(moves, key=lambda x: x[0][0])
+        k[m] += 1
+        left -= cost
+        kept += gain
+    energy = sum(b.energy for b in bases.values())
+    return math.sqrt(max(energy - kept, 0.0) / energy), budget - left
+
+
 def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
     rows = []
     for project, names in PAIRS.items():
@@ -76,12 +116,14 @@ def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
         facts = [factorize_adapter(a) for a in adapters]
         for ratio in ratios:
             old_err, old_params = old_shared_pools(adapters, facts, ratio)
+            plain_err, plain_params = plain_joint_basis(adapters, facts, ratio)
             res = fit_group(adapters, ratio, factorizations=facts)
             t = res.totals
             rows.append({"pair": project, "ratio": ratio, "budget": t.budget,
                          "independent": t.independent_relative_error,
                          "independent_params": t.independent_params,
                          "old_shared_pools": old_err, "old_params": old_params,
+                         "plain_joint_basis": plain_err, "plain_params": plain_params,
                          "joint": t.shared_relative_error, "joint_params": t.shared_params,
                          "mode": res.mode, "joint_modules": f"{t.joint_modules}/{t.modules}",
                          "per_adapter": [r.totals.relative_error for r in res.reports],
@@ -97,6 +139,8 @@ def synthetic(ns: list[int]) -> list[dict]:
     facts = [factorize_adapter(a) for a in adapters]
     for n in ns:
         ads, fa = adapters[:n], facts[:n]
+        with rerouting(False):
+            dense = fit_group(ads, 8.0, factorizations=fa)
         res = fit_group(ads, 8.0, factorizations=fa)
         t = res.totals
         target = t.independent_relative_error
@@ -113,6 +157,10 @@ def synthetic(ns: list[int]) -> list[dict]:
         pool = best.totals.pool_params or 0
         rows.append({"n": n, "lora_params_per_adapter": ads[0].params,
                      "independent": target, "joint": t.shared_relative_error,
+                     "joint_without_rerouting": dense.totals.shared_relative_error,
+                     "own_params_per_adapter_at_ratio": t.local_params / n,
+                     "own_params_per_adapter_at_ratio_without_rerouting":
+                         dense.totals.local_params / n,
                      "mode": res.mode, "equal_error_ratio": lo,
                      "own_params_per_adapter": own, "pool_params": pool,
                      "params_per_adapter_with_pool_share": own + pool / n})
@@ -139,16 +187,32 @@ def newcomers(ratios: list[float], fitted: int = 8, added: int = 4) -> list[dict
     return rows
 
 
+@contextmanager
+def rerouting(on: bool):
+    """Re-routing on (the default) or off (``ROUTE_STEPS`` empty) within the block."""
+    steps = zoo.ROUTE_STEPS
+    zoo.ROUTE_STEPS = steps if on else ()
+    try:
+        yield
+    finally:
+        zoo.ROUTE_STEPS = steps
+
+
 def speed() -> dict:
+    """The group fit of 8 adapters x ~1M params, re-routing off (the baseline) then on."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_zoo(Path(tmp), 8, d=1024, d_kv=1024, r=16, layers=16)
         adapters = [read_adapter(p) for p in paths]
-    t0 = time.perf_counter()
-    res = fit_group(adapters, 8.0)
-    return {"adapters": 8, "lora_params_per_adapter": adapters[0].params,
-            "seconds": time.perf_counter() - t0, "mode": res.mode,
-            "joint": res.totals.shared_relative_error,
-            "independent": res.totals.independent_relative_error}
+    out = {"adapters": 8, "lora_params_per_adapter": adapters[0].params}
+    for label, on in (("without_rerouting", False), ("", True)):
+        with rerouting(on):
+            t0 = time.perf_counter()
+            res = fit_group(adapters, 8.0)
+            key = f"_{label}" if label else ""
+            out[f"seconds{key}"] = time.perf_counter() - t0
+            out[f"joint{key}"] = res.totals.shared_relative_error
+    out.update(mode=res.mode, independent=res.totals.independent_relative_error)
+    return out
 
 
 def main() -> None:
@@ -164,23 +228,31 @@ def main() -> None:
     print(f"machine: {machine}\n")
     out = {"machine": machine, "pairs": pairs(args.zoo, args.ratios)}
     print("(a) pairs: relative error (params)")
-    print("pair | ratio | independent | shared pools 0.x | joint | joint modules | per adapter joint / alone")
+    print("pair | ratio | independent | shared pools 0.x | plain joint basis | joint | joint modules | "
+          "per adapter joint / alone")
     for r in out["pairs"]:
         per = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["per_adapter"], r["per_adapter_alone"]))
         print(f"{r['pair']} | {r['ratio']:g} | {r['independent']:.4f} ({r['independent_params']:,}) | "
-              f"{r['old_shared_pools']:.4f} ({r['old_params']:,}) | {r['joint']:.4f} "
+              f"{r['old_shared_pools']:.4f} ({r['old_params']:,}) | "
+              f"{r['plain_joint_basis']:.4f} ({r['plain_params']:,}) | {r['joint']:.4f} "
               f"({r['joint_params']:,}) | {r['joint_modules']} | {per}")
     out["synthetic"] = synthetic(args.n)
     print("\n(b) synthetic zoo at ratio 8, and at the largest ratio matching independent's error")
-    print("N | independent | joint | equal-error ratio | own params/adapter | pool | per adapter incl. pool share")
+    print("N | independent | joint (without re-routing) | own params/adapter at ratio 8 (without) | "
+          "equal-error ratio | own params/adapter there | pool | per adapter incl. pool share")
     for r in out["synthetic"]:
-        print(f"{r['n']} | {r['independent']:.4f} | {r['joint']:.4f} | {r['equal_error_ratio']:.1f} | "
+        print(f"{r['n']} | {r['independent']:.4f} | {r['joint']:.4f} "
+              f"({r['joint_without_rerouting']:.4f}) | {r['own_params_per_adapter_at_ratio']:,.0f} "
+              f"({r['own_params_per_adapter_at_ratio_without_rerouting']:,.0f}) | "
+              f"{r['equal_error_ratio']:.1f} | "
               f"{r['own_params_per_adapter']:,.0f} | {r['pool_params']:,} | "
               f"{r['params_per_adapter_with_pool_share']:,.0f} (LoRA {r['lora_params_per_adapter']:,})")
     out["speed"] = speed()
     s = out["speed"]
     print(f"\n(c) fit_group of {s['adapters']} adapters x {s['lora_params_per_adapter']:,} LoRA params: "
-          f"{s['seconds']:.1f} s (mode {s['mode']}, joint {s['joint']:.4f}, "
+          f"{s['seconds']:.1f} s (x{s['seconds'] / s['seconds_without_rerouting']:.2f} the "
+          f"{s['seconds_without_rerouting']:.1f} s without re-routing; mode {s['mode']}, joint "
+          f"{s['joint']:.4f}, without re-routing {s['joint_without_rerouting']:.4f}, "
           f"independent {s['independent']:.4f})")
     out["newcomers"] = newcomers(args.ratios)
     print("\n(d) 4 adapters added to a group fitted on 8 (synthetic zoo): relative error each")

@@ -38,9 +38,10 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -244,6 +245,20 @@ def cores(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> list[
     return [((U.T @ f.U.to(F64)) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V) for f in facts]
 
 
+def _leaf_core_energy(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor
+                      ) -> list[torch.Tensor]:
+    """``C_i^2`` elementwise for each of a chunk's factorizations."""
+    return [c.pow(2) for c in cores(facts, U, V)]
+
+
+def core_energies(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
+                  reducer: Reducer | None = None, chunk: int = CHUNK) -> list[torch.Tensor]:
+    """Each holder's ``C_i^2`` (``k_U x k_V``, float64) for orthonormal bases: what its core
+    keeps of its update, entry by entry (a map over the chunks, in holder order)."""
+    parts = Parts.of(facts, reducer, chunk)
+    return [e for out in parts.map(_leaf_core_energy, U, V) for e in out]
+
+
 def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = None,
                 chunk: int = CHUNK) -> JointBasis:
     """The plain joint bases (SVD of the updates side by side and stacked), as a tall-skinny
@@ -304,6 +319,9 @@ class ModulePlan:
     k_U: int = 0
     k_V: int = 0
     ranks: tuple[int, ...] = ()
+    subsets: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    """``joint`` only: per holder, the ``U`` and ``V`` columns its core spans (its routes
+    into the bases, a ``len(U cols) x len(V cols)`` core); empty: every holder spans all."""
 
 
 def joint_params(k_U: torch.Tensor | int, k_V: torch.Tensor | int, d_in: int, d_out: int,
@@ -635,15 +653,83 @@ def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
         chosen.append(plan)
         b -= -(-c // unit)
     chosen.reverse()
-    used = sum(_plan_params(p, shape[p.name]) for p in chosen)
+    used = sum(plan_params(p, shape[p.name]) for p in chosen)
     width = {n: sum(shape[n]) for n in names}
     return _fill(chosen, gains, width, budget - used, float(best[-1]))
 
 
-def _plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
+def plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
+    """Parameters of a module's plan (``shape``: ``(d_in, d_out)``), cores as routed."""
     d_in, d_out = shape
+    if p.mode == "joint" and p.subsets:
+        return p.k_U * d_out + p.k_V * d_in + sum(len(u) * len(v) for u, v in p.subsets)
     if p.mode == "joint":
         return int(joint_params(p.k_U, p.k_V, d_in, d_out, len(p.holders)))
     if p.mode in ("shared_A", "shared_B"):
         return one_sided_params(p.mode, p.k_V or p.k_U, d_in, d_out, len(p.holders))
     return sum(p.ranks) * (d_in + d_out)
+
+
+def _trim_steps(E: torch.Tensor) -> list[tuple[int, float, tuple[int, ...], tuple[int, ...]]]:
+    """How one core gives up rows and columns: repeatedly the row or column whose energy (in
+    ``E = C^2``) per parameter freed is least, down to ``1 x 1``; per step the parameters
+    freed, the energy lost and the rows and columns left."""
+    rows, cols = list(range(E.shape[0])), list(range(E.shape[1]))
+    out = []
+    while len(rows) * len(cols) > 1:
+        sub = E[rows][:, cols]
+        cand = []
+        if len(rows) > 1:
+            e = sub.sum(1)
+            a = int(torch.argmin(e))
+            cand.append((float(e[a]) / len(cols), 0, a, float(e[a]), len(cols)))
+        if len(cols) > 1:
+            e = sub.sum(0)
+            b = int(torch.argmin(e))
+            cand.append((float(e[b]) / len(rows), 1, b, float(e[b]), len(rows)))
+        _, side, j, lost, freed = min(cand)
+        (rows if side == 0 else cols).pop(j)
+        out.append((freed, lost, tuple(rows), tuple(cols)))
+    return out
+
+
+def route_cores(plans: list[ModulePlan], energies: dict[str, list[torch.Tensor]],
+                excess: int) -> tuple[list[ModulePlan], float] | None:
+    """Re-routing: free at least ``excess`` parameters from the joint modules' cores, each
+    holder's core giving up the rows and columns (basis columns it stops routing to) that
+    keep least of its update per parameter, least first over every core of the group
+    (``energies``: per joint module name, each holder's ``C_i^2``).  Returns the plans with
+    ``subsets`` where a core was cut, and the energy given up; None if the cores cannot free
+    that much."""
+    seqs, where = [], []
+    for p in plans:
+        if p.mode == "joint":
+            for h, E in enumerate(energies[p.name]):
+                seqs.append(_trim_steps(E))
+                where.append((p.name, h))
+    heap = [(s[0][1] / s[0][0], i, 0) for i, s in enumerate(seqs) if s]
+    heapq.heapify(heap)
+    taken = [0] * len(seqs)
+    lost = 0.0
+    while excess > 0 and heap:
+        _, i, j = heapq.heappop(heap)
+        freed, e, _, _ = seqs[i][j]
+        excess -= freed
+        lost += e
+        taken[i] = j + 1
+        if j + 1 < len(seqs[i]):
+            heapq.heappush(heap, (seqs[i][j + 1][1] / seqs[i][j + 1][0], i, j + 1))
+    if excess > 0:
+        return None
+    cut: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for (name, h), s, t in zip(where, seqs, taken):
+        if t:
+            cut.setdefault(name, {})[h] = s[t - 1][2:]
+    out = []
+    for p in plans:
+        if p.name in cut:
+            full = (tuple(range(p.k_U)), tuple(range(p.k_V)))
+            p = replace(p, subsets=tuple(cut[p.name].get(h, full)
+                                         for h in range(len(p.holders))))
+        out.append(p)
+    return out, lost

@@ -48,8 +48,11 @@ from .joint import (
     Parts,
     Reducer,
     allocate,
+    core_energies,
     joint_basis,
+    plan_params,
     refine,
+    route_cores,
 )
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
@@ -314,11 +317,10 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     weights = [1.0] * len(infos)
     rounds = 0
     while True:
-        pools, built, rep_sub, local_sub, plans = _joint(
+        pools, built, rep_sub, local_sub, setup = _joint(
             handles, infos, index, members, ratio, seed, refine_iters,
             [weights[i] for i in members], red, storage)
-        losers = [i for i, r in zip(members, rep_sub)
-                  if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
+        losers = _losers(members, rep_sub, infos)
         if not losers or not pools:
             break
         if len(losers) == len(members):
@@ -336,6 +338,15 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
         if len(members) < 2:
             pools = {}
             break
+    plans = setup.plans
+    routed = _rerouted(setup, refine_iters) if pools else None
+    if routed is not None:
+        # re-routing the fit the members and weights settled on: kept where it lowers their
+        # error as stored and leaves none of them worse off than alone
+        alt = _built(handles, infos, index, setup, *routed, ratio, seed, red, storage)
+        if _group_error(alt[2]) < _group_error(rep_sub) and not _losers(members, alt[2], infos):
+            pools, built, rep_sub, local_sub = alt
+            plans = routed[0]
     reports = [m.alone for m in infos]
     local_of = [m.alone_local_params for m in infos]
     if pools:
@@ -453,16 +464,33 @@ def _fit_bytes(fit: ChunkedFit) -> int:
     return sum(group_bytes(fit.shared_pools, fit.storage, fit.reports))
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """A joint fit of some members before it is built: what allocating needs (spectra,
+    shapes, the reduction leaves and joint bases of every shared module name) and the plans
+    and refined bases allocated within the budget."""
+
+    members: list[int]
+    budget: int
+    names: list[str]
+    holders: dict[str, tuple[int, ...]]
+    spec: Any  # (gains, shape) as mosconv.fit.joint.spectra gives
+    parts: dict[str, Parts]
+    bases: dict[str, JointBasis]
+    plans: list[ModulePlan]
+    fitted: dict[str, _Fitted]
+
+
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
            members: list[int], ratio: float, seed: int, refine_iters: int,
            weights: list[float], red: Reducer, storage: Storage
-           ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int],
-                      list[ModulePlan]]:
+           ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int], _Setup]:
     """The joint fit of ``members`` under their group budget: pool tensors, the handle of
-    each chunk's built MoS adapters, each member's report and own params, and the plan of
-    every module name.  ``weights`` scale each member's squared error in the fit (bases,
-    allocation, refinement); cores and own shards are always the exact least squares for the
-    member's own update, against the bases as stored (``storage``)."""
+    each chunk's built MoS adapters, each member's report and own params, and the fit's
+    :class:`_Setup` (its plans, and what re-routing it needs).  ``weights`` scale each
+    member's squared error in the fit (bases, allocation, refinement); cores and own shards
+    are always the exact least squares for the member's own update, against the bases as
+    stored (``storage``)."""
     sub = [infos[i] for i in members]
     budget = budget_for_ratio(sum(m.params for m in sub), ratio)
     names: list[str] = []
@@ -480,10 +508,22 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     plans, _ = allocate(names, holders, (gains, shape), bases, budget)
     fitted = {p.name: _refined(p, bases[p.name], parts[p.name], refine_iters)
               for p in plans if p.mode != "private"}
-    first = sub[0]
+    setup = _Setup(members, budget, names, holders, (gains, shape), parts, bases, plans, fitted)
+    return (*_built(handles, infos, index, setup, plans, fitted, ratio, seed, red, storage),
+            setup)
+
+
+def _built(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
+           setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted], ratio: float,
+           seed: int, red: Reducer, storage: Storage
+           ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int]]:
+    """Build and measure ``setup``'s members for ``plans`` and bases ``fitted``: pool
+    tensors, each chunk's handle of built MoS adapters, each member's report and own params."""
+    members = setup.members
+    sub = [infos[i] for i in members]
     kind_of = {n: k for m in sub for n, k, _, _ in m.modules}
     widths = {k: (d_in, d_out) for m in sub for _, k, d_in, d_out in m.modules}
-    ids = kind_ids(first.kinds)
+    ids = kind_ids(sub[0].kinds)
     pools, offsets = _pools(ids, kind_of, fitted, storage)
     ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, pools, ratio, seed,
                    storage))
@@ -500,7 +540,74 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
         built[c] = h
         for (_, i), (r, lp) in zip(by_chunk[c], rows):
             reports[i], local[i] = r, lp
-    return pools, built, reports, local, plans
+    return pools, built, reports, local
+
+
+ROUTE_STEPS = (1.05, 1.1, 1.15, 1.2, 1.3, 1.4)  # allocations beyond the budget re-routing tries
+ROUTE_MIN_CORES = 0.01  # cores below this share of the budget: nothing worth re-routing
+
+
+def _rerouted(setup: _Setup, refine_iters: int
+              ) -> tuple[list[ModulePlan], dict[str, _Fitted]] | None:
+    """Re-routing a fit: allocated over its budget by a step more (``ROUTE_STEPS``) and
+    brought back within it by cutting the cores' least useful rows and columns (each member
+    routing to the basis columns that serve it, :func:`mosconv.fit.joint.route_cores`),
+    step after step while the predicted error (exact for the refined float64 bases) falls.
+    Large groups gain (their bases grow, and every member's core with them).  Returns the
+    best plans and bases, None when no step beats the fit as it is or its cores are a small
+    share of its budget (``ROUTE_MIN_CORES``: a pair of adapters)."""
+    if _core_params(setup.plans) < ROUTE_MIN_CORES * setup.budget:
+        return None
+    best = (setup.plans, setup.fitted, _predicted(setup, setup.plans, setup.fitted)[1])
+    found = None
+    for step in ROUTE_STEPS:
+        plans, _ = allocate(setup.names, setup.holders, setup.spec, setup.bases,
+                            math.floor(setup.budget * step))
+        fitted = {p.name: _refined(p, setup.bases[p.name], setup.parts[p.name], refine_iters)
+                  for p in plans if p.mode != "private"}
+        routed = _predicted(setup, plans, fitted)
+        if routed is None or routed[1] >= best[2]:
+            break
+        best = found = (routed[0], fitted, routed[1])
+    return None if found is None else (found[0], found[1])
+
+
+def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted]
+               ) -> tuple[list[ModulePlan], float] | None:
+    """``plans`` (with refined bases ``fitted``) re-routed within the setup's budget, and
+    their predicted squared error; None when the cores cannot free what they exceed."""
+    gains, shape = setup.spec
+    energies = {p.name: core_energies(setup.parts[p.name], fitted[p.name].U, fitted[p.name].V)
+                for p in plans if p.mode == "joint"}
+    excess = sum(plan_params(p, shape[p.name]) for p in plans) - setup.budget
+    err = 0.0
+    if excess > 0:
+        routed = route_cores(plans, energies, excess)
+        if routed is None:
+            return None
+        plans, err = routed
+    for p in plans:
+        if p.mode == "private":
+            err += sum(float(g[r:].sum()) for g, r in zip(gains[p.name], p.ranks))
+        elif p.mode == "joint":
+            err += setup.bases[p.name].energy - sum(float(e.sum()) for e in energies[p.name])
+        else:
+            b = setup.bases[p.name]
+            g = b.gain_V[:p.k_V] if p.mode == "shared_A" else b.gain_U[:p.k_U]
+            err += b.energy - float(g.sum())
+    return plans, err
+
+
+def _losers(members: list[int], reports: list[Report], infos: list[MemberInfo]) -> list[int]:
+    """The members a joint fit leaves worse off than converted alone."""
+    return [i for i, r in zip(members, reports)
+            if r.totals.relative_error > infos[i].alone.totals.relative_error * (1 + 1e-9)]
+
+
+def _core_params(plans: list[ModulePlan]) -> int:
+    """The parameters of the joint modules' cores, as routed."""
+    return sum(sum(len(u) * len(v) for u, v in p.subsets) if p.subsets
+               else len(p.holders) * p.k_U * p.k_V for p in plans if p.mode == "joint")
 
 
 def _parts(name: str, held: tuple[int, ...], members: list[int], weights: list[float],
@@ -606,9 +713,12 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
             p, f = plans[m.name], fa[m.name]
             if p.mode in ("joint", "shared_A", "shared_B"):
                 oa, ob = offsets[m.name]
-                Vb = shared_A[oa:oa + p.k_V].to(F64).T  # (d_in, k_V) as stored
-                Ub = shared_B[ob:ob + p.k_U].to(F64).T  # (d_out, k_U)
-                routes_A, routes_B = torch.arange(oa, oa + p.k_V), torch.arange(ob, ob + p.k_U)
+                cols_U, cols_V = (p.subsets[p.holders.index(i)] if p.subsets
+                                  else (range(p.k_U), range(p.k_V)))
+                routes_A = oa + torch.tensor(list(cols_V), dtype=torch.int64)
+                routes_B = ob + torch.tensor(list(cols_U), dtype=torch.int64)
+                Vb = shared_A[routes_A].to(F64).T  # (d_in, k_V) as stored
+                Ub = shared_B[routes_B].to(F64).T  # (d_out, k_U)
                 rng_A = rng_B = (0, 0)
                 core = None
                 if p.mode == "joint":
@@ -730,18 +840,23 @@ class _SharedBasis:
 
 
 def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
-    """Per module name, the shared rows the existing members route to."""
-    out: dict[str, _SharedBasis] = {}
+    """Per module name, the shared rows the existing members route to (all of them: a
+    re-routed member's core spans only some)."""
+    rows: dict[str, tuple[set[int], set[int], bool]] = {}
     for mos in members:
         for m in mos.modules:
             p = mos.kinds[m.kind]
-            if m.name in out or not p.shared:
+            if not p.shared:
                 continue
-            a = m.routes_A[m.routes_A < p.shared["n_A"]]
-            b = m.routes_B[m.routes_B < p.shared["n_B"]]
-            if a.numel() or b.numel():
-                out[m.name] = _SharedBasis(a, b, m.core is not None)
-    return out
+            a = m.routes_A[m.routes_A < p.shared["n_A"]].tolist()
+            b = m.routes_B[m.routes_B < p.shared["n_B"]].tolist()
+            if a or b:
+                ra, rb, _ = rows.setdefault(m.name, (set(), set(), m.core is not None))
+                ra.update(a)
+                rb.update(b)
+    return {n: _SharedBasis(torch.tensor(sorted(a), dtype=torch.int64),
+                            torch.tensor(sorted(b), dtype=torch.int64), core)
+            for n, (a, b, core) in rows.items()}
 
 
 def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], ratio: float,
