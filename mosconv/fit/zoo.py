@@ -552,24 +552,34 @@ def _rerouted(setup: _Setup, refine_iters: int
     """Re-routing a fit: allocated over its budget by a step more (``ROUTE_STEPS``) and
     brought back within it by cutting the cores' least useful rows and columns (each member
     routing to the basis columns that serve it, :func:`mosconv.fit.joint.route_cores`),
-    step after step while the predicted error (exact for the refined float64 bases) falls.
-    Large groups gain (their bases grow, and every member's core with them).  Returns the
-    best plans and bases, None when no step beats the fit as it is or its cores are a small
-    share of its budget (``ROUTE_MIN_CORES``: a pair of adapters)."""
+    step after step while the predicted error falls (compared on the plain bases; only the
+    allocation kept is refined, then cut on its refined bases).  Large groups gain (their
+    bases grow, and every member's core with them).  Returns the plans and bases, None when
+    no step beats the fit as it is or its cores are a small share of its budget
+    (``ROUTE_MIN_CORES``: a pair of adapters)."""
     if _core_params(setup.plans) < ROUTE_MIN_CORES * setup.budget:
         return None
-    best = (setup.plans, setup.fitted, _predicted(setup, setup.plans, setup.fitted)[1])
-    found = None
+
+    def plain(plans: list[ModulePlan]) -> dict[str, _Fitted]:
+        return {p.name: _Fitted(setup.bases[p.name].U[:, :p.k_U], setup.bases[p.name].V[:, :p.k_V])
+                for p in plans if p.mode != "private"}
+
+    dense = _predicted(setup, setup.plans, plain(setup.plans))
+    assert dense is not None  # within the budget: nothing to cut
+    best, found = dense[1], None
     for step in ROUTE_STEPS:
         plans, _ = allocate(setup.names, setup.holders, setup.spec, setup.bases,
                             math.floor(setup.budget * step))
-        fitted = {p.name: _refined(p, setup.bases[p.name], setup.parts[p.name], refine_iters)
-                  for p in plans if p.mode != "private"}
-        routed = _predicted(setup, plans, fitted)
-        if routed is None or routed[1] >= best[2]:
+        routed = _predicted(setup, plans, plain(plans))
+        if routed is None or routed[1] >= best:
             break
-        best = found = (routed[0], fitted, routed[1])
-    return None if found is None else (found[0], found[1])
+        best, found = routed[1], plans
+    if found is None:
+        return None
+    fitted = {p.name: _refined(p, setup.bases[p.name], setup.parts[p.name], refine_iters)
+              for p in found if p.mode != "private"}
+    routed = _predicted(setup, found, fitted)  # the same cut in size, on the refined bases
+    return None if routed is None else (routed[0], fitted)
 
 
 def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted]
