@@ -5,14 +5,13 @@ and the fit only keeps it where it lowers the group's error."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import example_module
 from test_batch import files_of
-from test_zoo import group_params, measured_error
+from test_zoo import exported_error, group_params, measured_error
 
 from mosconv.batch.run import BatchConfig, run_batch
 from mosconv.fit import zoo
@@ -97,14 +96,7 @@ def test_rerouted_zoo_writes_loads_exports_and_takes_newcomers(tmp_path):
     assert len({routes_of(m, name) for m in moses.values()}) > 1  # re-routed
     for a in first.adapters[:3]:  # export gives back the update the report measured
         exp = export_lora(out / a.name, tmp_path / "exp" / a.name)
-        src, back = read_adapter(zoo_dir / a.name), read_adapter(exp)
-        err = energy = 0.0
-        for m in src.modules:
-            ref = m.scale * (m.B.double() @ m.A.double())
-            e = back.module(m.name)
-            err += float((ref - e.scale * (e.B.double() @ e.A.double())).pow(2).sum())
-            energy += float(ref.pow(2).sum())
-        assert math.sqrt(err / energy) == pytest.approx(a.relative_error, rel=1e-4)
+        assert exported_error(zoo_dir / a.name, exp) == pytest.approx(a.relative_error, rel=1e-4)
     before = files_of(out)
     # two adapters join: the group's bases are every column some member routes to
     for p in synthetic(tmp_path / "more", n=2, start=12):
