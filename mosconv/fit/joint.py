@@ -672,23 +672,31 @@ def plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
 
 def _trim_steps(E: torch.Tensor) -> list[tuple[int, float, tuple[int, ...], tuple[int, ...]]]:
     """How one core gives up rows and columns: repeatedly the row or column whose energy (in
-    ``E = C^2``) per parameter freed is least, down to ``1 x 1``; per step the parameters
-    freed, the energy lost and the rows and columns left."""
+    ``E = C^2``) per parameter freed is least (a row first among equals, then the lowest
+    index), down to ``1 x 1``; per step the parameters freed, the energy lost and the rows
+    and columns left.  Row and column sums are kept up to date as they go (``O(k^2)``)."""
+    e = E.tolist()
     rows, cols = list(range(E.shape[0])), list(range(E.shape[1]))
+    rs = [sum(r) for r in e]
+    cs = [sum(e[i][j] for i in rows) for j in cols]
     out = []
     while len(rows) * len(cols) > 1:
-        sub = E[rows][:, cols]
         cand = []
         if len(rows) > 1:
-            e = sub.sum(1)
-            a = int(torch.argmin(e))
-            cand.append((float(e[a]) / len(cols), 0, a, float(e[a]), len(cols)))
+            a = min(rows, key=lambda i: rs[i])
+            cand.append((rs[a] / len(cols), 0, a, rs[a], len(cols)))
         if len(cols) > 1:
-            e = sub.sum(0)
-            b = int(torch.argmin(e))
-            cand.append((float(e[b]) / len(rows), 1, b, float(e[b]), len(rows)))
-        _, side, j, lost, freed = min(cand)
-        (rows if side == 0 else cols).pop(j)
+            b = min(cols, key=lambda j: cs[j])
+            cand.append((cs[b] / len(rows), 1, b, cs[b], len(rows)))
+        _, side, k, lost, freed = min(cand)
+        if side == 0:
+            rows.remove(k)
+            for j in cols:
+                cs[j] -= e[k][j]
+        else:
+            cols.remove(k)
+            for i in rows:
+                rs[i] -= e[i][k]
         out.append((freed, lost, tuple(rows), tuple(cols)))
     return out
 

@@ -584,8 +584,9 @@ def _rerouted(setup: _Setup, refine_iters: int
 
 def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted]
                ) -> tuple[list[ModulePlan], float] | None:
-    """``plans`` (with refined bases ``fitted``) re-routed within the setup's budget, and
-    their predicted squared error; None when the cores cannot free what they exceed."""
+    """``plans`` (with orthonormal bases ``fitted``, plain or refined) re-routed within the
+    setup's budget, and their predicted squared error (exact for those bases); None when the
+    cores cannot free what they exceed."""
     gains, shape = setup.spec
     energies = {p.name: core_energies(setup.parts[p.name], fitted[p.name].U, fitted[p.name].V)
                 for p in plans if p.mode == "joint"}
