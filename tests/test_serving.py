@@ -304,3 +304,31 @@ def test_inspect_serving_agrees_with_memory_report(served):
     assert [m["name"] for m in info["members"]] == NAMES
     text = CliRunner().invoke(main, ["inspect", str(root / "out"), "--serving"]).output
     assert "4 adapters: shared pools" in text and "as LoRAs" in text
+
+
+def test_rerouted_members_share_one_pass(served, tmp_path):
+    """Members of a group re-routed by the fit (each core spanning some of a module's basis
+    rows, tests/test_zoo_routes.py): a mixed batch sends all their rows through one pass over
+    the rows any of them routes to, and each row equals its adapter alone."""
+    root, cls = served
+    example_module("synthetic_zoo").write_zoo(tmp_path / "zoo" / "zoo", 8, d=64, d_kv=32, r=8,
+                                              layers=2, base="tiny-llama")
+    summary = run_batch(tmp_path / "zoo", tmp_path / "out", BatchConfig(ratio=8, shared_pool=True))
+    assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+    model = mosconv.apply(_base(root, cls), tmp_path / "out")
+    names = mosconv.adapter_names(model)
+    layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
+    rerouted = [m for m in layers
+                if len({tuple(m.deltas[n].routes_A.tolist()) for n in names}) > 1
+                and all(m.deltas[n].basis_key() is not None for n in names)]
+    assert rerouted  # some layer whose members route to different basis rows
+    ids = torch.randint(0, 128, (8, 5), generator=torch.Generator().manual_seed(3))
+    mosconv.set_active(model, names)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert [m.shared_basis_rows for m in rerouted] == [8] * len(rerouted)  # one pass each
+    for i, n in enumerate(names):
+        mosconv.set_active(model, n)
+        with torch.no_grad():
+            one = model(ids[i:i + 1]).logits
+        assert float((one[0] - got[i]).abs().max()) < 1e-5

@@ -186,28 +186,21 @@ class MosDelta(nn.Module):
         return self.scale * ((x @ A.T) @ B.T)
 
     def basis_key(self) -> tuple | None:
-        """For a zoo member whose update is ``U C V^T`` with both ``U`` and ``V`` in its
-        group's shared pools (a core between them, no slot weights): what identifies the
-        basis (other members with the same key differ only in their cores); else None."""
+        """For a zoo member whose update is ``U C V^T`` with both ``U`` and ``V`` rows of its
+        group's shared pools (a core between them, one route per row, no slot weights): the
+        shared pools it routes into (members with the same key share one pass, over the
+        rows any of them routes to); else None."""
         if not hasattr(self, "_basis"):
             p, key = self._pools[0], None
             sh = p._shared[0]
+            ra, rb = self.routes_A.tolist(), self.routes_B.tolist()
             if (self.core is not None and self.weights_A is None and sh is not None
-                    and self.routes_A.numel() and self.routes_B.numel()
-                    and int(self.routes_A.max()) < sh.pool_A.shape[0]
-                    and int(self.routes_B.max()) < sh.pool_B.shape[0]):
-                key = (id(sh), tuple(self.routes_A.tolist()), tuple(self.routes_B.tolist()))
+                    and ra and rb and self.core.shape == (len(rb), len(ra))
+                    and len(set(ra)) == len(ra) and len(set(rb)) == len(rb)
+                    and max(ra) < sh.pool_A.shape[0] and max(rb) < sh.pool_B.shape[0]):
+                key = (id(sh),)
             self._basis = key
         return self._basis
-
-    def basis(self, device: torch.device, dtype: torch.dtype
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(V^T (r_A, d_in), U (d_out, r))`` of a member with a :meth:`basis_key` (views of
-        the shared pools where the routes are a range, as a joint fit writes them)."""
-        sh = self._pools[0]._shared[0]
-        a = _rows(sh.pool_A, self.routes_A).reshape(self.core.shape[1], sh.d_in)
-        b = _rows(sh.pool_B, self.routes_B).reshape(self.core.shape[0], sh.d_out).T
-        return a.to(device, dtype), b.to(device, dtype)
 
 
 def _rows(pool: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
@@ -253,11 +246,24 @@ def _joint_inputs(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]],
 
 
 def _joint_build(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]]) -> tuple:
+    """The rows, per-row cores and bases of a joint pass.  The bases are the shared rows any
+    member routes to (in order; a view of the pools where that is a range, as when every
+    member routes to all of a module's basis); a member routing to some of them (re-routed)
+    has its core placed at theirs, zeros elsewhere."""
     idx = torch.cat([i for _, i in members])
     which = torch.cat([torch.full((int(i.numel()),), k, device=x.device, dtype=torch.long)
                        for k, (_, i) in enumerate(members)])
-    cores = torch.stack([d.scale * d.core.to(x.device, x.dtype) for d, _ in members])
-    A, B = members[0][0].basis(x.device, x.dtype)
+    ua = sorted(set().union(*(d.routes_A.tolist() for d, _ in members)))
+    ub = sorted(set().union(*(d.routes_B.tolist() for d, _ in members)))
+    at_a, at_b = {r: k for k, r in enumerate(ua)}, {r: k for k, r in enumerate(ub)}
+    cores = torch.zeros(len(members), len(ub), len(ua), device=x.device, dtype=x.dtype)
+    for k, (d, _) in enumerate(members):
+        ia = torch.tensor([at_a[r] for r in d.routes_A.tolist()], device=x.device)
+        ib = torch.tensor([at_b[r] for r in d.routes_B.tolist()], device=x.device)
+        cores[k, ib[:, None], ia[None, :]] = d.scale * d.core.to(x.device, x.dtype)
+    sh = members[0][0]._pools[0]._shared[0]
+    A = _rows(sh.pool_A, torch.tensor(ua)).to(x.device, x.dtype)  # (r_A, d_in)
+    B = _rows(sh.pool_B, torch.tensor(ub)).T.to(x.device, x.dtype)  # (d_out, r)
     return idx, cores[which].transpose(1, 2).contiguous(), A, B
 
 
