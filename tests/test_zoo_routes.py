@@ -15,7 +15,7 @@ from test_zoo import exported_error, group_params, measured_error
 
 from mosconv.batch.run import BatchConfig, run_batch
 from mosconv.fit import zoo
-from mosconv.fit.joint import ModulePlan, plan_params, route_cores
+from mosconv.fit.joint import ModulePlan, _trim_steps, plan_params, route_cores
 from mosconv.fit.zoo import fit_group
 from mosconv.lora.read import read_adapter
 from mosconv.mos.format import load_mos
@@ -46,17 +46,18 @@ def test_route_cores_cuts_the_least_energy_per_parameter_first():
     joint = ModulePlan("m", (0, 1), "joint", k_U=2, k_V=3)
     private = ModulePlan("p", (0,), "private", ranks=(1,))
     shape = (3, 4)  # (d_in, d_out)
-    (cut, kept), lost = route_cores([joint, private], {"m": [e0, e1]}, excess=2)
+    cuts = {"m": [(float(e.sum()), _trim_steps(e)) for e in (e0, e1)]}
+    (cut, kept), lost = route_cores([joint, private], cuts, excess=2)
     assert kept == private
     assert cut.subsets == (((0, 1), (0, 1)), ((0, 1), (0, 1, 2)))
     assert lost == pytest.approx(0.11)
     assert plan_params(joint, shape) - plan_params(cut, shape) == 2
     # the next cheapest: holder 0's second column (1.5 over 2 params once the third went)
-    (cut, _), lost = route_cores([joint, private], {"m": [e0, e1]}, excess=3)
+    (cut, _), lost = route_cores([joint, private], cuts, excess=3)
     assert cut.subsets[0] == ((0, 1), (0,)) and lost == pytest.approx(0.11 + 1.5)
     assert plan_params(joint, shape) - plan_params(cut, shape) == 4
     # every core down to 1 x 1 frees 5 + 5 parameters, no more
-    assert route_cores([joint], {"m": [e0, e1]}, excess=11) is None
+    assert route_cores([joint], cuts, excess=11) is None
 
 
 def test_rerouted_group_is_better_within_budget_and_measured_as_reported(tmp_path,

@@ -245,18 +245,26 @@ def cores(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> list[
     return [((U.T @ f.U.to(F64)) * f.S.to(F64)[None, :]) @ (f.V.to(F64).T @ V) for f in facts]
 
 
-def _leaf_core_energy(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor
-                      ) -> list[torch.Tensor]:
-    """``C_i^2`` elementwise for each of a chunk's factorizations."""
-    return [c.pow(2) for c in cores(facts, U, V)]
+def _leaf_core_cuts(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor
+                    ) -> list[tuple[float, torch.Tensor]]:
+    """For each of a chunk's factorizations: what its core ``C_i = U^T dW_i V`` keeps
+    (``||C_i||^2``) and the order in which it would give up rows and columns
+    (:func:`_trim_steps`)."""
+    out = []
+    for c in cores(facts, U, V):
+        e = c.pow(2)
+        out.append((float(e.sum()), _trim_steps(e)))
+    return out
 
 
-def core_energies(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
-                  reducer: Reducer | None = None, chunk: int = CHUNK) -> list[torch.Tensor]:
-    """Each holder's ``C_i^2`` (``k_U x k_V``, float64) for orthonormal bases: what its core
-    keeps of its update, entry by entry (a map over the chunks, in holder order)."""
+def core_cuts(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
+              reducer: Reducer | None = None, chunk: int = CHUNK
+              ) -> list[tuple[float, torch.Tensor]]:
+    """Per holder (in holder order), for orthonormal bases: the energy its core keeps and its
+    cut steps (:func:`_trim_steps`), computed where the chunks are (a map over them): what
+    re-routing needs of a core, ``O(k)`` numbers instead of its ``k_U x k_V``."""
     parts = Parts.of(facts, reducer, chunk)
-    return [e for out in parts.map(_leaf_core_energy, U, V) for e in out]
+    return [c for out in parts.map(_leaf_core_cuts, U, V) for c in out]
 
 
 def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = None,
@@ -670,11 +678,12 @@ def plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
     return sum(p.ranks) * (d_in + d_out)
 
 
-def _trim_steps(E: torch.Tensor) -> list[tuple[int, float, tuple[int, ...], tuple[int, ...]]]:
+def _trim_steps(E: torch.Tensor) -> torch.Tensor:
     """How one core gives up rows and columns: repeatedly the row or column whose energy (in
     ``E = C^2``) per parameter freed is least (a row first among equals, then the lowest
-    index), down to ``1 x 1``; per step the parameters freed, the energy lost and the rows
-    and columns left.  Row and column sums are kept up to date as they go (``O(k^2)``)."""
+    index), down to ``1 x 1``.  One row per step, float64: the parameters freed, the energy
+    lost, the side (0: a row, a ``U`` column of the basis; 1: a column, a ``V`` column) and
+    its index.  Row and column sums are kept up to date as they go (``O(k^2)``)."""
     e = E.tolist()
     rows, cols = list(range(E.shape[0])), list(range(E.shape[1]))
     rs = [sum(r) for r in e]
@@ -697,42 +706,49 @@ def _trim_steps(E: torch.Tensor) -> list[tuple[int, float, tuple[int, ...], tupl
             cols.remove(k)
             for i in rows:
                 rs[i] -= e[i][k]
-        out.append((freed, lost, tuple(rows), tuple(cols)))
-    return out
+        out.append((freed, lost, side, k))
+    return torch.tensor(out, dtype=F64).reshape(-1, 4)
 
 
-def route_cores(plans: list[ModulePlan], energies: dict[str, list[torch.Tensor]],
+def route_cores(plans: list[ModulePlan], cuts: dict[str, list[tuple[float, torch.Tensor]]],
                 excess: int) -> tuple[list[ModulePlan], float] | None:
     """Re-routing: free at least ``excess`` parameters from the joint modules' cores, each
     holder's core giving up the rows and columns (basis columns it stops routing to) that
     keep least of its update per parameter, least first over every core of the group
-    (``energies``: per joint module name, each holder's ``C_i^2``).  Returns the plans with
-    ``subsets`` where a core was cut, and the energy given up; None if the cores cannot free
-    that much."""
+    (``cuts``: per joint module name, each holder's :func:`core_cuts`).  Returns the plans
+    with ``subsets`` where a core was cut, and the energy given up; None if the cores cannot
+    free that much."""
     seqs, where = [], []
     for p in plans:
         if p.mode == "joint":
-            for h, E in enumerate(energies[p.name]):
-                seqs.append(_trim_steps(E))
-                where.append((p.name, h))
-    heap = [(s[0][1] / s[0][0], i, 0) for i, s in enumerate(seqs) if s]
+            for h, (_, steps) in enumerate(cuts[p.name]):
+                seqs.append(steps)
+                where.append((p, h))
+
+    def entry(i: int, j: int) -> tuple[float, int, int]:
+        freed, lost = seqs[i][j, 0].item(), seqs[i][j, 1].item()
+        return lost / freed, i, j
+
+    heap = [entry(i, 0) for i, s in enumerate(seqs) if s.shape[0]]
     heapq.heapify(heap)
     taken = [0] * len(seqs)
     lost = 0.0
     while excess > 0 and heap:
         _, i, j = heapq.heappop(heap)
-        freed, e, _, _ = seqs[i][j]
-        excess -= freed
-        lost += e
+        excess -= int(seqs[i][j, 0].item())
+        lost += seqs[i][j, 1].item()
         taken[i] = j + 1
-        if j + 1 < len(seqs[i]):
-            heapq.heappush(heap, (seqs[i][j + 1][1] / seqs[i][j + 1][0], i, j + 1))
+        if j + 1 < seqs[i].shape[0]:
+            heapq.heappush(heap, entry(i, j + 1))
     if excess > 0:
         return None
     cut: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-    for (name, h), s, t in zip(where, seqs, taken):
+    for (p, h), s, t in zip(where, seqs, taken):
         if t:
-            cut.setdefault(name, {})[h] = s[t - 1][2:]
+            gone = [(int(side), int(k)) for side, k in s[:t, 2:].tolist()]
+            cut.setdefault(p.name, {})[h] = (
+                tuple(r for r in range(p.k_U) if (0, r) not in gone),
+                tuple(c for c in range(p.k_V) if (1, c) not in gone))
     out = []
     for p in plans:
         if p.name in cut:

@@ -48,7 +48,7 @@ from .joint import (
     Parts,
     Reducer,
     allocate,
-    core_energies,
+    core_cuts,
     joint_basis,
     plan_params,
     refine,
@@ -588,12 +588,12 @@ def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
     setup's budget, and their predicted squared error (exact for those bases); None when the
     cores cannot free what they exceed."""
     gains, shape = setup.spec
-    energies = {p.name: core_energies(setup.parts[p.name], fitted[p.name].U, fitted[p.name].V)
-                for p in plans if p.mode == "joint"}
+    cuts = {p.name: core_cuts(setup.parts[p.name], fitted[p.name].U, fitted[p.name].V)
+            for p in plans if p.mode == "joint"}
     excess = sum(plan_params(p, shape[p.name]) for p in plans) - setup.budget
     err = 0.0
     if excess > 0:
-        routed = route_cores(plans, energies, excess)
+        routed = route_cores(plans, cuts, excess)
         if routed is None:
             return None
         plans, err = routed
@@ -601,7 +601,7 @@ def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
         if p.mode == "private":
             err += sum(float(g[r:].sum()) for g, r in zip(gains[p.name], p.ranks))
         elif p.mode == "joint":
-            err += setup.bases[p.name].energy - sum(float(e.sum()) for e in energies[p.name])
+            err += setup.bases[p.name].energy - sum(kept for kept, _ in cuts[p.name])
         else:
             b = setup.bases[p.name]
             g = b.gain_V[:p.k_V] if p.mode == "shared_A" else b.gain_U[:p.k_U]
