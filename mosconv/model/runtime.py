@@ -262,8 +262,8 @@ def _joint_build(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]]) 
         ib = torch.tensor([at_b[r] for r in d.routes_B.tolist()], device=x.device)
         cores[k, ib[:, None], ia[None, :]] = d.scale * d.core.to(x.device, x.dtype)
     sh = members[0][0]._pools[0]._shared[0]
-    A = _rows(sh.pool_A, torch.tensor(ua)).to(x.device, x.dtype)  # (r_A, d_in)
-    B = _rows(sh.pool_B, torch.tensor(ub)).T.to(x.device, x.dtype)  # (d_out, r)
+    A = _rows(sh.pool_A, torch.tensor(ua, device=sh.pool_A.device)).to(x.device, x.dtype)
+    B = _rows(sh.pool_B, torch.tensor(ub, device=sh.pool_B.device)).T.to(x.device, x.dtype)
     return idx, cores[which].transpose(1, 2).contiguous(), A, B
 
 
