@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import example_module
 from test_batch import files_of
 from test_zoo import exported_error, group_params, measured_error
 
 from mosconv.batch.run import BatchConfig, run_batch
+from mosconv.cli import main
 from mosconv.fit import zoo
 from mosconv.fit.joint import ModulePlan, _trim_steps, plan_params, route_cores
 from mosconv.fit.zoo import fit_group
@@ -95,6 +97,9 @@ def test_rerouted_zoo_writes_loads_exports_and_takes_newcomers(tmp_path):
     moses = {a.name: load_mos(out / a.name) for a in first.adapters}
     name = "model.layers.0.self_attn.q_proj"
     assert len({routes_of(m, name) for m in moses.values()}) > 1  # re-routed
+    shown = CliRunner().invoke(main, ["inspect", str(out / "task03")])
+    assert shown.exit_code == 0 and "shared" in shown.output
+    assert "holds more parameters" not in shown.output  # the group's pool file is not its own
     for a in first.adapters[:3]:  # export gives back the update the report measured
         exp = export_lora(out / a.name, tmp_path / "exp" / a.name)
         assert exported_error(zoo_dir / a.name, exp) == pytest.approx(a.relative_error, rel=1e-4)

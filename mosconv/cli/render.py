@@ -106,7 +106,8 @@ def render_report(report: Report) -> str:
             for c in t.size_choices)
         out.append(f"--size-ratio {t.size_ratio:g} (<= {fmt_bytes(t.size_budget_bytes or 0)}): "
                    f"chose {storage} at parameter ratio x{t.param_ratio or 0:.2f}; tried {tried}")
-    if t.source_params is not None and t.mos_params > t.source_params:
+    own = t.local_params if t.local_params is not None else t.mos_params  # a zoo member's
+    if t.source_params is not None and own > t.source_params:  # pool file is not its own
         out.append(f"note: the MoS adapter holds more parameters than the {t.source_format} "
                    f"file ({t.source_params:,}): its Hadamard/Kronecker structure stores less "
                    "than a LoRA of the update's rank; a larger ratio gives a smaller file")
