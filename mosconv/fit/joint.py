@@ -745,7 +745,7 @@ def route_cores(plans: list[ModulePlan], cuts: dict[str, list[tuple[float, torch
     cut: dict[str, dict[int, tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     for (p, h), s, t in zip(where, seqs, taken):
         if t:
-            gone = [(int(side), int(k)) for side, k in s[:t, 2:].tolist()]
+            gone = {(int(side), int(k)) for side, k in s[:t, 2:].tolist()}
             cut.setdefault(p.name, {})[h] = (
                 tuple(r for r in range(p.k_U) if (0, r) not in gone),
                 tuple(c for c in range(p.k_V) if (1, c) not in gone))

@@ -506,8 +506,7 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
              for n in names if len(holders[n]) > 1}
     bases = {n: joint_basis(p) for n, p in parts.items()}
     plans, _ = allocate(names, holders, (gains, shape), bases, budget)
-    fitted = {p.name: _refined(p, bases[p.name], parts[p.name], refine_iters)
-              for p in plans if p.mode != "private"}
+    fitted = _refined_all(plans, bases, parts, refine_iters)
     setup = _Setup(members, budget, names, holders, (gains, shape), parts, bases, plans, fitted)
     return (*_built(handles, infos, index, setup, plans, fitted, ratio, seed, red, storage),
             setup)
@@ -556,10 +555,10 @@ def _rerouted(setup: _Setup, refine_iters: int
     brought back within it by cutting the cores' least useful rows and columns (each member
     routing to the basis columns that serve it, :func:`mosconv.fit.joint.route_cores`),
     step after step while the predicted error falls (compared on the plain bases; only the
-    allocation kept is refined, ``ROUTED_REFINE`` rounds, then cut on its refined bases).  Large groups gain (their
-    bases grow, and every member's core with them).  Returns the plans and bases, None when
-    no step beats the fit as it is or its cores are a small share of its budget
-    (``ROUTE_MIN_CORES``: a pair of adapters)."""
+    allocation kept is refined, ``ROUTED_REFINE`` rounds, then cut on its refined bases).
+    Large groups gain (their bases grow, and every member's core with them).  Returns the
+    plans and bases, None when no step beats the fit as it is or its cores are a small share
+    of its budget (``ROUTE_MIN_CORES``: a pair of adapters)."""
     if _core_params(setup.plans) < ROUTE_MIN_CORES * setup.budget:
         return None
 
@@ -567,9 +566,9 @@ def _rerouted(setup: _Setup, refine_iters: int
         return {p.name: _Fitted(setup.bases[p.name].U[:, :p.k_U], setup.bases[p.name].V[:, :p.k_V])
                 for p in plans if p.mode != "private"}
 
-    dense = _predicted(setup, setup.plans, plain(setup.plans))
-    assert dense is not None  # within the budget: nothing to cut
-    best, found = dense[1], None
+    # the fit as it is, on the plain bases: its joint bases' kept-energy table has it
+    best = sum(_plain_error(setup, p) for p in setup.plans)
+    found = None
     for step in ROUTE_STEPS:
         plans, _ = allocate(setup.names, setup.holders, setup.spec, setup.bases,
                             math.floor(setup.budget * step))
@@ -579,9 +578,7 @@ def _rerouted(setup: _Setup, refine_iters: int
         best, found = routed[1], plans
     if found is None:
         return None
-    fitted = {p.name: _refined(p, setup.bases[p.name], setup.parts[p.name],
-                               min(refine_iters, ROUTED_REFINE))
-              for p in found if p.mode != "private"}
+    fitted = _refined_all(found, setup.bases, setup.parts, min(refine_iters, ROUTED_REFINE))
     routed = _predicted(setup, found, fitted)  # the same cut in size, on the refined bases
     return None if routed is None else (routed[0], fitted)
 
@@ -591,7 +588,7 @@ def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
     """``plans`` (with orthonormal bases ``fitted``, plain or refined) re-routed within the
     setup's budget, and their predicted squared error (exact for those bases); None when the
     cores cannot free what they exceed."""
-    gains, shape = setup.spec
+    shape = setup.spec[1]
     cuts = {p.name: core_cuts(setup.parts[p.name], fitted[p.name].U, fitted[p.name].V)
             for p in plans if p.mode == "joint"}
     excess = sum(plan_params(p, shape[p.name]) for p in plans) - setup.budget
@@ -602,15 +599,21 @@ def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
             return None
         plans, err = routed
     for p in plans:
-        if p.mode == "private":
-            err += sum(float(g[r:].sum()) for g, r in zip(gains[p.name], p.ranks))
-        elif p.mode == "joint":
-            err += setup.bases[p.name].energy - sum(kept for kept, _ in cuts[p.name])
-        else:
-            b = setup.bases[p.name]
-            g = b.gain_V[:p.k_V] if p.mode == "shared_A" else b.gain_U[:p.k_U]
-            err += b.energy - float(g.sum())
+        err += (setup.bases[p.name].energy - sum(kept for kept, _ in cuts[p.name])
+                if p.mode == "joint" else _plain_error(setup, p))
     return plans, err
+
+
+def _plain_error(setup: _Setup, p: ModulePlan) -> float:
+    """A module's predicted squared error under plan ``p``: its private triplets' tails, its
+    one-sided basis's, or its joint bases' on the plain bases with every core whole."""
+    if p.mode == "private":
+        return sum(float(g[r:].sum()) for g, r in zip(setup.spec[0][p.name], p.ranks))
+    b = setup.bases[p.name]
+    if p.mode == "joint":
+        return b.energy - float(b.kept[p.k_U, p.k_V])
+    g = b.gain_V[:p.k_V] if p.mode == "shared_A" else b.gain_U[:p.k_U]
+    return b.energy - float(g.sum())
 
 
 def _losers(members: list[int], reports: list[Report], infos: list[MemberInfo]) -> list[int]:
@@ -658,6 +661,13 @@ def _group_error(reports) -> float:
 class _Fitted:
     U: torch.Tensor  # (d_out, k_U) float64: shared B-pool rows (k_U = 0 for shared_A)
     V: torch.Tensor  # (d_in, k_V): shared A-pool rows (k_V = 0 for shared_B)
+
+
+def _refined_all(plans: list[ModulePlan], bases: dict[str, JointBasis],
+                 parts: dict[str, Parts], iters: int) -> dict[str, _Fitted]:
+    """The shared bases of every plan that has some (:func:`_refined`)."""
+    return {p.name: _refined(p, bases[p.name], parts[p.name], iters)
+            for p in plans if p.mode != "private"}
 
 
 def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _Fitted:
