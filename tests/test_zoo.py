@@ -627,7 +627,56 @@ def test_group_fit_holds_no_factorization_outside_its_chunks(tmp_path):
         for m_iso, m_loc in zip(built, b):
             assert (m_iso is None) == (m_loc is None)
             if m_iso is not None:
-                assert_same_mos(m_iso, m_loc)
+                assert_same_mos(m_iso.adapter(), m_loc.adapter())
+
+
+def test_built_members_reference_the_group_pools_without_copies(tmp_path):
+    """A member the fit built is held as its own rows plus a reference to the group's pool
+    tensors (the same objects for every member), not as a pool per member holding a copy of
+    the group's rows; its MoS adapter is assembled when asked for, rows of the group first."""
+    from safetensors.torch import load_file, save_file
+
+    from mosconv.fit.zoo import fit_members
+    from mosconv.mos.quant import Storage
+
+    paths = [write_lora_like(tmp_path / f"t{i}", i, layers=2, d=64, d_kv=32, r=8)
+             for i in range(4)]
+    for i, path in enumerate(paths):  # layer 1: every adapter its own A init (nothing shared)
+        f = path / "adapter_model.safetensors"
+        x = load_file(str(f))
+        g = torch.Generator().manual_seed(50 + i)
+        for k in [k for k in x if ".layers.1." in k and "lora_A" in k]:
+            x[k] = (torch.rand(x[k].shape, generator=g) * 2 - 1) / 8
+        save_file(x, str(f))
+    adapters = [read_adapter(p) for p in paths]
+    _, fit = fit_members(adapters, [Storage()], RATIO, chunk=2)
+    assert fit.mode == "shared"
+    held = [m for b in fit.built for m in b or [] if m is not None]
+    assert len(held) == 4
+    own_rows = 0
+    for m in held:
+        assert m.pools is fit.shared_pools
+        mos = m.adapter()
+        for kind, p in m.own.kinds.items():
+            q = mos.kinds[kind]
+            assert p.shared == q.shared
+            if not p.shared:
+                assert p.pool_A is q.pool_A
+                continue
+            for side, n in (("A", p.shared["n_A"]), ("B", p.shared["n_B"])):
+                own, full = getattr(p, f"pool_{side}"), getattr(q, f"pool_{side}")
+                group = fit.shared_pools.get(p.shared[f"key_{side}"])
+                assert full.shape[0] == n + own.shape[0]
+                assert torch.equal(full[n:], own)
+                if group is not None:
+                    assert torch.equal(full[:n], group)
+                    if not own.shape[0]:
+                        assert full is group  # no own rows: the group's tensor itself
+                own_rows += own.shape[0]
+    assert own_rows > 0  # the private layer's rows sit beside the group's
+    again = fit_group(adapters, RATIO, chunk=2)
+    for m, a in zip(held, again.adapters, strict=True):
+        assert_same_mos(m.adapter(), a)
 
 
 def test_a_group_whose_members_all_lose_is_fitted_once(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ only), the plain joint basis and the joint fit (`batch --shared-pool` now), side
 run.
 
     python examples/benchmarks/zoo_joint.py [--zoo ../shared/zoo] [--json out.json]
+        [--parts abcd] [--seed-scheme cycle|half]
 
 (a) The related pairs of ../shared/zoo at total ratio 8 and 16: energy-weighted relative error of
     dW over both adapters and the parameters used (pool file once + both adapters' own).
@@ -11,7 +12,8 @@ run.
     largest ratio at which the joint fit is still as good as converting each adapter alone at
     ratio 8, and what one adapter costs there (its own params, and with its share of the pools).
     At ratio 8 also the joint fit without re-routing (every member's core spanning all of a
-    module's basis columns), and the own params per adapter both ways.
+    module's basis columns), and the own params per adapter both ways. ``--seed-scheme half``
+    builds the zoo with half its adapters sharing one init seed and the others each their own.
 (c) Time to fit a group of 8 adapters of ~1M LoRA parameters each (fit_group, this machine),
     without re-routing (the baseline) and with it, as a ratio.
 (d) Adapters joining a fitted group (what `batch --shared-pool` does when a zoo gains
@@ -132,10 +134,11 @@ def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
     return rows
 
 
-def synthetic(ns: list[int]) -> list[dict]:
+def synthetic(ns: list[int], seed_scheme: str = "cycle") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = [read_adapter(p) for p in write_zoo(Path(tmp), max(ns))]
+        paths = write_zoo(Path(tmp), max(ns), seed_scheme=seed_scheme)
+        adapters = [read_adapter(p) for p in paths]
     facts = [factorize_adapter(a) for a in adapters]
     for n in ns:
         ads, fa = adapters[:n], facts[:n]
@@ -215,6 +218,48 @@ def speed() -> dict:
     return out
 
 
+def print_pairs(rows: list[dict]) -> None:
+    print("(a) pairs: relative error (params)")
+    print("pair | ratio | independent | shared pools 0.x | plain joint basis | joint | joint modules | "
+          "per adapter joint / alone")
+    for r in rows:
+        per = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["per_adapter"], r["per_adapter_alone"]))
+        print(f"{r['pair']} | {r['ratio']:g} | {r['independent']:.4f} ({r['independent_params']:,}) | "
+              f"{r['old_shared_pools']:.4f} ({r['old_params']:,}) | "
+              f"{r['plain_joint_basis']:.4f} ({r['plain_params']:,}) | {r['joint']:.4f} "
+              f"({r['joint_params']:,}) | {r['joint_modules']} | {per}")
+
+
+def print_synthetic(rows: list[dict]) -> None:
+    print("\n(b) synthetic zoo at ratio 8, and at the largest ratio matching independent's error")
+    print("N | independent | joint (without re-routing) | own params/adapter at ratio 8 (without) | "
+          "equal-error ratio | own params/adapter there | pool | per adapter incl. pool share")
+    for r in rows:
+        print(f"{r['n']} | {r['independent']:.4f} | {r['joint']:.4f} "
+              f"({r['joint_without_rerouting']:.4f}) | {r['own_params_per_adapter_at_ratio']:,.0f} "
+              f"({r['own_params_per_adapter_at_ratio_without_rerouting']:,.0f}) | "
+              f"{r['equal_error_ratio']:.1f} | "
+              f"{r['own_params_per_adapter']:,.0f} | {r['pool_params']:,} | "
+              f"{r['params_per_adapter_with_pool_share']:,.0f} (LoRA {r['lora_params_per_adapter']:,})")
+
+
+def print_speed(s: dict) -> None:
+    print(f"\n(c) fit_group of {s['adapters']} adapters x {s['lora_params_per_adapter']:,} LoRA params: "
+          f"{s['seconds']:.1f} s (x{s['seconds'] / s['seconds_without_rerouting']:.2f} the "
+          f"{s['seconds_without_rerouting']:.1f} s without re-routing; mode {s['mode']}, joint "
+          f"{s['joint']:.4f}, without re-routing {s['joint_without_rerouting']:.4f}, "
+          f"independent {s['independent']:.4f})")
+
+
+def print_newcomers(rows: list[dict]) -> None:
+    print("\n(d) 4 adapters added to a group fitted on 8 (synthetic zoo): relative error each")
+    print("ratio | with private residuals | without | alone")
+    for r in rows:
+        fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)
+        print(f"{r['ratio']:g} | {fmt(r['with_residuals'])} | {fmt(r['without_residuals'])} | "
+              f"{fmt(r['alone'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,45 +267,26 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[8, 16])
     ap.add_argument("--n", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--parts", default="abcd", help="which of (a)-(d) to run, e.g. 'b'")
+    ap.add_argument("--seed-scheme", choices=("cycle", "half"), default="cycle",
+                    help="the synthetic zoo's init seeds (see examples/synthetic_zoo.py)")
     args = ap.parse_args()
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     print(f"machine: {machine}\n")
-    out = {"machine": machine, "pairs": pairs(args.zoo, args.ratios)}
-    print("(a) pairs: relative error (params)")
-    print("pair | ratio | independent | shared pools 0.x | plain joint basis | joint | joint modules | "
-          "per adapter joint / alone")
-    for r in out["pairs"]:
-        per = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(r["per_adapter"], r["per_adapter_alone"]))
-        print(f"{r['pair']} | {r['ratio']:g} | {r['independent']:.4f} ({r['independent_params']:,}) | "
-              f"{r['old_shared_pools']:.4f} ({r['old_params']:,}) | "
-              f"{r['plain_joint_basis']:.4f} ({r['plain_params']:,}) | {r['joint']:.4f} "
-              f"({r['joint_params']:,}) | {r['joint_modules']} | {per}")
-    out["synthetic"] = synthetic(args.n)
-    print("\n(b) synthetic zoo at ratio 8, and at the largest ratio matching independent's error")
-    print("N | independent | joint (without re-routing) | own params/adapter at ratio 8 (without) | "
-          "equal-error ratio | own params/adapter there | pool | per adapter incl. pool share")
-    for r in out["synthetic"]:
-        print(f"{r['n']} | {r['independent']:.4f} | {r['joint']:.4f} "
-              f"({r['joint_without_rerouting']:.4f}) | {r['own_params_per_adapter_at_ratio']:,.0f} "
-              f"({r['own_params_per_adapter_at_ratio_without_rerouting']:,.0f}) | "
-              f"{r['equal_error_ratio']:.1f} | "
-              f"{r['own_params_per_adapter']:,.0f} | {r['pool_params']:,} | "
-              f"{r['params_per_adapter_with_pool_share']:,.0f} (LoRA {r['lora_params_per_adapter']:,})")
-    out["speed"] = speed()
-    s = out["speed"]
-    print(f"\n(c) fit_group of {s['adapters']} adapters x {s['lora_params_per_adapter']:,} LoRA params: "
-          f"{s['seconds']:.1f} s (x{s['seconds'] / s['seconds_without_rerouting']:.2f} the "
-          f"{s['seconds_without_rerouting']:.1f} s without re-routing; mode {s['mode']}, joint "
-          f"{s['joint']:.4f}, without re-routing {s['joint_without_rerouting']:.4f}, "
-          f"independent {s['independent']:.4f})")
-    out["newcomers"] = newcomers(args.ratios)
-    print("\n(d) 4 adapters added to a group fitted on 8 (synthetic zoo): relative error each")
-    print("ratio | with private residuals | without | alone")
-    for r in out["newcomers"]:
-        fmt = lambda xs: " ".join(f"{x:.4f}" for x in xs)
-        print(f"{r['ratio']:g} | {fmt(r['with_residuals'])} | {fmt(r['without_residuals'])} | "
-              f"{fmt(r['alone'])}")
+    out = {"machine": machine, "seed_scheme": args.seed_scheme}
+    if "a" in args.parts:
+        out["pairs"] = pairs(args.zoo, args.ratios)
+        print_pairs(out["pairs"])
+    if "b" in args.parts:
+        out["synthetic"] = synthetic(args.n, args.seed_scheme)
+        print_synthetic(out["synthetic"])
+    if "c" in args.parts:
+        out["speed"] = speed()
+        print_speed(out["speed"])
+    if "d" in args.parts:
+        out["newcomers"] = newcomers(args.ratios)
+        print_newcomers(out["newcomers"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

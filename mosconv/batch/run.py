@@ -372,10 +372,10 @@ def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list
                 seconds: float) -> list[Outcome]:
     """Write a chunk's members (where the chunk is): each its joint MoS adapter, or the one
     converted alone where the fit has none for it."""
-    mos = [r.mos if built is None or built[j] is None else built[j]
-           for j, r in enumerate(chunk.alone)]
-    return [write_member(i, a, m, r, out, config, gid, pool, seconds)
-            for i, a, m, r in zip(items, chunk.adapters, mos, reports)]
+    return [write_member(i, a, r_alone.mos if built is None or built[j] is None
+                         else built[j].adapter(), r, out, config, gid, pool, seconds)
+            for j, (i, a, r_alone, r) in enumerate(zip(items, chunk.adapters, chunk.alone,
+                                                       reports))]
 
 
 def write_pool_file(out: str, gid: str, pools: dict, storage: Storage | None = None

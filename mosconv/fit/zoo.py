@@ -208,9 +208,9 @@ class ChunkedFit:
 
     Attributes:
         reports: one per member, in member order.
-        built: per chunk, the handle of its members' MoS adapters from the joint fit (a list
-            over the chunk's members, None for a member converted alone), or None (all
-            alone; so in ``independent`` mode).
+        built: per chunk, the handle of its members as the joint fit built them (a list
+            over the chunk's members of :class:`Built`, None for a member converted alone),
+            or None (all alone; so in ``independent`` mode).
     """
 
     mode: str
@@ -252,7 +252,7 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     mos_list = []
     for h, b in zip(handles, fit.built):
         ch, built = red.get(h), None if b is None else red.get(b)
-        mos_list += [r.mos if built is None or built[j] is None else built[j]
+        mos_list += [r.mos if built is None or built[j] is None else built[j].adapter()
                      for j, r in enumerate(ch.alone)]
     return GroupResult(fit.mode, mos_list, fit.reports, fit.totals, fit.shared_pools, fit.storage)
 
@@ -710,23 +710,49 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
     fitted members)``): their MoS adapters (None for the chunk's other members), and each
     one's report and own params."""
     ids, widths, plans, offsets, pools, ratio, seed, storage = ctx
-    out: list[MosAdapter | None] = [None] * len(chunk.adapters)
+    out: list[Built | None] = [None] * len(chunk.adapters)
     light = []
     for j, i in rows:
         a, fa = chunk.adapters[j], chunk.facts[j]
-        mos = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, storage)
-        out[j] = mos
+        out[j] = held = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, storage)
+        mos = held.adapter()
         light.append((_report(a, fa, mos, ratio, seed), mos.local_params))
     return out, light
+
+
+@dataclass(frozen=True)
+class Built:
+    """A member as the joint fit built it, held without a copy of the group's pool rows
+    (one per member would be the pool times the group's size): ``own`` holds each kind's
+    pools with the member's own rows only, ``pools`` the group's pool tensors, which every
+    member of a chunk references.  :meth:`adapter` assembles its MoS adapter."""
+
+    own: MosAdapter
+    pools: dict[str, torch.Tensor]
+
+    def adapter(self) -> MosAdapter:
+        kinds = {}
+        for kind, p in self.own.kinds.items():
+            if p.shared:
+                shared_A = self.pools.get(p.shared["key_A"], torch.zeros(0, p.d_in))
+                shared_B = self.pools.get(p.shared["key_B"], torch.zeros(0, p.d_out))
+                p = replace(p, pool_A=_joined(shared_A, p.pool_A),
+                            pool_B=_joined(shared_B, p.pool_B))
+            kinds[kind] = p
+        return replace(self.own, kinds=kinds)
+
+
+def _joined(shared: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    return torch.cat([shared, own]).contiguous() if own.shape[0] else shared
 
 
 def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, str],
            widths: dict[str, tuple[int, int]], plans: dict[str, ModulePlan],
            offsets: dict[str, tuple[int, int]], pools: dict[str, torch.Tensor], ratio: float,
-           seed: int, storage: Storage) -> MosAdapter:
+           seed: int, storage: Storage) -> Built:
     """Member ``i``'s MoS adapter: routes into the group's pools (shared rows first), its
     cores and its own shards (least squares against the shared rows as stored, stored in
-    ``storage``)."""
+    ``storage``); held without the group's rows (:class:`Built`)."""
     kinds, mods = {}, []
     for kind, ms in a.kinds.items():
         d_in, d_out = widths[kind]
@@ -770,15 +796,14 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
                                 rng_B, None))
             start_A += k
             start_B += k
-        pool_A = torch.cat([shared_A, *loc_A]) if loc_A else shared_A
-        pool_B = torch.cat([shared_B, *loc_B]) if loc_B else shared_B
+        own_A = torch.cat(loc_A).contiguous() if loc_A else torch.zeros(0, d_in)
+        own_B = torch.cat(loc_B).contiguous() if loc_B else torch.zeros(0, d_out)
         ref = None
         if nA or nB:
             ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A",
                    "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
-        kinds[kind] = KindPools(kind, d_in, d_out, 1, pool_A.contiguous(),
-                                pool_B.contiguous(), nA, nB, ref)
-    return _mos(a, kinds, mods, ratio, seed, "shared", storage)
+        kinds[kind] = KindPools(kind, d_in, d_out, 1, own_A, own_B, nA, nB, ref)
+    return Built(_mos(a, kinds, mods, ratio, seed, "shared", storage), pools)
 
 
 def _private_rows(f: Factorization, k: int, storage: Storage) -> tuple[torch.Tensor, torch.Tensor]:
