@@ -454,8 +454,14 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
                         best = (gain / cost, gain, cost, ("private", 0, 0, j))
         return best
 
+    # a module's best next step stays its best while it fits: the budget left only shrinks,
+    # so only the module that moved and those whose step no longer fits are looked at again
+    cached = {n: next_step(n) for n in names}
     while True:
-        moves = [(m, n) for n in names if (m := next_step(n)) is not None]
+        for n, m in cached.items():
+            if m is not None and m[2] > left:
+                cached[n] = next_step(n)
+        moves = [(m, n) for n in names if (m := cached[n]) is not None]
         if not moves:
             break
         (_, gain, cost, (mode, a, c, j)), n = max(moves, key=lambda x: x[0][0])
@@ -471,6 +477,7 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
             st[3][j] += 1
         left -= cost
         err -= gain
+        cached[n] = next_step(n)
     plans = [ModulePlan(n, holders[n], "private", ranks=tuple(state[n][3]))
              if state[n][0] in ("none", "private") else
              ModulePlan(n, holders[n], state[n][0], k_U=state[n][1], k_V=state[n][2])

@@ -707,8 +707,8 @@ def _pools(ids: dict[str, str], kind_of: dict[str, str], fitted: dict[str, _Fitt
 def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
                  ) -> tuple[list[MosAdapter | None], list[tuple[Report, int]]]:
     """Build and measure a chunk's members (``(position in the chunk, position among the
-    fitted members)``): their MoS adapters (None for the chunk's other members), and each
-    one's report and own params."""
+    fitted members)``): each as :class:`Built` (None for the chunk's other members), and
+    each one's report and own params."""
     ids, widths, plans, offsets, pools, ratio, seed, storage = ctx
     out: list[Built | None] = [None] * len(chunk.adapters)
     light = []
@@ -725,7 +725,8 @@ class Built:
     """A member as the joint fit built it, held without a copy of the group's pool rows
     (one per member would be the pool times the group's size): ``own`` holds each kind's
     pools with the member's own rows only, ``pools`` the group's pool tensors, which every
-    member of a chunk references.  :meth:`adapter` assembles its MoS adapter."""
+    member of a chunk references.  :meth:`adapter` assembles its MoS adapter; ``own`` alone
+    is not one (its pools lack the group's rows, which its routes count first)."""
 
     own: MosAdapter
     pools: dict[str, torch.Tensor]
