@@ -382,6 +382,34 @@ def _private_choice(gains: list[torch.Tensor], c: int, lam: float
     return ranks, err, float(sum(ranks) * c)
 
 
+class _PrivateChoices:
+    """:func:`_private_choice` for one module at many prices, the same numbers faster: every
+    holder's rank from one comparison of the holders' gains side by side (float64 gains;
+    others go through :func:`_private_choice`), each tail's sum computed once."""
+
+    def __init__(self, gains: list[torch.Tensor], c: int) -> None:
+        self.gains, self.c, self.tails = gains, c, {}
+        self.table = None
+        if all(g.dtype == F64 for g in gains):
+            self.table = torch.full((len(gains), max((g.numel() for g in gains), default=0)),
+                                    -math.inf, dtype=F64)
+            for i, g in enumerate(gains):
+                self.table[i, :g.numel()] = g
+
+    def __call__(self, lam: float) -> tuple[tuple[int, ...], float, float]:
+        if self.table is None:
+            return _private_choice(self.gains, self.c, lam)
+        ranks = tuple(int(r) for r in (self.table > lam * self.c).sum(1).tolist())
+        err = sum(self._tail(i, r) for i, r in enumerate(ranks))
+        return ranks, err, float(sum(ranks) * self.c)
+
+    def _tail(self, i: int, r: int) -> float:
+        t = self.tails.get((i, r))
+        if t is None:
+            t = self.tails[i, r] = float(self.gains[i][r:].sum())
+        return t
+
+
 Spectra = tuple[dict[str, list[torch.Tensor]], dict[str, tuple[int, int]]]
 
 
@@ -395,14 +423,18 @@ def spectra(names: list[str], holders: dict[str, tuple[int, ...]],
 
 
 def allocate(names: list[str], holders: dict[str, tuple[int, ...]], spec: Spectra,
-             bases: dict[str, JointBasis], budget: int) -> tuple[list[ModulePlan], float]:
+             bases: dict[str, JointBasis], budget: int,
+             menus: dict[str, list[tuple[int, float, ModulePlan]]] | None = None
+             ) -> tuple[list[ModulePlan], float]:
     """The plans of every module name under ``budget`` parameters: the best (lowest
     predicted error) of a price-based allocation, a greedy one and, where its table is small
     enough, the exact one (:func:`_knapsack`) (see the module docstring); returns the plans
-    and the predicted total squared error (before refinement)."""
+    and the predicted total squared error (before refinement).  ``menus``: a dict to keep
+    each module's options in (:func:`_module_options`, which do not depend on the budget)
+    across calls with the same holders, spectra and bases."""
     found = [_by_price(names, holders, spec, bases, budget),
              _greedy(names, holders, spec, bases, budget)]
-    exact = _knapsack(names, holders, spec, bases, budget)
+    exact = _knapsack(names, holders, spec, bases, budget, menus=menus)
     if exact is not None:
         found.append(exact)
     return min(found, key=lambda x: x[1])  # the first of equals: price, greedy, knapsack
@@ -496,6 +528,7 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
 
     sided = {n: _one_sided_tables(b, len(holders[n]), *shape[n]) for n, b in bases.items()
              if n in grids}
+    private = {n: _PrivateChoices(gains[n], width[n]) for n in names}
 
     def one_sided(n: str, lam: float) -> dict[str, tuple[int, float, float]]:
         out = {}
@@ -507,7 +540,7 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
     def plans(lam: float) -> tuple[list[ModulePlan], float, float]:
         out, err_total, params_total = [], 0.0, 0.0
         for n in names:
-            ranks, perr, pparams = _private_choice(gains[n], width[n], lam)
+            ranks, perr, pparams = private[n](lam)
             plan = ModulePlan(n, holders[n], "private", ranks=ranks)
             best = (perr + lam * pparams, perr, pparams)
             if n in grids:
@@ -632,7 +665,8 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
 
 def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
               spec: Spectra, bases: dict[str, JointBasis],
-              budget: int, cells: int = KNAPSACK_CELLS, work: int = KNAPSACK_WORK
+              budget: int, cells: int = KNAPSACK_CELLS, work: int = KNAPSACK_WORK,
+              menus: dict[str, list[tuple[int, float, ModulePlan]]] | None = None
               ) -> tuple[list[ModulePlan], float] | None:
     """The exact allocation: one option per module name (mode and ranks) minimizing the
     predicted total error within ``budget`` (a multiple-choice knapsack, by dynamic
@@ -642,7 +676,11 @@ def _knapsack(names: list[str], holders: dict[str, tuple[int, ...]],
     if budget <= 0:
         return None
     gains, shape = spec
-    menus = [_module_options(n, holders[n], gains[n], shape[n], bases.get(n)) for n in names]
+    kept = {} if menus is None else menus
+    for n in names:
+        if n not in kept:
+            kept[n] = _module_options(n, holders[n], gains[n], shape[n], bases.get(n))
+    menus = [kept[n] for n in names]
     unit = max(1, -(-budget // cells))
     size = budget // unit + 1
     if size * sum(len(m) for m in menus) > work:

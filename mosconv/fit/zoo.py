@@ -479,6 +479,7 @@ class _Setup:
     bases: dict[str, JointBasis]
     plans: list[ModulePlan]
     fitted: dict[str, _Fitted]
+    menus: dict[str, list]  # each module's allocation options (budget-independent), as computed
 
 
 def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
@@ -505,9 +506,11 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     parts = {n: _parts(n, holders[n], members, weights, index, handles, red)
              for n in names if len(holders[n]) > 1}
     bases = {n: joint_basis(p) for n, p in parts.items()}
-    plans, _ = allocate(names, holders, (gains, shape), bases, budget)
+    menus: dict[str, list] = {}
+    plans, _ = allocate(names, holders, (gains, shape), bases, budget, menus)
     fitted = _refined_all(plans, bases, parts, refine_iters)
-    setup = _Setup(members, budget, names, holders, (gains, shape), parts, bases, plans, fitted)
+    setup = _Setup(members, budget, names, holders, (gains, shape), parts, bases, plans, fitted,
+                   menus)
     return (*_built(handles, infos, index, setup, plans, fitted, ratio, seed, red, storage),
             setup)
 
@@ -571,7 +574,7 @@ def _rerouted(setup: _Setup, refine_iters: int
     found = None
     for step in ROUTE_STEPS:
         plans, _ = allocate(setup.names, setup.holders, setup.spec, setup.bases,
-                            math.floor(setup.budget * step))
+                            math.floor(setup.budget * step), setup.menus)
         routed = _predicted(setup, plans, plain(plans))
         if routed is None or routed[1] >= best:
             break
