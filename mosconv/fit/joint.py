@@ -375,30 +375,20 @@ def _joint_choice(grid: tuple[torch.Tensor, torch.Tensor], lam: float
     return a + 1, b + 1, float(err[a + 1, b + 1]), float(params[a + 1, b + 1])
 
 
-def _private_choice(gains: list[torch.Tensor], c: int, lam: float
-                    ) -> tuple[tuple[int, ...], float, float]:
-    ranks = tuple(int((g > lam * c).sum()) for g in gains)
-    err = sum(float(g[r:].sum()) for g, r in zip(gains, ranks))
-    return ranks, err, float(sum(ranks) * c)
-
-
 class _PrivateChoices:
-    """:func:`_private_choice` for one module at many prices, the same numbers faster: every
-    holder's rank from one comparison of the holders' gains side by side (float64 gains;
-    others go through :func:`_private_choice`), each tail's sum computed once."""
+    """One module's private ranks at a price per parameter ``lam``: each holder keeps the
+    triplets whose gain beats ``lam * c`` (``c``: a triplet's params); every holder's rank
+    from one comparison of the holders' gains side by side, each tail's sum computed once."""
 
     def __init__(self, gains: list[torch.Tensor], c: int) -> None:
         self.gains, self.c, self.tails = gains, c, {}
-        self.table = None
-        if all(g.dtype == F64 for g in gains):
-            self.table = torch.full((len(gains), max((g.numel() for g in gains), default=0)),
-                                    -math.inf, dtype=F64)
-            for i, g in enumerate(gains):
-                self.table[i, :g.numel()] = g
+        self.table = torch.full((len(gains), max((g.numel() for g in gains), default=0)),
+                                -math.inf, dtype=F64)
+        for i, g in enumerate(gains):
+            self.table[i, :g.numel()] = g
 
     def __call__(self, lam: float) -> tuple[tuple[int, ...], float, float]:
-        if self.table is None:
-            return _private_choice(self.gains, self.c, lam)
+        """``(ranks, squared error left, params)`` at price ``lam``."""
         ranks = tuple(int(r) for r in (self.table > lam * self.c).sum(1).tolist())
         err = sum(self._tail(i, r) for i, r in enumerate(ranks))
         return ranks, err, float(sum(ranks) * self.c)
