@@ -222,3 +222,22 @@ def test_rerouted_group_on_ray_equals_local(ray_session, tmp_path):
     routes = {tuple(load_mos(outs["ray"] / f"task{i:02d}").module(name).routes_A.tolist())
               for i in range(12)}
     assert len(routes) > 1  # members route to different basis columns
+
+
+def test_tied_group_on_ray_equals_local(ray_session, tmp_path):
+    """Checkpoints of one run (the tied form: every member routes to one approximation, its
+    weighted mean's SVD reduced over the chunks): the same bytes on Ray, chunks of 2."""
+    from test_zoo import _tied_modules, _write_checkpoints
+
+    from mosconv.mos.format import load_mos
+
+    _write_checkpoints(tmp_path / "zoo", n=3)
+    outs = {}
+    for engine in ("local", "ray"):
+        with one_thread():
+            summary = run_batch(tmp_path / "zoo", tmp_path / engine,
+                                BatchConfig(ratio=8.0, engine=engine, shared_pool=True, chunk=2))
+        assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+        outs[engine] = tmp_path / engine
+    assert_same_outputs(outs["ray"], outs["local"])
+    assert _tied_modules([load_mos(outs["ray"] / f"ckpt-{i}") for i in range(3)])

@@ -19,9 +19,12 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
   adapter's own ``B_i = dW_i V`` (``shared_A``), or only ``U`` shared and ``A_i = U^T dW_i``
   (``shared_B``); optimal for their structure with the same bases, no core (which grows as
   ``n k^2`` and dominates for large groups of adapters whose other side differs).
+* **Tied**: every holder routes to the same ``k`` rows on both sides with no core, the
+  rank-``k`` truncation of the holders' weighted mean update (:class:`TiedBasis`; computed
+  where the holders are nearly equal, as checkpoints of one run are).
 * **Budget**: a joint module costs ``k_U d_out + k_V d_in + n k_U k_V`` parameters (bases
   once, a core per adapter), ``shared_A`` ``k (d_in + n d_out)``, ``shared_B``
-  ``k (d_out + n d_in)``; the private alternative is each adapter's own singular triplets
+  ``k (d_out + n d_in)``, ``tied`` ``k (d_in + d_out)``; the private alternative is each adapter's own singular triplets
   at ``d_in + d_out`` each.  One price ``lam`` (error per parameter) is found by bisection so
   that every module, choosing the option and rank that minimize ``error + lam * params``,
   fits the group budget together; leftover budget buys private triplets greedily.  The
@@ -71,6 +74,28 @@ class JointBasis:
     energy: float
     gain_U: torch.Tensor
     gain_V: torch.Tensor
+    tied: TiedBasis | None = None  # set by :func:`tied_basis` where it may pay
+
+
+@dataclass(frozen=True)
+class TiedBasis:
+    """One approximation that every holder of a module name routes to, with no core or rows
+    of its own (``tied``): the top singular triplets of the holders' weighted mean update
+    ``M = sum_i w_i dW_i / sum_i w_i``, which minimizes ``sum_i w_i ||dW_i - X||^2`` over
+    every ``X`` of rank ``k``.  Adapters that are checkpoints of one run are nearly equal
+    (``../shared/zoo``'s pairs: cosine 0.97 per module), and there the ``n k^2`` parameters
+    of the cores are what it saves.
+
+    Attributes:
+        U: ``(d_out, K)``, the left singular vectors of ``M`` times the square roots of its
+            singular values (float64), by decreasing singular value.
+        V: ``(d_in, K)``, the right ones likewise: ``M ~ U[:, :k] V[:, :k]^T``.
+        err: ``(K + 1,)`` float64, ``err[k] = sum_i w_i ||dW_i - M_k||^2``.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    err: torch.Tensor
 
 
 class Reducer(Protocol):
@@ -284,6 +309,38 @@ def joint_basis(facts: list[Factorization] | Parts, reducer: Reducer | None = No
     return JointBasis(U, V, kept, energy, sU ** 2, sV ** 2)
 
 
+TIED_MAX_FLOOR = 0.5  # a tied basis is computed where its floor is at most this share
+
+
+def _leaf_sum(facts: list[Factorization], U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``sum_i U^T dW_i V`` over a chunk."""
+    return sum(cores(facts, U, V))
+
+
+def tied_basis(scaled: list[Factorization] | Parts, basis: JointBasis, weight: float,
+               reducer: Reducer | None = None, chunk: int = CHUNK) -> TiedBasis | None:
+    """The tied basis of a module name (:class:`TiedBasis`): ``scaled`` holds each holder's
+    update times its weight, ``w_i dW_i`` (the factorizations the joint ``basis`` was
+    computed from hold ``sqrt(w_i) dW_i``), ``weight = sum_i w_i``.  The weighted sum lies in
+    the span of the joint bases, so ``sum_i w_i dW_i = U K V^T`` with ``K`` summed over the
+    chunks (as the cores are) and its SVD that of ``K``.  None where the tied form's floor,
+    ``sum_i w_i ||dW_i - M||^2`` (what no rank recovers), exceeds ``TIED_MAX_FLOOR`` of the
+    holders' energy: adapters that differ (a zoo of unrelated ones) skip the SVD."""
+    U, V = basis.U, basis.V
+    if not U.shape[1] or not V.shape[1] or weight <= 0 or basis.energy <= 0:
+        return None
+    parts = Parts.of(scaled, reducer, chunk)
+    K = sum(parts.map(_leaf_sum, U, V))  # chunk sums, added in chunk order
+    if basis.energy - float(K.pow(2).sum()) / weight > TIED_MAX_FLOOR * basis.energy:
+        return None
+    a, s, bt = torch.linalg.svd(K, full_matrices=False)
+    keep = s > 1e-12 * float(s.max()) if s.numel() else s > 0
+    a, s, b = a[:, keep], s[keep], bt[keep].T
+    root = (s / weight).sqrt()
+    err = basis.energy - torch.cat([torch.zeros(1, dtype=F64), (s ** 2).cumsum(0)]) / weight
+    return TiedBasis((U @ a) * root[None, :], (V @ b) * root[None, :], err.clamp(min=0))
+
+
 def refine(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor, iters: int,
            tol: float = 1e-9, reducer: Reducer | None = None,
            chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -318,12 +375,13 @@ def refine(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor,
 class ModulePlan:
     """What one module name gets: ``joint`` bases of ``k_U`` / ``k_V`` columns shared by
     ``holders`` (a ``k_U x k_V`` core each), ``shared_A`` (``k_V`` shared ``V`` columns),
-    ``shared_B`` (``k_U`` shared ``U`` columns), or ``private`` ranks per holder (each
-    adapter's own top singular triplets)."""
+    ``shared_B`` (``k_U`` shared ``U`` columns), ``tied`` (``k_U == k_V`` columns of the
+    :class:`TiedBasis` that every holder routes to, no core), or ``private`` ranks per
+    holder (each adapter's own top singular triplets)."""
 
     name: str
     holders: tuple[int, ...]
-    mode: str  # joint | shared_A | shared_B | private
+    mode: str  # joint | shared_A | shared_B | tied | private
     k_U: int = 0
     k_V: int = 0
     ranks: tuple[int, ...] = ()
@@ -467,6 +525,13 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
                     gain = float(g[k])
                     if best is None or gain / cost > best[0]:
                         best = (gain / cost, gain, cost, (side, k + 1, k + 1, None))
+        if mode in ("none", "tied") and n in bases and bases[n].tied is not None:
+            t = bases[n].tied.err
+            k, cost = (kU if mode == "tied" else 0), d_in + d_out
+            if k + 1 < t.numel() and cost <= left:
+                gain = float(t[k]) - float(t[k + 1])
+                if gain > 0 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, gain, cost, ("tied", k + 1, k + 1, None))
         if mode in ("none", "private"):
             for j, (g, r) in enumerate(zip(gains[n], ranks)):
                 cost = d_in + d_out
@@ -489,7 +554,7 @@ def _greedy(names: list[str], holders: dict[str, tuple[int, ...]],
         (_, gain, cost, (mode, a, c, j)), n = max(moves, key=lambda x: x[0][0])
         st = state[n]
         st[0] = mode
-        if mode == "joint":
+        if mode in ("joint", "tied"):
             st[1], st[2] = a, c
         elif mode == "shared_A":
             st[2] = c
@@ -519,6 +584,8 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
     sided = {n: _one_sided_tables(b, len(holders[n]), *shape[n]) for n, b in bases.items()
              if n in grids}
     private = {n: _PrivateChoices(gains[n], width[n]) for n in names}
+    tied = {n: (b.tied.err, torch.arange(b.tied.err.numel(), dtype=F64) * width[n])
+            for n, b in bases.items() if b.tied is not None}
 
     def one_sided(n: str, lam: float) -> dict[str, tuple[int, float, float]]:
         out = {}
@@ -543,6 +610,13 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
                         plan = ModulePlan(n, holders[n], mode, k_U=k if mode == "shared_B" else 0,
                                           k_V=k if mode == "shared_A" else 0)
                         best = (oerr + lam * oparams, oerr, oparams)
+            if n in tied:
+                terr, tparams = tied[n]
+                k = int(torch.argmin(terr + lam * tparams))
+                if k and float(terr[k]) + lam * float(tparams[k]) < best[0]:
+                    plan = ModulePlan(n, holders[n], "tied", k_U=k, k_V=k)
+                    best = (float(terr[k]) + lam * float(tparams[k]), float(terr[k]),
+                            float(tparams[k]))
             out.append(plan)
             err_total += best[1]
             params_total += best[2]
@@ -552,7 +626,9 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
               [float((b.energy - e).max() / p[1:, 1:].min()) for n, b in bases.items()
                if n in grids for e, p in [grids[n]]] +
               [float((bases[n].energy - e).max() / p[1]) for n in sided
-               for e, p in sided[n].values() if p.numel() > 1], default=0.0)
+               for e, p in sided[n].values() if p.numel() > 1] +
+              [float(e[0] - e[1]) / width[n] for n, (e, _) in tied.items() if e.numel() > 1],
+              default=0.0)
     lo, hi = 0.0, top * 2 + 1e-300
     if plans(lo)[2] <= budget:
         hi = lo
@@ -634,6 +710,11 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
             costs.append(params1[1:].round().long())
             errs.append(err1[1:])
             kinds.append((mode, torch.arange(1, err1.numel())))
+    if b is not None and b.tied is not None:
+        ks = torch.arange(1, b.tied.err.numel())
+        costs.append(ks * (d_in + d_out))
+        errs.append(b.tied.err[1:])
+        kinds.append(("tied", ks))
     cost, errv = torch.cat([c.long() for c in costs]), torch.cat(errs)
     starts = torch.tensor([0] + [c.numel() for c in costs]).cumsum(0)
     out = []
@@ -646,6 +727,8 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
             plan = ModulePlan(n, h, "private", ranks=tuple(int(r) for r in ranks))
         elif mode == "joint":
             plan = ModulePlan(n, h, "joint", k_U=int(x[0]), k_V=int(x[1]))
+        elif mode == "tied":
+            plan = ModulePlan(n, h, "tied", k_U=int(x), k_V=int(x))
         else:
             plan = ModulePlan(n, h, mode, k_U=int(x) if mode == "shared_B" else 0,
                               k_V=int(x) if mode == "shared_A" else 0)
@@ -710,6 +793,8 @@ def plan_params(p: ModulePlan, shape: tuple[int, int]) -> int:
         return int(joint_params(p.k_U, p.k_V, d_in, d_out, len(p.holders)))
     if p.mode in ("shared_A", "shared_B"):
         return one_sided_params(p.mode, p.k_V or p.k_U, d_in, d_out, len(p.holders))
+    if p.mode == "tied":
+        return p.k_U * (d_in + d_out)
     return sum(p.ranks) * (d_in + d_out)
 
 

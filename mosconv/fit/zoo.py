@@ -53,6 +53,7 @@ from .joint import (
     plan_params,
     refine,
     route_cores,
+    tied_basis,
 )
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
@@ -506,6 +507,11 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
     parts = {n: _parts(n, holders[n], members, weights, index, handles, red)
              for n in names if len(holders[n]) > 1}
     bases = {n: joint_basis(p) for n, p in parts.items()}
+    for n, b in bases.items():  # a tied form where the holders are nearly equal
+        tied = tied_basis(_parts(n, holders[n], members, [w * w for w in weights], index,
+                                 handles, red), b, sum(weights[i] for i in holders[n]))
+        if tied is not None:
+            bases[n] = replace(b, tied=tied)
     menus: dict[str, list] = {}
     plans, _ = allocate(names, holders, (gains, shape), bases, budget, menus)
     fitted = _refined_all(plans, bases, parts, refine_iters)
@@ -615,6 +621,8 @@ def _plain_error(setup: _Setup, p: ModulePlan) -> float:
     b = setup.bases[p.name]
     if p.mode == "joint":
         return b.energy - float(b.kept[p.k_U, p.k_V])
+    if p.mode == "tied":
+        return float(b.tied.err[p.k_U])
     g = b.gain_V[:p.k_V] if p.mode == "shared_A" else b.gain_U[:p.k_U]
     return b.energy - float(g.sum())
 
@@ -664,6 +672,7 @@ def _group_error(reports) -> float:
 class _Fitted:
     U: torch.Tensor  # (d_out, k_U) float64: shared B-pool rows (k_U = 0 for shared_A)
     V: torch.Tensor  # (d_in, k_V): shared A-pool rows (k_V = 0 for shared_B)
+    # orthonormal columns except a tied basis's (its singular values folded in, U V^T = M_k)
 
 
 def _refined_all(plans: list[ModulePlan], bases: dict[str, JointBasis],
@@ -675,7 +684,9 @@ def _refined_all(plans: list[ModulePlan], bases: dict[str, JointBasis],
 
 def _refined(plan: ModulePlan, basis: JointBasis, parts: Parts, iters: int) -> _Fitted:
     """The shared bases of a plan: joint ones refined by alternating least squares; a
-    one-sided basis is already optimal for its structure."""
+    one-sided or tied basis is already optimal for its structure."""
+    if plan.mode == "tied":
+        return _Fitted(basis.tied.U[:, :plan.k_U], basis.tied.V[:, :plan.k_V])
     U, V = basis.U[:, :plan.k_U], basis.V[:, :plan.k_V]
     if plan.mode == "joint":
         U, V, _ = refine(parts, U, V, iters)
@@ -766,7 +777,7 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
         loc_A, loc_B, start_A, start_B = [], [], 0, 0
         for m in ms:
             p, f = plans[m.name], fa[m.name]
-            if p.mode in ("joint", "shared_A", "shared_B"):
+            if p.mode in ("joint", "shared_A", "shared_B", "tied"):
                 oa, ob = offsets[m.name]
                 cols_U, cols_V = (p.subsets[p.holders.index(i)] if p.subsets
                                   else (range(p.k_U), range(p.k_V)))
@@ -783,7 +794,7 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
                     rng_B = (nB + start_B, nB + start_B + p.k_V)
                     routes_B = torch.arange(*rng_B)
                     start_B += p.k_V
-                else:  # A_i, for the stored U
+                elif p.mode == "shared_B":  # A_i, for the stored U
                     loc_A.append(stored_values(_least_squares(f, Ub, None), storage))
                     rng_A = (nA + start_A, nA + start_A + p.k_U)
                     routes_A = torch.arange(*rng_A)
@@ -905,7 +916,9 @@ def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
             a = m.routes_A[m.routes_A < p.shared["n_A"]].tolist()
             b = m.routes_B[m.routes_B < p.shared["n_B"]].tolist()
             if a or b:
-                ra, rb, _ = rows.setdefault(m.name, (set(), set(), m.core is not None))
+                # both sides in the shared rows: a core (joint) or none (tied, the same
+                # approximation for every member); a newcomer gets a core against both
+                ra, rb, _ = rows.setdefault(m.name, (set(), set(), bool(a) and bool(b)))
                 ra.update(a)
                 rb.update(b)
     return {n: _SharedBasis(torch.tensor(sorted(a), dtype=torch.int64),
