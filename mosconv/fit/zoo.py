@@ -571,9 +571,9 @@ def _rerouted(setup: _Setup, refine_iters: int
     if _core_params(setup.plans) < ROUTE_MIN_CORES * setup.budget:
         return None
 
-    def plain(plans: list[ModulePlan]) -> dict[str, _Fitted]:
+    def plain(plans: list[ModulePlan]) -> dict[str, _Fitted]:  # the joint modules' (cut)
         return {p.name: _Fitted(setup.bases[p.name].U[:, :p.k_U], setup.bases[p.name].V[:, :p.k_V])
-                for p in plans if p.mode != "private"}
+                for p in plans if p.mode == "joint"}
 
     # the fit as it is, on the plain bases: its joint bases' kept-energy table has it
     best = sum(_plain_error(setup, p) for p in setup.plans)
