@@ -201,6 +201,21 @@ def test_group_members_are_held_in_the_object_store(ray_session, tmp_path):
     assert [r.to_json() for r in remote.reports] == [r.to_json() for r in local.reports]
 
 
+def _shared_on_both_engines(tmp_path, chunk: int) -> dict:
+    """``tmp_path / "zoo"`` converted with ``--shared-pool`` by the local engine and on Ray
+    (members in chunks of ``chunk``): the output folders, checked to hold the same bytes."""
+    outs = {}
+    for engine in ("local", "ray"):
+        with one_thread():
+            summary = run_batch(tmp_path / "zoo", tmp_path / engine,
+                                BatchConfig(ratio=8.0, engine=engine, shared_pool=True,
+                                            chunk=chunk))
+        assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+        outs[engine] = tmp_path / engine
+    assert_same_outputs(outs["ray"], outs["local"])
+    return outs
+
+
 def test_rerouted_group_on_ray_equals_local(ray_session, tmp_path):
     """A group whose members' cores are re-routed (the synthetic zoo): the same bytes on Ray,
     members held in chunks of 4 there and here."""
@@ -210,14 +225,7 @@ def test_rerouted_group_on_ray_equals_local(ray_session, tmp_path):
 
     example_module("synthetic_zoo").write_zoo(tmp_path / "zoo", 12, d=64, d_kv=32, r=8,
                                               layers=1)
-    outs = {}
-    for engine in ("local", "ray"):
-        with one_thread():
-            summary = run_batch(tmp_path / "zoo", tmp_path / engine,
-                                BatchConfig(ratio=8.0, engine=engine, shared_pool=True, chunk=4))
-        assert summary.failed == 0 and summary.totals.shared_pool_params > 0
-        outs[engine] = tmp_path / engine
-    assert_same_outputs(outs["ray"], outs["local"])
+    outs = _shared_on_both_engines(tmp_path, chunk=4)
     name = "model.layers.0.self_attn.q_proj"
     routes = {tuple(load_mos(outs["ray"] / f"task{i:02d}").module(name).routes_A.tolist())
               for i in range(12)}
@@ -232,12 +240,5 @@ def test_tied_group_on_ray_equals_local(ray_session, tmp_path):
     from mosconv.mos.format import load_mos
 
     _write_checkpoints(tmp_path / "zoo", n=3)
-    outs = {}
-    for engine in ("local", "ray"):
-        with one_thread():
-            summary = run_batch(tmp_path / "zoo", tmp_path / engine,
-                                BatchConfig(ratio=8.0, engine=engine, shared_pool=True, chunk=2))
-        assert summary.failed == 0 and summary.totals.shared_pool_params > 0
-        outs[engine] = tmp_path / engine
-    assert_same_outputs(outs["ray"], outs["local"])
+    outs = _shared_on_both_engines(tmp_path, chunk=2)
     assert _tied_modules([load_mos(outs["ray"] / f"ckpt-{i}") for i in range(3)])

@@ -43,15 +43,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from mosconv import factorize_adapter, read_adapter
+from zoo_joint import read_pairs
+
 from mosconv.fit.joint import joint_basis, refine
 from mosconv.fit.truncation import budget_for_ratio
 from mosconv.fit.zoo import fit_group
 
 F64 = torch.float64
-PAIRS = {"gemma3-270m-svg-x3": ("curriculum_stage1", "final"),
-         "opt-125m-lora-ckpts": ("checkpoint-10", "final")}
 TARGETS = {("gemma3-270m-svg-x3", 8): "<= 0.63", ("opt-125m-lora-ckpts", 8): "<= 0.50",
            ("gemma3-270m-svg-x3", 16): "< 0.78", ("opt-125m-lora-ckpts", 16): "< 0.68"}
 
@@ -133,13 +133,7 @@ def module_menus(adapters, facts, refined: bool
 
 def pair_rows(zoo: Path, ratios: list[float]) -> list[dict]:
     rows = []
-    for project, names in PAIRS.items():
-        paths = [zoo / project / n for n in names]
-        if not all(p.exists() for p in paths):
-            print(f"{project}: not in {zoo}, skipped")
-            continue
-        adapters = [read_adapter(p) for p in paths]
-        facts = [factorize_adapter(a) for a in adapters]
+    for project, adapters, facts in read_pairs(zoo):
         widths = {x for m in adapters[0].modules for x in (m.d_in, m.d_out)}
         menus = module_menus(adapters, facts, refined=len(widths) == 1)
         energy = sum(float((f.S.to(F64) ** 2).sum()) for fa in facts for f in fa.values())

@@ -107,15 +107,20 @@ def plain_joint_basis(adapters, facts, ratio: float) -> tuple[float, int]:
     return math.sqrt(max(energy - kept, 0.0) / energy), budget - left
 
 
-def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
-    rows = []
+def read_pairs(zoo: Path):
+    """``(project, adapters, factorizations)`` of each pair found in ``zoo``."""
     for project, names in PAIRS.items():
         paths = [zoo / project / n for n in names]
         if not all(p.exists() for p in paths):
             print(f"{project}: not in {zoo}, skipped")
             continue
         adapters = [read_adapter(p) for p in paths]
-        facts = [factorize_adapter(a) for a in adapters]
+        yield project, adapters, [factorize_adapter(a) for a in adapters]
+
+
+def pairs(zoo: Path, ratios: list[float]) -> list[dict]:
+    rows = []
+    for project, adapters, facts in read_pairs(zoo):
         for ratio in ratios:
             old_err, old_params = old_shared_pools(adapters, facts, ratio)
             plain_err, plain_params = plain_joint_basis(adapters, facts, ratio)
