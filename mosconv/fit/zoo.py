@@ -901,7 +901,7 @@ class _SharedBasis:
 
     idx_A: torch.Tensor  # pool A rows (the V basis), int64
     idx_B: torch.Tensor  # pool B rows (the U basis)
-    core: bool  # members carry a core (joint) or one side of their own (one-sided)
+    core: bool  # both sides shared (joint, or tied): a newcomer gets a core; else one-sided
 
 
 def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
