@@ -16,7 +16,8 @@ Each child reports two figures of its private memory (``RssAnon`` of /proc/self/
 over its value after the imports and, for Ray, ``ray.init``): what it **holds** once the fit
 is done, with the fit's results and the chunks' handles still alive (after ``gc.collect()``
 and glibc's ``malloc_trim(0)``, so memory the allocator kept but nothing uses is not
-counted), and the **peak** during the fit (sampled every 20 ms; it includes such unused
+counted), the same once the fit's results are dropped (what nothing of the fit references any
+more), and the **peak** during the fit (sampled every 20 ms; it includes such unused
 allocator memory and the fit's temporaries).  Also its time and every member's relative
 error; the parent prints them side by side with the LoRA and factorization bytes of the
 group, and checks that both engines give the same errors (to 1e-9).  Private memory, not RSS:
@@ -32,6 +33,7 @@ import ctypes
 import gc
 import json
 import os
+import pickle
 import platform
 import resource
 import subprocess
@@ -105,11 +107,15 @@ def child(engine: str, zoo: str, chunk: int) -> dict:
     held = trimmed_anon_mib() - base
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert len(handles) == len(fit.built)
-    return {"engine": engine, "mode": fit.mode, "seconds": seconds, "anon_before_mib": base,
-            "held_mib": held, "peak_growth_mib": peak.peak - base, "peak_rss_mib": rss,
-            "errors": [r.totals.relative_error for r in fit.reports],
-            "group_error": fit.totals.shared_relative_error
-            if fit.mode == "shared" else fit.totals.independent_relative_error}
+    out = {"engine": engine, "mode": fit.mode, "seconds": seconds, "anon_before_mib": base,
+           "held_mib": held, "peak_growth_mib": peak.peak - base, "peak_rss_mib": rss,
+           "errors": [r.totals.relative_error for r in fit.reports],
+           "group_error": fit.totals.shared_relative_error
+           if fit.mode == "shared" else fit.totals.independent_relative_error,
+           "results_pickled_mib": len(pickle.dumps((fit.reports, fit.shared_pools))) / 2**20}
+    del handles, fit  # what stays once nothing of the fit is referenced
+    out["held_without_results_mib"] = trimmed_anon_mib() - base
+    return out
 
 
 def main() -> None:
@@ -155,11 +161,12 @@ def main() -> None:
     print(f"machine: {machine}")
     print(f"group: {args.n} adapters x {a.params:,} LoRA params ({lora_mib:.0f} MiB as float32; "
           f"factorizations {fact_mib:.0f} MiB), chunks of {args.chunk}, ratio 8")
-    print("engine | mode | group error | fit time | fitting process: held after the fit | "
-          "peak during it | peak RSS")
+    print("engine | mode | group error | fit time | fitting process: held after the fit "
+          "(its results, pickled; held once they are dropped) | peak during it | peak RSS")
     for e, r in runs.items():
         print(f"{e} | {r['mode']} | {r['group_error']:.5f} | {r['seconds']:.1f} s | "
-              f"{r['held_mib']:.0f} MiB | {r['peak_growth_mib']:.0f} MiB | "
+              f"{r['held_mib']:.0f} MiB ({r['results_pickled_mib']:.1f} MiB; "
+              f"{r['held_without_results_mib']:.0f} MiB) | {r['peak_growth_mib']:.0f} MiB | "
               f"{r['peak_rss_mib']:.0f} MiB")
     print(f"largest difference of a member's error between the engines: {worst:.1e}")
     if worst > 1e-9:
