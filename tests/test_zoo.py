@@ -460,13 +460,14 @@ def test_newcomer_residuals_on_joint_cores_match_their_reported_errors(tmp_path)
 # ------------------------------------------------------------------ exact allocation
 
 
-def _write_checkpoints(root: Path, n: int = 2, noise: float = 0.1) -> list[Path]:
+def _write_checkpoints(root: Path, n: int = 2, noise: float = 0.1, layers: int = 4,
+                       base: str = "tiny-lm") -> list[Path]:
     """Checkpoints of one training run: a LoRA folder, then the same tensors each moved a
     little (``noise`` times the tensor's std, a fresh draw per checkpoint), as later
     checkpoints of the run leave them."""
     from safetensors.torch import load_file, save_file
 
-    first = write_lora_like(root / "ckpt-0", 0, layers=4, d=64, d_kv=32, r=8)
+    first = write_lora_like(root / "ckpt-0", 0, layers=layers, d=64, d_kv=32, r=8, base=base)
     tensors = load_file(str(first / "adapter_model.safetensors"))
     out = [first]
     for i in range(1, n):
