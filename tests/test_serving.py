@@ -362,3 +362,8 @@ def test_tied_members_serve_like_their_exported_loras(served, tmp_path):
         got = model(ids).logits
         want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
     assert float((got - want).abs().max()) < 1e-4
+    # the tied members' rows went through one pass (no core: the identity between the rows)
+    layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
+    tied = [m for m in layers if all(m.deltas[n].core is None and m.deltas[n].basis_key()
+                                     for n in names)]
+    assert tied and all(m.shared_basis_rows == 4 for m in tied)

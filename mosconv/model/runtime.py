@@ -187,15 +187,16 @@ class MosDelta(nn.Module):
 
     def basis_key(self) -> tuple | None:
         """For a zoo member whose update is ``U C V^T`` with both ``U`` and ``V`` rows of its
-        group's shared pools (a core between them, one route per row, no slot weights): the
-        shared pools it routes into (members with the same key share one pass, over the
-        rows any of them routes to); else None."""
+        group's shared pools (a core between them, or none: a tied module, ``C = I``; one
+        route per row, no slot weights): the shared pools it routes into (members with the
+        same key share one pass, over the rows any of them routes to); else None."""
         if not hasattr(self, "_basis"):
             p, key = self._pools[0], None
             sh = p._shared[0]
             ra, rb = self.routes_A.tolist(), self.routes_B.tolist()
-            if (self.core is not None and self.weights_A is None and sh is not None
-                    and ra and rb and self.core.shape == (len(rb), len(ra))
+            shape = (len(rb), len(rb)) if self.core is None else tuple(self.core.shape)
+            if (self.weights_A is None and sh is not None
+                    and ra and rb and shape == (len(rb), len(ra))
                     and len(set(ra)) == len(ra) and len(set(rb)) == len(rb)
                     and max(ra) < sh.pool_A.shape[0] and max(rb) < sh.pool_B.shape[0]):
                 key = (id(sh),)
@@ -231,7 +232,7 @@ def _joint_inputs(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]],
     views of the shared pools) while the members, their rows and every tensor they depend on
     are the same (objects and version counters) and no gradient is being taken."""
     d0 = members[0][0]
-    tensors = [d.core for d, _ in members] + d0._inputs()
+    tensors = [d.core for d, _ in members if d.core is not None] + d0._inputs()
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _joint_build(x, members)
     objs = [d for d, _ in members] + [i for _, i in members] + tensors
@@ -260,7 +261,8 @@ def _joint_build(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]]) 
     for k, (d, _) in enumerate(members):
         ia = torch.tensor([at_a[r] for r in d.routes_A.tolist()], device=x.device)
         ib = torch.tensor([at_b[r] for r in d.routes_B.tolist()], device=x.device)
-        cores[k, ib[:, None], ia[None, :]] = d.scale * d.core.to(x.device, x.dtype)
+        core = torch.eye(len(ib)) if d.core is None else d.core  # tied: rows paired by rank
+        cores[k, ib[:, None], ia[None, :]] = d.scale * core.to(x.device, x.dtype)
     sh = members[0][0]._pools[0]._shared[0]
     A = _rows(sh.pool_A, torch.tensor(ua, device=sh.pool_A.device)).to(x.device, x.dtype)
     B = _rows(sh.pool_B, torch.tensor(ub, device=sh.pool_B.device)).T.to(x.device, x.dtype)
