@@ -27,8 +27,9 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
   ``k (d_out + n d_in)``, ``tied`` ``k (d_in + d_out)``; the private alternative is each
   adapter's own singular triplets at ``d_in + d_out`` each.  One price ``lam`` (error per
   parameter) is found by bisection so that every module, choosing the option and rank that
-  minimize ``error + lam * params``, fits the group budget together; leftover budget buys private triplets greedily.  The
-  chosen parameters never increase with ``lam``, so the bisection is exact.  A greedy over
+  minimize ``error + lam * params``, fits the group budget together; leftover budget buys
+  private triplets greedily.  The chosen parameters never increase with ``lam``, so the
+  bisection is exact.  A greedy over
   every module's next step is the second candidate, and the exact optimum the third: a
   multiple-choice knapsack (each module name picks one option from its cost/error frontier)
   solved by dynamic programming over the budget, in parameter units where the table is small
