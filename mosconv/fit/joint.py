@@ -29,11 +29,11 @@ For one module name ``m`` held by adapters ``i = 1..n`` with exact factorization
   parameter) is found by bisection so that every module, choosing the option and rank that
   minimize ``error + lam * params``, fits the group budget together; leftover budget buys
   private triplets greedily.  The chosen parameters never increase with ``lam``, so the
-  bisection is exact.  A greedy over
-  every module's next step is the second candidate, and the exact optimum the third: a
-  multiple-choice knapsack (each module name picks one option from its cost/error frontier)
-  solved by dynamic programming over the budget, in parameter units where the table is small
-  enough (coarser, rounded-up units otherwise).  The lowest predicted error of the three wins.
+  bisection is exact.  A greedy over every module's next step is the second candidate, and
+  the exact optimum the third: a multiple-choice knapsack (each module name picks one option
+  from its cost/error frontier) solved by dynamic programming over the budget, in parameter
+  units where the table is small enough (coarser, rounded-up units otherwise).  The lowest
+  predicted error of the three wins.
 * **Refinement**: alternating least squares on the exact error (higher-order orthogonal
   iteration): ``U`` = top-``k`` left singular vectors of ``[dW_1 V, ..., dW_n V]``, then
   ``V`` likewise of the stacked ``U^T dW_i``; the kept energy never decreases, the best state
@@ -412,16 +412,25 @@ def one_sided_params(mode: str, k: int, d_in: int, d_out: int, n: int) -> int:
     return k * (d_in + n * d_out) if mode == "shared_A" else k * (d_out + n * d_in)
 
 
-def _one_sided_tables(b: JointBasis, n: int, d_in: int, d_out: int
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per one-sided mode, ``(err, params)`` over ``k = 0..K``."""
+def _coreless_tables(b: JointBasis, n: int, d_in: int, d_out: int
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per mode with one rank and no core (``shared_A``, ``shared_B``, and ``tied`` where
+    the basis has a tied form), ``(err, params)`` over ``k = 0..K``."""
     out = {}
     for mode, gain in (("shared_A", b.gain_V), ("shared_B", b.gain_U)):
         kept = torch.cat([torch.zeros(1, dtype=F64), gain.cumsum(0)])
         ks = torch.arange(kept.numel(), dtype=F64)
         out[mode] = (b.energy - kept, ks * (d_in + n * d_out) if mode == "shared_A"
                      else ks * (d_out + n * d_in))
+    if b.tied is not None:
+        out["tied"] = (b.tied.err, torch.arange(b.tied.err.numel(), dtype=F64) * (d_in + d_out))
     return out
+
+
+def _coreless_plan(name: str, holders: tuple[int, ...], mode: str, k: int) -> ModulePlan:
+    """The plan of a mode of :func:`_coreless_tables` at rank ``k``."""
+    return ModulePlan(name, holders, mode, k_U=0 if mode == "shared_A" else k,
+                      k_V=0 if mode == "shared_B" else k)
 
 
 def _joint_choice(grid: tuple[torch.Tensor, torch.Tensor], lam: float
@@ -582,11 +591,9 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
     grids = {n: _joint_grid(b, len(holders[n]), *shape[n])
              for n, b in bases.items() if b.kept.shape[0] > 1 and b.kept.shape[1] > 1}
 
-    sided = {n: _one_sided_tables(b, len(holders[n]), *shape[n]) for n, b in bases.items()
+    sided = {n: _coreless_tables(b, len(holders[n]), *shape[n]) for n, b in bases.items()
              if n in grids}
     private = {n: _PrivateChoices(gains[n], width[n]) for n in names}
-    tied = {n: (b.tied.err, torch.arange(b.tied.err.numel(), dtype=F64) * width[n])
-            for n, b in bases.items() if b.tied is not None}
 
     def one_sided(n: str, lam: float) -> dict[str, tuple[int, float, float]]:
         out = {}
@@ -608,16 +615,8 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
                     best = (jerr + lam * jparams, jerr, jparams)
                 for mode, (k, oerr, oparams) in one_sided(n, lam).items():
                     if k and oerr + lam * oparams < best[0]:
-                        plan = ModulePlan(n, holders[n], mode, k_U=k if mode == "shared_B" else 0,
-                                          k_V=k if mode == "shared_A" else 0)
+                        plan = _coreless_plan(n, holders[n], mode, k)
                         best = (oerr + lam * oparams, oerr, oparams)
-            if n in tied:
-                terr, tparams = tied[n]
-                k = int(torch.argmin(terr + lam * tparams))
-                if k and float(terr[k]) + lam * float(tparams[k]) < best[0]:
-                    plan = ModulePlan(n, holders[n], "tied", k_U=k, k_V=k)
-                    best = (float(terr[k]) + lam * float(tparams[k]), float(terr[k]),
-                            float(tparams[k]))
             out.append(plan)
             err_total += best[1]
             params_total += best[2]
@@ -627,9 +626,7 @@ def _by_price(names: list[str], holders: dict[str, tuple[int, ...]],
               [float((b.energy - e).max() / p[1:, 1:].min()) for n, b in bases.items()
                if n in grids for e, p in [grids[n]]] +
               [float((bases[n].energy - e).max() / p[1]) for n in sided
-               for e, p in sided[n].values() if p.numel() > 1] +
-              [float(e[0] - e[1]) / width[n] for n, (e, _) in tied.items() if e.numel() > 1],
-              default=0.0)
+               for e, p in sided[n].values() if p.numel() > 1], default=0.0)
     lo, hi = 0.0, top * 2 + 1e-300
     if plans(lo)[2] <= budget:
         hi = lo
@@ -707,15 +704,10 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
         costs.append(params[1:, 1:].reshape(-1).round().long())
         errs.append(err[1:, 1:].reshape(-1))
         kinds.append(("joint", torch.stack([kU.reshape(-1), kV.reshape(-1)], 1)))
-        for mode, (err1, params1) in _one_sided_tables(b, len(h), d_in, d_out).items():
+        for mode, (err1, params1) in _coreless_tables(b, len(h), d_in, d_out).items():
             costs.append(params1[1:].round().long())
             errs.append(err1[1:])
             kinds.append((mode, torch.arange(1, err1.numel())))
-    if b is not None and b.tied is not None:
-        ks = torch.arange(1, b.tied.err.numel())
-        costs.append(ks * (d_in + d_out))
-        errs.append(b.tied.err[1:])
-        kinds.append(("tied", ks))
     cost, errv = torch.cat([c.long() for c in costs]), torch.cat(errs)
     starts = torch.tensor([0] + [c.numel() for c in costs]).cumsum(0)
     out = []
@@ -728,11 +720,8 @@ def _module_options(n: str, h: tuple[int, ...], gains: list[torch.Tensor], shape
             plan = ModulePlan(n, h, "private", ranks=tuple(int(r) for r in ranks))
         elif mode == "joint":
             plan = ModulePlan(n, h, "joint", k_U=int(x[0]), k_V=int(x[1]))
-        elif mode == "tied":
-            plan = ModulePlan(n, h, "tied", k_U=int(x), k_V=int(x))
         else:
-            plan = ModulePlan(n, h, mode, k_U=int(x) if mode == "shared_B" else 0,
-                              k_V=int(x) if mode == "shared_A" else 0)
+            plan = _coreless_plan(n, h, mode, int(x))
         out.append((int(cost[i]), float(errv[i]), plan))
     return out
 
