@@ -867,3 +867,73 @@ def route_cores(plans: list[ModulePlan], cuts: dict[str, list[tuple[float, torch
                                          for h in range(len(p.holders))))
         out.append(p)
     return out, lost
+
+
+@dataclass(frozen=True)
+class PartialColumn:
+    """One more column for a joint module's ``U`` (``side = "U"``) or ``V`` basis, nonzero
+    on ``shards`` of its ``nc`` shards only (the others route to a zero shard): what a
+    budget too small for a whole column buys.  ``column`` is that vector (``d``, unit norm,
+    zeros outside ``shards``); ``gain`` the energy it adds to what the cores keep (least
+    squares against the bases with it)."""
+
+    side: str
+    nc: int
+    shards: tuple[int, ...]
+    column: torch.Tensor
+    gain: float
+
+
+def outside(facts: list[Factorization] | Parts, U: torch.Tensor, V: torch.Tensor, side: str,
+            reducer: Reducer | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """``X`` with ``X X^T`` the part of ``sum_i dW_i V V^T dW_i^T`` (side ``U``; side ``V``:
+    ``sum_i dW_i^T U U^T dW_i``) outside the basis being extended, for orthonormal ``U``,
+    ``V``: what one more column on that side could add to the cores.  One reduction over
+    the chunks, like a half-step of :func:`refine`."""
+    parts = Parts.of(facts, reducer, chunk)
+    Q, other = (U, V) if side == "U" else (V, U)
+    leaf = _leaf_left if side == "U" else _leaf_right
+    W, s = _svd_of([h for h, _ in parts.keep(leaf, other, parts.final)], parts.reducer)
+    X = W * s[None, :]
+    return X - Q @ (Q.T @ X)
+
+
+def partial_column(X: torch.Tensor, Q: torch.Tensor, side: str,
+                   shapes: list[tuple[int, int]]) -> PartialColumn | None:
+    """The column to add to the basis ``Q`` (orthonormal, side ``U`` or ``V``) of a joint
+    module whose remaining part on that side is ``X`` (:func:`outside`), among columns of
+    ``n`` of ``nc`` shards for each ``(nc, n)`` in ``shapes``: the shape whose top-``n``
+    shards hold most of the best whole column's gain, those shards, then the best vector on
+    them (exact for that support: the top generalized eigenvector of ``X_S X_S^T`` against
+    ``I - Q_S Q_S^T``).  Its gain is at most ``whole``, the top squared singular value of
+    ``X`` (:func:`column_bound`).  None when nothing is left outside the basis."""
+    if not X.numel() or not shapes or float(X.pow(2).sum()) <= 0:
+        return None
+    top = _left_svd(X)[0][:, 0]
+    d = X.shape[0]
+    best = None
+    for nc, n in shapes:
+        en = top.pow(2).reshape(nc, d // nc).sum(1)
+        order = en.argsort(descending=True, stable=True)[:n]
+        kept = float(en[order].sum())
+        if best is None or kept > best[0]:
+            best = (kept, nc, tuple(sorted(int(j) for j in order)))
+    _, nc, shards = best
+    width = d // nc
+    rows = torch.cat([torch.arange(j * width, (j + 1) * width) for j in shards])
+    XS, QS = X[rows], Q[rows]
+    eye = torch.eye(len(rows), dtype=F64)
+    L = torch.linalg.cholesky(eye - QS @ QS.T + 1e-12 * eye)
+    Li = torch.linalg.solve_triangular(L, eye, upper=False)
+    x = Li.T @ torch.linalg.eigh(Li @ (XS @ XS.T) @ Li.T)[1][:, -1]
+    column = torch.zeros(d, dtype=F64)
+    column[rows] = x / x.norm()
+    c = column - Q @ (Q.T @ column)  # its part outside the basis: what it adds
+    if float(c.norm()) <= 1e-9:
+        return None
+    return PartialColumn(side, nc, shards, column, float((c @ X).pow(2).sum() / c.pow(2).sum()))
+
+
+def column_bound(X: torch.Tensor) -> float:
+    """What one whole column could add (the top squared singular value of ``X``)."""
+    return float(torch.linalg.matrix_norm(X, ord=2) ** 2) if X.numel() else 0.0

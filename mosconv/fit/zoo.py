@@ -48,8 +48,11 @@ from .joint import (
     Parts,
     Reducer,
     allocate,
+    column_bound,
     core_cuts,
     joint_basis,
+    outside,
+    partial_column,
     plan_params,
     refine,
     route_cores,
@@ -339,7 +342,7 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
         if len(members) < 2:
             pools = {}
             break
-    plans = setup.plans
+    plans, fitted = setup.plans, setup.fitted
     routed = _rerouted(setup, refine_iters) if pools else None
     if routed is not None:
         # re-routing the fit the members and weights settled on: kept where it lowers their
@@ -347,7 +350,20 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
         alt = _built(handles, infos, index, setup, *routed, ratio, seed, red, storage)
         if _group_error(alt[2]) < _group_error(rep_sub) and not _losers(members, alt[2], infos):
             pools, built, rep_sub, local_sub = alt
-            plans = routed[0]
+            plans, fitted = routed
+    # joint_budget below: the joint members' budget
+    left = (budget_for_ratio(sum(infos[i].params for i in members), ratio)
+            - sum(t.numel() for t in pools.values()) - sum(local_sub))
+    filled = _remainder(setup, plans, fitted, left, storage, infos) if pools else None
+    if filled is not None:
+        # the budget a whole column no longer fits in: a column on some of its shards
+        alt = _built(handles, infos, index, setup, filled[0], filled[1], ratio, seed, red,
+                     storage, filled[2])
+        used = sum(t.numel() for t in alt[0].values()) + sum(alt[3])
+        if (_group_error(alt[2]) < _group_error(rep_sub) and not _losers(members, alt[2], infos)
+                and used <= sum(t.numel() for t in pools.values()) + sum(local_sub) + left):
+            pools, built, rep_sub, local_sub = alt
+            plans = filled[0]
     reports = [m.alone for m in infos]
     local_of = [m.alone_local_params for m in infos]
     if pools:
@@ -523,18 +539,20 @@ def _joint(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, i
 
 def _built(handles: list[Any], infos: list[MemberInfo], index: list[tuple[int, int]],
            setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted], ratio: float,
-           seed: int, red: Reducer, storage: Storage
+           seed: int, red: Reducer, storage: Storage, nc_of: dict[str, int] | None = None
            ) -> tuple[dict[str, torch.Tensor], list[Any], list[Report], list[int]]:
     """Build and measure ``setup``'s members for ``plans`` and bases ``fitted``: pool
-    tensors, each chunk's handle of built MoS adapters, each member's report and own params."""
+    tensors, each chunk's handle of built MoS adapters, each member's report and own params.
+    The kinds in ``nc_of`` are stored in that many shards per row (:func:`_shard_rows`)."""
     members = setup.members
     sub = [infos[i] for i in members]
     kind_of = {n: k for m in sub for n, k, _, _ in m.modules}
     widths = {k: (d_in, d_out) for m in sub for _, k, d_in, d_out in m.modules}
     ids = kind_ids(sub[0].kinds)
-    pools, offsets = _pools(ids, kind_of, fitted, storage)
-    ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, pools, ratio, seed,
-                   storage))
+    rows, offsets = _pools(ids, kind_of, fitted, storage)
+    pools, shards = _sharded(rows, ids, nc_of or {})
+    ctx = red.put((ids, widths, {p.name: p for p in plans}, offsets, rows, ratio, seed,
+                   storage, pools, shards))
     by_chunk: dict[int, list[tuple[int, int]]] = {}
     for i, g in enumerate(members):
         c, j = index[g]
@@ -590,6 +608,66 @@ def _rerouted(setup: _Setup, refine_iters: int
     fitted = _refined_all(found, setup.bases, setup.parts, min(refine_iters, ROUTED_REFINE))
     routed = _predicted(setup, found, fitted)  # the same cut in size, on the refined bases
     return None if routed is None else (routed[0], fitted)
+
+
+REMAINDER_MIN_WIDTH = 32  # narrower shards are not tried (each costs a route)
+
+
+def _remainder(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted], left: int,
+               storage: Storage, infos: list[MemberInfo]
+               ) -> tuple[list[ModulePlan], dict[str, _Fitted], dict[str, int]] | None:
+    """A budget ``left`` too small for a whole column spent on one column of some of its
+    shards (:func:`mosconv.fit.joint.partial_column`), added to a joint module's ``U`` or
+    ``V``: its other shards route to one zero shard, its kind is stored in that many shards
+    per row (``nc``), and every holder's core grows by a row or column.  Looked for on both
+    sides of every joint module (one reduction each, a half-step of refinement), in shards
+    at least ``REMAINDER_MIN_WIDTH`` wide (and whole quantization groups), computed exactly
+    in the order of what a whole column would keep until that is below the best found.
+    Returns the plans, bases and ``{kind: nc}``, or None."""
+    shape = setup.spec[1]
+    kind_of = {n: k for m in infos for n, k, _, _ in m.modules}
+    cands = []
+    for p in plans:
+        if p.mode != "joint" or p.subsets:
+            continue
+        d_in, d_out = shape[p.name]
+        g = math.gcd(d_in, d_out)
+        for side, grow, d in (("U", p.k_V, d_out), ("V", p.k_U, d_in)):
+            shapes = []
+            for nc in range(2, g + 1):
+                widths = (d_in // nc, d_out // nc)
+                if g % nc or min(widths) < REMAINDER_MIN_WIDTH or (
+                        storage.quantized and any(w % storage.group for w in widths)):
+                    continue
+                n = min(nc - 1, (left - len(p.holders) * grow) // (d // nc) - 1)
+                if n >= 1:  # n shards and the zero shard
+                    shapes.append((nc, n))
+            if shapes:
+                cands.append((p.name, side, shapes))
+    # the partial column where the shards a shape keeps hold most of a whole column's
+    # gain: computed exactly where that estimate could beat the best found
+    est = []
+    for name, side, shapes in cands:
+        f = fitted[name]
+        X = outside(setup.parts[name], f.U, f.V, side)
+        est.append((column_bound(X), name, side, shapes, X))
+    best = None
+    for whole, name, side, shapes, X in sorted(est, key=lambda e: -e[0]):
+        if best is not None and whole <= best[1].gain:
+            break
+        f = fitted[name]
+        pc = partial_column(X, f.U if side == "U" else f.V, side, shapes)
+        if pc is not None and pc.gain > 0 and (best is None or pc.gain > best[1].gain):
+            best = (name, pc)
+    if best is None:
+        return None
+    name, pc = best
+    f, col = fitted[name], pc.column[:, None]
+    new = (_Fitted(torch.cat([f.U, col], dim=1), f.V) if pc.side == "U"
+           else _Fitted(f.U, torch.cat([f.V, col], dim=1)))
+    plans = [replace(p, k_U=p.k_U + (pc.side == "U"), k_V=p.k_V + (pc.side == "V"))
+             if p.name == name else p for p in plans]
+    return plans, {**fitted, name: new}, {kind_of[name]: pc.nc}
 
 
 def _predicted(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted]
@@ -723,12 +801,13 @@ def _build_chunk(chunk: Chunk, rows: tuple[tuple[int, int], ...], ctx: tuple
     """Build and measure a chunk's members (``(position in the chunk, position among the
     fitted members)``): each as :class:`Built` (None for the chunk's other members), and
     each one's report and own params."""
-    ids, widths, plans, offsets, pools, ratio, seed, storage = ctx
+    ids, widths, plans, offsets, pools, ratio, seed, storage, stored, shards = ctx
     out: list[Built | None] = [None] * len(chunk.adapters)
     light = []
     for j, i in rows:
         a, fa = chunk.adapters[j], chunk.facts[j]
-        out[j] = held = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, storage)
+        out[j] = held = _build(a, fa, i, ids, widths, plans, offsets, pools, ratio, seed, storage,
+                               stored, shards)
         mos = held.adapter()
         light.append((_report(a, fa, mos, ratio, seed), mos.local_params))
     return out, light
@@ -764,10 +843,13 @@ def _joined(shared: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
 def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, str],
            widths: dict[str, tuple[int, int]], plans: dict[str, ModulePlan],
            offsets: dict[str, tuple[int, int]], pools: dict[str, torch.Tensor], ratio: float,
-           seed: int, storage: Storage) -> Built:
+           seed: int, storage: Storage, stored: dict[str, torch.Tensor] | None = None,
+           shards: dict[str, _Shards] | None = None) -> Built:
     """Member ``i``'s MoS adapter: routes into the group's pools (shared rows first), its
     cores and its own shards (least squares against the shared rows as stored, stored in
-    ``storage``); held without the group's rows (:class:`Built`)."""
+    ``storage``); held without the group's rows (:class:`Built`).  ``pools`` holds the
+    shared rows whole; ``stored`` the pool tensors as written, the kinds in ``shards`` in
+    shards of rows (:func:`_sharded`; both ``pools`` by default)."""
     kinds, mods = {}, []
     for kind, ms in a.kinds.items():
         d_in, d_out = widths[kind]
@@ -818,7 +900,89 @@ def _build(a: LoraAdapter, fa: dict[str, Factorization], i: int, ids: dict[str, 
             ref = {"file": None, "sha256": None, "key_A": f"{ids[kind]}.A",
                    "key_B": f"{ids[kind]}.B", "n_A": nA, "n_B": nB}
         kinds[kind] = KindPools(kind, d_in, d_out, 1, own_A, own_B, nA, nB, ref)
-    return Built(_mos(a, kinds, mods, ratio, seed, "shared", storage), pools)
+        if shards and kind in shards:
+            kinds[kind], mods = _resharded(kinds[kind], mods, shards[kind])
+    return Built(_mos(a, kinds, mods, ratio, seed, "shared", storage),
+                 pools if stored is None else stored)
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """How a kind's shared rows are stored in shards: ``at_A[j]`` (``at_B[j]``) are the
+    ``nc`` pool entries that hold shared row ``j``; ``n_A`` (``n_B``) shared entries."""
+
+    nc: int
+    at_A: torch.Tensor
+    at_B: torch.Tensor
+    n_A: int
+    n_B: int
+    shared_A: torch.Tensor | None = None  # the shared entries (a loaded group's), if held
+    shared_B: torch.Tensor | None = None
+
+
+def _shard_rows(rows: torch.Tensor, nc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(N, d)`` as ``nc`` shards each, every all-zero shard stored once (last):
+    the shards ``(M, d / nc)`` and where each row's shards are (``(N, nc)`` int64)."""
+    flat = rows.reshape(rows.shape[0] * nc, rows.shape[1] // nc)
+    zero = ~flat.ne(0).any(dim=1)
+    at = torch.cumsum((~zero).to(torch.int64), 0) - 1
+    out = flat[~zero]
+    if bool(zero.any()):
+        at[zero] = out.shape[0]
+        out = torch.cat([out, flat.new_zeros(1, flat.shape[1])])
+    return out.contiguous(), at.reshape(rows.shape[0], nc)
+
+
+def _sharded(rows: dict[str, torch.Tensor], ids: dict[str, str], nc_of: dict[str, int]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, _Shards]]:
+    """The group's pool tensors with the kinds of ``nc_of`` in shards (:func:`_shard_rows`),
+    and those kinds' :class:`_Shards`."""
+    if not nc_of:
+        return rows, {}
+    out, shards = dict(rows), {}
+    for kind, nc in nc_of.items():
+        at, n = {}, {}
+        for side in ("A", "B"):
+            key = f"{ids[kind]}.{side}"
+            if key in rows:
+                out[key], at[side] = _shard_rows(rows[key], nc)
+                n[side] = out[key].shape[0]
+            else:
+                at[side], n[side] = torch.zeros(0, nc, dtype=torch.int64), 0
+        shards[kind] = _Shards(nc, at["A"], at["B"], n["A"], n["B"])
+    return out, shards
+
+
+def _resharded(p: KindPools, mods: list[MosModule], sh: _Shards
+               ) -> tuple[KindPools, list[MosModule]]:
+    """A member's kind ``p`` built with whole rows (``nc = 1``; shared rows first), stored
+    in ``sh.nc`` shards: the shared rows where ``sh`` puts them, its own rows' shards after
+    them in order; its modules' routes and private ranges follow."""
+    nc = sh.nc
+    nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
+
+    def table(at: torch.Tensor, start: int, own: int) -> torch.Tensor:
+        return torch.cat([at, start + torch.arange(own * nc, dtype=torch.int64).reshape(-1, nc)])
+
+    tA = table(sh.at_A, sh.n_A, p.pool_A.shape[0])
+    tB = table(sh.at_B, sh.n_B, p.pool_B.shape[0])
+
+    def rng(r: tuple[int, int], n: int, start: int) -> tuple[int, int]:
+        return (start + (r[0] - n) * nc, start + (r[1] - n) * nc) if r[1] > r[0] else r
+
+    out = []
+    for m in mods:
+        if m.kind != p.kind:
+            out.append(m)
+            continue
+        out.append(replace(m, routes_A=tA[m.routes_A].reshape(-1),
+                           routes_B=tB[m.routes_B].reshape(-1),
+                           private_A=rng(m.private_A, nA, sh.n_A),
+                           private_B=rng(m.private_B, nB, sh.n_B)))
+    ref = dict(p.shared, n_A=sh.n_A, n_B=sh.n_B) if p.shared else None
+    pool_A = p.pool_A.reshape(-1, p.d_in // nc).contiguous()
+    pool_B = p.pool_B.reshape(-1, p.d_out // nc).contiguous()
+    return KindPools(p.kind, p.d_in, p.d_out, nc, pool_A, pool_B, sh.n_A, sh.n_B, ref), out
 
 
 def _private_rows(f: Factorization, k: int, storage: Storage) -> tuple[torch.Tensor, torch.Tensor]:
@@ -945,6 +1109,7 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
     the same pool file) and their reports (truncation baseline: each adapter alone).
     """
     facts = factorizations or [factorize_adapter(a) for a in adapters]
+    members, shards = _whole_rows(members)
     template = members[0]
     storage = template.storage
     bases = _shared_bases(members)
@@ -958,7 +1123,7 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
                 own[m.name] = _own_part(fa[m.name], p, b, storage=storage)
         plans = _plan_new(a, fa, own, budget_for_ratio(a.params, ratio), template.kinds,
                           residuals, storage)
-        mos = _build_new(a, fa, template, plans, ratio, seed, storage)
+        mos = _build_new(a, fa, template, plans, ratio, seed, storage, shards)
         rep = _report(a, fa, mos, ratio, seed)
         if rep.totals.relative_error > rep.totals.truncation_relative_error:
             # the shared bases do not serve it: converted alone, as compress would
@@ -1110,9 +1275,63 @@ def _plan_new(a: LoraAdapter, fa: dict[str, Factorization], own: dict[str, _OwnP
     return state
 
 
+def _whole_rows(members: list[MosAdapter]) -> tuple[list[MosAdapter], dict[str, _Shards]]:
+    """A fitted group's members with the kinds it stores in shards (``nc > 1``, a partial
+    column: :func:`_remainder`) seen as whole rows (``nc = 1``): each distinct run of ``nc``
+    shared entries a member routes a rank row to is one shared row (in order), so the bases
+    read as they do without shards; the members' own rows are left out (a newcomer does not
+    read them).  And the :class:`_Shards` that store a newcomer's rows as the group does."""
+    shards: dict[str, _Shards] = {}
+    for kind, p in members[0].kinds.items():
+        if p.nc == 1 or not p.shared:
+            continue
+        runs: dict[str, set] = {"A": set(), "B": set()}
+        for mos in members:
+            q = mos.kinds[kind]
+            for m in mos.modules:
+                if m.kind != kind:
+                    continue
+                for side in ("A", "B"):
+                    n = q.shared[f"n_{side}"]
+                    for run in getattr(m, f"routes_{side}").reshape(-1, q.nc).tolist():
+                        if max(run) < n:
+                            runs[side].add(tuple(run))
+        at = {side: torch.tensor(sorted(r), dtype=torch.int64).reshape(-1, p.nc)
+              for side, r in runs.items()}
+        shards[kind] = _Shards(p.nc, at["A"], at["B"], p.shared["n_A"], p.shared["n_B"],
+                               p.pool_A[:p.shared["n_A"]], p.pool_B[:p.shared["n_B"]])
+    if not shards:
+        return members, shards
+    out = []
+    for mos in members:
+        kinds, mods = dict(mos.kinds), list(mos.modules)
+        for kind, sh in shards.items():
+            q = kinds[kind]
+            row = {side: {tuple(r): j for j, r in enumerate(getattr(sh, f"at_{side}").tolist())}
+                   for side in ("A", "B")}
+            pool_A = q.pool_A[sh.at_A].reshape(-1, q.d_in)
+            pool_B = q.pool_B[sh.at_B].reshape(-1, q.d_out)
+            ref = dict(q.shared, n_A=pool_A.shape[0], n_B=pool_B.shape[0])
+            kinds[kind] = KindPools(kind, q.d_in, q.d_out, 1, pool_A, pool_B, pool_A.shape[0],
+                                    pool_B.shape[0], ref)
+            mods = [replace(m, routes_A=_whole(m.routes_A, row["A"], q.nc),
+                            routes_B=_whole(m.routes_B, row["B"], q.nc),
+                            weights_A=None, weights_B=None, private_A=(0, 0), private_B=(0, 0))
+                    if m.kind == kind else m for m in mods]
+        out.append(replace(mos, kinds=kinds, modules=tuple(mods)))
+    return out, shards
+
+
+def _whole(routes: torch.Tensor, row: dict[tuple, int], nc: int) -> torch.Tensor:
+    """Routes of ``nc`` entries per rank row as whole rows: ``row`` numbers the shared runs;
+    a run of own entries becomes a row past them (never read: :func:`_whole_rows`)."""
+    return torch.tensor([row.get(tuple(r), len(row)) for r in routes.reshape(-1, nc).tolist()],
+                        dtype=torch.int64)
+
+
 def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapter,
                plans: dict[str, int | _OwnPart], ratio: float, seed: int,
-               storage: Storage) -> MosAdapter:
+               storage: Storage, shards: dict[str, _Shards] | None = None) -> MosAdapter:
     kinds, mods = {}, []
     by_kind = a.kinds
     for kind, p in template.kinds.items():
@@ -1156,4 +1375,10 @@ def _build_new(a: LoraAdapter, fa: dict[str, Factorization], template: MosAdapte
         kinds[kind] = KindPools(kind, p.d_in, p.d_out, p.nc, pool_A.contiguous(),
                                 pool_B.contiguous(), nA, nB,
                                 dict(p.shared) if p.shared else None)
+        if shards and kind in shards:  # own rows after the group's shards, routes to them
+            sh = shards[kind]
+            own, mods = _resharded(replace(kinds[kind], pool_A=pool_A[nA:], pool_B=pool_B[nB:]),
+                                   mods, sh)
+            kinds[kind] = replace(own, pool_A=torch.cat([sh.shared_A, own.pool_A]).contiguous(),
+                                  pool_B=torch.cat([sh.shared_B, own.pool_B]).contiguous())
     return _mos(a, kinds, mods, ratio, seed, "shared", storage)
