@@ -201,14 +201,14 @@ def test_group_members_are_held_in_the_object_store(ray_session, tmp_path):
     assert [r.to_json() for r in remote.reports] == [r.to_json() for r in local.reports]
 
 
-def _shared_on_both_engines(tmp_path, chunk: int) -> dict:
+def _shared_on_both_engines(tmp_path, chunk: int, ratio: float = 8.0) -> dict:
     """``tmp_path / "zoo"`` converted with ``--shared-pool`` by the local engine and on Ray
     (members in chunks of ``chunk``): the output folders, checked to hold the same bytes."""
     outs = {}
     for engine in ("local", "ray"):
         with one_thread():
             summary = run_batch(tmp_path / "zoo", tmp_path / engine,
-                                BatchConfig(ratio=8.0, engine=engine, shared_pool=True,
+                                BatchConfig(ratio=ratio, engine=engine, shared_pool=True,
                                             chunk=chunk))
         assert summary.failed == 0 and summary.totals.shared_pool_params > 0
         outs[engine] = tmp_path / engine
@@ -242,3 +242,18 @@ def test_tied_group_on_ray_equals_local(ray_session, tmp_path):
     _write_checkpoints(tmp_path / "zoo", n=3)
     outs = _shared_on_both_engines(tmp_path, chunk=2)
     assert _tied_modules([load_mos(outs["ray"] / f"ckpt-{i}") for i in range(3)])
+
+
+def test_partial_column_on_ray_equals_local(ray_session, tmp_path, monkeypatch):
+    """A group whose leftover budget buys a partial column (reduced over the chunks like a
+    refinement step; narrow shards allowed so the small kinds qualify): the same bytes on
+    Ray, chunks of 2."""
+    from test_zoo import _write_checkpoints
+
+    from mosconv.fit import zoo
+    from mosconv.mos.format import load_mos
+
+    monkeypatch.setattr(zoo, "REMAINDER_MIN_WIDTH", 4)  # read here, not in the tasks
+    _write_checkpoints(tmp_path / "zoo", n=3, layers=2, noise=1.0, base="tiny-llama")
+    outs = _shared_on_both_engines(tmp_path, chunk=2, ratio=10.0)
+    assert any(p.nc > 1 for p in load_mos(outs["ray"] / "ckpt-0").kinds.values())

@@ -367,3 +367,46 @@ def test_tied_members_serve_like_their_exported_loras(served, tmp_path):
     tied = [m for m in layers if all(m.deltas[n].core is None and m.deltas[n].basis_key()
                                      for n in names)]
     assert tied and all(m.shared_basis_rows == 4 for m in tied)
+
+
+def test_members_of_a_sharded_kind_serve_like_their_exported_loras(served, tmp_path,
+                                                                    monkeypatch):
+    """A group whose leftover budget bought a partial column (its kind stored in shards,
+    ``nc > 1``; narrow shards allowed here so the tiny model's kinds qualify): a mixed batch
+    equals PEFT's with the exported LoRAs, and the sharded kind's members still share one
+    pass (a run of ``nc`` routes per basis row)."""
+    from test_zoo import _write_checkpoints
+
+    from mosconv.fit import zoo
+    from mosconv.mos.format import load_mos
+
+    monkeypatch.setattr(zoo, "REMAINDER_MIN_WIDTH", 4)
+    root, cls = served
+    _write_checkpoints(tmp_path / "zoo", n=3, layers=2, base="tiny-llama", noise=1.0)
+    summary = run_batch(tmp_path / "zoo", tmp_path / "out",
+                        BatchConfig(ratio=10, shared_pool=True))  # 20 params left: 16 shards
+    assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+    names = [a.name for a in summary.adapters]
+    loaded = load_mos(tmp_path / "out" / names[0])
+    sharded = {k for k, p in loaded.kinds.items() if p.nc > 1}
+    assert sharded
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(_base(root, cls), export_lora(
+        tmp_path / "out" / names[0], tmp_path / "exp" / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        peft.load_adapter(export_lora(tmp_path / "out" / n, tmp_path / "exp" / n),
+                          adapter_name=n)
+    model = mosconv.apply(_base(root, cls), tmp_path / "out")
+    rows = [names[0], names[2], names[1], names[2], None]
+    ids = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(4))
+    mosconv.set_active(model, rows)
+    with torch.no_grad():
+        got = model(ids).logits
+        want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
+    assert float((got - want).abs().max()) < 1e-4
+    # the sharded kind's members went through one pass
+    layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)
+              and m.deltas[names[0]]._pools[0].nc > 1]
+    assert layers and all(m.deltas[n].basis_key() for m in layers for n in names)
+    assert all(m.shared_basis_rows == 4 for m in layers)

@@ -188,20 +188,27 @@ class MosDelta(nn.Module):
     def basis_key(self) -> tuple | None:
         """For a zoo member whose update is ``U C V^T`` with both ``U`` and ``V`` rows of its
         group's shared pools (a core between them, or none: a tied module, ``C = I``; one
-        route per row, no slot weights): the shared pools it routes into (members with the
-        same key share one pass, over the rows any of them routes to); else None."""
+        run of ``nc`` routes per row, no slot weights): the shared pools it routes into
+        (members with the same key share one pass, over the rows any of them routes to);
+        else None."""
         if not hasattr(self, "_basis"):
             p, key = self._pools[0], None
             sh = p._shared[0]
-            ra, rb = self.routes_A.tolist(), self.routes_B.tolist()
+            ra, rb = _runs(self.routes_A, p.nc), _runs(self.routes_B, p.nc)
             shape = (len(rb), len(rb)) if self.core is None else tuple(self.core.shape)
             if (self.weights_A is None and sh is not None
                     and ra and rb and shape == (len(rb), len(ra))
                     and len(set(ra)) == len(ra) and len(set(rb)) == len(rb)
-                    and max(ra) < sh.pool_A.shape[0] and max(rb) < sh.pool_B.shape[0]):
+                    and max(map(max, ra)) < sh.pool_A.shape[0]
+                    and max(map(max, rb)) < sh.pool_B.shape[0]):
                 key = (id(sh),)
             self._basis = key
         return self._basis
+
+
+def _runs(routes: torch.Tensor, nc: int) -> list[tuple[int, ...]]:
+    """A module's routes as one run of ``nc`` pool entries per rank row."""
+    return [tuple(r) for r in routes.reshape(-1, nc).tolist()]
 
 
 def _rows(pool: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
@@ -254,18 +261,21 @@ def _joint_build(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]]) 
     idx = torch.cat([i for _, i in members])
     which = torch.cat([torch.full((int(i.numel()),), k, device=x.device, dtype=torch.long)
                        for k, (_, i) in enumerate(members)])
-    ua = sorted(set().union(*(d.routes_A.tolist() for d, _ in members)))
-    ub = sorted(set().union(*(d.routes_B.tolist() for d, _ in members)))
+    nc = members[0][0]._pools[0].nc
+    ua = sorted(set().union(*(_runs(d.routes_A, nc) for d, _ in members)))
+    ub = sorted(set().union(*(_runs(d.routes_B, nc) for d, _ in members)))
     at_a, at_b = {r: k for k, r in enumerate(ua)}, {r: k for k, r in enumerate(ub)}
     cores = torch.zeros(len(members), len(ub), len(ua), device=x.device, dtype=x.dtype)
     for k, (d, _) in enumerate(members):
-        ia = torch.tensor([at_a[r] for r in d.routes_A.tolist()], device=x.device)
-        ib = torch.tensor([at_b[r] for r in d.routes_B.tolist()], device=x.device)
+        ia = torch.tensor([at_a[r] for r in _runs(d.routes_A, nc)], device=x.device)
+        ib = torch.tensor([at_b[r] for r in _runs(d.routes_B, nc)], device=x.device)
         core = torch.eye(len(ib)) if d.core is None else d.core  # tied: rows paired by rank
         cores[k, ib[:, None], ia[None, :]] = d.scale * core.to(x.device, x.dtype)
     sh = members[0][0]._pools[0]._shared[0]
-    A = _rows(sh.pool_A, torch.tensor(ua, device=sh.pool_A.device)).to(x.device, x.dtype)
-    B = _rows(sh.pool_B, torch.tensor(ub, device=sh.pool_B.device)).T.to(x.device, x.dtype)
+    A = _rows(sh.pool_A, torch.tensor(ua, device=sh.pool_A.device).reshape(-1))
+    B = _rows(sh.pool_B, torch.tensor(ub, device=sh.pool_B.device).reshape(-1))
+    A = A.reshape(len(ua), -1).to(x.device, x.dtype)
+    B = B.reshape(len(ub), -1).T.to(x.device, x.dtype)
     return idx, cores[which].transpose(1, 2).contiguous(), A, B
 
 
