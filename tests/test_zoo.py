@@ -203,21 +203,21 @@ def test_zoo_pair_run_batch_shared(project, tmp_path):
 @pytest.mark.parametrize("project", sorted(PAIRS))
 def test_zoo_pairs_at_ratio_16_and_8_against_issue_12s_figures(project):
     """Issue 12's figures for the pairs, measured on the assembled adapters: below 0.78
-    (gemma3) and 0.68 (opt) at total ratio 16; at ratio 8 at least the plain joint basis
-    (0.633 and 0.501: the issue's <= 0.63 / 0.50 is below what any per-module form reaches
-    on gemma3, docs/batch.md)."""
+    (gemma3) and 0.68 (opt) at total ratio 16; at ratio 8 opt <= 0.50 (its last 560
+    parameters buy a partial column) and gemma3 below the plain joint basis's 0.633 (the
+    issue's <= 0.63 is below what any per-module form reaches on gemma3, docs/batch.md)."""
     adapters, res8 = pair_fit(project)
     with one_thread():
         res16 = fit_group(adapters, 16.0, seed=0)
     for ratio, res, limit in ((8.0, res8, {"gemma3-270m-svg-x3": 0.633,
-                                           "opt-125m-lora-ckpts": 0.501}[project]),
+                                           "opt-125m-lora-ckpts": 0.5}[project]),
                               (16.0, res16, {"gemma3-270m-svg-x3": 0.78,
                                              "opt-125m-lora-ckpts": 0.68}[project])):
         measured, _ = measured_error(adapters, res.adapters)
         print(f"{project} ratio {ratio}: {measured:.5f} at {group_params(res)} params")
         assert res.mode == "shared"
         assert group_params(res) <= math.floor(sum(a.params for a in adapters) / ratio)
-        assert measured < limit
+        assert measured <= limit
         assert measured == pytest.approx(res.totals.shared_relative_error, rel=1e-6)
 
 
