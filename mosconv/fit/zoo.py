@@ -351,9 +351,9 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
         if _group_error(alt[2]) < _group_error(rep_sub) and not _losers(members, alt[2], infos):
             pools, built, rep_sub, local_sub = alt
             plans, fitted = routed
-    # joint_budget below: the joint members' budget
-    left = (budget_for_ratio(sum(infos[i].params for i in members), ratio)
-            - sum(t.numel() for t in pools.values()) - sum(local_sub))
+    # the joint members within their budget (a member converted alone is within its own)
+    joint_budget = budget_for_ratio(sum(infos[i].params for i in members), ratio)
+    left = joint_budget - sum(t.numel() for t in pools.values()) - sum(local_sub)
     filled = _remainder(setup, plans, fitted, left, storage, infos) if pools else None
     if filled is not None:
         # the budget a whole column no longer fits in: a column on some of its shards
@@ -361,7 +361,7 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
                      storage, filled[2])
         used = sum(t.numel() for t in alt[0].values()) + sum(alt[3])
         if (_group_error(alt[2]) < _group_error(rep_sub) and not _losers(members, alt[2], infos)
-                and used <= sum(t.numel() for t in pools.values()) + sum(local_sub) + left):
+                and used <= joint_budget):
             pools, built, rep_sub, local_sub = alt
             plans = filled[0]
     reports = [m.alone for m in infos]
@@ -372,8 +372,6 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     pool_params = sum(t.numel() for t in pools.values())
     local = sum(local_of)
     shared_err = _group_error(reports)
-    # the joint members within their budget (a member converted alone is within its own)
-    joint_budget = budget_for_ratio(sum(infos[i].params for i in members), ratio)
     if pools and pool_params + sum(local_sub) > joint_budget:
         raise AssertionError(f"internal error: joint fit uses {pool_params + sum(local_sub)} "
                              f"> {joint_budget}")
@@ -644,18 +642,19 @@ def _remainder(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
                     shapes.append((nc, n))
             if shapes:
                 cands.append((p.name, side, shapes))
-    # the partial column where the shards a shape keeps hold most of a whole column's
-    # gain: computed exactly where that estimate could beat the best found
+    # what a whole column would keep bounds what part of one keeps: the partial columns are
+    # computed (their reduction again) in that order until the bound is below the best found
     est = []
     for name, side, shapes in cands:
         f = fitted[name]
-        X = outside(setup.parts[name], f.U, f.V, side)
-        est.append((column_bound(X), name, side, shapes, X))
+        est.append((-column_bound(outside(setup.parts[name], f.U, f.V, side)), name, side,
+                    shapes))
     best = None
-    for whole, name, side, shapes, X in sorted(est, key=lambda e: -e[0]):
-        if best is not None and whole <= best[1].gain:
+    for neg, name, side, shapes in sorted(est, key=lambda e: e[0]):
+        if best is not None and -neg <= best[1].gain:
             break
         f = fitted[name]
+        X = outside(setup.parts[name], f.U, f.V, side)
         pc = partial_column(X, f.U if side == "U" else f.V, side, shapes)
         if pc is not None and pc.gain > 0 and (best is None or pc.gain > best[1].gain):
             best = (name, pc)
