@@ -293,7 +293,7 @@ def fit_members(sources: list, storages: list[Storage], ratio: float, seed: int 
 
 def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int = 0,
                refine_iters: int = 10, reducer: Reducer | None = None,
-               storage: Storage | None = None) -> ChunkedFit:
+               storage: Storage | None = None, remainder: bool = True) -> ChunkedFit:
     """Fit a group whose members ``reducer`` holds in chunks: ``kept`` is what
     ``reducer.keep(make_chunk, ...)`` returned (per chunk, its handle and its members'
     :class:`MemberInfo`; members are numbered chunk after chunk), their alone conversions
@@ -301,7 +301,8 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     process holds the
     members' spectra, the bases and the reports, never their factorizations: every step that
     reads those runs on the chunks (leaves of the reductions, building and measuring each
-    member)."""
+    member).  ``remainder=False`` leaves the budget a whole column does not fit in unspent
+    (:func:`_remainder`; as under a byte budget)."""
     red = reducer or LOCAL
     storage = storage or Storage()
     handles = [h for h, _ in kept]
@@ -354,7 +355,8 @@ def fit_chunks(kept: list[tuple[Any, list[MemberInfo]]], ratio: float, seed: int
     # the joint members within their budget (a member converted alone is within its own)
     joint_budget = budget_for_ratio(sum(infos[i].params for i in members), ratio)
     left = joint_budget - sum(t.numel() for t in pools.values()) - sum(local_sub)
-    filled = _remainder(setup, plans, fitted, left, storage, infos) if pools else None
+    filled = _remainder(setup, plans, fitted, left, storage, infos) \
+        if pools and remainder else None
     if filled is not None:
         # the budget a whole column no longer fits in: a column on some of its shards
         alt = _built(handles, infos, index, setup, filled[0], filled[1], ratio, seed, red,
@@ -416,7 +418,10 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
             if budget < 1:
                 break
             try:
-                fit = fit_chunks(kept, total / budget, seed, refine_iters, reducer, st)
+                # no remainder: its routes cost bytes to spend the last parameters, and
+                # bytes are the budget here
+                fit = fit_chunks(kept, total / budget, seed, refine_iters, reducer, st,
+                                 remainder=False)
             except StorageOverflow:
                 break
             used, t = _fit_bytes(fit), fit.totals
