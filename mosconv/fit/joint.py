@@ -905,8 +905,8 @@ def partial_column(X: torch.Tensor, Q: torch.Tensor, side: str,
     ``n`` of ``nc`` shards for each ``(nc, n)`` in ``shapes``: the shape whose top-``n``
     shards hold most of the best whole column's gain, those shards, then the best vector on
     them (exact for that support: the top generalized eigenvector of ``X_S X_S^T`` against
-    ``I - Q_S Q_S^T``).  Its gain is at most ``whole``, the top squared singular value of
-    ``X`` (:func:`column_bound`).  None when nothing is left outside the basis."""
+    ``I - Q_S Q_S^T``).  Its gain is at most a whole column's, the top squared singular
+    value of ``X``.  None when nothing is left outside the basis."""
     if not X.numel() or not shapes or float(X.pow(2).sum()) <= 0:
         return None
     top = _left_svd(X)[0][:, 0]
@@ -922,18 +922,19 @@ def partial_column(X: torch.Tensor, Q: torch.Tensor, side: str,
     width = d // nc
     rows = torch.cat([torch.arange(j * width, (j + 1) * width) for j in shards])
     XS, QS = X[rows], Q[rows]
-    eye = torch.eye(len(rows), dtype=F64)
-    L = torch.linalg.cholesky(eye - QS @ QS.T + 1e-12 * eye)
-    Li = torch.linalg.solve_triangular(L, eye, upper=False)
-    x = Li.T @ torch.linalg.eigh(Li @ (XS @ XS.T) @ Li.T)[1][:, -1]
+    # whiten by N = I - Q_S Q_S^T (what is outside the basis, on the support): with
+    # Q_S = P diag(c) R^T, N^(-1/2) = I + P diag((1 - c^2)^(-1/2) - 1) P^T; the best x is
+    # N^(-1/2) y for y the top left singular vector of N^(-1/2) X_S (small: k and X's width)
+    P, c, _ = torch.linalg.svd(QS, full_matrices=False)
+    f = (1 - c.pow(2)).clamp(min=1e-12).rsqrt() - 1
+
+    def root(Z: torch.Tensor) -> torch.Tensor:  # N^(-1/2) Z
+        return Z + P @ (f[:, None] * (P.T @ Z))
+
+    x = root(_left_svd(root(XS))[0][:, :1])[:, 0]
     column = torch.zeros(d, dtype=F64)
     column[rows] = x / x.norm()
     c = column - Q @ (Q.T @ column)  # its part outside the basis: what it adds
     if float(c.norm()) <= 1e-9:
         return None
     return PartialColumn(side, nc, shards, column, float((c @ X).pow(2).sum() / c.pow(2).sum()))
-
-
-def column_bound(X: torch.Tensor) -> float:
-    """What one whole column could add (the top squared singular value of ``X``)."""
-    return float(torch.linalg.matrix_norm(X, ord=2) ** 2) if X.numel() else 0.0

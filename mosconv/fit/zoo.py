@@ -48,7 +48,6 @@ from .joint import (
     Parts,
     Reducer,
     allocate,
-    column_bound,
     core_cuts,
     joint_basis,
     outside,
@@ -624,9 +623,8 @@ def _remainder(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
     ``V``: its other shards route to one zero shard, its kind is stored in that many shards
     per row (``nc``), and every holder's core grows by a row or column.  Looked for on both
     sides of every joint module (one reduction each, a half-step of refinement), in shards
-    at least ``REMAINDER_MIN_WIDTH`` wide (and whole quantization groups), computed exactly
-    in the order of what a whole column would keep until that is below the best found.
-    Returns the plans, bases and ``{kind: nc}``, or None."""
+    at least ``REMAINDER_MIN_WIDTH`` wide (and whole quantization groups); the one that
+    keeps most is taken.  Returns the plans, bases and ``{kind: nc}``, or None."""
     shape = setup.spec[1]
     kind_of = {n: k for m in infos for n, k, _, _ in m.modules}
     cands = []
@@ -647,20 +645,11 @@ def _remainder(setup: _Setup, plans: list[ModulePlan], fitted: dict[str, _Fitted
                     shapes.append((nc, n))
             if shapes:
                 cands.append((p.name, side, shapes))
-    # what a whole column would keep bounds what part of one keeps: the partial columns are
-    # computed (their reduction again) in that order until the bound is below the best found
-    est = []
+    best = None
     for name, side, shapes in cands:
         f = fitted[name]
-        est.append((-column_bound(outside(setup.parts[name], f.U, f.V, side)), name, side,
-                    shapes))
-    best = None
-    for neg, name, side, shapes in sorted(est, key=lambda e: e[0]):
-        if best is not None and -neg <= best[1].gain:
-            break
-        f = fitted[name]
-        X = outside(setup.parts[name], f.U, f.V, side)
-        pc = partial_column(X, f.U if side == "U" else f.V, side, shapes)
+        pc = partial_column(outside(setup.parts[name], f.U, f.V, side),
+                            f.U if side == "U" else f.V, side, shapes)
         if pc is not None and pc.gain > 0 and (best is None or pc.gain > best[1].gain):
             best = (name, pc)
     if best is None:
