@@ -334,19 +334,10 @@ def test_rerouted_members_share_one_pass(served, tmp_path):
         assert float((one[0] - got[i]).abs().max()) < 1e-5
 
 
-def test_tied_members_serve_like_their_exported_loras(served, tmp_path):
-    """Checkpoints of one run fitted with tied modules (every member routing to the same pool
-    rows, no core): a mixed batch equals PEFT's with the exported LoRAs, row by row."""
-    from test_zoo import _tied_modules, _write_checkpoints
-
-    from mosconv.mos.format import load_mos
-
-    root, cls = served
-    _write_checkpoints(tmp_path / "zoo", n=3, layers=2, base="tiny-llama")
-    summary = run_batch(tmp_path / "zoo", tmp_path / "out", BatchConfig(ratio=8, shared_pool=True))
-    assert summary.failed == 0 and summary.totals.shared_pool_params > 0
-    names = [a.name for a in summary.adapters]
-    assert _tied_modules([load_mos(tmp_path / "out" / n) for n in names])
+def _mixed_batch_like_peft(root, cls, tmp_path, names: list[str]):
+    """The zoo written to ``tmp_path / "out"`` applied by mosconv, a mixed batch of its
+    first three members and the base: equal to PEFT's with the exported LoRAs, row by row.
+    Returns the mosconv model after that batch."""
     from peft import PeftModel
 
     peft = PeftModel.from_pretrained(_base(root, cls), export_lora(
@@ -362,6 +353,23 @@ def test_tied_members_serve_like_their_exported_loras(served, tmp_path):
         got = model(ids).logits
         want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
     assert float((got - want).abs().max()) < 1e-4
+    return model
+
+
+def test_tied_members_serve_like_their_exported_loras(served, tmp_path):
+    """Checkpoints of one run fitted with tied modules (every member routing to the same pool
+    rows, no core): a mixed batch equals PEFT's with the exported LoRAs, row by row."""
+    from test_zoo import _tied_modules, _write_checkpoints
+
+    from mosconv.mos.format import load_mos
+
+    root, cls = served
+    _write_checkpoints(tmp_path / "zoo", n=3, layers=2, base="tiny-llama")
+    summary = run_batch(tmp_path / "zoo", tmp_path / "out", BatchConfig(ratio=8, shared_pool=True))
+    assert summary.failed == 0 and summary.totals.shared_pool_params > 0
+    names = [a.name for a in summary.adapters]
+    assert _tied_modules([load_mos(tmp_path / "out" / n) for n in names])
+    model = _mixed_batch_like_peft(root, cls, tmp_path, names)
     # the tied members' rows went through one pass (no core: the identity between the rows)
     layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
     tied = [m for m in layers if all(m.deltas[n].core is None and m.deltas[n].basis_key()
@@ -390,21 +398,7 @@ def test_members_of_a_sharded_kind_serve_like_their_exported_loras(served, tmp_p
     loaded = load_mos(tmp_path / "out" / names[0])
     sharded = {k for k, p in loaded.kinds.items() if p.nc > 1}
     assert sharded
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(_base(root, cls), export_lora(
-        tmp_path / "out" / names[0], tmp_path / "exp" / names[0]), adapter_name=names[0])
-    for n in names[1:]:
-        peft.load_adapter(export_lora(tmp_path / "out" / n, tmp_path / "exp" / n),
-                          adapter_name=n)
-    model = mosconv.apply(_base(root, cls), tmp_path / "out")
-    rows = [names[0], names[2], names[1], names[2], None]
-    ids = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(4))
-    mosconv.set_active(model, rows)
-    with torch.no_grad():
-        got = model(ids).logits
-        want = peft.eval()(ids, adapter_names=[r or "__base__" for r in rows]).logits
-    assert float((got - want).abs().max()) < 1e-4
+    model = _mixed_batch_like_peft(root, cls, tmp_path, names)
     # the sharded kind's members went through one pass
     layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)
               and m.deltas[names[0]]._pools[0].nc > 1]
