@@ -934,7 +934,8 @@ def partial_column(X: torch.Tensor, Q: torch.Tensor, side: str,
     x = root(_left_svd(root(XS))[0][:, :1])[:, 0]
     column = torch.zeros(d, dtype=F64)
     column[rows] = x / x.norm()
-    c = column - Q @ (Q.T @ column)  # its part outside the basis: what it adds
-    if float(c.norm()) <= 1e-9:
+    new = column - Q @ (Q.T @ column)  # its part outside the basis: what it adds
+    if float(new.norm()) <= 1e-9:
         return None
-    return PartialColumn(side, nc, shards, column, float((c @ X).pow(2).sum() / c.pow(2).sum()))
+    return PartialColumn(side, nc, shards, column,
+                         float((new @ X).pow(2).sum() / new.pow(2).sum()))
