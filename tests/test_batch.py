@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -824,3 +825,24 @@ def test_batch_takes_the_conversion_options_of_compress(tmp_path):
     assert statuses() == ["skipped", "skipped"]
     assert run_cli("batch", zoo, out, "--ratio", "4", "--iters", "1", "-q").exit_code == 0
     assert statuses() == ["converted", "converted"]  # weights allowed now: redone
+
+
+def test_batch_md_python_api_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/batch.md's Python API example, run on a small zoo (one job instead of two: the
+    test process is not a script with a ``__main__`` guard)."""
+    doc = (REPO_ROOT / "docs" / "batch.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.+?)```", doc, flags=re.DOTALL).group(1)
+    assert code.count("jobs=2") == 2
+    make_shared_zoo(tmp_path / "zoo")
+    monkeypatch.chdir(tmp_path)
+    with one_thread():
+        exec(compile(code.replace("jobs=2", "jobs=1"), "batch.md", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert printed[-1 - len(summary["adapters"])] == f"{summary['totals']['mos_params']} 0"
+    names = [a["name"] for a in summary["adapters"]]
+    assert printed[:len(names)] == [f"{n} converted" for n in names]  # progress, then totals
+    # then convert_many, independent (other settings than the shared run: redone)
+    assert [line.split()[0] for line in printed[len(names) + 1:]] == names
+    assert all(line.split()[1] == "converted" and line.endswith(" None")
+               for line in printed[len(names) + 1:])
