@@ -38,3 +38,11 @@ class UnsupportedAdapterError(FormatError):
 class NumericalError(MosconvError, ValueError):
     """Numbers turned non-finite (NaN or Inf) while computing: a base model that overflows,
     a diverging optimization. Nothing is written when it is raised."""
+
+
+def check_seed(seed: object) -> None:
+    """Raise :class:`ConfigError` unless ``seed`` is an integer that seeds every random
+    step mosconv takes (scikit-learn's ``random_state``: ``0 .. 2**32 - 1``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in 0 .. 2**32 - 1, got {seed!r}",
+                          options=("seed",))

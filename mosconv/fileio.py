@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MosconvError
+from .names import CONFIG_FILE, PEFT_CONFIG, PEFT_WEIGHTS, TENSOR_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -80,9 +81,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# What a folder holding another kind of adapter has: a MoS output is never written beside a
+# PEFT LoRA, nor a LoRA export beside a MoS adapter (marker -> the other kind's files).
+OTHER_OUTPUTS = {
+    CONFIG_FILE: (PEFT_CONFIG, *PEFT_WEIGHTS),
+    PEFT_CONFIG: (CONFIG_FILE, TENSOR_FILE),
+}
+
+
+def missing_folders(out: str | Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, innermost first: what writing
+    ``out`` creates, for :func:`remove_missing` to take back should the write fail."""
+    made, p = [], Path(out).absolute()
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def remove_missing(made: list[Path]) -> None:
+    """Undo :func:`missing_folders`: ``made[0]`` (the output) goes with its contents, its
+    ancestors only while empty (another writer may have put something there since)."""
+    if not made:
+        return
+    import shutil
+
+    shutil.rmtree(made[0], ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def same_or_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
                        remove_marker: bool = True) -> None:
-    """Create ``out``; refuse to touch a folder holding a finished output unless ``overwrite``.
+    """Create ``out``; refuse to touch a folder holding a finished output unless ``overwrite``,
+    and a folder holding another kind of adapter (:data:`OTHER_OUTPUTS`) in any case.
 
     ``marker`` is the file whose presence means "finished" (written last); with
     ``overwrite`` it is removed first (unless ``remove_marker`` is False: a check before
@@ -98,6 +139,9 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MosconvError(f"{out}: exists and is not a folder")
+    for name in OTHER_OUTPUTS.get(marker, ()):
+        if (out / name).exists():  # --overwrite replaces an output of ours, never another's
+            raise MosconvError(f"{out}: holds another adapter ({name}); write to another folder")
     if (out / marker).exists():
         if not overwrite:
             raise MosconvError(f"{out}: already holds an output ({marker}); it is replaced only "

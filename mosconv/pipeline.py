@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError, FormatError, NumericalError
-from .fileio import prepare_output_dir, sha256_file
+from .fileio import missing_folders, prepare_output_dir, remove_missing, same_or_inside, sha256_file
 from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
 from .fit.storage import store
 from .lora.read import read_adapter
@@ -185,7 +184,10 @@ def compress(
         distill.validate()
         data.need("distillation")
     out = Path(out)
-    created = not out.exists()
+    if same_or_inside(lora_path, out):
+        raise ConfigError(f"{out}: holds the input adapter {lora_path}; write the MoS adapter "
+                          "to another folder")
+    made = missing_folders(out)
     # fail before the work, not after; with overwrite an old output stays complete and
     # untouched until the first new file is written (a bad input leaves it as it was)
     prepare_output_dir(out, CONFIG_FILE, overwrite, remove_marker=False)
@@ -210,8 +212,7 @@ def compress(
         log.info("writing %s", out)
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
-        if created:  # leave nothing behind that we made
-            shutil.rmtree(out, ignore_errors=True)
+        remove_missing(made)  # leave nothing behind that we made
         raise
     # the report as saved (with the tensor file's size)
     return ConvertResult(mos=mos, report=load_report(out) or result.report,
@@ -294,6 +295,9 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
     if dtype != "auto" and dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be auto or one of {', '.join(FLOAT_DTYPES)}, got "
                           f"{dtype!r}", options=("dtype",))
+    if same_or_inside(mos_dir, out):
+        raise ConfigError(f"{out}: holds the input adapter {mos_dir}; write the LoRA to another "
+                          "folder")
     mos = load_mos(mos_dir)
     if dtype == "auto":  # int8/int4 values times float16 scales are exact in float32
         dtype = "float32" if mos.storage.quantized else mos.storage.dtype
@@ -325,12 +329,11 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         base.pop(key, None)
     cfg = peft_config(base, ranks)
     out = Path(out)
-    created = not out.exists()
+    made = missing_folders(out)
     try:  # adapter_model.safetensors, then adapter_config.json (the marker) last
         return write_peft_folder(out, modules, cfg, mos.extra_tensors, overwrite=overwrite)
     except BaseException:
-        if created:  # a failed export (disk full, interrupt) leaves no folder we made
-            shutil.rmtree(out, ignore_errors=True)
+        remove_missing(made)  # a failed export (disk full, interrupt) leaves no folder we made
         raise
 
 

@@ -846,3 +846,40 @@ def test_batch_md_python_api_runs_as_written(tmp_path, monkeypatch, capsys):
     assert [line.split()[0] for line in printed[len(names) + 1:]] == names
     assert all(line.split()[1] == "converted" and line.endswith(" None")
                for line in printed[len(names) + 1:])
+
+
+def test_links_to_adapter_folders_are_followed_once(tmp_path):
+    real = make_small_zoo(tmp_path / "real")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "a0").symlink_to(real / "teamA" / "a0", target_is_directory=True)
+    (zoo / "teamB").symlink_to(real / "teamB", target_is_directory=True)
+    (zoo / "teamB_again").symlink_to(real / "teamB", target_is_directory=True)
+    (real / "teamB" / "loop").symlink_to(real, target_is_directory=True)  # a cycle
+    items = discover(zoo)
+    # each folder once (a0 is reached through two links, teamB through two and a loop)
+    assert [i.name for i in items] == ["a0", "teamB/loop/c0", "teamB/loop/kohya/style",
+                                       "teamB/loop/teamA/a1", "teamB/x/b0"]
+    summary = run_batch(zoo, tmp_path / "out", BatchConfig(ratio=8.0, search="truncation"))
+    assert summary.totals.converted == 5 and summary.failed == 0
+
+
+def test_out_equal_to_the_zoo_is_named_as_such(tmp_path):
+    zoo = make_small_zoo(tmp_path / "zoo")
+    res = run_cli("batch", zoo, zoo)
+    assert res.exit_code == 1
+    assert res.stderr == (f"mosconv: error: {zoo}: is also the output folder; write the outputs "
+                          "to another folder (one inside the zoo is fine)\n")
+
+
+def test_failed_adapters_leave_no_empty_folders(tmp_path):
+    zoo = make_small_zoo(tmp_path / "zoo")
+    deep = zoo / "x" / "y"
+    deep.mkdir(parents=True)
+    (deep / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    (tmp_path / "list.txt").write_text("zoo/c0\nnope/missing\n")
+    for source, out in ((zoo, tmp_path / "out"), (tmp_path / "list.txt", tmp_path / "outL")):
+        res = run_cli("batch", source, out, "--search", "truncation", "-q")
+        assert res.exit_code == 1
+        assert [p for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())] == []
+    assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "outL" / "nope").exists()

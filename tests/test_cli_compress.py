@@ -12,7 +12,10 @@ from factory import llama_like, write_random_peft
 from helpers import one_thread, safetensors_parts, zoo_path
 
 import mosconv.mos.format
+from mosconv.batch.run import BatchConfig
 from mosconv.cli.commands import main
+from mosconv.errors import ConfigError
+from mosconv.fit.convert import ConvertConfig
 from mosconv.mos.format import CONFIG_FILE, REPORT_FILE, TENSOR_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -197,11 +200,27 @@ def test_failed_overwrite_does_not_leave_old_output_looking_complete(lora, tmp_p
     assert not (out / CONFIG_FILE).exists()
 
 
+@pytest.mark.parametrize("option", ["--ratio", "--size-ratio"])
 @pytest.mark.parametrize("ratio", ["0.5", "0", "-1", "nan", "inf"])
-def test_bad_ratio_is_an_error(lora, tmp_path, ratio):
-    res = run("compress", lora, tmp_path / "o", "--ratio", ratio)
-    assert_one_line_error(res, "ratio", codes=(1, 2))
-    assert not (tmp_path / "o" / CONFIG_FILE).exists()
+def test_bad_ratio_is_a_usage_error(lora, tmp_path, ratio, option):
+    res = run("compress", lora, tmp_path / "o", option, ratio)
+    assert_one_line_error(res, codes=(2,))
+    assert f"Invalid value for '{option}': must be a finite number >= 1" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range_is_a_usage_error(lora, tmp_path, seed):
+    for command in ("compress", "batch"):
+        res = run(command, lora, tmp_path / "o", "--seed", seed)
+        assert_one_line_error(res, codes=(2,))
+        assert "Invalid value for '--seed'" in res.output and "0<=x<=4294967295" in res.output
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="seed must be an integer in 0 .. 2..32 - 1"):
+        ConvertConfig(seed=int(seed)).validate()
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        BatchConfig(seed=int(seed)).validate()
+    assert run("compress", lora, tmp_path / "o", "--seed", str(2**32 - 1), "-q").exit_code == 0
 
 
 def test_non_numeric_ratio_is_usage_error(lora, tmp_path):

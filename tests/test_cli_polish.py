@@ -4,6 +4,8 @@ compress is named as such, --quiet prints nothing, --json prints JSON, exit code
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -69,3 +71,95 @@ def test_verbose_logs_the_steps(lora, tmp_path):
         assert step in res.output
     res = CliRunner().invoke(main, ["compress", str(lora), str(tmp_path / "n"), "-q"])
     assert res.exit_code == 0 and res.output == ""
+
+
+def test_outputs_never_go_where_the_input_or_another_adapter_is(lora, tmp_path):
+    src = tmp_path / "lora"
+    shutil.copytree(lora, src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for out in (src, tmp_path):  # the input's folder, a folder holding it
+        res = invoke("compress", src, out, "--overwrite")
+        assert res.exit_code == 1 and "holds the input adapter" in res.stderr
+    assert invoke("compress", src, tmp_path / "m", "-q").exit_code == 0
+    other = tmp_path / "other"
+    shutil.copytree(lora, other)
+    res = invoke("compress", src, other, "--overwrite")  # another LoRA: never mixed in
+    assert res.exit_code == 1 and "holds another adapter (adapter_config.json)" in res.stderr
+    assert sorted(p.name for p in other.iterdir()) == sorted(before)
+    res = invoke("export", tmp_path / "m", tmp_path / "m", "--overwrite")
+    assert res.exit_code == 1 and "holds the input adapter" in res.stderr
+    assert invoke("compress", src, tmp_path / "m2", "-q").exit_code == 0
+    res = invoke("export", tmp_path / "m", tmp_path / "m2", "--overwrite")  # a MoS adapter
+    assert res.exit_code == 1 and "holds another adapter (mos_config.json)" in res.stderr
+    assert not (tmp_path / "m2" / "adapter_config.json").exists()
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    # unrelated files are kept: a MoS output may go to a folder that holds some
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine\n")
+    assert invoke("compress", src, tmp_path / "notes", "-q").exit_code == 0
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine\n"
+
+
+def test_a_failed_run_takes_back_the_folders_it_made(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    res = invoke("compress", tmp_path / "missing", out)
+    assert res.exit_code == 1 and not (tmp_path / "a").exists()
+    (tmp_path / "keep").mkdir()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    res = invoke("compress", bad, tmp_path / "keep" / "x" / "out")
+    assert res.exit_code == 1 and sorted(tmp_path.iterdir()) == [bad, tmp_path / "keep"]
+    assert list((tmp_path / "keep").iterdir()) == []
+
+
+def test_the_recorded_command_leaves_out_what_only_changes_the_screen(lora, tmp_path,
+                                                                     monkeypatch):
+    outs = []
+    for extra in ([], ["-q", "--overwrite"], ["--json"]):
+        out = tmp_path / "m"
+        monkeypatch.setattr(sys, "argv", ["mosconv", "compress", str(lora), str(out), *extra])
+        assert invoke("compress", lora, out, *extra).exit_code == 0
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+        shutil.rmtree(out)
+    assert outs[0] == outs[1] == outs[2]
+    cfg = json.loads(outs[1]["mos_config.json"])
+    assert cfg["command"] == f"mosconv compress {lora} {tmp_path / 'm'}"
+
+
+def test_an_empty_budget_warns(lora, tmp_path):
+    res = invoke("compress", lora, tmp_path / "m", "--ratio", "1e9", "-q")
+    assert res.exit_code == 0 and res.stdout == ""
+    assert res.stderr == (f"mosconv: warning: a budget of 0 parameters holds nothing: "
+                          f"{tmp_path / 'm'} is an all-zero adapter (error 1.0); lower the "
+                          "ratio\n")
+    assert invoke("compress", lora, tmp_path / "n", "-q").stderr == ""
+
+
+def test_internal_error_hint_names_the_global_option(lora, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("mosconv.pipeline.convert", boom)
+    res = invoke("compress", lora, tmp_path / "m")
+    assert res.exit_code == 1
+    assert res.stderr == ("mosconv: error: internal error: RuntimeError: a bug (rerun as "
+                          "mosconv -v COMMAND ... for the traceback)\n")
+    res = CliRunner().invoke(main, ["-v", "compress", str(lora), str(tmp_path / "m")])
+    assert "Traceback" in res.output and "rerun as" not in res.output
+
+
+def test_refit_without_shared_pool_is_a_usage_error(lora, tmp_path):
+    res = invoke("batch", lora, tmp_path / "o", "--refit")
+    assert res.exit_code == 2 and "--refit is used with --shared-pool" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_says_which_alpha_a_config_without_one_gets(tmp_path):
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=1, d=16, d_kv=8), r=2,
+                                  alpha=4)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    res = invoke("inspect", folder)
+    assert res.exit_code == 0
+    assert "alpha - (PEFT's default 8), scales [4.0]" in res.output

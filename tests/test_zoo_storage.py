@@ -326,6 +326,16 @@ def test_a_group_under_a_size_ratio(tmp_path):
     new = load_mos(out / "task4")
     assert new.storage == fit.storage
     assert rows[4]["mos_tensor_bytes"] <= rows[4]["lora_tensor_bytes"] / 24
+    # its report says the byte ratio and stands next to it converted alone under it
+    from mosconv.fit.convert import ConvertConfig, convert
+
+    alone = convert(read_adapter(zoo / "task4"),
+                    ConvertConfig(size_ratio=24.0, quantize="auto")).report.totals
+    rep = json.loads((out / "task4" / "report.json").read_text())["totals"]
+    assert rep["size_ratio"] == 24.0 and rep["size_budget_bytes"] == alone.size_budget_bytes
+    assert rep["truncation_equal_bytes_relative_error"] == \
+        alone.truncation_equal_bytes_relative_error
+    assert rows[4]["relative_error"] < alone.relative_error
 
 
 def test_a_sized_group_takes_the_storage_that_serves_its_members_best_alone():

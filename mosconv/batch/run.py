@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, FormatError, MosconvError
+from ..errors import ConfigError, FormatError, MosconvError, check_seed
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
 from ..lora.read import resolve_adapter_path
 from ..mos.manifest import load_report, read_manifest, read_pool_members, write_pool_members
@@ -75,6 +75,9 @@ class BatchConfig:
     def validate(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
+        check_seed(self.seed)
+        if self.refit and not self.shared_pool:
+            raise ConfigError("refit is used with a shared pool", options=("shared_pool",))
         if self.jobs < 1:
             raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if self.engine not in ("local", "ray"):
@@ -145,8 +148,9 @@ def safe_name(rel: str) -> str:
 def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
     """Adapters under a folder (recursive, sorted) or listed in a text file (one per line).
 
-    ``exclude`` (the output folder, when it lies inside the zoo) is not searched.  A zoo
-    that is itself one adapter (a PEFT folder or a weight file) gives a zoo of one.
+    ``exclude`` (the output folder, when it lies inside the zoo) is not searched.  Links to
+    folders are followed (each folder is searched once).  A zoo that is itself one adapter
+    (a PEFT folder or a weight file) gives a zoo of one.
     """
     zoo = Path(zoo)
     if not zoo.exists():
@@ -174,12 +178,18 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
             rel = os.path.relpath(p, base)
             items.append(Item(safe_name(rel.removesuffix(p.suffix) if p.is_file() else rel), str(p)))
     else:
-        for dirpath, dirnames, filenames in os.walk(zoo):
+        if skip is not None and zoo.resolve() == skip:
+            raise ConfigError(f"{zoo}: is also the output folder; write the outputs to another "
+                              "folder (one inside the zoo is fine)")
+        seen: set[Path] = set()
+        for dirpath, dirnames, filenames in os.walk(zoo, followlinks=True):
             dirnames.sort()
             d = Path(dirpath)
-            if skip is not None and d.resolve() == skip:
+            real = d.resolve()
+            if (skip is not None and real == skip) or real in seen:  # the output; a link loop
                 dirnames[:] = []
                 continue
+            seen.add(real)
             if CONFIG_NAME in filenames:
                 items.append(Item(safe_name(os.path.relpath(d, zoo)), str(d)))
                 dirnames[:] = []  # a PEFT folder's contents belong to it
@@ -541,6 +551,8 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
         ratio = float(members[0].info.get("ratio", config.ratio)) if config.size_ratio \
             else float(config.ratio)
         mos_list, reports = fit_new_members(members, adapters, ratio, config.seed)
+        if config.size_ratio is not None:
+            mos_list, reports = _sized_newcomers(adapters, mos_list, reports, config)
     except (MosconvError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         for i in new:
@@ -556,6 +568,30 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
             added.append(i.name)
             write_pool_members(out, gid, pool[1], added)
         yield outcome
+
+
+def _sized_newcomers(adapters: list, mos_list: list, reports: list, config: BatchConfig
+                     ) -> tuple[list, list]:
+    """Under a byte budget, each newcomer next to itself converted alone as ``compress
+    --size-ratio`` would: the alone conversion where it is better (never worse off than on
+    its own), else its group fit with the baseline at equal bytes of that conversion."""
+    from ..fit.convert import ConvertConfig, convert
+    from ..fit.zoo import sized_report
+
+    cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
+                       iters=config.iters, routing_weights=config.routing_weights,
+                       dtype=config.dtype, quantize=config.quantize,
+                       size_ratio=config.size_ratio)
+    out_mos, out_reports = [], []
+    for a, mos, rep in zip(adapters, mos_list, reports):
+        alone = convert(a, cc)
+        if alone.report.totals.relative_error < rep.totals.relative_error:
+            mos, rep = alone.mos, alone.report
+        else:
+            rep = sized_report(rep, alone.report, config.size_ratio)
+        out_mos.append(mos)
+        out_reports.append(rep)
+    return out_mos, out_reports
 
 
 # ---------------------------------------------------------------- the whole run

@@ -93,6 +93,11 @@ def _inspect_serving(path: str, as_json: bool, plot_path: str | None) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else render_serving(info))
 
 
+# Options that change what is printed or whether an old output may be replaced, not what is
+# written: left out of the recorded command, so that they do not change the output's bytes.
+SCREEN_ONLY = frozenset({"--overwrite", "--quiet", "-q", "--json", "-v", "--verbose"})
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema instead of tables.")
@@ -173,7 +178,8 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
     dconfig = distill_config(opts) if distill else None
     if not distill and opts["data"] is not None and calib is None:
         raise click.UsageError("--data is used with --distill or --calib")
-    command = "mosconv " + " ".join(sys.argv[1:]) if sys.argv else None
+    command = "mosconv " + " ".join(a for a in sys.argv[1:] if a not in SCREEN_ONLY) \
+        if sys.argv else None
     with Bars(quiet) as bars:
         result = run_compress(
             lora, out, config, command=command, overwrite=overwrite, calib=calib, data=spec,
@@ -184,6 +190,10 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
         _dump(result.report.to_json())
     elif not quiet:
         click.echo(render_report(result.report) + f"\nwrote {out}")
+    totals = result.report.totals
+    if totals.mos_params == 0 and totals.lora_params > 0:
+        click.echo(f"mosconv: warning: a budget of {totals.budget:,} parameters holds nothing: "
+                   f"{out} is an all-zero adapter (error 1.0); lower the ratio", err=True)
     if plot_path is not None:
         from .plot import plot_mos
 
@@ -308,6 +318,8 @@ def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:
     from ..batch.run import BatchConfig, run_batch
     from .options import resolve_budget
 
+    if opts["refit"] and not opts["shared_pool"]:
+        raise click.UsageError("--refit is used with --shared-pool")
     config = BatchConfig(**resolve_budget(opts))
     with Bars(quiet) as bars:
         summary = run_batch(zoo, out, config, bars.counter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -54,9 +55,12 @@ def handle_errors(fn: F) -> F:
         except (click.ClickException, click.exceptions.Exit):
             raise  # usage errors: click prints them and exits 2
         except Exception as e:  # noqa: BLE001  (a bug: one line; -v shows the traceback)
+            msg = f"internal error: {type(e).__name__}: {str(e)[:300]}"
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
-            fail(f"internal error: {type(e).__name__}: {str(e)[:300]} (rerun with -v for details)")
+            else:
+                msg += " (rerun as mosconv -v COMMAND ... for the traceback)"
+            fail(msg)
 
     return wrapper  # type: ignore[return-value]
 
@@ -72,13 +76,23 @@ CONVERT_KEYS = ("ratio", "seed", "search", "iters", "routing_weights", "dtype", 
 DATA_KEYS = ("base_model", "gguf_file", "data", "max_tokens", "seq_len", "batch_size", "device")
 
 
+def _ratio(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A budget ratio: a finite number >= 1 (else a usage error, exit 2)."""
+    if value is not None and not (math.isfinite(value) and value >= 1):
+        raise click.BadParameter(f"must be a finite number >= 1, got {value:g}", ctx, param)
+    return value
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what scikit-learn's random_state takes
+
+
 def convert_options(fn: F) -> F:
     """The conversion settings, shared by compress and batch (ConvertConfig's fields)."""
     return _apply(fn, [
-        click.option("--ratio", type=float, default=None,
+        click.option("--ratio", type=float, default=None, callback=_ratio,
                      help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; "
                           "1 is lossless; default 8). batch --shared-pool: per group of adapters."),
-        click.option("--size-ratio", type=float, default=None, metavar="S",
+        click.option("--size-ratio", type=float, default=None, metavar="S", callback=_ratio,
                      help="Byte budget instead of --ratio: MoS tensor bytes <= the LoRA's tensor "
                           "bytes / S; mosconv picks the parameter ratio and the storage "
                           "(--dtype/--quantize choices) with the lowest error and says which."),
@@ -93,7 +107,7 @@ def convert_options(fn: F) -> F:
                      help="Store pools and cores as int8 or int4 (float16 scales per 64 values, "
                           "fitted by least squares). Default none; with --size-ratio auto "
                           "(try none, int8 and int4)."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=SEED, default=0, show_default=True,
                      help="Seed for clustering (deterministic output)."),
         click.option("--search", type=click.Choice(["truncation", "fast", "thorough"]),
                      default="fast", show_default=True,

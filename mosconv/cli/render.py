@@ -38,13 +38,16 @@ def render_lora_inspect(info: dict[str, Any]) -> str:
     params = (f"LoRA params   {lora:,}" if stored == lora else
               f"params        {stored:,} stored in the file; LoRA-equivalent {lora:,} (the "
               "exact factorization, the reference for --ratio)")
+    alpha = info["lora_alpha"]
+    if alpha is None:  # the scales say what was used
+        alpha = "- (PEFT's default 8)" if info["format"] == "peft" else "-"
     out = [
         f"format        {info['format']}  (dtype {info['dtype']}"
         + (", fan_in_fan_out" if info["fan_in_fan_out"] else "") + ")",
         f"base model    {info['base_model'] or '-'}   task {info['task_type'] or '-'}",
         "files         " + ", ".join(f"{f['path']} ({fmt_bytes(f['bytes'])})" for f in info["files"]),
         (f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ranks "
-         f"{info['ranks']}, alpha {info['lora_alpha']}, scales {info['scales']}"),
+         f"{info['ranks']}, alpha {alpha}, scales {info['scales']}"),
         params,
         f"extra tensors {len(info['extra_tensors'])} ({info['extra_params']:,} params, passed through)",
         "",

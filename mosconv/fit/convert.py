@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from .._threads import one_thread
-from ..errors import ConfigError, MosconvError
+from ..errors import ConfigError, MosconvError, check_seed
 from ..lora.types import LoraAdapter
 from ..mos.quant import FLOAT_DTYPES, QUANTIZE, Storage, StorageOverflow, storage_of_source
 from ..mos.types import KindPools, MosAdapter, MosModule
@@ -76,6 +76,7 @@ class ConvertConfig:
     def validate(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
+        check_seed(self.seed)
         if self.search not in SEARCH_LEVELS:
             raise ConfigError(f"search must be one of {', '.join(SEARCH_LEVELS)}, got {self.search!r}")
         if self.iters < 0:

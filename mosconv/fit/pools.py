@@ -179,7 +179,7 @@ def shared_fit(
         res_b.append(b.reshape(public_rows * nc, sB))
     xa, xb = torch.cat(res_a), torch.cat(res_b)
     pools, routes, gains = [], [], []
-    for x, side_seed in ((xa, seed), (xb, seed + 1)):
+    for x, side_seed in ((xa, seed), (xb, (seed + 1) % 2**32)):
         if weights:
             unit, _ = _canonical(x)
             cent, labels = _kmeans(unit, n_public, side_seed)

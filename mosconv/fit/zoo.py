@@ -437,15 +437,20 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
         raise ConfigError(f"size ratio {size_ratio:g}: no storage fits the group in "
                           f"{limit} bytes", options=("size_ratio",))
     best = min(found, key=lambda x: x[:3])[3]
-    reports = []
-    for r, m in zip(best.reports, infos):  # the baseline at equal bytes: the member's own
-        a = m.alone.totals
-        reports.append(r if r is m.alone else replace(r, totals=replace(
-            r.totals, size_ratio=float(size_ratio), size_budget_bytes=a.size_budget_bytes,
-            truncation_equal_bytes_relative_error=a.truncation_equal_bytes_relative_error,
-            truncation_equal_bytes_params=a.truncation_equal_bytes_params,
-            truncation_equal_bytes_tensor_bytes=a.truncation_equal_bytes_tensor_bytes)))
+    reports = [r if r is m.alone else sized_report(r, m.alone, size_ratio)
+               for r, m in zip(best.reports, infos)]
     return replace(best, reports=reports)
+
+
+def sized_report(report: Report, alone: Report, size_ratio: float) -> Report:
+    """A group member's report under a byte budget: the byte ratio asked for, and the
+    baseline at equal bytes of its alone conversion ``alone`` (made under ``size_ratio``)."""
+    a = alone.totals
+    return replace(report, totals=replace(
+        report.totals, size_ratio=float(size_ratio), size_budget_bytes=a.size_budget_bytes,
+        truncation_equal_bytes_relative_error=a.truncation_equal_bytes_relative_error,
+        truncation_equal_bytes_params=a.truncation_equal_bytes_params,
+        truncation_equal_bytes_tensor_bytes=a.truncation_equal_bytes_tensor_bytes))
 
 
 def _best_alone(storages: list[Storage], infos: list[MemberInfo]) -> list[Storage]:

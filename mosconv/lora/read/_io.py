@@ -58,15 +58,16 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             warnings.simplefilter("ignore")  # pickle protocol 66") before it fails
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's first line is advice ("can still be loaded ..."); the reason is the
-        # "WeightsUnpickler error: Unsupported global ..." line, minus its own advice.
+        # torch's message is mostly advice (to load it unsafely, which mosconv never does);
+        # the reason is the line naming what it refused ("Unsupported global ...", "Trying
+        # to load unsupported GLOBAL posix.system ..."), minus its own advice.
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-        lines = [ln for ln in lines if ln] or ["unsafe content"]
-        first = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0])
-        first = first.split(". Please use")[0]
+        reason = next((ln for ln in lines if re.search(r"global|WeightsUnpickler", ln, re.IGNORECASE)
+                       and "weights_only" not in ln), None)
+        reason = f" ({reason.split('. Please use')[0].rstrip('.')[:200]})" if reason else ""
         raise FormatError(
-            f"{path}: refused to load: the pickle holds more than tensors "
-            f"(weights_only=True said: {first[:200]})"
+            f"{path}: refused to load: the pickle holds objects other than tensors{reason}; "
+            "mosconv never unpickles code (convert the file to safetensors where you trust it)"
         ) from None
     except Exception as e:  # noqa: BLE001  (a damaged pickle makes torch raise anything:
         # TypeError, AssertionError, struct.error, ...; weights_only ran no code)
