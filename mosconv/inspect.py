@@ -129,6 +129,8 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
         "base_model": mos.source.get("base_model"),
         "ratio": mos.info.get("ratio"),
         "command": mos.info.get("command"),
+        "batch": mos.info.get("batch"),
+        "zoo_group": mos.info.get("zoo_group"),
         "num_modules": len(mos.modules),
         "num_kinds": len(mos.kinds),
         "params": mos.params,

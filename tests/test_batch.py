@@ -883,3 +883,14 @@ def test_failed_adapters_leave_no_empty_folders(tmp_path):
         assert res.exit_code == 1
         assert [p for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())] == []
     assert not (tmp_path / "out" / "x").exists() and not (tmp_path / "outL" / "nope").exists()
+
+
+def test_inspect_names_how_a_batch_output_was_made(tmp_path):
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    res = run_cli("inspect", out / "lm" / "task0", "--json")
+    info = json.loads(res.output)
+    assert info["command"] is None and info["batch"]["shared_pool"] is True
+    text = run_cli("inspect", out / "lm" / "task0").output
+    assert (f"command       mosconv batch (ratio 8.0, seed 0, search fast, iters 4, "
+            f"shared_pool True; group {info['zoo_group']})\n") in text

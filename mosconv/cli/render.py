@@ -133,6 +133,15 @@ def render_report(report: Report) -> str:
     return "\n".join(out)
 
 
+def _made_by_batch(info: dict[str, Any]) -> str | None:
+    """How a ``batch`` output was made: its settings (and its group, with shared pools)."""
+    if not info.get("batch"):
+        return None
+    settings = ", ".join(f"{k} {v}" for k, v in info["batch"].items())
+    group = f"; group {info['zoo_group']}" if info.get("zoo_group") else ""
+    return f"mosconv batch ({settings}{group})"
+
+
 def render_mos_inspect(info: dict[str, Any]) -> str:
     """``inspect`` on a MoS folder (``info``: :func:`mosconv.inspect.inspect_mos`)."""
     out = [
@@ -141,7 +150,7 @@ def render_mos_inspect(info: dict[str, Any]) -> str:
         f"modules       {info['num_modules']} in {info['num_kinds']} kinds, ratio {info.get('ratio')}",
         f"params        {info['params']:,}  index {fmt_bytes(info['index_bytes'])}",
         _storage_line(info),
-        f"command       {info.get('command') or '-'}",
+        f"command       {info.get('command') or _made_by_batch(info) or '-'}",
         "",
     ]
     if info.get("report"):
