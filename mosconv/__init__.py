@@ -39,6 +39,7 @@ _LAZY = {
     "ConvertConfig": "fit.convert", "ConvertResult": "fit.convert", "convert": "fit.convert",
     "MosAdapter": "mos.types", "save_mos": "mos.format", "load_mos": "mos.format",
     "fit_group": "fit.zoo", "fit_new_members": "fit.zoo", "GroupResult": "fit.zoo",
+    "run_batch": "batch.run", "BatchConfig": "batch.run", "Summary": "batch.run",
     # torch-free: the typed report and reading it from a MoS folder
     "Report": "fit.report", "load_report": "mos.manifest",
 }
@@ -57,6 +58,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AdapterLayer",
+    "BatchConfig",
     "ConfigError",
     "ConvertConfig",
     "ConvertResult",
@@ -69,6 +71,7 @@ __all__ = [
     "MosconvError",
     "NumericalError",
     "Report",
+    "Summary",
     "Truncation",
     "UnsupportedAdapterError",
     "__version__",
@@ -87,6 +90,7 @@ __all__ = [
     "merge",
     "read_adapter",
     "remove",
+    "run_batch",
     "save_mos",
     "set_active",
     "set_factor_cache",

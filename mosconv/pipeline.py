@@ -96,17 +96,21 @@ class _Session:
 
 def calibrate(adapter: LoraAdapter | str | Path, spec: DataSpec, out: str | Path | None = None,
               *, progress: Callable[[int], None] | None = None,
-              session: _Session | None = None) -> CalibStats:
+              session: _Session | None = None, overwrite: bool = False) -> CalibStats:
     """Input second moments of ``adapter``'s modules on ``spec.data`` run through
-    ``spec.base_model``; written to ``out`` (``.safetensors``) when given.
+    ``spec.base_model``; written to ``out`` (``.safetensors``) when given (an existing file
+    only with ``overwrite``, checked before the model runs).
 
     Raises:
         ConfigError: missing base model or data, modules missing from the model or of
-            other shapes; FormatError: unreadable model or data.
+            other shapes, ``out`` exists; FormatError: unreadable model or data.
     """
     from .model.calib import collect_moments
     from .model.runtime import find_layers
 
+    if out is not None and Path(out).exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists; it is replaced only when overwriting is "
+                          "asked for", options=("overwrite",))
     spec.need("calibration")
     if not hasattr(adapter, "modules"):
         adapter = read_adapter(adapter)
@@ -138,6 +142,9 @@ def load_calib(calib: CalibStats | str | Path | None, adapter: LoraAdapter, spec
 
     if calib is None or isinstance(calib, CalibStats):
         return calib
+    if not Path(calib).is_file():
+        raise FormatError(f"{calib}: no such file (calibration statistics, or a text to "
+                          "compute them from, were asked for)")
     if is_stats_file(calib):
         return load_stats(calib)
     if spec.base_model is None:

@@ -40,7 +40,14 @@ def test_calibrate_then_compress_reuses_stats_without_the_model(tiny_lm, tmp_pat
     def no_model(*a, **k):
         raise AssertionError("the base model must not be loaded when statistics are reused")
 
+    # an existing file is replaced only when asked, checked before the model loads
     monkeypatch.setattr(mosconv.model.hf, "load_base_model", no_model)
+    before = stats.read_bytes()
+    res = run("calibrate", tiny_lm.lora, stats, *model_args(tiny_lm), "-q")
+    assert res.exit_code == 1 and res.stderr == (
+        f"mosconv: error: {stats}: already exists; it is replaced only when overwriting is "
+        "asked for (use --overwrite)\n")
+    assert stats.read_bytes() == before
     res = run("compress", tiny_lm.lora, tmp_path / "out", "--ratio", 4, "--calib", stats)
     assert res.exit_code == 0, res.output
     assert "data-aware error" in res.output and "data-aware truncation" in res.output
@@ -49,6 +56,10 @@ def test_calibrate_then_compress_reuses_stats_without_the_model(tiny_lm, tmp_pat
     assert t["metric"] == "data" and t["calib_tokens"] == 512
     assert t["data_relative_error"] <= t["data_truncation_relative_error"] + 1e-6
     assert load_mos(tmp_path / "out").info["calib"]["data_sha256"]
+    res = run("compress", tiny_lm.lora, tmp_path / "out2", "--calib", tmp_path / "nope.st")
+    assert res.exit_code == 1 and res.stderr == (
+        f"mosconv: error: {tmp_path / 'nope.st'}: no such file (calibration statistics, or a "
+        "text to compute them from, were asked for)\n")
 
 
 def test_compress_calib_from_text_saves_the_stats(tiny_lm, tmp_path):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,19 @@ def test_readme_python_uses_the_public_api():
     assert used and used <= set(mosconv.__all__), used - set(mosconv.__all__)
     for name in mosconv.__all__:
         assert getattr(mosconv, name) is not None, name
+
+
+def test_the_api_names_a_path_given_for_an_adapter_and_a_missing_module(tmp_path):
+    import mosconv
+    from mosconv.errors import ConfigError
+
+    script = ROOT / "examples" / "make_example_lora.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "lora")], check=True,
+                   capture_output=True)
+    with pytest.raises(ConfigError, match=r"convert takes a LoraAdapter \(mosconv.read_adapter"
+                                          r"\(path\) reads one\), got PosixPath"):
+        mosconv.convert(tmp_path / "lora", mosconv.ConvertConfig(ratio=8))
+    result = mosconv.convert(mosconv.read_adapter(tmp_path / "lora"))
+    with pytest.raises(ConfigError, match="no module 'nope' in this MoS adapter"):
+        result.mos.assemble("nope")
+    assert mosconv.run_batch is mosconv.batch.run.run_batch

@@ -393,9 +393,50 @@ def test_load_base_model_errors(tmp_path):
         load_base_model(tmp_path / "missing")
     with pytest.raises(FormatError, match="no such GGUF file"):
         load_base_model(tmp_path, gguf_file="model.gguf")
+    with pytest.raises(FormatError, match="not a model folder") as info:
+        load_base_model(tmp_path)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FormatError, match="cannot load a model") as info:
         load_base_model(tmp_path)
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+    gguf = tmp_path / "ggufs"
+    gguf.mkdir()
+    (gguf / "m.Q4.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"a folder of GGUF files \(m.Q4.gguf\) and no "
+                                          "config.json: name the file to load") as info:
+        load_base_model(gguf)
+    assert info.value.options == ("gguf_file",)
+
+
+def test_modules_to_save_are_refused_unless_the_lora_part_alone_is_asked_for(llama):
+    model = llama.fresh()
+    head = "base_model.model.lm_head.weight"
+    ad = LoraAdapter(format="peft", modules=(_pair(Q0, 32, 32),),
+                     extra_tensors={head: torch.zeros(3, 4)})
+    _raises_unchanged(model, UnsupportedAdapterError, ad, head, "modules_to_save",
+                      "extra='ignore'")
+    _raises_unchanged(model, ConfigError, ad, "'refuse' or 'ignore'", extra="apply")
+    with pytest.raises(ConfigError, match="torch.nn.Module, got NoneType"):
+        mosconv.apply(None, ad)
+    mosconv.apply(model, ad, extra="ignore")
+    assert mosconv.adapter_names(model) == ["default"]
+
+
+def test_an_adapter_in_the_active_mixed_batch_is_not_removed(llama):
+    c = llama
+    model = mosconv.apply(c.fresh(), c.mos_dir, name="a")
+    mosconv.apply(model, c.lora, name="b")
+    mosconv.set_active(model, ["a", "b"])
+    with pytest.raises(ConfigError, match="'a': rows of the active mixed batch use it"):
+        mosconv.remove(model, "a")
+    assert mosconv.adapter_names(model) == ["a", "b"]
+    mosconv.set_active(model, "b")
+    mosconv.remove(model, "a")
+    assert mosconv.adapter_names(model) == ["b"]
+    mosconv.set_active(model, ["b", None])
+    mosconv.remove(model)  # everything: the mixed batch goes with it
+    _assert_plain(model)
 
 
 def test_joint_zoo_members_apply_merge_export_and_train_their_cores(tmp_path):

@@ -967,3 +967,18 @@ def test_a_byte_budget_leaves_the_remainder_unspent():
     assert res.mode == "shared"
     assert all(p.nc == 1 for a in res.adapters for p in a.kinds.values())
     assert res.totals.shared_relative_error < 0.345
+
+
+def test_fit_group_names_what_is_wrong_with_its_arguments(tmp_path):
+    from factory import llama_like, write_random_peft
+
+    from mosconv.errors import ConfigError
+
+    a = read_adapter(write_lora_like(tmp_path / "a", 0))
+    other = read_adapter(write_random_peft(tmp_path / "b", llama_like(layers=1, d=16, d_kv=8))[0])
+    with pytest.raises(ConfigError, match="a group needs at least one adapter, got none"):
+        fit_group([], 8.0)
+    with pytest.raises(ConfigError, match="adapters 0 and 1 have different module kinds"):
+        fit_group([a, other], 8.0)
+    with pytest.raises(ConfigError, match="chunk must be an integer >= 1, got 0"):
+        fit_group([a, a], 8.0, chunk=0)

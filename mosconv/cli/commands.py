@@ -206,10 +206,12 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
 @click.argument("lora", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @data_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handle_errors
-def calibrate(lora: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:
+def calibrate(lora: str, out: str, overwrite: bool, quiet: bool, as_json: bool,
+              **opts: Any) -> None:
     """Collect the input second moment of every module LORA adapts, running --base-model on
     --data, into the file OUT (.safetensors), for `compress --calib OUT` (no model needed then).
     """
@@ -222,7 +224,7 @@ def calibrate(lora: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> N
     with Bars(quiet) as bars:
         tick = None if quiet else (lambda n: bars.bar("calibrating", unit="tok",
                                                       unit_scale=True).update(n))
-        stats = run_calibrate(lora, data_spec(opts), out, progress=tick)
+        stats = run_calibrate(lora, data_spec(opts), out, progress=tick, overwrite=overwrite)
     summary = {"out": out, "modules": len(stats.moments), "tokens": stats.tokens,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                **stats.info}

@@ -241,6 +241,9 @@ def convert(
         StorageOverflow: values that float16 cannot hold (use float32 or bfloat16).
     """
     config.validate()
+    if not isinstance(adapter, LoraAdapter):  # fitting reads no files: the caller does
+        raise ConfigError(f"convert takes a LoraAdapter (mosconv.read_adapter(path) reads "
+                          f"one), got {type(adapter).__name__}")
     storages = config.storages(adapter)
     if config.size_ratio is None:
         return _convert_stored(adapter, config, storages[0], budget_for_ratio(

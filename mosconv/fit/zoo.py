@@ -120,6 +120,21 @@ def group_key(adapter: LoraAdapter) -> str:
     return f"{adapter.base_model or 'unknown'}|" + ";".join(kinds)
 
 
+def check_group(adapters: list[LoraAdapter]) -> None:
+    """Raise :class:`ConfigError` unless ``adapters`` can be fitted as one group: at least
+    one, all with the same module kinds (names and shapes)."""
+    if not adapters:
+        raise ConfigError("a group needs at least one adapter, got none")
+    first = sorted(adapters[0].kinds)
+    for i, a in enumerate(adapters[1:], 1):
+        if sorted(a.kinds) != first:
+            bases = f" (base models {adapters[0].base_model or 'unknown'} and " \
+                    f"{a.base_model or 'unknown'})" if a.base_model != adapters[0].base_model \
+                else ""
+            raise ConfigError(f"adapters 0 and {i} have different module kinds{bases}: a group "
+                              "shares bases between adapters of one base model and targets")
+
+
 def alone_config(ratio: float, seed: int = 0, search: str = "fast", iters: int = 4,
                  routing_weights: bool = True, storage: Storage | None = None) -> ConvertConfig:
     """How a member is converted alone, for the comparison (exactly as ``compress`` does,
@@ -245,7 +260,15 @@ def fit_group(adapters: list[LoraAdapter], ratio: float, seed: int = 0,
     ``<kind id>.A`` / ``<kind id>.B`` (kind ids ``k0, k1, ...`` in the order of the first
     adapter's kinds).  The members are held in chunks of ``chunk`` adapters by ``reducer``
     (this process by default), where each is factorized, converted alone and built; the
-    joint bases are reductions over those chunks (:func:`mosconv.fit.joint.joint_basis`)."""
+    joint bases are reductions over those chunks (:func:`mosconv.fit.joint.joint_basis`).
+
+    Raises:
+        ConfigError: no adapters, adapters whose module kinds differ (other base models or
+            other target modules: ``batch`` groups by :func:`group_key`), bad settings.
+    """
+    check_group(adapters)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
     red = reducer or LOCAL
     storages = group_storages([a.dtype for a in adapters], dtype, quantize,
                               size_ratio=size_ratio)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +15,23 @@ from ..errors import ConfigError, FormatError
 
 if TYPE_CHECKING:  # transformers is optional and imported only when a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """Without transformers' GGUF de-quantizing progress bar (a plain tqdm that its
+    ``disable_progress_bar`` does not reach)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf
+        bar = gguf.tqdm
+    except (ImportError, AttributeError):
+        yield
+        return
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
 
 
 def load_base_model(path: str | Path, *, gguf_file: str | None = None,
@@ -37,6 +57,13 @@ def load_base_model(path: str | Path, *, gguf_file: str | None = None,
         raise FormatError(f"{path}: no such file or folder")
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise FormatError(f"{path / gguf_file}: no such GGUF file")
+    if gguf_file is None and path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            raise ConfigError(f"{path}: a folder of GGUF files ({', '.join(ggufs[:3])}"
+                              f"{', ...' if len(ggufs) > 3 else ''}) and no config.json: name "
+                              "the file to load", options=("gguf_file",))
+        raise FormatError(f"{path}: not a model folder (no config.json and no .gguf file)")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -47,9 +74,10 @@ def load_base_model(path: str | Path, *, gguf_file: str | None = None,
     hf_logging.disable_progress_bar()  # mosconv shows its own progress; keep stderr clean
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                     dtype=dtype, **extra)
+        with _quiet_gguf():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                         dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001  (transformers raises anything; report it in one line)
         lines = str(e).strip().splitlines()
         first = lines[0] if lines else ""

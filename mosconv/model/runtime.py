@@ -10,7 +10,9 @@ every :class:`MosDelta` of the kind gathers its ``A_l``/``B_l`` from them on eac
     mosconv.merge(model)                         # fold the active adapter into the weights
 
 Supported base layers: ``torch.nn.Linear`` and GPT-2's ``Conv1D`` (weight ``(in, out)``).
-Non-LoRA tensors of an adapter (``modules_to_save``, ...) are not applied.
+Non-LoRA tensors of an adapter (``modules_to_save``: a classifier head, ...) are not applied:
+an adapter that has some is refused unless ``extra="ignore"`` asks for its LoRA part alone
+(PEFT would replace those modules, so the outputs would differ from PEFT's).
 """
 
 from __future__ import annotations
@@ -488,7 +490,7 @@ def _check_name(model: nn.Module, name: str) -> None:
 
 def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | list, *,
           name: str | list[str] = "default", trainable: bool = False,
-          activate: bool = True) -> nn.Module:
+          activate: bool = True, extra: str = "refuse") -> nn.Module:
     """Attach an adapter to ``model`` in place under ``name``; returns ``model``.
 
     ``adapter`` may also be a ``batch`` output folder or a list of adapters: each is
@@ -499,22 +501,36 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
     Every check (names, layer types, shapes) runs before the model is changed.
     Adapter tensors are cast to each base layer's device and dtype (a kind's pools to its
     first layer's).  ``trainable`` sets ``requires_grad`` of the pools and slot weights
-    (or LoRA ``A``/``B``); the base model's parameters are left as they are.
+    (or LoRA ``A``/``B``); the base model's parameters are left as they are.  ``extra``:
+    what to do with an adapter's non-LoRA tensors (``modules_to_save``), which the runtime
+    does not apply: ``refuse`` (raise) or ``ignore`` (attach the LoRA part alone).
 
     Raises:
         ConfigError: bad or duplicate ``name``, a module missing from the model, a shape that
-            differs between the base layer and the adapter.
-        UnsupportedAdapterError: embedding or conv modules, or a base layer that is neither
-            ``nn.Linear`` nor GPT-2 ``Conv1D``.
+            differs between the base layer and the adapter, a bad ``extra``.
+        UnsupportedAdapterError: embedding or conv modules, a base layer that is neither
+            ``nn.Linear`` nor GPT-2 ``Conv1D``, or non-LoRA tensors with ``extra="refuse"``.
         FormatError: ``adapter`` is a path that cannot be read.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"apply attaches adapters to a torch.nn.Module, got "
+                          f"{type(model).__name__}")
+    if extra not in ("refuse", "ignore"):
+        raise ConfigError(f"extra must be 'refuse' or 'ignore', got {extra!r}")
     if isinstance(adapter, (list, tuple)) or _is_zoo(adapter):
-        return _apply_many(model, adapter, name, trainable)
+        return _apply_many(model, adapter, name, trainable, extra)
     if not isinstance(name, str) or not name or "." in name:
         raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r}: already attached to this model")
     ad = _load(adapter)
+    if ad.extra_tensors and extra == "refuse":
+        keys = sorted(ad.extra_tensors)
+        shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+        raise UnsupportedAdapterError(
+            f"adapter {name!r} holds tensors outside its LoRA modules ({shown}: "
+            "modules_to_save), which the runtime does not apply; attach its LoRA part alone "
+            "with extra='ignore', or export it and load it with PEFT")
     layers = _named_layers(model)
     if isinstance(ad, MosAdapter):
         shapes = {m.name: (ad.kinds[m.kind].d_out, ad.kinds[m.kind].d_in) for m in ad.modules}
@@ -632,13 +648,18 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
 
     A layer left without adapters is replaced by its original layer object, and
     ``model.mos_adapters`` is deleted once empty, so removing everything restores the
-    model's ``state_dict`` exactly.
+    model's ``state_dict`` exactly.  Removing the active adapter leaves the base model
+    active; an adapter that rows of an active mixed batch use is not removed.
 
     Raises:
-        ConfigError: ``name`` is not attached.
+        ConfigError: ``name`` is not attached, or rows of the active mixed batch use it.
     """
     if name is not None:
         _check_name(model, name)
+        if any(layer.rows is not None and name in layer.rows
+               for _, layer in _adapter_layers(model)):
+            raise ConfigError(f"adapter {name!r}: rows of the active mixed batch use it; "
+                              "set_active another list (or None) before removing it")
     for path, layer in _adapter_layers(model):
         for key in ([name] if name is not None else list(layer.deltas)):
             if key in layer.deltas:
@@ -718,7 +739,8 @@ def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
     return [(n, folder / n) for n in names]
 
 
-def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) -> nn.Module:
+def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool,
+                extra: str) -> nn.Module:
     """Attach every adapter of a ``batch`` output folder, or of a list, each under its name
     (its path relative to the zoo; for a list the folder name), nothing attached when one
     fails. A group's pool-file entries are held once (:data:`SHARED_ATTR`)."""
@@ -754,7 +776,7 @@ def _apply_many(model: nn.Module, adapters: Any, names: Any, trainable: bool) ->
         for n, a in items:
             if isinstance(a, (str, Path)) and is_mos_dir(a):
                 a = load_mos(a, pool_cache=pool_cache)
-            apply(model, a, name=n, trainable=trainable, activate=False)
+            apply(model, a, name=n, trainable=trainable, activate=False, extra=extra)
             done.append(n)
     except BaseException:
         for n in done:

@@ -22,6 +22,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from ..errors import ConfigError
 from .quant import Storage
 
 
@@ -199,7 +200,8 @@ class MosAdapter:
         for m in self.modules:
             if m.name == name:
                 return m
-        raise KeyError(name)
+        raise ConfigError(f"no module {name!r} in this MoS adapter ({len(self.modules)} "
+                          f"modules, e.g. {self.modules[0].name if self.modules else '-'})")
 
     def assemble(self, name_or_module: str | MosModule) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of a module with ``dW = scale * B @ A``: ``A (k, d_in)``, ``B (d_out, k)``;
