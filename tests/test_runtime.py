@@ -421,6 +421,10 @@ def test_modules_to_save_are_refused_unless_the_lora_part_alone_is_asked_for(lla
         mosconv.apply(None, ad)
     mosconv.apply(model, ad, extra="ignore")
     assert mosconv.adapter_names(model) == ["default"]
+    # a kohya scale left without its factors changes nothing PEFT would apply
+    alone = LoraAdapter(format="kohya", modules=(_pair(Q0, 32, 32),),
+                        extra_tensors={"lora_unet_x.alpha": torch.tensor(4.0)})
+    mosconv.apply(model, alone, name="k")
 
 
 def test_an_adapter_in_the_active_mixed_batch_is_not_removed(llama):

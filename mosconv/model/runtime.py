@@ -524,8 +524,9 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
     if name in adapter_names(model):
         raise ConfigError(f"adapter {name!r}: already attached to this model")
     ad = _load(adapter)
-    if ad.extra_tensors and extra == "refuse":
-        keys = sorted(ad.extra_tensors)
+    keys = sorted(k for k, t in ad.extra_tensors.items()
+                  if not (k.endswith(".alpha") and t.numel() == 1))  # a kohya scale, no factors
+    if keys and extra == "refuse":
         shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
         raise UnsupportedAdapterError(
             f"adapter {name!r} holds tensors outside its LoRA modules ({shown}: "
