@@ -357,7 +357,7 @@ def _pad_ranks(mos_dir: str | Path, modules: list, pad_rank: int | str) -> tuple
         target = pad_rank
         if top > target:
             raise ConfigError(f"{mos_dir}: a module has rank {top}, above the rank {target} "
-                              "to pad to", options=("pad_rank",))
+                              f"to pad to (pad to {top} or more, or auto)")
     else:
         raise ConfigError(f"pad rank must be auto or an integer >= 1, got {pad_rank!r}",
                           options=("pad_rank",))

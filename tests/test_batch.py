@@ -434,19 +434,19 @@ def test_incomplete_output_is_redone(small_zoo, small_run, tmp_path):
     out0, _ = small_run
     out = shutil.copytree(out0, tmp_path / "out")
     (out / "teamA" / "a0" / CONFIG_FILE).unlink()  # as a run killed before the last write
-    (out / "c0" / TENSOR_FILE).write_bytes(b"garbage")  # config intact: still counts as done
+    (out / "c0" / TENSOR_FILE).write_bytes(b"garbage")  # config intact, tensors broken
     shutil.rmtree(out / "kohya")  # never started
     (out / "teamB" / "x" / "b0" / ".mos_adapter.safetensors.x1y2.tmp").write_bytes(b"partial")
     (out / "teamB" / "x" / "b0" / CONFIG_FILE).unlink()
     summary = run_batch(small_zoo, out)
     status = {a.name: a.status for a in summary.adapters}
-    assert status == {"c0": "skipped", "kohya/style": "converted", "teamA/a0": "converted",
+    assert status == {"c0": "converted", "kohya/style": "converted", "teamA/a0": "converted",
                       "teamA/a1": "skipped", "teamB/x/b0": "converted"}
-    for name in ("kohya/style", "teamA/a0", "teamB/x/b0"):
+    for name in ("c0", "kohya/style", "teamA/a0", "teamB/x/b0"):
         for f in (CONFIG_FILE, REPORT_FILE, TENSOR_FILE):
             assert (out / name / f).read_bytes() == (out0 / name / f).read_bytes(), (name, f)
     assert not stale_tmp(out)
-    # --overwrite redoes everything, including the damaged-but-"complete" c0
+    # --overwrite redoes everything
     res = run_cli("batch", small_zoo, out, "--overwrite", "-q")
     assert res.exit_code == 0, res.output
     assert json.loads((out / SUMMARY_FILE).read_text())["totals"]["converted"] == 5
@@ -894,3 +894,104 @@ def test_inspect_names_how_a_batch_output_was_made(tmp_path):
     text = run_cli("inspect", out / "lm" / "task0").output
     assert (f"command       mosconv batch (ratio 8.0, seed 0, search fast, iters 4, "
             f"shared_pool True; group {info['zoo_group']})\n") in text
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["independent", "shared-pool"])
+def test_a_rerun_redoes_an_output_whose_files_are_broken(tmp_path, shared):
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    config = BatchConfig(ratio=8.0, shared_pool=shared)
+    with one_thread():
+        run_batch(zoo, out, config)
+        first = files_of(out)
+        (out / "lm" / "task2" / TENSOR_FILE).write_bytes(b"garbage")
+        (out / "other" / "r1" / REPORT_FILE).unlink()
+        summary = run_batch(zoo, out, config)
+    status = {a.name: a.status for a in summary.adapters}
+    assert status["lm/task2"] == status["other/r1"] == "converted", status
+    assert files_of(out) == first  # redone to the same bytes
+
+
+def lm_groups(out: Path) -> list[dict]:
+    """summary.json's rows of the ``tiny-lm`` group of :func:`make_shared_zoo`."""
+    groups = json.loads((out / SUMMARY_FILE).read_text())["groups"]
+    return [g for g in groups if g["group"].startswith("tiny-lm")]
+
+
+def test_a_group_that_lost_a_member_says_so_and_refit_refits_it(tmp_path):
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    with one_thread():
+        run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+        shutil.rmtree(zoo / "lm" / "task3")
+        res = run_cli("batch", zoo, out, "--shared-pool")
+        assert res.exit_code == 0
+        (group,) = lm_groups(out)
+        assert group["also_serves"] == ["lm/task3"] and group["adapters"] == 3
+        assert "note: its pools also serve lm/task3, not converted in this run" in res.output
+        res = run_cli("batch", zoo, out, "--shared-pool", "--refit")
+        assert res.exit_code == 0 and "note:" not in res.output
+    (group,) = lm_groups(out)
+    assert group["also_serves"] == [] and group["mos_params"] <= group["lora_params"] / 8
+    fresh = tmp_path / "fresh"
+    with one_thread():
+        run_batch(zoo, fresh, BatchConfig(ratio=8.0, shared_pool=True))
+    assert {k: v for k, v in files_of(out).items() if not k.startswith("lm/task3/")} == \
+        files_of(fresh)  # the refit group is what a fresh run gives
+
+
+def test_refit_refits_a_group_that_gained_members_since_its_fit(tmp_path):
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    for i in range(3):
+        write_lora_like(zoo / f"task{i}", i)
+    with one_thread():
+        run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+        write_lora_like(zoo / "task3", 3)
+        added = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+        assert [a.status for a in added.adapters] == ["skipped"] * 3 + ["converted"]
+        again = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+        assert {a.status for a in again.adapters} == {"skipped"}
+        refit = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True, refit=True))
+        assert {a.status for a in refit.adapters} == {"converted"}
+        fresh = tmp_path / "fresh"
+        run_batch(zoo, fresh, BatchConfig(ratio=8.0, shared_pool=True))
+    assert files_of(out) == files_of(fresh)
+
+
+def test_batch_settings_that_cannot_work_are_named_before_any_work(tmp_path):
+    zoo = make_shared_zoo(tmp_path / "zoo")
+    write_lora_like(zoo / "pools" / "x", 9)  # would land among the shared pools
+    res = run_cli("batch", zoo, tmp_path / "out", "--shared-pool")
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "adapter pools/x would be written under OUT/pools, where the shared pools go" \
+        in res.stderr
+    (tmp_path / "afile").write_text("x")
+    res = run_cli("batch", zoo, tmp_path / "afile")
+    assert res.exit_code == 1 and "afile: exists and is not a folder" in res.stderr
+    res = run_cli("batch", zoo, tmp_path / "o2", "--address", "auto")
+    assert res.exit_code == 1 and "an address is used with the Ray engine (use --engine)" \
+        in res.stderr
+
+
+def test_a_byte_budget_is_recorded_and_its_baseline_shown(tmp_path):
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    with one_thread():
+        res = run_cli("batch", zoo, out, "--size-ratio", "16", "--search", "truncation")
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert (s["size_ratio"], s["dtype"], s["quantize"]) == (16.0, "auto", "auto")
+    assert "trunc.bytes" in res.output and "truncation in no more bytes" in res.output
+    for a in s["adapters"]:
+        assert a["truncation_equal_bytes_relative_error"] is not None
+        assert f"{a['truncation_equal_bytes_relative_error']:.4f}" in res.output
+
+
+def test_inspect_names_a_batch_folder_and_a_pool_file(tmp_path):
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    with one_thread():
+        run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    res = run_cli("inspect", out)
+    assert res.exit_code == 1 and "a batch output folder; `inspect --serving`" in res.stderr
+    pool = next((out / POOLS_DIR).glob("*.safetensors"))
+    res = run_cli("inspect", pool)
+    assert res.exit_code == 1 and "a zoo group's shared pool file" in res.stderr
+    text = run_cli("inspect", out / "lm" / "task0", "--serving").output
+    assert "1 adapter: shared pools" in text and "(1 pool file)" in text

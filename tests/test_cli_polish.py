@@ -133,6 +133,11 @@ def test_an_empty_budget_warns(lora, tmp_path):
                           f"{tmp_path / 'm'} is an all-zero adapter (error 1.0); lower the "
                           "ratio\n")
     assert invoke("compress", lora, tmp_path / "n", "-q").stderr == ""
+    # an untrained adapter (B = 0) is all zeros to begin with: nothing to warn about
+    zero, _ = write_random_peft(tmp_path / "zero", llama_like(layers=1, d=16, d_kv=8), r=2,
+                                b_std=0.0)
+    res = invoke("compress", zero, tmp_path / "z", "--ratio", "8", "-q")
+    assert res.exit_code == 0 and res.stderr == ""
 
 
 def test_internal_error_hint_names_the_global_option(lora, tmp_path, monkeypatch):

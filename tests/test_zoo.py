@@ -369,7 +369,9 @@ def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
         assert a.relative_error < a.truncation_relative_error
         assert _mixed_routes(mos)  # a private residual beside the shared rows
     refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
-    assert {a.status for a in refit.adapters} == {"skipped"}  # nothing new: nothing to refit
+    assert {a.status for a in refit.adapters} == {"converted"}  # gained members since its fit
+    refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
+    assert {a.status for a in refit.adapters} == {"skipped"}  # fitted on all: nothing to refit
     (out / "task0" / "mos_config.json").unlink()  # an incomplete member, with --refit
     refit = run_batch(zoo, out, BatchConfig(ratio=RATIO, shared_pool=True, refit=True))
     assert {a.status for a in refit.adapters} == {"converted"}

@@ -25,7 +25,14 @@ from ..errors import ConfigError, FormatError, MosconvError, check_seed
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
 from ..lora.read import resolve_adapter_path
 from ..mos.manifest import load_report, read_manifest, read_pool_members, write_pool_members
-from ..names import CONFIG_FILE, PEFT_WEIGHTS, pool_file, pool_members_file
+from ..names import (
+    CONFIG_FILE,
+    PEFT_WEIGHTS,
+    POOLS_DIR,
+    TENSOR_FILE,
+    pool_file,
+    pool_members_file,
+)
 from ..names import PEFT_CONFIG as CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -78,6 +85,8 @@ class BatchConfig:
         check_seed(self.seed)
         if self.refit and not self.shared_pool:
             raise ConfigError("refit is used with a shared pool", options=("shared_pool",))
+        if self.address is not None and self.engine != "ray":
+            raise ConfigError("an address is used with the Ray engine", options=("engine",))
         if self.jobs < 1:
             raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if self.engine not in ("local", "ray"):
@@ -115,6 +124,8 @@ class Outcome:
     energy: float | None = None
     lora_tensor_bytes: int | None = None  # the source's LoRA factors as stored
     mos_tensor_bytes: int | None = None  # its own tensors as stored (a pool file apart)
+    # truncation stored alike in no more bytes (the baseline under a byte budget)
+    truncation_equal_bytes_relative_error: float | None = None
 
 
 def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
@@ -130,7 +141,8 @@ def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
     local = t.local_params if t.local_params is not None else t.mos_params
     return Outcome(item.name, item.source, status, seconds, t.lora_params, t.mos_params,
                    local, t.relative_error, t.truncation_relative_error, group, None,
-                   report.energy, t.lora_tensor_bytes, t.mos_tensor_bytes)
+                   report.energy, t.lora_tensor_bytes, t.mos_tensor_bytes,
+                   t.truncation_equal_bytes_relative_error)
 
 
 # ---------------------------------------------------------------- discovery
@@ -218,12 +230,19 @@ def source_hashes(source: str) -> list[dict]:
 def is_complete(out_dir: Path, source: str, settings: dict | None = None,
                 group: str | None = None) -> bool:
     """True when ``out_dir`` holds a finished conversion of the unchanged ``source``, made
-    with the same batch ``settings`` and in the same shared-pool ``group`` (None: none)."""
+    with the same batch ``settings`` and in the same shared-pool ``group`` (None: none),
+    with its tensor file whole (a header that reads, data of the size it declares) and its
+    report."""
+    from ..lora.read._header import read_safetensors_header
+
     if not (out_dir / CONFIG_FILE).is_file():
         return False
     try:
         manifest = read_manifest(out_dir)
         want = source_hashes(source)
+        read_safetensors_header(out_dir / TENSOR_FILE)
+        if load_report(out_dir) is None:
+            return False
     except (OSError, MosconvError):
         return False
     if list(manifest.source_files) != [(f["name"], f["sha256"]) for f in want]:
@@ -477,7 +496,8 @@ def _recorded_group(dest: Path) -> str | None:
 
 
 def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
-    if not config.overwrite:  # all done already: skip without reading (or importing) anything
+    if not (config.overwrite or config.refit):  # all done already: skip without reading
+        # (or importing) anything; --refit looks at each group's record first
         done = [(i, _recorded_group(Path(out) / i.name)) for i in items]
         if all(is_complete(Path(out) / i.name, i.source, config.settings(), g) for i, g in done):
             for i, g in done:
@@ -513,9 +533,12 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             if i.name in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, done[i.name])
         new = [i for i in members if i.name not in done]
-        if not new:
-            continue
-        served = read_pool_members(out, gid) if not (config.refit or config.overwrite) else None
+        record = read_pool_members(out, gid)
+        if not new and not (config.refit and record is not None and (
+                set(record) - {i.name for i in members}  # members left the zoo
+                or set(record) != set(read_pool_members(out, gid, "fitted") or record))):
+            continue  # (--refit: also a group that lost members, or gained some since its fit)
+        served = record if not (config.refit or config.overwrite) else None
         if served and all(n in done for n in served) and all(i.name not in served for i in new):
             # a group whose pools serve all its old members, complete, gained adapters
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
@@ -561,12 +584,12 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
     path = pool_file(out, gid)
     pool = (str(path), sha256_file(path))
     per = (time.perf_counter() - t0) / len(new)
-    added = list(served)
+    added, fitted = list(served), read_pool_members(out, gid, "fitted")
     for i, a, m, r in zip(new, adapters, mos_list, reports):
         outcome = write_member(i, a, m, r, out, config, gid, pool, per)
         if outcome.status == "converted":
             added.append(i.name)
-            write_pool_members(out, gid, pool[1], added)
+            write_pool_members(out, gid, pool[1], added, fitted)
         yield outcome
 
 
@@ -627,7 +650,7 @@ def _pools_in_use(dests: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[
 def _energy_weighted(rows: list[Outcome], key: str) -> float | None:
     """``sqrt(sum energy * err^2 / sum energy)`` over ``rows`` (None without energy)."""
     energy = sum(r.energy or 0.0 for r in rows)
-    if not rows or energy <= 0:
+    if not rows or energy <= 0 or any(getattr(r, key) is None for r in rows):
         return None
     return (sum((r.energy or 0.0) * getattr(r, key) ** 2 for r in rows) / energy) ** 0.5
 
@@ -656,6 +679,7 @@ class ZooTotals:
     lora_tensor_bytes: int | None = None  # the sources' LoRA factors as stored
     mos_tensor_bytes: int | None = None  # the adapters' own tensors + the pool files' (None:
     # an output made before reports counted bytes)
+    truncation_equal_bytes_relative_error: float | None = None  # each in no more bytes
 
 
 @dataclass(frozen=True)
@@ -676,6 +700,10 @@ class GroupSummary:
     mos_tensor_bytes: int | None
     relative_error: float | None
     truncation_relative_error: float | None
+    # adapters its pool file also serves that are not in this run's zoo (their sources left
+    # it): the pool's budget was theirs too; --refit refits the group for those it has now
+    also_serves: list[str] = field(default_factory=list)
+    truncation_equal_bytes_relative_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -688,6 +716,10 @@ class Summary:
     adapters: list[Outcome]
     totals: ZooTotals
     groups: list[GroupSummary] = field(default_factory=list)
+    # the storage asked for (with size_ratio, ratio is not the budget)
+    size_ratio: float | None = None
+    dtype: str = "auto"
+    quantize: str = "none"
 
     @property
     def failed(self) -> int:
@@ -709,6 +741,7 @@ def _group_summaries(out: Path, done: list[Outcome], pools: dict[Path, tuple[int
         own_bytes = _bytes_sum(members, "mos_tensor_bytes")
         local = sum(r.local_params or 0 for r in members)
         names = sorted(os.path.relpath(f, out.resolve()) for f in files)
+        here = {r.name for r in members}
         groups.append(GroupSummary(
             group=gid, adapters=len(members), pool_file=names[0] if names else None,
             pool_params=pool_params, pool_bytes=pool_bytes, local_params=local,
@@ -717,7 +750,10 @@ def _group_summaries(out: Path, done: list[Outcome], pools: dict[Path, tuple[int
             lora_tensor_bytes=_bytes_sum(members, "lora_tensor_bytes"),
             mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes,
             relative_error=_energy_weighted(members, "relative_error"),
-            truncation_relative_error=_energy_weighted(members, "truncation_relative_error")))
+            truncation_relative_error=_energy_weighted(members, "truncation_relative_error"),
+            also_serves=[n for n in read_pool_members(out, gid) or [] if n not in here],
+            truncation_equal_bytes_relative_error=_energy_weighted(
+                members, "truncation_equal_bytes_relative_error")))
     return groups
 
 
@@ -727,6 +763,14 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
     config.validate()
     items = discover(zoo, exclude=out)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder (OUT is the folder the outputs "
+                          "go to)")
+    if config.shared_pool:
+        clash = [i.name for i in items if i.name.split("/")[0] == POOLS_DIR]
+        if clash:
+            raise ConfigError(f"{zoo}: adapter {clash[0]} would be written under OUT/{POOLS_DIR}, "
+                              "where the shared pools go; rename or move it")
     out.mkdir(parents=True, exist_ok=True)
     if config.engine == "ray":
         try:
@@ -755,8 +799,11 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
         truncation_relative_error=_energy_weighted(done, "truncation_relative_error"),
         seconds=sum(r.seconds for r in rows), shared_pool_bytes=pool_bytes,
         lora_tensor_bytes=_bytes_sum(done, "lora_tensor_bytes"),
-        mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes)
+        mos_tensor_bytes=None if own_bytes is None else own_bytes + pool_bytes,
+        truncation_equal_bytes_relative_error=_energy_weighted(
+            done, "truncation_equal_bytes_relative_error"))
     groups = _group_summaries(out, done, pools, used) if config.shared_pool else []
-    summary = Summary(config.ratio, config.shared_pool, rows, totals, groups)
+    summary = Summary(config.ratio, config.shared_pool, rows, totals, groups,
+                      config.size_ratio, config.dtype, config.quantize)
     atomic_write_json(out / SUMMARY_FILE, asdict(summary))
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -93,6 +94,21 @@ def _inspect_serving(path: str, as_json: bool, plot_path: str | None) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else render_serving(info))
 
 
+def _not_an_adapter(path: Path) -> None:
+    """Name what ``batch`` writes besides adapters when it is given to ``inspect``."""
+    from ..batch.run import SUMMARY_FILE
+    from ..names import POOLS_DIR
+
+    if path.is_dir() and (path / SUMMARY_FILE).is_file():
+        raise ConfigError(f"{path}: a batch output folder; `inspect --serving` shows what "
+                          "serving it takes, `inspect` on one of its adapter folders that "
+                          "adapter")
+    if path.is_file() and path.parent.name == POOLS_DIR and \
+            path.with_name(path.name.removesuffix(".safetensors") + ".members.json").is_file():
+        raise ConfigError(f"{path}: a zoo group's shared pool file; `inspect` one of the "
+                          "adapter folders that use it")
+
+
 # Options that change what is printed or whether an old output may be replaced, not what is
 # written: left out of the recorded command, so that they do not change the output's bytes.
 SCREEN_ONLY = frozenset({"--overwrite", "--quiet", "-q", "--json", "-v", "--verbose"})
@@ -124,6 +140,8 @@ def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> N
     report = load_report(path) if mos and plot_path is not None else None
     if mos and plot_path is not None and report is None:
         raise ConfigError(f"{path}: no report.json, nothing to plot")
+    if not mos:
+        _not_an_adapter(Path(path))
     adapter = None if mos else read_adapter(path)
     info = inspect_mos(path) if mos else inspect_lora(adapter)
     if as_json:
@@ -191,7 +209,7 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
     elif not quiet:
         click.echo(render_report(result.report) + f"\nwrote {out}")
     totals = result.report.totals
-    if totals.mos_params == 0 and totals.lora_params > 0:
+    if totals.mos_params == 0 and totals.relative_error > 0.5:  # a source with an update
         click.echo(f"mosconv: warning: a budget of {totals.budget:,} parameters holds nothing: "
                    f"{out} is an all-zero adapter (error 1.0); lower the ratio", err=True)
     if plot_path is not None:
@@ -303,8 +321,10 @@ def export(mos_dir: str, out: str, dtype: str, pad_rank: str | None, overwrite: 
               help="Fit each group of adapters with the same base model and kinds jointly: "
                    "bases stored once (OUT/pools), a small core per adapter.")
 @click.option("--refit", is_flag=True,
-              help="With --shared-pool: refit a group that gained adapters (rewrites its "
-                   "members); default: fit only the new ones against the group's pools.")
+              help="With --shared-pool: refit a group whose members changed (it gained "
+                   "adapters, now or since its pools were fitted, or some left the zoo; "
+                   "rewrites its members); default: fit only new ones against the group's "
+                   "pools.")
 @output_options("summary.json", "Redo adapters whose output is already complete.")
 @handle_errors
 def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:

@@ -80,7 +80,8 @@ def check_plot_path(path: str | Path) -> Path:
     if path.suffix.lower() != ".png":
         raise ConfigError(f"--plot: {path}: the plot file name must end in .png")
     if not path.parent.is_dir():
-        raise ConfigError(f"--plot: {path}: folder {path.parent} does not exist")
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ConfigError(f"--plot: {path}: folder {path.parent} {what}")
     require_matplotlib()
     return path
 

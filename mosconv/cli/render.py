@@ -171,11 +171,17 @@ def render_serving(info: dict[str, Any]) -> str:
     if n > 20:
         out.append(f"... {n - 20} more")
     ratio = info["ratio_to_lora"]
-    out += ["", f"{n} adapters: shared pools {fmt_bytes(info['shared_bytes'])} once "
-                f"({info['shared_pool_files']} pool files), own parts "
-                f"{fmt_bytes(info['own_bytes_mean'])} per adapter on average; total "
-                f"{fmt_bytes(info['total_bytes'])} against {fmt_bytes(info['lora_total_bytes'])} "
-                f"as LoRAs" + (f" (x{ratio:.2f} less)" if ratio else ""),
+    if ratio and ratio >= 1:
+        compared = f" (x{ratio:.2f} less)"
+    elif ratio:
+        compared = f" (x{1 / ratio:.2f} more)"
+    else:
+        compared = ""
+    out += ["", (f"{n} adapter{'s' * (n != 1)}: shared pools "
+                 f"{fmt_bytes(info['shared_bytes'])} once ({info['shared_pool_files']} pool "
+                 f"file{'s' * (info['shared_pool_files'] != 1)}), own parts {fmt_bytes(info['own_bytes_mean'])} per adapter on "
+                 f"average; total {fmt_bytes(info['total_bytes'])} against "
+                 f"{fmt_bytes(info['lora_total_bytes'])} as LoRAs{compared}"),
             "(resident bytes in a float32 model, from the files: 4 bytes a value, 8 a route)"]
     return "\n".join(out)
 
@@ -205,14 +211,17 @@ def render_eval(res: dict, data: str) -> str:
 def render_summary(summary: Summary) -> str:
     """``batch``'s table and zoo totals."""
     rows = []
+    sized = summary.size_ratio is not None  # the baseline: truncation in no more bytes
     for a in summary.adapters:
         err = f"{a.relative_error:.4f}" if a.relative_error is not None else "-"
-        trunc = f"{a.truncation_relative_error:.4f}" if a.truncation_relative_error is not None else "-"
+        base = a.truncation_equal_bytes_relative_error if sized else a.truncation_relative_error
+        trunc = f"{base:.4f}" if base is not None else "-"
         params = (f"{a.lora_params:,} -> {a.local_params:,}" if a.lora_params is not None
                   else "-")
         rows.append([a.name, a.status, params, err, trunc, f"{a.seconds:.1f}",
                      (a.error or "")[:80]])
-    out = [table(rows, ["adapter", "status", "params (own)", "rel.err", "trunc.err", "s", "error"])]
+    out = [table(rows, ["adapter", "status", "params (own)", "rel.err",
+                        "trunc.bytes" if sized else "trunc.err", "s", "error"])]
     t = summary.totals
     out.append("")
     line = (f"{t.adapters} adapters: {t.converted} converted, {t.skipped} skipped, "
@@ -226,16 +235,26 @@ def render_summary(summary: Summary) -> str:
                    + (f"; shared pools {fmt_bytes(t.shared_pool_bytes)} once)"
                       if t.shared_pool_bytes else ")"))
     if t.relative_error is not None:
-        out.append(f"zoo relative error {t.relative_error:.4f}   truncation "
-                   f"{t.truncation_relative_error:.4f} (energy-weighted over adapters)")
+        base = (f"truncation in no more bytes {t.truncation_equal_bytes_relative_error:.4f}"
+                if sized and t.truncation_equal_bytes_relative_error is not None
+                else f"truncation {t.truncation_relative_error:.4f}")
+        out.append(f"zoo relative error {t.relative_error:.4f}   {base} (energy-weighted over "
+                   "adapters)")
     for g in summary.groups:
         if g.pool_file is None:
             continue
         size = (f", {fmt_bytes(g.lora_tensor_bytes)} -> {fmt_bytes(g.mos_tensor_bytes)}"
                 if g.lora_tensor_bytes and g.mos_tensor_bytes else "")
-        err = "" if g.relative_error is None else \
-            f"; error {g.relative_error:.4f}, truncation {g.truncation_relative_error:.4f}"
-        out.append(f"group {g.group}: {g.adapters} adapters, params {g.lora_params:,} -> "
-                   f"{g.mos_params:,} (pool {g.pool_params:,} once + own {g.local_params:,})"
-                   f"{size}{err}")
+        base = (f"truncation in no more bytes {g.truncation_equal_bytes_relative_error:.4f}"
+                if sized and g.truncation_equal_bytes_relative_error is not None
+                else f"truncation {g.truncation_relative_error:.4f}")
+        err = "" if g.relative_error is None else f"; error {g.relative_error:.4f}, {base}"
+        out.append(f"group {g.group}: {g.adapters} adapter{'s' * (g.adapters != 1)}, params "
+                   f"{g.lora_params:,} -> {g.mos_params:,} (pool {g.pool_params:,} once + own "
+                   f"{g.local_params:,}){size}{err}")
+        if g.also_serves:
+            gone = ", ".join(g.also_serves[:3]) + (", ..." if len(g.also_serves) > 3 else "")
+            out.append(f"  note: its pools also serve {gone}, not converted in this "
+                       "run (left the zoo, or failed): they count against its budget; --refit "
+                       "refits the group for the adapters it has")
     return "\n".join(out)

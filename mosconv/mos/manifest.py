@@ -99,21 +99,26 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest(files, batch, group, refs)
 
 
-def write_pool_members(out: str | Path, group: str, pool_sha256: str, names: list[str]) -> None:
-    """Record which adapters (output names) a zoo group's pool file serves."""
-    atomic_write_json(pool_members_file(out, group), {"pool_sha256": pool_sha256,
-                                                      "members": list(names)})
+def write_pool_members(out: str | Path, group: str, pool_sha256: str, names: list[str],
+                       fitted: list[str] | None = None) -> None:
+    """Record which adapters (output names) a zoo group's pool file serves, and the ones it
+    was fitted on (``fitted``; default: all of ``names``)."""
+    atomic_write_json(pool_members_file(out, group), {
+        "pool_sha256": pool_sha256, "members": list(names),
+        "fitted": list(names if fitted is None else fitted)})
 
 
-def read_pool_members(out: str | Path, group: str) -> list[str] | None:
-    """The adapters a group's pool file serves, or None: no pool file, no record, or a record
-    written for another pool file than the one there."""
+def read_pool_members(out: str | Path, group: str, which: str = "members"
+                      ) -> list[str] | None:
+    """The adapters a group's pool file serves (``which="fitted"``: the ones it was fitted
+    on; a record written before that field existed: all it serves), or None: no pool file,
+    no record, or a record written for another pool file than the one there."""
     path, rec = pool_file(out, group), pool_members_file(out, group)
     try:
         data = json.loads(rec.read_text())
-        names = data["members"]
+        names = data.get(which, data["members"])
         if not path.is_file() or data["pool_sha256"] != sha256_file(path):
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
