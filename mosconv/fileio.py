@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,8 +105,6 @@ def remove_missing(made: list[Path]) -> None:
     ancestors only while empty (another writer may have put something there since)."""
     if not made:
         return
-    import shutil
-
     shutil.rmtree(made[0], ignore_errors=True)
     for parent in made[1:]:
         try:

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, FormatError, MosconvError, check_seed
 from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
 from ..lora.read import resolve_adapter_path
-from ..mos.manifest import load_report, read_manifest, read_pool_members, write_pool_members
+from ..mos.manifest import (
+    load_report,
+    read_manifest,
+    read_pool_members,
+    read_pool_record,
+    write_pool_members,
+)
 from ..names import (
     CONFIG_FILE,
     PEFT_WEIGHTS,
@@ -533,25 +539,28 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             if i.name in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, done[i.name])
         new = [i for i in members if i.name not in done]
-        record = read_pool_members(out, gid)
+        record = read_pool_record(out, gid)
+        served, fitted = record or (None, None)
         if not new and not (config.refit and record is not None and (
-                set(record) - {i.name for i in members}  # members left the zoo
-                or set(record) != set(read_pool_members(out, gid, "fitted") or record))):
+                set(served) - {i.name for i in members}  # members left the zoo
+                or set(served) != set(fitted))):
             continue  # (--refit: also a group that lost members, or gained some since its fit)
-        served = record if not (config.refit or config.overwrite) else None
+        if config.refit or config.overwrite:
+            served = None
         if served and all(n in done for n in served) and all(i.name not in served for i in new):
             # a group whose pools serve all its old members, complete, gained adapters
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
-                                     config, gid, served)
+                                     config, gid, served, fitted)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
             yield from _group_outcomes(members, out, config, gid, group_storages(
                 dtypes[key], config.dtype, config.quantize, size_ratio=config.size_ratio))
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,
-                  served: list[str]) -> Iterator[Outcome]:
+                  served: list[str], fitted: list[str]) -> Iterator[Outcome]:
     """Fit only the ``new`` members of a group whose ``done`` members (and pool file) stay
-    untouched, against the group's shared bases; the pool's member record then lists them."""
+    untouched, against the group's shared bases; the pool's member record then lists them
+    (``served`` and ``fitted``: as it stood)."""
     from ..fit.zoo import fit_new_members
     from ..lora.read import read_adapter
     from ..mos.format import load_mos
@@ -584,7 +593,7 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
     path = pool_file(out, gid)
     pool = (str(path), sha256_file(path))
     per = (time.perf_counter() - t0) / len(new)
-    added, fitted = list(served), read_pool_members(out, gid, "fitted")
+    added = list(served)
     for i, a, m, r in zip(new, adapters, mos_list, reports):
         outcome = write_member(i, a, m, r, out, config, gid, pool, per)
         if outcome.status == "converted":

@@ -108,17 +108,23 @@ def write_pool_members(out: str | Path, group: str, pool_sha256: str, names: lis
         "fitted": list(names if fitted is None else fitted)})
 
 
-def read_pool_members(out: str | Path, group: str, which: str = "members"
-                      ) -> list[str] | None:
-    """The adapters a group's pool file serves (``which="fitted"``: the ones it was fitted
-    on; a record written before that field existed: all it serves), or None: no pool file,
-    no record, or a record written for another pool file than the one there."""
+def read_pool_record(out: str | Path, group: str) -> tuple[list[str], list[str]] | None:
+    """``(members, fitted)``: the adapters a group's pool file serves, and the ones it was
+    fitted on (a record written before that field existed: all it serves); None: no pool
+    file, no record, or a record written for another pool file than the one there."""
     path, rec = pool_file(out, group), pool_members_file(out, group)
     try:
         data = json.loads(rec.read_text())
-        names = data.get(which, data["members"])
+        names, fitted = data["members"], data.get("fitted", data["members"])
         if not path.is_file() or data["pool_sha256"] != sha256_file(path):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+    ok = all(isinstance(x, list) and all(isinstance(n, str) for n in x) for x in (names, fitted))
+    return (names, fitted) if ok else None
+
+
+def read_pool_members(out: str | Path, group: str) -> list[str] | None:
+    """The adapters a group's pool file serves (:func:`read_pool_record`), or None."""
+    record = read_pool_record(out, group)
+    return None if record is None else record[0]
