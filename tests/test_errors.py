@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from conftest import LLAMA_MODULES, PEFT_PREFIX
 from helpers import assert_one_line_error
+from safetensors.torch import load_file, save_file
 
 from mosconv.cli.commands import main
 from mosconv.errors import ConfigError, FormatError, MosconvError, UnsupportedAdapterError
@@ -217,6 +218,31 @@ def test_dora_refused_by_magnitude_tensor(make):
     assert w.config["use_dora"] is False
     line = assert_one_line_error(run_inspect(w.path), w.weights, "DoRA", "not supported")
     assert "lora_magnitude_vector" in line
+
+
+def test_lora_bias_refused_by_config_and_by_tensor(make):
+    """PEFT's lora_bias adds lora_B.bias to each module: not B @ A alone (it used to be
+    dropped without a word, the bias read as an adapter name)."""
+    w = make.peft(config={"lora_bias": True})
+    assert_one_line_error(run_inspect(w.path), w.path / "adapter_config.json", "lora_bias=true",
+                          "not supported")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    w = make.peft(extra={key: (8,)}, name="bias")
+    line = assert_one_line_error(run_inspect(w.path), w.weights, "lora_bias", "not supported")
+    assert key in line
+
+
+def test_diffusers_dora_and_lora_bias_refused_by_tensor_and_metadata(make):
+    mods = {"unet.down.attn1.to_q": (8, 8)}
+    for extra, what in (({"unet.down.attn1.to_q.lora_magnitude_vector": (8,)}, "DoRA"),
+                        ({"unet.down.attn1.to_q.lora_B.bias": (8,)}, "lora_bias")):
+        w = make.diffusers(mods, extra=extra, filename=f"{what}.safetensors")
+        assert_one_line_error(run_inspect(w.path), w.path, what, "not supported")
+    w = make.diffusers(mods, filename="meta.safetensors")
+    tensors = load_file(w.path)
+    save_file(tensors, w.path, metadata={"lora_adapter_metadata": json.dumps(
+        {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_dora": True})})
+    assert_one_line_error(run_inspect(w.path), w.path, "unet.use_dora=true", "not supported")
 
 
 def test_non_lora_peft_type_refused(make):

@@ -623,3 +623,22 @@ def test_old_config_scale_matches_peft_loading(make):
         layer = model.get_submodule(f"base_model.model.{m.name}")
         assert m.scale == layer.scaling["default"]
     assert json.loads((w.path / "adapter_config.json").read_text()) == w.config
+
+
+def test_diffusers_header_config_sets_the_scale_as_diffusers_loads_it(make):
+    """Recent diffusers ``save_lora_weights`` writes the LoraConfig into the header
+    (``lora_adapter_metadata``): lora_alpha / r, alpha_pattern per module, rsLoRA."""
+    from safetensors.torch import load_file, save_file
+
+    mods = {"unet.down.attn1.to_q": (8, 8), "unet.down.attn1.to_k": (8, 8),
+            "text_encoder.layers.0.q_proj": (8, 8)}
+    w = make.diffusers(mods, r=4, alphas={"unet.down.attn1.to_k": 2.0})
+    save_file(load_file(w.path), w.path, metadata={"lora_adapter_metadata": json.dumps({
+        "unet.r": 4, "unet.lora_alpha": 16, "text_encoder.r": 4, "text_encoder.lora_alpha": 4,
+        "text_encoder.use_rslora": True, "text_encoder.alpha_pattern": {"q_proj": 8}})})
+    scales = {m.name: m.scale for m in read_adapter(w.path).modules}
+    assert scales == {"unet.down.attn1.to_q": 16 / 4,
+                      "unet.down.attn1.to_k": 2.0 / 4,  # its own .alpha tensor first
+                      "text_encoder.layers.0.q_proj": 8 / math.sqrt(4)}
+    plain = make.diffusers(mods, r=4, filename="plain.safetensors")  # no header: alpha = r
+    assert {m.scale for m in read_adapter(plain.path).modules} == {1.0}

@@ -75,6 +75,10 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise UnsupportedAdapterError(
             f"{path}: DoRA adapter (use_dora=true): its update needs the base weights; not supported"
         )
+    if config.get("lora_bias"):
+        raise UnsupportedAdapterError(
+            f"{path}: lora_bias=true: the adapter also adds a bias to each module (lora_B.bias), "
+            "which a MoS adapter does not carry; not supported")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise UnsupportedAdapterError(
@@ -154,6 +158,10 @@ def read_peft(folder: Path) -> LoraAdapter:
                 "not supported"
             )
         m = _LORA_KEY.match(key)
+        if m and m["adapter"] == "bias":  # lora_B.bias: PEFT's lora_bias, whatever the config
+            raise UnsupportedAdapterError(
+                f"{path}: tensor {key}: the adapter also adds a bias to its modules "
+                "(lora_bias), which a MoS adapter does not carry; not supported")
         if not m:
             extra[key] = t
             continue

@@ -3,7 +3,7 @@ LyCORIS LoHa / LoKr.
 
 | family | keys | scale |
 |---|---|---|
-| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else 1 |
+| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else from the header's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component, as diffusers loads it), else 1 |
 | diffusers-legacy | ``<path>.processor.to_q_lora.down.weight`` / ``.up.weight`` | 1 |
 | kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` | alpha / r (alpha defaults to r) |
 | lycoris-loha | ``<module>.hada_w1_a`` / ``_w1_b`` / ``_w2_a`` / ``_w2_b`` / ``.alpha`` | alpha / r (see :mod:`.lycoris`) |
@@ -21,16 +21,19 @@ full/diff, OFT, BOFT, GLoRA, IA3, norm) are refused.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 import torch
 
-from ...errors import FormatError
+from ...errors import FormatError, UnsupportedAdapterError
 from ..types import LoraAdapter, LoraModule, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
+from .peft import pattern_key
 
 _KOHYA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.(?P<which>lora_down|lora_up)\.weight$")
 _KOHYA_ALPHA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.alpha$")
@@ -77,7 +80,9 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
         modules, used, dtypes = read_lycoris(path, tensors)
         tensors = {k: v for k, v in tensors.items() if k not in used}
         family = "kohya"
-    plain, extra, plain_dtypes = _read_pairs(path, tensors, family)
+    plain, extra, plain_dtypes = _read_pairs(path, tensors, family,
+                                             _diffusers_config(path, meta, tensors)
+                                             if family == "diffusers" else {})
     clash = sorted({m.name for m in modules} & {m.name for m in plain})
     if clash:
         raise FormatError(f"{path}: module {clash[0]} holds both LyCORIS (hada_*/lokr_*) and "
@@ -100,9 +105,57 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
     )
 
 
-def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str
+def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]
+                      ) -> dict[str, dict]:
+    """Per component (``unet``, ``text_encoder``, ...), the PEFT ``LoraConfig`` fields that
+    diffusers' ``save_lora_weights`` writes into the header (``lora_adapter_metadata``: JSON
+    of ``"<component>.<field>"``), with what mosconv cannot carry refused (DoRA, lora_bias)."""
+    for key in tensors:
+        if "lora_magnitude_vector" in key or key.endswith(".lora_B.bias"):
+            what = "DoRA" if "lora_magnitude_vector" in key else "lora_bias"
+            raise UnsupportedAdapterError(f"{path}: tensor {key}: a {what} adapter; its update "
+                                          "is not B @ A alone; not supported")
+    raw = meta.get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        raise FormatError(f"{path}: header lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{path}: header lora_adapter_metadata is not a JSON object")
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        configs.setdefault(component, {})[field] = value
+    for component, cfg in configs.items():
+        for field in ("use_dora", "lora_bias"):
+            if cfg.get(field):
+                raise UnsupportedAdapterError(f"{path}: {component}.{field}=true in its "
+                                              "metadata; not supported")
+    return configs
+
+
+def _metadata_scale(configs: dict[str, dict], mod: str, r: int) -> float | None:
+    """The scale PEFT gives module ``mod`` of rank ``r`` from its component's config (None:
+    no config for it, or one without ``lora_alpha``)."""
+    component, _, name = mod.partition(".")
+    cfg = configs.get(component)
+    if not cfg or not r:
+        return None
+    patterns = cfg.get("alpha_pattern") or {}
+    key = pattern_key(patterns, name) if isinstance(patterns, dict) else None
+    alpha = patterns[key] if key else cfg.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
+                configs: dict[str, dict] | None = None
                 ) -> tuple[list[LoraModule], dict[str, torch.Tensor], set[str]]:
-    """``(modules, extra_tensors, dtypes)`` of the down/up pairs of one key family."""
+    """``(modules, extra_tensors, dtypes)`` of the down/up pairs of one key family
+    (``configs``: a diffusers file's per-component configs, :func:`_diffusers_config`)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     extra = {}
@@ -137,6 +190,9 @@ def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str
         r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
         alpha = alphas.get(mod, float(r))
         scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
+        from_header = None if mod in alphas else _metadata_scale(configs or {}, mod, r)
+        if from_header is not None:  # diffusers: the config in its header, as it loads it
+            scale = from_header
         modules.append(make_module(path, mod, a, b, scale))
         dtypes.add(dtype_name(a))
     orphan = set(alphas) - set(pairs)
