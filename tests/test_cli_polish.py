@@ -168,3 +168,25 @@ def test_inspect_says_which_alpha_a_config_without_one_gets(tmp_path):
     res = invoke("inspect", folder)
     assert res.exit_code == 0
     assert "alpha - (PEFT's default 8), scales [4.0]" in res.output
+
+
+@pytest.mark.parametrize("args", [["--steps", "5"], ["--lr", "0.1"], ["--base-model", "m"],
+                                  ["--device", "cpu"], ["--max-tokens", "64"]])
+def test_model_options_without_their_mode_are_usage_errors(lora, tmp_path, args):
+    res = invoke("compress", lora, tmp_path / "m", *args)
+    assert res.exit_code == 2 and f"{args[0]} is used with --distill" in res.output
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args", [["--held-out", "0"], ["--held-out", "1"], ["--lr", "-1"],
+                                  ["--hidden-weight", "-1"]])
+def test_bad_distillation_values_are_usage_errors(lora, tmp_path, args):
+    res = invoke("compress", lora, tmp_path / "m", "--distill", *args)
+    assert res.exit_code == 2 and f"Invalid value for '{args[0]}'" in res.output
+
+
+def test_a_peft_adapter_saved_under_its_name_is_pointed_to(lora, tmp_path):
+    shutil.copytree(lora, tmp_path / "saved" / "myadapter")
+    res = invoke("inspect", tmp_path / "saved")
+    assert res.exit_code == 1
+    assert f"the adapter in {tmp_path / 'saved' / 'myadapter'}? (PEFT saves" in res.stderr

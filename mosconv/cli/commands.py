@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import ConfigError
 from .options import (
     Bars,
+    check_modes,
     convert_config,
     convert_options,
     data_options,
@@ -194,8 +195,7 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
     config, spec = convert_config(opts), data_spec(opts)
     _check_plot(plot_path)
     dconfig = distill_config(opts) if distill else None
-    if not distill and opts["data"] is not None and calib is None:
-        raise click.UsageError("--data is used with --distill or --calib")
+    check_modes(distill, calib is not None, opts)
     command = "mosconv " + " ".join(a for a in sys.argv[1:] if a not in SCREEN_ONLY) \
         if sys.argv else None
     with Bars(quiet) as bars:

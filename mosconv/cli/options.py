@@ -144,13 +144,37 @@ def distill_options(fn: F) -> F:
     return _apply(fn, [
         click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
                      help="Distillation steps at most (early stopping on the held-out split)."),
-        click.option("--lr", type=float, default=2e-3, show_default=True,
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3,
+                     show_default=True,
                      help="Distillation peak learning rate."),
-        click.option("--held-out", type=float, default=0.1, show_default=True,
+        click.option("--held-out", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=0.1, show_default=True,
                      help="Share of the data blocks held out for early stopping and the KL figures."),
-        click.option("--hidden-weight", type=float, default=0.0, show_default=True,
+        click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0,
+                     show_default=True,
                      help="Weight of hidden-state matching added to the KL loss (0 = KL only)."),
     ])
+
+
+def check_modes(distill: bool, calib: bool, opts: dict[str, Any]) -> None:
+    """``compress``: a usage error for an option that the modes asked for would ignore (the
+    model options serve ``--distill`` and ``--calib``, the training ones ``--distill``)."""
+    if not distill and not calib and opts["data"] is not None:
+        raise click.UsageError("--data is used with --distill or --calib")
+    _used_without("--distill", distill, ("steps", "lr", "held_out", "hidden_weight"))
+    _used_without("--distill or --calib", distill or calib,
+                  ("base_model", "gguf_file", "max_tokens", "seq_len", "batch_size", "device"))
+
+
+def _used_without(needed: str, given: bool, params: tuple[str, ...]) -> None:
+    """A usage error when an option of ``params`` was given on the command line while
+    ``needed`` (the option it serves) was not: it would be silently ignored."""
+    if given:
+        return
+    ctx = click.get_current_context()
+    for name in params:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--{name.replace('_', '-')} is used with {needed}")
 
 
 def output_options(what: str, overwrite: str = "Replace an existing output folder."

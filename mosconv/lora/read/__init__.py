@@ -41,8 +41,11 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
     if len(files) == 1:
         return "file", files[0]
     if not files:
+        inside = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+        hint = (f"; the adapter in {path / inside[0]}? (PEFT saves an adapter not named "
+                "'default' in a subfolder of that name)") if inside else ""
         raise FormatError(f"{path}: unknown adapter format (no {CONFIG_NAME} and no "
-                          ".safetensors/.bin file)")
+                          f".safetensors/.bin file){hint}")
     raise FormatError(f"{path}: several weight files and no {CONFIG_NAME}; pass one file")
 
 
