@@ -109,10 +109,12 @@ def test_bad_inputs_get_one_line_errors(tiny_lm, tmp_path):
     assert not out.exists()  # nothing half-written left behind
     args = model_args(tiny_lm)
     args[args.index("--device") + 1] = "tpu"
-    _fails(run("compress", tiny_lm.lora, out, "--distill", *args), "device must be one of")
+    for cmd in (["compress", tiny_lm.lora, out, "--distill"],
+                ["eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora],
+                ["calibrate", tiny_lm.lora, tmp_path / "c.safetensors"]):
+        res = run(*cmd, *args)  # a usage error (exit 2), before any model loads
+        assert res.exit_code == 2 and "'tpu' is not one of 'auto', 'cpu', 'cuda'" in res.output
     assert not out.exists()
-    _fails(run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora, *args),
-           "device must be one of")
     other, _ = write_random_peft(tmp_path / "other", {"model.layers.0.self_attn.q_proj": (48, 48)})
     _fails(run("compress", other, out, "--distill", *model_args(tiny_lm)),
            "model.layers.0.self_attn.q_proj", "do not match")
@@ -129,3 +131,11 @@ def test_bad_inputs_get_one_line_errors(tiny_lm, tmp_path):
     assert not out.exists()
     res = run("compress", tiny_lm.lora, out, "--data", tiny_lm.data)
     assert res.exit_code == 2  # usage: --data without --distill or --calib
+
+
+def test_cli_devices_are_the_library_devices():
+    """The CLI lists the devices without importing torch; the two lists must not drift."""
+    from mosconv.cli.options import DEVICES
+    from mosconv.model.distill import DEVICES as LIBRARY
+
+    assert DEVICES == LIBRARY

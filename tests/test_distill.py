@@ -167,3 +167,6 @@ def test_distilled_quantized_adapter_is_quantized_again(tiny_lm, tmp_path):
     got = measure(mos, mosconv.read_adapter(tiny_lm.lora), res.baseline.trunc)
     err = (sum(x.err_sq for x in got.values()) / sum(x.energy for x in got.values())) ** 0.5
     assert err == pytest.approx(res.report.totals.relative_error, rel=1e-9, abs=1e-12)
+    # its KL baseline is truncation stored as int8 too (the weight line's is float32): say so
+    from mosconv.cli.render import render_report
+    assert "truncation at the same budget, stored alike (int8)" in render_report(res.report)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..pipeline import DataSpec
 
 log = logging.getLogger("mosconv")
+DEVICES = ("auto", "cpu", "cuda")  # model.distill.DEVICES, without importing torch here
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -134,7 +135,7 @@ def data_options(fn: F) -> F:
                      help="Tokens per block."),
         click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Blocks per forward pass / optimizer step."),
-        click.option("--device", default="auto", show_default=True,
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto (CUDA when available), cpu or cuda."),
     ])
 

@@ -129,8 +129,17 @@ def render_report(report: Report) -> str:
         out.append(
             f"held-out KL(teacher||student) {d.kl_before:.5f} -> {d.kl_after:.5f} after "
             f"{d.steps} steps ({d.device}, {d.steps_per_s or 0:.2f} steps/s); truncation at "
-            f"the same budget {d.truncation_kl:.5f}")
+            f"the same budget{_stored_alike(t)} {d.truncation_kl:.5f}")
     return "\n".join(out)
+
+
+def _stored_alike(t) -> str:
+    """How the distillation's truncation baseline is stored when the adapter is not stored in
+    float32: like the adapter (the weight line's truncation is float32)."""
+    quantize = t.quantize if t.quantize not in (None, "none") else None
+    dtype = t.dtype if t.dtype not in (None, "float32") else None
+    how = quantize or dtype
+    return f", stored alike ({how})" if how else ""
 
 
 def _made_by_batch(info: dict[str, Any]) -> str | None:
