@@ -529,8 +529,9 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
     if keys and extra == "refuse":
         shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
         raise UnsupportedAdapterError(
-            f"adapter {name!r} holds tensors outside its LoRA modules ({shown}: "
-            "modules_to_save), which the runtime does not apply; attach its LoRA part alone "
+            f"adapter {name!r} holds tensors outside its LoRA modules ({shown}: whole "
+            "weights saved beside the factors, as modules_to_save or saved embedding layers "
+            "are), which the runtime does not apply; attach its LoRA part alone "
             "with extra='ignore', or export it and load it with PEFT")
     layers = _named_layers(model)
     if isinstance(ad, MosAdapter):
