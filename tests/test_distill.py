@@ -104,6 +104,12 @@ def test_devices_and_settings():
         DistillConfig(steps=0).validate()
     with pytest.raises(ConfigError, match="lr"):
         DistillConfig(lr=-1).validate()
+    for kw, msg in (({"hidden_weight": -0.5}, r"hidden_weight must be >= 0, got -0\.5"),
+                    ({"hidden_weight": float("nan")}, "hidden_weight must be >= 0, got nan"),
+                    ({"patience": -1}, "patience must be >= 0, got -1"),
+                    ({"warmup": 1.0}, r"warmup must be in \[0, 1\), got 1\.0")):
+        with pytest.raises(ConfigError, match=msg):  # names the one setting that is wrong
+            DistillConfig(**kw).validate()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -73,8 +73,11 @@ class DistillConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.patience < 0 or self.hidden_weight < 0 or not 0 <= self.warmup < 1:
-            raise ConfigError("patience and hidden_weight must be >= 0 and warmup in [0, 1)")
+        for key, ok, want in (("patience", self.patience >= 0, ">= 0"),
+                              ("hidden_weight", self.hidden_weight >= 0, ">= 0"),
+                              ("warmup", 0 <= self.warmup < 1, "in [0, 1)")):
+            if not ok:
+                raise ConfigError(f"{key} must be {want}, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)
