@@ -372,6 +372,19 @@ def test_unsupported_layers(llama):
     _assert_plain(model)
 
 
+def test_a_peft_model_is_refused_by_name(llama):
+    """A model already holding PEFT's LoRA layers: the message names PEFT's class and the way
+    back to the base model (it said "base layer Linear is not supported")."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(llama.fresh(), llama.lora)
+    with pytest.raises(UnsupportedAdapterError,
+                       match=r"already holds PEFT adapter layers \(peft\.tuners\.lora\."
+                             r"layer\.Linear\).*PeftModel\.unload\(\)"):
+        mosconv.apply(model, llama.mos_dir)
+    assert mosconv.adapter_names(model) == []
+
+
 def test_duplicate_name_and_bad_arguments(llama):
     c = llama
     model = mosconv.apply(c.fresh(), c.mos_dir, name="x")
@@ -487,3 +500,45 @@ def test_joint_zoo_members_apply_merge_export_and_train_their_cores(tmp_path):
         mosconv.merge(model, "m")
         assert float((logits(model) - want).abs().max()) < 1e-4
     assert cored > 0
+
+
+def test_merge_refuses_a_weight_tied_to_another(tmp_path):
+    """An lm_head tied to the input embeddings: merging would change the embeddings too (the
+    merged model would differ from the attached one); refused, the model left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).float().eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lora, _ = write_random_peft(tmp_path / "lora", {"lm_head": (64, 32),
+                                                    "model.layers.0.self_attn.q_proj": (32, 32)},
+                                r=4, alpha=8, seed=1, b_std=0.3)
+    mosconv.apply(model, lora)
+    before = _state(model)
+    with pytest.raises(ConfigError, match=r"lm_head: its weight is tied to "
+                                          r"model\.embed_tokens\.weight"):
+        mosconv.merge(model)
+    assert mosconv.adapter_names(model) == ["default"]
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model.lm_head.base.weight = nn.Parameter(model.lm_head.base.weight.detach().clone())
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attached = model(ids).logits
+        emb = model.model.embed_tokens.weight.clone()
+        mosconv.merge(model)  # untied: merged as attached, the embeddings untouched
+        assert float((model(ids).logits - attached).abs().max()) < 1e-4
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+
+
+def test_adapter_names_in_the_order_attached(llama):
+    """Adapters on different layers: listed as attached, not as the layers are walked."""
+    model = llama.fresh()
+    for name, target in (("late", Q1), ("early", Q0), ("both", Q0)):
+        mosconv.apply(model, _lora(_pair(target, 32, 32)), name=name, activate=False)
+    assert mosconv.adapter_names(model) == ["late", "early", "both"]
+    mosconv.remove(model, "late")
+    mosconv.apply(model, _lora(_pair(Q1, 32, 32)), name="late", activate=False)
+    assert mosconv.adapter_names(model) == ["early", "both", "late"]

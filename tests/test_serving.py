@@ -195,6 +195,62 @@ def test_factor_cache_is_bounded_and_never_stale(served):
         mosconv.set_factor_cache(256 * 2**20)
 
 
+def test_inference_mode_in_either_order(served):
+    """Adapters attached and run under torch.inference_mode serve outside it too, and a
+    forward under it leaves nothing behind that breaks training after it (the caches)."""
+    root, cls = served
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(5))
+    rows = ["zoo/task00", "zoo/task01", "zoo/task02", None]
+    ref = mosconv.apply(_base(root, cls), root / "out")
+    with torch.no_grad():
+        mosconv.set_active(ref, "zoo/task01")
+        one = ref(ids).logits
+        mosconv.set_active(ref, rows)
+        mixed = ref(ids).logits
+    model = _base(root, cls)
+    with torch.inference_mode():
+        mosconv.apply(model, root / "out")  # attached inside
+        mosconv.set_active(model, "zoo/task01")
+        assert torch.equal(model(ids).logits, one)
+        mosconv.set_active(model, rows)
+        assert torch.equal(model(ids).logits, mixed)
+    assert not any(p.is_inference() for p in model.parameters() if p is not None)
+    with torch.no_grad():  # and outside
+        assert torch.equal(model(ids).logits, mixed)
+    for names in ("zoo/task01", rows):  # gradient through the adapters after inference mode
+        mosconv.set_active(model, names)
+        with torch.inference_mode():
+            model(ids)
+        params = [p for n in ["zoo/task00", "zoo/task01", "zoo/task02"]
+                  for p in mosconv.trainable_parameters(model, n)]
+        for p in params:
+            p.requires_grad_(True)
+        model(ids).logits.square().mean().backward()
+        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def test_pools_replaced_through_data_are_seen(served):
+    """``p.data = new`` changes the storage the cache keyed on: the next forward sees it."""
+    root, cls = served
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
+    model = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(model, "zoo/task00")
+    with torch.no_grad():
+        first = model(ids).logits
+        for p in model.mos_shared_pools.parameters():
+            p.data = p.data * 2.0
+        changed = model(ids).logits
+        mosconv.set_factor_cache(0)
+        try:
+            fresh = model(ids).logits
+        finally:
+            mosconv.set_factor_cache(256 * 2**20)
+    assert float((changed - first).abs().max()) > 1e-4 and torch.equal(changed, fresh)
+
+
 def test_joint_pass_inputs_are_kept_and_never_stale(served):
     """The joint pass keeps its gathered cores between forwards; an in-place change of a core
     or of the shared pools is seen at the next forward."""

@@ -17,6 +17,8 @@ an adapter that has some is refused unless ``extra="ignore"`` asks for its LoRA 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,13 +172,13 @@ class MosDelta(nn.Module):
         """:meth:`factors` in ``dtype`` on ``device``, from :data:`FACTORS` when nothing
         needs their gradient."""
         inputs = self._inputs()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        key = _cache_key(device, dtype, inputs)
+        if key is None:
             A, B = self.factors()
             return A.to(device, dtype), B.to(device, dtype)
-        key = (str(device), dtype, tuple((id(t), t._version) for t in inputs))
         hit = FACTORS.get(self, key)
         if hit is None:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable in and out of it
                 A, B = self.factors()
                 hit = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous())
             FACTORS.put(self, key, hit)
@@ -206,6 +208,19 @@ class MosDelta(nn.Module):
                 key = (id(sh),)
             self._basis = key
         return self._basis
+
+
+def _cache_key(device: torch.device, dtype: torch.dtype, inputs: list[torch.Tensor]
+               ) -> tuple | None:
+    """What cached factors built from ``inputs`` depend on: each tensor's object, storage and
+    version counter (an in-place update bumps it; one through ``.data`` does not, and is not
+    seen); None when they cannot be cached: a gradient is being taken through them, or one is
+    an inference tensor (made under ``torch.inference_mode``, no version counter)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None
+    if any(t.is_inference() for t in inputs):
+        return None
+    return (str(device), dtype, tuple((id(t), t.data_ptr(), t._version) for t in inputs))
 
 
 def _runs(routes: torch.Tensor, nc: int) -> list[tuple[int, ...]]:
@@ -242,14 +257,14 @@ def _joint_inputs(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]],
     are the same (objects and version counters) and no gradient is being taken."""
     d0 = members[0][0]
     tensors = [d.core for d, _ in members if d.core is not None] + d0._inputs()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    versions = _cache_key(x.device, x.dtype, tensors)
+    if versions is None:
         return _joint_build(x, members)
     objs = [d for d, _ in members] + [i for _, i in members] + tensors
-    versions = (str(x.device), x.dtype, tuple(t._version for t in tensors))
     hit = cache.get(d0.basis_key())
     if (hit is None or len(hit[0]) != len(objs) or hit[1] != versions
             or any(a is not b for a, b in zip(hit[0], objs))):
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             hit = (objs, versions, _joint_build(x, members))
         cache[d0.basis_key()] = hit
     return hit[2]
@@ -462,13 +477,18 @@ def _float_dtype(t: torch.Tensor) -> torch.dtype:
 # ------------------------------------------------------------------ public API
 
 
+_ATTACHED = itertools.count()  # the order adapters were attached in (adapter_names)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters attached to ``model``, in first-seen order."""
-    names: dict[str, None] = {}
+    """Names of the adapters attached to ``model``, in the order they were attached."""
+    names: dict[str, float] = {}
     for _, layer in _adapter_layers(model):
-        names.update(dict.fromkeys(layer.deltas))
-    names.update(dict.fromkeys(getattr(model, POOLS_ATTR, None) or {}))
-    return list(names)
+        for n, d in layer.deltas.items():
+            names[n] = min(names.get(n, math.inf), getattr(d, "attached", math.inf))
+    for n in getattr(model, POOLS_ATTR, None) or {}:
+        names.setdefault(n, math.inf)
+    return sorted(names, key=names.__getitem__)  # stable: ties keep first-seen order
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -512,6 +532,10 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
             ``nn.Linear`` nor GPT-2 ``Conv1D``, or non-LoRA tensors with ``extra="refuse"``.
         FormatError: ``adapter`` is a path that cannot be read.
     """
+    if torch.is_inference_mode_enabled():  # the adapter's tensors must track versions and
+        with torch.inference_mode(False):  # be usable by autograd later: build them outside
+            return apply(model, adapter, name=name, trainable=trainable, activate=activate,
+                         extra=extra)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"apply attaches adapters to a torch.nn.Module, got "
                           f"{type(model).__name__}")
@@ -549,8 +573,13 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
                                           "by the runtime (only Linear and Conv1D layers)")
         have = _layer_shape(layer)
         if have is None:
-            raise UnsupportedAdapterError(f"{m.name}: base layer {type(layer).__name__} is not "
-                                          "supported (only torch.nn.Linear and GPT-2 Conv1D)")
+            kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
+            if kind.startswith("peft."):
+                raise UnsupportedAdapterError(
+                    f"{m.name}: the model already holds PEFT adapter layers ({kind}); attach "
+                    "to the base model without them (PeftModel.unload() gives it back)")
+            raise UnsupportedAdapterError(f"{m.name}: base layer {kind} is not supported "
+                                          "(only torch.nn.Linear and GPT-2 Conv1D)")
         if have != shapes[m.name]:
             raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
                               f"(out, in) = {have}, adapter {shapes[m.name]})")
@@ -579,6 +608,7 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
         if not hasattr(model, POOLS_ATTR):
             setattr(model, POOLS_ATTR, nn.ModuleDict())
         getattr(model, POOLS_ATTR)[name] = container
+    order = next(_ATTACHED)
     for m, target, base in plan:
         if isinstance(m, MosModule):
             delta: nn.Module = MosDelta(pools[m.kind], m, trainable)
@@ -588,6 +618,7 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
         if not isinstance(layer, AdapterLayer):
             layer = AdapterLayer(base)
             _set_child(model, target, layer)
+        delta.attached = order
         layer.deltas[name] = delta
     if activate:
         set_active(model, name)
@@ -690,17 +721,27 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     the sum is formed in at least float32 and stored in the weight's dtype.
 
     Raises:
-        ConfigError: no active adapter and no ``name``, ``name`` not attached, or a base
-            weight that is not floating point (quantized).
+        ConfigError: no active adapter and no ``name``, ``name`` not attached, a base
+            weight that is not floating point (quantized), or one tied to another module's
+            (an ``lm_head`` tied to the input embeddings).
     """
     name = name if name is not None else active_adapter(model)
     if name is None:
         raise ConfigError("merge: no adapter is active and no name was given")
     _check_name(model, name)
     todo = [(p, layer) for p, layer in _adapter_layers(model) if name in layer.deltas]
+    holders: dict[int, list[str]] = {}  # who holds each weight: tied weights have several
+    for n, w in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(w), []).append(n)
     for path, layer in todo:
         if not layer.base.weight.is_floating_point():
             raise ConfigError(f"{path}: cannot merge into a {layer.base.weight.dtype} weight")
+        tied = [n for n in holders.get(id(layer.base.weight), []) if n != f"{path}.base.weight"]
+        if tied:
+            raise ConfigError(
+                f"{path}: its weight is tied to {', '.join(tied)}, which merging would change "
+                f"too; serve the adapter attached, or untie the weight first ({path}.weight = "
+                f"nn.Parameter({path}.weight.detach().clone()))")
     for _, layer in todo:
         delta = layer.deltas[name]
         A, B = delta.factors()
@@ -888,8 +929,13 @@ def find_layers(model: nn.Module, adapter: MosAdapter | LoraAdapter) -> dict[str
         layer = layers[_resolve(m.name, layers)]
         have = _layer_shape(layer)
         if have is None:
-            raise UnsupportedAdapterError(f"{m.name}: base layer {type(layer).__name__} is not "
-                                          "supported (only torch.nn.Linear and GPT-2 Conv1D)")
+            kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
+            if kind.startswith("peft."):
+                raise UnsupportedAdapterError(
+                    f"{m.name}: the model already holds PEFT adapter layers ({kind}); attach "
+                    "to the base model without them (PeftModel.unload() gives it back)")
+            raise UnsupportedAdapterError(f"{m.name}: base layer {kind} is not supported "
+                                          "(only torch.nn.Linear and GPT-2 Conv1D)")
         if have != want:
             raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
                               f"(out, in) = {have}, adapter {want})")
