@@ -113,9 +113,24 @@ def remove_missing(made: list[Path]) -> None:
             break
 
 
+def missing(path: str | Path) -> str:
+    """Why ``path`` (which does not exist as far as ``Path.exists`` sees) cannot be opened:
+    ``"no such file or folder"``, or a link that points nowhere or into a loop."""
+    if os.path.islink(path):
+        return f"a link to {os.readlink(path)}, which does not exist or loops"
+    return "no such file or folder"
+
+
+def real_path(path: str | Path) -> Path:
+    """``path`` with its links resolved, as far as they go: a link loop stops there instead
+    of raising (``Path.resolve`` raises RuntimeError on one in Python 3.11); reading the
+    path then gives the error that names it."""
+    return Path(os.path.realpath(path))
+
+
 def same_or_inside(path: str | Path, folder: str | Path) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
+    path, folder = real_path(path), real_path(folder)
     return path == folder or folder in path.parents
 
 

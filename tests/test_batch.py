@@ -995,3 +995,51 @@ def test_inspect_names_a_batch_folder_and_a_pool_file(tmp_path):
     assert res.exit_code == 1 and "a zoo group's shared pool file" in res.stderr
     text = run_cli("inspect", out / "lm" / "task0", "--serving").output
     assert "1 adapter: shared pools" in text and "(1 pool file)" in text
+
+
+def test_one_bad_adapter_never_stops_the_zoo(tmp_path, monkeypatch):
+    """A file that links to itself, a folder that cannot be listed and a bug of ours on one
+    adapter each fail that adapter, named in the summary; the others convert (a link loop
+    and a diffusers header with a bad regex stopped the whole run with an internal error)."""
+    import json as _json
+
+    zoo = make_small_zoo(tmp_path / "zoo")
+    (zoo / "loop.safetensors").symlink_to(zoo / "loop.safetensors")  # a link to itself
+    bad = zoo / "d" / "bad.safetensors"
+    bad.parent.mkdir()
+    m = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{m}.lora_A.weight": torch.randn(4, 32), f"{m}.lora_B.weight": torch.randn(32, 4)},
+              bad, metadata={"lora_adapter_metadata": _json.dumps(
+                  {"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_q(": 16}})})
+    locked = zoo / "locked"
+    write_random_peft(locked / "inner", llama_like(layers=1, d=32, d_kv=16), r=4, seed=9)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as chmod 000 does for a user other than root
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items = discover(zoo)
+    monkeypatch.undo()
+    assert "locked" in [i.name for i in items]
+    import mosconv.pipeline
+
+    real_compress = mosconv.pipeline.compress
+
+    def compress(source, *args, **kwargs):
+        if str(source).endswith("teamA/a1"):
+            raise TypeError("a bug")
+        return real_compress(source, *args, **kwargs)
+
+    monkeypatch.setattr(mosconv.pipeline, "compress", compress)
+    monkeypatch.setattr(mosconv.batch.run, "discover", lambda *a, **k: items)
+    summary = run_batch(zoo, tmp_path / "out", BatchConfig(ratio=8.0, search="truncation"))
+    failed = {o.name: o.error for o in summary.adapters if o.status == "failed"}
+    assert set(failed) == {"loop", "d/bad", "locked", "teamA/a1"}
+    assert "loop.safetensors" in failed["loop"]
+    assert "alpha_pattern key 'to_q(' is not a valid regular expression" in failed["d/bad"]
+    assert str(locked) in failed["locked"]
+    assert failed["teamA/a1"].endswith("teamA/a1: internal error: TypeError: a bug")
+    assert summary.totals.converted == len(SMALL_NAMES) - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from conftest import (
     zoo_weight_file,
 )
 
+from mosconv.errors import FormatError
 from mosconv.lora.read import read_adapter, resolve_adapter_path
 from mosconv.lora.read.peft import pattern_key
 from mosconv.lora.types import name_pattern, natural_key
@@ -642,3 +644,103 @@ def test_diffusers_header_config_sets_the_scale_as_diffusers_loads_it(make):
                       "text_encoder.layers.0.q_proj": 8 / math.sqrt(4)}
     plain = make.diffusers(mods, r=4, filename="plain.safetensors")  # no header: alpha = r
     assert {m.scale for m in read_adapter(plain.path).modules} == {1.0}
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_q(": 16}},
+     "alpha_pattern key 'to_q(' is not a valid regular expression"),
+    ({"unet.lora_alpha": "8"}, "unet.lora_alpha must be a number, got '8'"),
+    ({"unet.lora_alpha": 8, "unet.use_rslora": "false"},
+     "unet.use_rslora must be true or false, got 'false'"),
+    ({"unet.alpha_pattern": {"to_q": True}}, "alpha_pattern['to_q'] must be a number"),
+    ({"unet.alpha_pattern": [1]}, "alpha_pattern must be an object"),
+])
+def test_diffusers_header_config_of_the_wrong_type_is_refused(make, header, message):
+    """A header value of the wrong type gave a wrong scale silently (a string alpha was
+    skipped, "false" counted as true) or an internal error (a bad regex)."""
+    from safetensors.torch import load_file, save_file
+
+    w = make.diffusers({"unet.down.attn1.to_q": (8, 8)}, r=4)
+    save_file(load_file(w.path), w.path,
+              metadata={"lora_adapter_metadata": json.dumps(header)})
+    with pytest.raises(FormatError, match=re.escape(message)) as e:
+        read_adapter(w.path)
+    assert str(w.path) in str(e.value)
+
+
+def test_diffusers_header_nested_too_deep_is_not_json(make):
+    from safetensors.torch import load_file, save_file
+
+    w = make.diffusers({"unet.down.attn1.to_q": (8, 8)}, r=4)
+    save_file(load_file(w.path), w.path,
+              metadata={"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(FormatError, match="lora_adapter_metadata is not valid JSON"):
+        read_adapter(w.path)
+
+
+def test_kohya_alpha_zero_is_scale_1_and_an_alpha_of_several_values_is_refused(make):
+    """sd-scripts reads alpha 0 as alpha = r (it wiped the module here); a non-scalar
+    .alpha is no alpha anyone defines (it was passed through as an extra tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    q0 = next(iter(KOHYA))
+    w = make.kohya({q0: KOHYA[q0]}, r=4, alphas={q0: 0})
+    assert read_adapter(w.path).module(q0).scale == 1.0
+    tensors = load_file(w.path)
+    tensors[f"{q0}.alpha"] = torch.tensor([4.0, 4.0])
+    save_file(tensors, w.path)
+    with pytest.raises(FormatError, match=rf"alpha tensor {q0}\.alpha has shape \[2\], "
+                                          "expected one number"):
+        read_adapter(w.path)
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["lora_A.default.weight", "lora_B.default.weight", "lora_A.other.weight",
+      "lora_B.other.weight"], "tensors of several adapters"),
+    (["lora_A.default.weight", "lora_B.other.weight"], "tensors of several adapters"),
+    (["lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"],
+     "both give module model.layers.0.self_attn.q_proj a factor"),
+    (["lora_A.weight", "lora_B.weight", "!lora_A.weight", "!lora_B.weight"],
+     "both give module model.layers.0.self_attn.q_proj a factor"),
+])
+def test_peft_keys_that_clash_are_refused(tmp_path, keys, message):
+    """Two tensors for one factor of one module (two adapter names, a prefixed and an
+    unprefixed key, a linear and an embedding pair): one was dropped without a word."""
+    from safetensors.torch import save_file
+
+    mod = "model.layers.0.self_attn.q_proj"
+    tensors = {}
+    for k in keys:
+        prefix = "" if k.startswith("!") else "base_model.model."
+        shape = (4, 32) if "_A" in k else (32, 4)
+        tensors[f"{prefix}{mod}.{k.lstrip('!')}"] = torch.randn(shape)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(FormatError, match=re.escape(message)):
+        read_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("how", ["dangling link", "folder", "link loop"])
+def test_peft_folder_whose_config_is_not_a_file_is_refused(tmp_path, how):
+    """The weights were read as a diffusers file without the config's scale (x2 here)."""
+    from factory import write_random_peft
+
+    folder, _ = write_random_peft(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (8, 8)},
+                                  r=4, alpha=8)
+    config = folder / "adapter_config.json"
+    config.unlink()
+    if how == "folder":
+        config.mkdir()
+    else:
+        config.symlink_to("missing.json" if how == "dangling link" else config.name)
+    want = "a folder" if how == "folder" else "which does not exist or loops"
+    with pytest.raises(FormatError, match=rf"adapter_config\.json: cannot read \(.*{want}"):
+        read_adapter(folder)
+
+
+def test_a_link_loop_is_named_as_one(tmp_path):
+    (tmp_path / "x.safetensors").symlink_to("x.safetensors")
+    with pytest.raises(FormatError, match=r"x\.safetensors: a link to x\.safetensors, which "
+                                          "does not exist or loops"):
+        read_adapter(tmp_path / "x.safetensors")

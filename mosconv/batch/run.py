@@ -11,6 +11,7 @@ bytes as an uninterrupted one.  In shared-pool mode each group's pools are writt
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -22,7 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FormatError, MosconvError, check_seed
-from ..fileio import atomic_write_bytes, atomic_write_json, safetensors_bytes, sha256_file
+from ..fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    missing,
+    real_path,
+    safetensors_bytes,
+    sha256_file,
+)
 from ..lora.read import resolve_adapter_path
 from ..mos.manifest import (
     load_report,
@@ -51,6 +59,8 @@ if TYPE_CHECKING:
 SUMMARY_FILE = "summary.json"
 _SUFFIXES = (".safetensors", ".bin")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+log = logging.getLogger("mosconv")  # mosconv -v shows these
 
 
 @dataclass(frozen=True)
@@ -172,8 +182,8 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
     """
     zoo = Path(zoo)
     if not zoo.exists():
-        raise FormatError(f"{zoo}: no such file or folder")
-    skip = Path(exclude).resolve() if exclude is not None else None
+        raise FormatError(f"{zoo}: {missing(zoo)}")
+    skip = real_path(exclude) if exclude is not None else None
     items: list[Item] = []
     if zoo.is_file() and (zoo.suffix in (*_SUFFIXES, ".pt", ".pth") or zoo.name == CONFIG_NAME):
         target = zoo.parent if zoo.name == CONFIG_NAME or (zoo.parent / CONFIG_NAME).is_file() \
@@ -181,7 +191,7 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
         name = target.name if target.is_dir() else target.stem
         return [Item(safe_name(name or "adapter"), str(target))]
     if zoo.is_dir() and (zoo / CONFIG_NAME).is_file():
-        return [Item(safe_name(zoo.resolve().name or "adapter"), str(zoo))]
+        return [Item(safe_name(real_path(zoo).name or "adapter"), str(zoo))]
     if zoo.is_file():
         base = zoo.parent
         try:
@@ -196,19 +206,22 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
             rel = os.path.relpath(p, base)
             items.append(Item(safe_name(rel.removesuffix(p.suffix) if p.is_file() else rel), str(p)))
     else:
-        if skip is not None and zoo.resolve() == skip:
+        if skip is not None and real_path(zoo) == skip:
             raise ConfigError(f"{zoo}: is also the output folder; write the outputs to another "
                               "folder (one inside the zoo is fine)")
         seen: set[Path] = set()
-        for dirpath, dirnames, filenames in os.walk(zoo, followlinks=True):
+        unreadable: list[OSError] = []  # folders that cannot be listed: failed, not skipped
+        for dirpath, dirnames, filenames in os.walk(zoo, onerror=unreadable.append,
+                                                    followlinks=True):
             dirnames.sort()
             d = Path(dirpath)
-            real = d.resolve()
+            real = real_path(d)
             if (skip is not None and real == skip) or real in seen:  # the output; a link loop
                 dirnames[:] = []
                 continue
             seen.add(real)
-            if CONFIG_NAME in filenames:
+            if CONFIG_NAME in filenames or CONFIG_NAME in dirnames:  # read_adapter names
+                # a config that is not a file (a folder, a broken link) as the problem
                 items.append(Item(safe_name(os.path.relpath(d, zoo)), str(d)))
                 dirnames[:] = []  # a PEFT folder's contents belong to it
                 continue
@@ -216,6 +229,11 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
                 if fn.endswith(_SUFFIXES):
                     rel = os.path.relpath(d / fn, zoo)
                     items.append(Item(safe_name(rel.rsplit(".", 1)[0]), str(d / fn)))
+        for e in unreadable:  # convert_one names the problem (cannot read ...)
+            if e.filename is not None and Path(e.filename) != zoo:
+                items.append(Item(safe_name(os.path.relpath(e.filename, zoo)), str(e.filename)))
+            elif e.filename is not None:
+                raise FormatError(f"{zoo}: cannot read ({e.strerror or e})")
     names = [i.name for i in items]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -285,6 +303,11 @@ def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
     except (MosconvError, OSError) as e:
         return Outcome(item.name, item.source, "failed", time.perf_counter() - t0,
                        error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:
+        log.debug("converting %s", item.source, exc_info=True)
+        text = str(e).splitlines()[0] if str(e) else ""
+        return Outcome(item.name, item.source, "failed", time.perf_counter() - t0,
+                       error=f"{item.source}: internal error: {type(e).__name__}: {text}")
 
 
 def _init_worker(threads: int) -> None:
@@ -641,7 +664,7 @@ def _pools_in_use(dests: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[
         except (OSError, MosconvError):
             continue
         for ref in refs:
-            f = (dest / ref.file).resolve()
+            f = real_path(dest / ref.file)
             keys.setdefault(f, {}).update(ref.tensors)
             used.setdefault(dest, set()).add(f)
     out = {}
@@ -749,7 +772,7 @@ def _group_summaries(out: Path, done: list[Outcome], pools: dict[Path, tuple[int
         pool_params, pool_bytes = (sum(pools[f][i] for f in files) for i in (0, 1))
         own_bytes = _bytes_sum(members, "mos_tensor_bytes")
         local = sum(r.local_params or 0 for r in members)
-        names = sorted(os.path.relpath(f, out.resolve()) for f in files)
+        names = sorted(os.path.relpath(f, real_path(out)) for f in files)
         here = {r.name for r in members}
         groups.append(GroupSummary(
             group=gid, adapters=len(members), pool_file=names[0] if names else None,

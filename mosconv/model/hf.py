@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ConfigError, FormatError
+from ..fileio import missing
 
 if TYPE_CHECKING:  # transformers is optional and imported only when a model is loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,7 +55,7 @@ def load_base_model(path: str | Path, *, gguf_file: str | None = None,
     if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
         path, gguf_file = path.parent, path.name
     if not path.exists():
-        raise FormatError(f"{path}: no such file or folder")
+        raise FormatError(f"{path}: {missing(path)}")
     if gguf_file is not None and not (path / gguf_file).is_file():
         raise FormatError(f"{path / gguf_file}: no such GGUF file")
     if gguf_file is None and path.is_dir() and not (path / "config.json").is_file():

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError
-from ..fileio import atomic_write_bytes, atomic_write_json, prepare_output_dir, safetensors_bytes
+from ..fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    prepare_output_dir,
+    real_path,
+    safetensors_bytes,
+)
 from ..fit.report import Report
 from ..lora.read._io import check_finite, load_tensor_file
 from ..names import (
@@ -439,7 +445,7 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
           and "\0" not in ref["file"], cfg_path, f"kind {kid}: shared_pool has no file")
     _need(isinstance(ref.get("sha256"), str), cfg_path,
           f"kind {kid}: shared_pool has sha256 {_show(ref.get('sha256'))}, expected a string")
-    path = (folder / ref["file"]).resolve()
+    path = real_path(folder / ref["file"])
     if str(path) not in cache:
         if not path.is_file():
             raise FormatError(f"{cfg_path}: kind {kid} needs the shared pool file {path}, "

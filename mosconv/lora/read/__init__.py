@@ -8,10 +8,12 @@ folder is read as that folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import FormatError
+from ...fileio import missing
 from ...names import PEFT_CONFIG as CONFIG_NAME
 from ...names import PEFT_WEIGHTS as WEIGHT_NAMES
 
@@ -25,7 +27,7 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
     """Return ``(family, path)``: ``("peft", folder)`` or ``("file", file)``."""
     path = Path(path)
     if not path.exists():
-        raise FormatError(f"{path}: no such file or folder")
+        raise FormatError(f"{path}: {missing(path)}")
     if path.is_file():
         if path.name in WEIGHT_NAMES and (path.parent / CONFIG_NAME).is_file():
             return "peft", path.parent
@@ -35,8 +37,12 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
             raise FormatError(f"{path}: unknown adapter format (expected a folder or a "
                               ".safetensors/.bin file)")
         return "file", path
-    if (path / CONFIG_NAME).is_file():
+    config = path / CONFIG_NAME
+    if config.is_file():
         return "peft", path
+    if os.path.lexists(config):  # a PEFT folder whose config cannot be read as a file: not
+        why = "a folder" if config.is_dir() else missing(config)  # another format's folder
+        raise FormatError(f"{config}: cannot read ({why})")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
     if len(files) == 1:
         return "file", files[0]

@@ -150,6 +150,8 @@ def read_peft(folder: Path) -> LoraAdapter:
     tensors, meta = load_tensor_file(path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}  # (module, which) -> the tensor key that gave it
+    names: dict[str | None, str] = {}  # adapter name in the keys (old files) -> a key
     extra = {}
     for key, t in tensors.items():
         if "lora_magnitude_vector" in key:
@@ -166,8 +168,19 @@ def read_peft(folder: Path) -> LoraAdapter:
             extra[key] = t
             continue
         mod = m["mod"].removeprefix(PREFIX)
-        slot = pairs.setdefault(mod, {})
-        slot[m["which"]] = t
+        names.setdefault(None if m["adapter"] in (None, "weight") else m["adapter"], key)
+        if len(names) > 1:
+            a, b = names.values()
+            raise FormatError(f"{path}: tensors of several adapters ({a}, {b}); mosconv reads "
+                              "one adapter per file")
+        which = m["which"]
+        for other in ({"lora_A", "lora_B"} if "embedding" in which else
+                      {"lora_embedding_A", "lora_embedding_B"}) | {which}:
+            if (mod, other) in keys:
+                raise FormatError(f"{path}: tensors {keys[mod, other]} and {key} both give "
+                                  f"module {mod} a factor")
+        keys[mod, which] = key
+        pairs.setdefault(mod, {})[which] = t
 
     alpha_pattern = config.get("alpha_pattern") or {}
     modules = []

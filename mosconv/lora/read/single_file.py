@@ -120,7 +120,7 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad JSON, absurd nesting
         raise FormatError(f"{path}: header lora_adapter_metadata is not valid JSON") from None
     if not isinstance(flat, dict):
         raise FormatError(f"{path}: header lora_adapter_metadata is not a JSON object")
@@ -133,7 +133,35 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
             if cfg.get(field):
                 raise UnsupportedAdapterError(f"{path}: {component}.{field}=true in its "
                                               "metadata; not supported")
+        _check_header_config(path, component, cfg)
     return configs
+
+
+def _check_header_config(path: Path, component: str, cfg: dict) -> None:
+    """The header fields that set scales, checked as the PEFT folder reader checks them: a
+    wrong type would give a wrong scale without a word."""
+    where = f"{path}: header lora_adapter_metadata {component}."
+    if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+        raise FormatError(f"{where}use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    if cfg.get("lora_alpha") is not None and not _number(cfg["lora_alpha"]):
+        raise FormatError(f"{where}lora_alpha must be a number, got {cfg['lora_alpha']!r}")
+    patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise FormatError(f"{where}alpha_pattern must be an object, got {patterns!r}")
+    for key, value in patterns.items():
+        if not _number(value):
+            raise FormatError(f"{where}alpha_pattern[{key!r}] must be a number, got {value!r}")
+        try:
+            re.compile(rf"(.*\.)?({key})$")  # as pattern_key uses it
+        except (re.error, RecursionError, OverflowError) as e:
+            raise FormatError(f"{where}alpha_pattern key {key!r} is not a valid regular "
+                              f"expression ({e})") from None
+
+
+def _number(value: object) -> bool:
+    """A finite JSON number (not a bool, not a string)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _metadata_scale(configs: dict[str, dict], mod: str, r: int) -> float | None:
@@ -176,7 +204,10 @@ def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
             pairs.setdefault(mod, {})[m["which"]] = t
             continue
         a = alpha_re.match(key) if alpha_re else None
-        if a and t.numel() == 1:
+        if a and t.numel() != 1:
+            raise FormatError(f"{path}: alpha tensor {key} has shape {list(t.shape)}, "
+                              "expected one number")
+        if a:
             if t.is_complex() or t.dtype == torch.bool:
                 raise FormatError(f"{path}: alpha tensor {key} has dtype {dtype_name(t)}, "
                                   "expected a real number")
@@ -189,6 +220,8 @@ def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
         a, b = slot.get(down), slot.get(up)
         r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
         alpha = alphas.get(mod, float(r))
+        if family == "kohya" and alpha == 0:
+            alpha = float(r)  # sd-scripts: "alpha = lora_dim if alpha is None or alpha == 0"
         scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
         from_header = None if mod in alphas else _metadata_scale(configs or {}, mod, r)
         if from_header is not None:  # diffusers: the config in its header, as it loads it
