@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MosconvError
-from .names import CONFIG_FILE, PEFT_CONFIG, PEFT_WEIGHTS, TENSOR_FILE
+from .names import CALIB_FILE, CONFIG_FILE, PEFT_CONFIG, PEFT_WEIGHTS, REPORT_FILE, TENSOR_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +84,9 @@ def sha256_file(path: Path) -> str:
 
 # What a folder holding another kind of adapter has: a MoS output is never written beside a
 # PEFT LoRA, nor a LoRA export beside a MoS adapter (marker -> the other kind's files).
+# the files written into an output folder (atomic_write_*: ".<name>.<random>.tmp" until done)
+OUTPUT_FILES = frozenset({CONFIG_FILE, TENSOR_FILE, REPORT_FILE, PEFT_CONFIG, *PEFT_WEIGHTS,
+                          CALIB_FILE})
 OTHER_OUTPUTS = {
     CONFIG_FILE: (PEFT_CONFIG, *PEFT_WEIGHTS),
     PEFT_CONFIG: (CONFIG_FILE, TENSOR_FILE),
@@ -168,7 +171,8 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
                                    f"({e.strerror or e})") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # left by a run that was killed mid-write
-            stale.unlink()
+        for stale in out.glob(".*.tmp"):  # ours, left by a run that was killed mid-write;
+            if stale.name[1:].rsplit(".", 2)[0] in OUTPUT_FILES and stale.is_file():
+                stale.unlink()  # anyone else's stays
     except OSError as e:
         raise MosconvError(f"{out}: cannot create folder ({e.strerror or e})") from None

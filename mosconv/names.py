@@ -20,6 +20,7 @@ FORMAT_VERSIONS = (1, 2, 3)  # what this mosconv reads
 CONFIG_FILE = "mos_config.json"
 TENSOR_FILE = "mos_adapter.safetensors"
 REPORT_FILE = "report.json"
+CALIB_FILE = "calib_stats.safetensors"  # compress --calib TEXT keeps its statistics here
 POOLS_DIR = "pools"  # a zoo's shared pools: OUT/pools/<group>.safetensors
 
 

@@ -21,6 +21,7 @@ from .lora.write import peft_config, write_peft_folder
 from .model.calib import CalibStats, is_stats_file, save_stats
 from .mos.format import CONFIG_FILE, is_mos_dir, load_mos, load_report, save_mos
 from .mos.quant import Storage
+from .names import CALIB_FILE
 
 if TYPE_CHECKING:
     from .model.distill import DistillConfig
@@ -56,9 +57,6 @@ class DataSpec:
         if self.base_model is None or self.data is None:
             raise ConfigError(f"{what} needs a base model and a text file",
                               options=("base_model", "data"))
-
-
-CALIB_FILE = "calib_stats.safetensors"
 
 
 class _Session:
@@ -306,6 +304,7 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         raise ConfigError(f"{out}: holds the input adapter {mos_dir}; write the LoRA to another "
                           "folder")
     mos = load_mos(mos_dir)
+    _refuse_source(mos, Path(out))
     if dtype == "auto":  # int8/int4 values times float16 scales are exact in float32
         dtype = "float32" if mos.storage.quantized else mos.storage.dtype
     tdtype = FLOAT_DTYPES[dtype]
@@ -342,6 +341,22 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
     except BaseException:
         remove_missing(made)  # a failed export (disk full, interrupt) leaves no folder we made
         raise
+
+
+def _refuse_source(mos: MosAdapter, out: Path) -> None:
+    """An export never replaces the LoRA the adapter was converted from (its files, by
+    size and sha256, as ``mos_config.json`` records them): that would trade the trained
+    adapter for its lossy reconstruction."""
+    files = mos.source.get("files") or []
+    if not files or not all(isinstance(f, dict) for f in files):
+        return
+    for f in files:
+        p = out / str(f.get("name"))
+        if not p.is_file() or p.stat().st_size != f.get("bytes") or sha256_file(p) != f.get(
+                "sha256"):
+            return
+    raise ConfigError(f"{out}: holds the LoRA this MoS adapter was converted from (its files "
+                      "match the ones mos_config.json records); export to another folder")
 
 
 def _pad_ranks(mos_dir: str | Path, modules: list, pad_rank: int | str) -> tuple[list, list]:

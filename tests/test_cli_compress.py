@@ -310,3 +310,16 @@ def test_export_refuses_diffusers_legacy_source(tmp_path):
     res = run("export", tmp_path / "mos", tmp_path / "exp")
     assert_one_line_error(res, "diffusers-legacy")
     assert not (tmp_path / "exp" / "adapter_config.json").exists()
+
+
+def test_only_our_own_temporary_files_are_cleaned(lora, tmp_path):
+    """A killed run's temporary files go; a user's ``.notes.tmp`` (file or folder) stays."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".notes.tmp").write_text("precious")
+    (out / ".cache.tmp").mkdir()
+    (out / f".{CONFIG_FILE}.x1y2z3.tmp").write_text("{")  # ours, from a killed run
+    res = run("compress", lora, out, "--search", "truncation", "-q")
+    assert res.exit_code == 0, res.output
+    assert (out / ".notes.tmp").read_text() == "precious" and (out / ".cache.tmp").is_dir()
+    assert not (out / f".{CONFIG_FILE}.x1y2z3.tmp").exists()

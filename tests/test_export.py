@@ -211,6 +211,24 @@ def test_export_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "exp" / "adapter_config.json").is_file()
 
 
+def test_export_never_replaces_the_lora_it_came_from(tmp_path):
+    """``export mos lora --overwrite`` replaced the trained LoRA with its lossy
+    reconstruction; the source is known by the files mos_config.json records."""
+    import shutil
+
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=2, d=16, d_kv=8))
+    compress(folder, tmp_path / "mos", ConvertConfig(ratio=4))
+    shutil.copytree(folder, tmp_path / "moved")  # found by content, wherever it is
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for target in (folder, tmp_path / "moved"):
+        with pytest.raises(MosconvError, match="holds the LoRA this MoS adapter was converted "
+                                               "from"):
+            export_lora(tmp_path / "mos", target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    export_lora(tmp_path / "mos", tmp_path / "exp")  # another folder: fine
+    export_lora(tmp_path / "mos", tmp_path / "exp", overwrite=True)  # its own output too
+
+
 def test_export_of_missing_mos_folder_is_format_error(tmp_path):
     with pytest.raises(FormatError, match="not a MoS adapter"):
         export_lora(tmp_path / "nothing", tmp_path / "exp")
