@@ -20,7 +20,7 @@ from .lora.types import LoraAdapter
 from .lora.write import peft_config, write_peft_folder
 from .model.calib import CalibStats, is_stats_file, save_stats
 from .mos.format import CONFIG_FILE, is_mos_dir, load_mos, load_report, save_mos
-from .mos.quant import Storage
+from .mos.quant import Storage, StorageOverflow
 from .names import CALIB_FILE
 
 if TYPE_CHECKING:
@@ -206,7 +206,11 @@ def compress(
             save_stats(stats, out / CALIB_FILE)
         log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),
                  config.ratio, "data" if stats is not None else "weight")
-        result = convert(adapter, config, progress=progress, calib=stats)
+        try:
+            result = convert(adapter, config, progress=progress, calib=stats)
+        except StorageOverflow as e:
+            raise StorageOverflow(f"{lora_path}: {e}; store it as float32 or bfloat16",
+                                  options=("dtype",)) from None
         if distill is not None:
             result = _distill(adapter, result, config, stats, session, distill, held_out,
                               on_step)

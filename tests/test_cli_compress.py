@@ -323,3 +323,26 @@ def test_only_our_own_temporary_files_are_cleaned(lora, tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / ".notes.tmp").read_text() == "precious" and (out / ".cache.tmp").is_dir()
     assert not (out / f".{CONFIG_FILE}.x1y2z3.tmp").exists()
+
+
+def test_float16_overflow_names_the_file_and_the_fix(tmp_path):
+    """A float16 source whose update float16 cannot hold once converted: the error said
+    only "values too large for float16"."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        for p in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{i}.self_attn.{p}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, 32, generator=g).sign().half() * 6e4
+            tensors[f"{key}.lora_B.weight"] = torch.randn(32, 4, generator=g).sign().half() * 6e4
+    save_file(tensors, src / "adapter_model.safetensors")
+    res = run("compress", src, tmp_path / "o")
+    assert_one_line_error(res, f"{src}: values too large for float16", "(use --dtype)")
+    assert not (tmp_path / "o").exists()
+    assert run("compress", src, tmp_path / "o", "--dtype", "float32", "-q").exit_code == 0

@@ -136,6 +136,21 @@ def test_corrupt_bin_checkpoint(make):
     assert_one_line_error(run_inspect(w.path), w.weights, "corrupt or truncated checkpoint")
 
 
+def test_bin_whose_tensor_data_was_altered_fails_its_crc(make):
+    """torch.load does not check the CRCs torch.save writes: altered values were read."""
+    import zipfile
+
+    w = make.peft(weights="bin")
+    data = bytearray(w.weights.read_bytes())
+    with zipfile.ZipFile(w.weights) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 8)
+    n, extra = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + n + extra  # the entry's data, past its local header
+    data[start:start + 4] = bytes(b ^ 0xFF for b in data[start:start + 4])
+    w.weights.write_bytes(bytes(data))
+    assert_one_line_error(run_inspect(w.path), w.weights, "does not match its CRC")
+
+
 class _Payload:
     """Unpickling this opens (creates) a marker file: proof that a pickle was executed."""
 

@@ -744,3 +744,29 @@ def test_a_link_loop_is_named_as_one(tmp_path):
     with pytest.raises(FormatError, match=r"x\.safetensors: a link to x\.safetensors, which "
                                           "does not exist or loops"):
         read_adapter(tmp_path / "x.safetensors")
+
+
+def test_paths_that_are_not_utf8_are_read(tmp_path):
+    """The safetensors library takes UTF-8 paths only; such a folder was called corrupt."""
+    import os
+    import shutil
+
+    from factory import write_random_peft
+
+    from mosconv.fit.convert import ConvertConfig
+    from mosconv.mos.format import load_mos
+    from mosconv.pipeline import compress
+
+    folder, _ = write_random_peft(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (8, 8)},
+                                  r=4, alpha=8)
+    odd = tmp_path / os.fsdecode(b"odd\xff")
+    try:
+        shutil.copytree(folder, odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    want = read_adapter(folder).modules[0]
+    got = read_adapter(odd).modules[0]
+    assert torch.equal(got.A, want.A) and torch.equal(got.B, want.B) and got.scale == want.scale
+    out = tmp_path / os.fsdecode(b"mos\xfe")
+    compress(odd, out, ConvertConfig(ratio=2))
+    assert load_mos(out).params > 0

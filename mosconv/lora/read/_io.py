@@ -39,6 +39,8 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise FormatError(f"{path}: file not found")
     if path.suffix == ".safetensors":
         header, meta, data_start = _read_header(path)
+        if not _utf8(path):  # the safetensors library takes UTF-8 paths only: its bytes
+            return _load_safetensors_bytes(path), meta
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:  # validates the header
                 keys = list(f.keys())
@@ -56,7 +58,8 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with warnings.catch_warnings():  # a damaged pickle makes torch warn (e.g. "Detected
             warnings.simplefilter("ignore")  # pickle protocol 66") before it fails
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with open(path, "rb") as fh:  # a file object: any path the OS takes
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is mostly advice (to load it unsafely, which mosconv never does);
         # the reason is the line naming what it refused ("Unsupported global ...", "Trying
@@ -79,6 +82,30 @@ def load_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise FormatError(f"{path}: not a state dict of named tensors")
     _check_names(path, obj)
     return dict(obj), {}
+
+
+def _utf8(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (a name of other bytes arrives surrogate-escaped)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _load_safetensors_bytes(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file whose path the library cannot take, read through its bytes (the
+    header was checked against the file size first, as for any other path)."""
+    from safetensors.torch import load
+
+    try:
+        with open(path, "rb") as fh:
+            tensors = load(fh.read())
+    except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FormatError(f"{path}: corrupt or truncated safetensors file ({msg})") from None
+    _check_names(path, tensors)
+    return tensors
 
 
 def _check_names(path: Path, tensors: Iterable[str]) -> None:
@@ -108,12 +135,19 @@ def _check_zip(path: Path) -> None:
             )
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
-                if (info.compress_type != zipfile.ZIP_STORED
-                        or info.compress_size != info.file_size
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise FormatError(f"{path}: not a torch.save checkpoint (zip entry "
+                                      f"{info.filename[:80]!r} is compressed; torch.save "
+                                      "stores its entries as they are)")
+                if (info.compress_size != info.file_size
                         or info.header_offset + info.file_size > size):
                     raise FormatError(f"{path}: corrupt or truncated checkpoint (zip entry "
                                       f"{info.filename[:80]!r} declares {info.file_size} bytes "
                                       f"that the {size}-byte file cannot hold)")
+            bad = z.testzip()  # torch.load does not check the CRCs torch.save writes
+            if bad is not None:
+                raise FormatError(f"{path}: corrupt checkpoint (zip entry {bad[:80]!r} does "
+                                  "not match its CRC)")
     except FormatError:
         raise
     except OSError as e:
