@@ -328,8 +328,10 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
             B = B.new_zeros(pools.d_out, 1)
         A, B = A.to(tdtype), B.to(tdtype)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            fix = ("export as float32" if tdtype != torch.float32 else
+                   "its scale times its factors is beyond float32; the adapter is damaged")
             raise NumericalError(f"{mos_dir}: module {m.name} does not fit {tdtype} (values "
-                                 "too large); export as float32")
+                                 f"too large); {fix}")
         modules.append((m.name, A.contiguous(), B.contiguous(), m.embedding))
         ranks.append((m.name, int(A.shape[0])))
     if pad_rank is not None:

@@ -336,8 +336,9 @@ def test_load_error_missing_folder(tmp_path):
     (lambda c: c["modules"][0].update(scale=float("nan")), ["scale"]),
     (lambda c: c["modules"][0].update(weights=True), ["weights", "layers.0.proj0"]),
     (lambda c: c.update(kinds=None), []),
+    (lambda c: c.update(modules=[]), ["'modules' is empty"]),
 ], ids=["no-nc", "r-str", "r-list", "no-name", "nc-not-dividing", "nan-scale",
-        "weights-missing", "kinds-null"])
+        "weights-missing", "kinds-null", "no-modules"])
 def test_load_error_bad_config_fields(saved, change, words):
     _rewrite_config(saved, change)
     with pytest.raises(FormatError) as e:

@@ -362,6 +362,22 @@ def test_inspect_serving_agrees_with_memory_report(served):
     assert "4 adapters: shared pools" in text and "as LoRAs" in text
 
 
+@pytest.mark.parametrize("summary", ['{"adapters": "x"}', '{"adapters": ["x"]}', "[1]",
+                                     '{"adapters": [{"name": 3, "status": "converted"}]}'])
+def test_a_summary_of_the_wrong_shape_is_named(tmp_path, summary):
+    """It was an internal AttributeError."""
+    from click.testing import CliRunner
+
+    from mosconv.cli import main
+
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "summary.json").write_text(summary)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "z"), "--serving"])
+    assert res.exit_code == 1
+    assert res.output.strip() == (f"mosconv: error: {tmp_path / 'z' / 'summary.json'}: not a "
+                                  "batch summary (no adapters list)")
+
+
 def test_rerouted_members_share_one_pass(served, tmp_path):
     """Members of a group re-routed by the fit (each core spanning some of a module's basis
     rows, tests/test_zoo_routes.py): a mixed batch sends all their rows through one pass over

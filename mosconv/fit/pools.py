@@ -140,13 +140,18 @@ def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _kmeans(x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """Deterministic scikit-learn k-means; ``k`` is capped at the number of distinct rows."""
+    import warnings
+
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
 
     arr = x.numpy()
     distinct = np.unique(np.round(arr, 12), axis=0).shape[0]
     k = max(1, min(k, distinct))
-    with threadpool_limits(1):  # small problems: threads only add contention
+    with threadpool_limits(1), warnings.catch_warnings():  # small problems: threads only
+        # add contention; an initialization only (least squares refine it): no warnings
+        warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(arr)
     return torch.from_numpy(km.cluster_centers_).to(F64), km.labels_
 

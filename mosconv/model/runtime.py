@@ -775,7 +775,9 @@ def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
     try:
         rows = json.loads(path.read_text())["adapters"]
         names = [r["name"] for r in rows if r.get("status") in ("converted", "skipped")]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not isinstance(rows, list) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path}: not a batch summary (no adapters list)") from None
     if not names:
         raise FormatError(f"{path}: lists no converted adapters")

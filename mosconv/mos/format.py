@@ -220,6 +220,8 @@ def load_mos(path: str | Path, pool_cache: dict | None = None) -> MosAdapter:
     for key, kind in (("kinds", list), ("modules", list), ("source", dict)):
         _need(isinstance(cfg.get(key, {} if key == "source" else None), kind), cfg_path,
               f"{key!r} is {_show(cfg.get(key))}, expected a JSON {kind.__name__}")
+    _need(len(cfg["modules"]) > 0, cfg_path,
+          "'modules' is empty (every adapter mosconv writes holds a module at least)")
     source_cfg = cfg.get("source", {}).get("config")
     _need(source_cfg is None or isinstance(source_cfg, dict), cfg_path,
           f"source.config is {_show(source_cfg)}, expected an object or null")
