@@ -330,3 +330,47 @@ def test_bad_settings_are_config_errors(tmp_path, kw, word):
         convert(adapter, ConvertConfig(**kw))
     assert isinstance(e.value, ValueError)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("smollm-135m-medical-r16/5epochs", ConvertConfig(ratio=8)),
+    ("smollm-135m-medical-r16/5epochs", ConvertConfig(ratio=8, quantize="int4")),
+    ("open-calm-1b-r1-fp16", ConvertConfig(ratio=8)),
+])
+def test_outputs_do_not_depend_on_the_thread_count(name, config, tmp_path):
+    """The report's float64 sums followed torch's thread count in their last digits, so
+    ``batch --jobs 2`` (fewer threads per worker) wrote other report bytes than --jobs 1."""
+    from mosconv.pipeline import compress
+
+    src = zoo_path(name)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(tmp_path / str(threads))
+            compress(src, outs[-1], config, command=None)
+    finally:
+        torch.set_num_threads(n)
+    for f in ("report.json", "mos_config.json", "mos_adapter.safetensors"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
+def test_stored_truncation_baseline_is_measured_against_the_source():
+    """open-calm is float16 and its conversion is truncation stored in float16: the same
+    factors as the equal-bytes baseline, so the same error to the last digit (the baseline
+    was measured against the float32 factorization and came out 3e-10 lower)."""
+    ad = read_adapter(zoo_path("open-calm-1b-r1-fp16"))
+    t = convert(ad, ConvertConfig(ratio=8)).report.totals
+    assert t.relative_error <= t.truncation_equal_bytes_relative_error
+    assert t.relative_error == pytest.approx(t.truncation_equal_bytes_relative_error, rel=1e-13)
+
+
+@pytest.mark.parametrize("config", [ConvertConfig(ratio=8, dtype="float16"),
+                                    ConvertConfig(ratio=8, quantize="int4"),
+                                    ConvertConfig(size_ratio=32)])
+def test_the_search_asked_for_is_recorded(config, shared_a_adapter):
+    """Where stored truncation wins, its structure is kept; the search recorded stayed
+    "truncation" though "fast" was asked for."""
+    res = convert(shared_a_adapter, config)
+    assert res.mos.info["search"] == "fast" and res.report.settings.search == "fast"

@@ -246,9 +246,21 @@ def convert(
                           f"one), got {type(adapter).__name__}")
     storages = config.storages(adapter)
     if config.size_ratio is None:
-        return _convert_stored(adapter, config, storages[0], budget_for_ratio(
+        res = _convert_stored(adapter, config, storages[0], budget_for_ratio(
             adapter.params, config.ratio), progress, factorizations, calib)
-    return _convert_sized(adapter, config, storages, progress, factorizations, calib)
+    else:
+        res = _convert_sized(adapter, config, storages, progress, factorizations, calib)
+    return _asked(res, config.search)
+
+
+def _asked(res: ConvertResult, search: str) -> ConvertResult:
+    """``res`` recording the search asked for, also where truncation's structure was kept
+    (stored alike in the same bytes it did better; the kinds' structures say so)."""
+    if res.mos.info.get("search") == search:
+        return res
+    return replace(res, mos=replace(res.mos, info={**res.mos.info, "search": search}),
+                   report=replace(res.report,
+                                  settings=replace(res.report.settings, search=search)))
 
 
 def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[Storage],
@@ -344,7 +356,8 @@ def _convert_stored(
             factorizations = {m.name: factorize(m) for m in adapter.modules}
     if calib is None:
         metric = WeightMetric(factorizations)
-        plain = metric.spectra(adapter)
+        with one_thread():  # what the report shows does not depend on the thread count
+            plain = metric.spectra(adapter)
     else:
         moments = check_calib(adapter, calib)
         # full factorizations: the report measures plain truncation in the data metric too
@@ -388,8 +401,9 @@ def _convert_stored(
     if isinstance(metric, DataMetric):
         data = DataInputs({n: t.C for n, t in metric.targets.items()}, metric.tokens)
     settings = replace(config.settings(), ratio=float(info["ratio"]))
-    report = build_report(adapter, mos, baseline, settings, data=data,
-                          plain=plain if data else None)
+    with one_thread():  # float64 sums whose last digits would follow the thread count
+        report = build_report(adapter, mos, baseline, settings, data=data,
+                              plain=plain if data else None)
     t = report.totals
     if (calib is None and byte_limit is None and config.search != "truncation"
             and t.kinds_shared and equal.relative_error < t.relative_error):

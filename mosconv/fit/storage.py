@@ -183,18 +183,22 @@ def row_bytes(storage: Storage, d_in: int, d_out: int) -> int:
     return storage.row_bytes(d_in) + storage.row_bytes(d_out)
 
 
-def _stored_truncation_error(f: Factorization, k: int, st: Storage) -> tuple[float, float]:
+def _stored_truncation_error(f: Factorization, k: int, st: Storage, src: LoraModule
+                             ) -> tuple[float, float]:
     """``(squared error, energy)`` of the top-``k`` truncation whose factors ``sqrt(s) v``
-    and ``sqrt(s) u`` are stored plainly in ``st`` (rounded; absmax scales)."""
-    fd = f.double()
+    and ``sqrt(s) u`` are stored plainly in ``st`` (rounded; absmax scales), measured
+    against the source update itself (as the report measures the MoS adapter: measured
+    against the float32 factorization instead, it came out up to 3e-10 low)."""
+    A0 = src.A.to(F64)
+    B0 = src.B.to(F64) * src.scale
+    energy = float(((B0.T @ B0) * (A0 @ A0.T)).sum())
     if k == 0:
-        return fd.energy, fd.energy
+        return energy, energy
+    fd = f.double()
     root = fd.S[:k].sqrt()
     A = snap((root[:, None] * fd.V[:, :k].T).float(), st).to(F64)  # (k, d_in)
     Bt = snap((root[:, None] * fd.U[:, :k].T).float(), st).to(F64)  # (k, d_out)
-    c = float(((fd.U.T @ Bt.T) * fd.S[:, None] * (fd.V.T @ A.T)).sum())  # <dW, B A>
-    g = float(((Bt @ Bt.T) * (A @ A.T)).sum())
-    return max(fd.energy - 2 * c + g, 0.0), fd.energy
+    return _err_sq(B0, A0, Bt.T, A, energy), energy
 
 
 def equal_bytes_truncation(adapter: LoraAdapter, storage: Storage, budget_bytes: int,
@@ -213,7 +217,7 @@ def equal_bytes_truncation(adapter: LoraAdapter, storage: Storage, budget_bytes:
             energy += f.energy
             err += float((f.S[k:] ** 2).sum())
         else:
-            e, en = _stored_truncation_error(f, k, storage)
+            e, en = _stored_truncation_error(f, k, storage, m)
             energy += en
             err += e
     rel = math.sqrt(err / energy) if energy > 0 else 0.0

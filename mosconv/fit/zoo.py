@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._threads import one_thread
 from ..errors import ConfigError
 from ..lora.types import LoraAdapter, LoraModule
 from ..mos.quant import Storage, StorageOverflow
@@ -1073,8 +1074,9 @@ def _report(a: LoraAdapter, fa: dict[str, Factorization], mos: MosAdapter, ratio
             budget=None, candidates_tried=0, weights=False)
     settings = Settings(ratio=float(max(ratio, 1.0)), seed=seed, search=mos.info["search"],
                         iters=0, routing_weights=False)
-    return build_report(a, mos, Baseline(trunc, None, structures), settings,
-                        local_params=mos.local_params)
+    with one_thread():  # float64 sums whose last digits would follow the thread count
+        return build_report(a, mos, Baseline(trunc, None, structures), settings,
+                            local_params=mos.local_params)
 
 
 # ---------------------------------------------------------------- adding to a fitted group
