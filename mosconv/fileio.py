@@ -82,11 +82,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# What a folder holding another kind of adapter has: a MoS output is never written beside a
-# PEFT LoRA, nor a LoRA export beside a MoS adapter (marker -> the other kind's files).
-# the files written into an output folder (atomic_write_*: ".<name>.<random>.tmp" until done)
+# The files written into an output folder (atomic_write_*: ".<name>.<random>.tmp" until done).
 OUTPUT_FILES = frozenset({CONFIG_FILE, TENSOR_FILE, REPORT_FILE, PEFT_CONFIG, *PEFT_WEIGHTS,
                           CALIB_FILE})
+# What a folder holding another kind of adapter has: a MoS output is never written beside a
+# PEFT LoRA, nor a LoRA export beside a MoS adapter (marker -> the other kind's files).
 OTHER_OUTPUTS = {
     CONFIG_FILE: (PEFT_CONFIG, *PEFT_WEIGHTS),
     PEFT_CONFIG: (CONFIG_FILE, TENSOR_FILE),

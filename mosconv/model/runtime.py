@@ -573,13 +573,7 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
                                           "by the runtime (only Linear and Conv1D layers)")
         have = _layer_shape(layer)
         if have is None:
-            kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
-            if kind.startswith("peft."):
-                raise UnsupportedAdapterError(
-                    f"{m.name}: the model already holds PEFT adapter layers ({kind}); attach "
-                    "to the base model without them (PeftModel.unload() gives it back)")
-            raise UnsupportedAdapterError(f"{m.name}: base layer {kind} is not supported "
-                                          "(only torch.nn.Linear and GPT-2 Conv1D)")
+            raise _unsupported_layer(m.name, layer)
         if have != shapes[m.name]:
             raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
                               f"(out, in) = {have}, adapter {shapes[m.name]})")
@@ -764,6 +758,17 @@ def _is_zoo(adapter: Any) -> bool:
     return p.is_dir() and (p / "summary.json").is_file() and not (p / CONFIG_FILE).exists()
 
 
+def _unsupported_layer(name: str, layer: nn.Module) -> UnsupportedAdapterError:
+    """The error for a base layer the runtime cannot attach to (PEFT's own: named so)."""
+    kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
+    if kind.startswith("peft."):
+        return UnsupportedAdapterError(
+            f"{name}: the model already holds PEFT adapter layers ({kind}); attach to the "
+            "base model without them (PeftModel.unload() gives it back)")
+    return UnsupportedAdapterError(f"{name}: base layer {kind} is not supported (only "
+                                   "torch.nn.Linear and GPT-2 Conv1D)")
+
+
 def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
     """``(name, folder)`` of every converted adapter of a ``batch`` output: the names its
     ``summary.json`` lists (paths relative to the zoo), in that order."""
@@ -931,13 +936,7 @@ def find_layers(model: nn.Module, adapter: MosAdapter | LoraAdapter) -> dict[str
         layer = layers[_resolve(m.name, layers)]
         have = _layer_shape(layer)
         if have is None:
-            kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
-            if kind.startswith("peft."):
-                raise UnsupportedAdapterError(
-                    f"{m.name}: the model already holds PEFT adapter layers ({kind}); attach "
-                    "to the base model without them (PeftModel.unload() gives it back)")
-            raise UnsupportedAdapterError(f"{m.name}: base layer {kind} is not supported "
-                                          "(only torch.nn.Linear and GPT-2 Conv1D)")
+            raise _unsupported_layer(m.name, layer)
         if have != want:
             raise ConfigError(f"{m.name}: base model and adapter do not match (base layer "
                               f"(out, in) = {have}, adapter {want})")
