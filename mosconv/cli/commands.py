@@ -280,7 +280,9 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               default="auto", show_default=True,
               help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (float32 "
-                   "for int8/int4 adapters: their dequantized values are exact in it).")
+                   "for int8/int4 adapters: their dequantized values are exact in it). A zoo "
+                   "member's core is folded into B, which float16/bfloat16 round; float32 "
+                   "keeps the update exact.")
 @click.option("--pad-rank", default=None, metavar="R|auto",
               help="Pad every module with zeros to one rank R (auto: the smallest of 8, 16, "
                    "32, ..., 512 that holds them all), for servers that read only the "
