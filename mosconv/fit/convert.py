@@ -188,20 +188,29 @@ def _worth_searching(search: str, targets: list[Factorization], ranks: list[int]
     return False
 
 
-def _try_shared(targets: list[Target], metric: Metric, kind_budget: int,
-                cand: tuple[float, int, int, bool], seed: int, iters: int) -> KindFit | None:
+def _shared_plan(facts: list[Factorization], kind_budget: int,
+                 cand: tuple[float, int, int, bool]) -> tuple | None:
+    """What a shared candidate fits: ``(private ranks, public rows, n_public, nc,
+    weights)``, or None when no public shard fits the budget. Candidates of different
+    budget shares can round to one plan (the thorough search has many such)."""
     frac, nc, q, weights = cand
-    facts = [metric.factorization(t) for t in targets]
     d_in, d_out = facts[0].d_in, facts[0].d_out
     gains = {i: f.S**2 for i, f in enumerate(facts)}
     costs = {i: d_in + d_out for i in gains}
     priv = allocate(gains, costs, int(kind_budget * (1 - frac)))
-    private_ranks = [priv[i] for i in range(len(facts))]
-    fixed = shared_params(d_in, d_out, private_ranks, q, 0, nc, weights)
+    private_ranks = tuple(priv[i] for i in range(len(facts)))
+    fixed = shared_params(d_in, d_out, list(private_ranks), q, 0, nc, weights)
     n_public = (kind_budget - fixed) * nc // (d_in + d_out)
     if n_public < 1:
         return None
-    kf = shared_fit(facts, private_ranks, q, n_public, nc, weights, seed)
+    return private_ranks, q, n_public, nc, weights
+
+
+def _try_shared(targets: list[Target], metric: Metric, kind_budget: int, plan: tuple,
+                seed: int, iters: int) -> KindFit | None:
+    private_ranks, q, n_public, nc, weights = plan
+    facts = [metric.factorization(t) for t in targets]
+    kf = shared_fit(facts, list(private_ranks), q, n_public, nc, weights, seed)
     if kf.params > kind_budget:  # k-means may return fewer shards, never more
         return None
     return metric.refine(kf, targets, iters)
@@ -464,9 +473,15 @@ def _fit_kinds(adapter: LoraAdapter, metric: Metric, trunc: Truncation, config: 
         if kind_budget > 0 and cands and (
                 metric.always_search() or _worth_searching(config.search, facts, ranks)):
             targets = metric.for_search(targets)
+            search_facts = [metric.factorization(t) for t in targets]
+            plans: set[tuple] = set()
             for cand in cands:
-                kf = _try_shared(targets, metric, kind_budget, cand, config.seed, config.iters)
                 tried += 1
+                plan = _shared_plan(search_facts, kind_budget, cand)
+                if plan is None or plan in plans:  # a plan fitted already: the same error,
+                    continue  # which cannot beat the best so far (fits are deterministic)
+                plans.add(plan)
+                kf = _try_shared(targets, metric, kind_budget, plan, config.seed, config.iters)
                 if kf is None:
                     continue
                 err = sum(metric.err_sq(kf, targets))

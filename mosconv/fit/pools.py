@@ -138,18 +138,32 @@ def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unit, gain
 
 
+_CONTROLLER: list = []  # threadpoolctl's controller, made once: each new one scans the
+# process's loaded libraries (about 3 ms, thousands of times in a thorough search)
+
+
+def _thread_limit():
+    """BLAS/OpenMP on one thread for the block (threadpoolctl's ``threadpool_limits(1)``)."""
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1)
+
+
 def _kmeans(x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """Deterministic scikit-learn k-means; ``k`` is capped at the number of distinct rows."""
     import warnings
 
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
 
     arr = x.numpy()
-    distinct = np.unique(np.round(arr, 12), axis=0).shape[0]
+    rows = np.ascontiguousarray(np.round(arr, 12) + 0.0)  # + 0.0: -0.0 counts as 0.0
+    distinct = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))
+                                   ).reshape(-1)).shape[0] if rows.size else 0
     k = max(1, min(k, distinct))
-    with threadpool_limits(1), warnings.catch_warnings():  # small problems: threads only
+    with _thread_limit(), warnings.catch_warnings():  # small problems: threads only
         # add contention; an initialization only (least squares refine it): no warnings
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(arr)
