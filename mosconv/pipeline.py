@@ -145,6 +145,9 @@ def load_calib(calib: CalibStats | str | Path | None, adapter: LoraAdapter, spec
                           "compute them from, were asked for)")
     if is_stats_file(calib):
         return load_stats(calib)
+    if Path(calib).suffix == ".safetensors":  # a stats file that does not read: not text
+        raise FormatError(f"{calib}: not a calibration file mosconv wrote (corrupt, truncated "
+                          "or another safetensors file)")
     if spec.base_model is None:
         raise ConfigError(f"{calib}: not a calibration file; computing statistics from this "
                           "text needs a base model", options=("base_model",))
@@ -201,9 +204,11 @@ def compress(
         adapter = read_adapter(lora_path)
         session = _Session(data)
         stats = load_calib(calib, adapter, data, session)
-        if isinstance(calib, (str, Path)) and not is_stats_file(calib):  # computed: keep it
-            prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
-            save_stats(stats, out / CALIB_FILE)
+        if stats is not None and isinstance(calib, (str, Path)):
+            try:
+                check_calib(adapter, stats)
+            except ConfigError as e:
+                raise ConfigError(f"{calib}: {e}") from None
         log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),
                  config.ratio, "data" if stats is not None else "weight")
         try:
@@ -219,6 +224,9 @@ def compress(
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
         log.info("writing %s", out)
+        if isinstance(calib, (str, Path)) and not is_stats_file(calib):  # computed: keep it
+            prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
+            save_stats(stats, out / CALIB_FILE)
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
         remove_missing(made)  # leave nothing behind that we made
@@ -264,7 +272,7 @@ def _distill(adapter: LoraAdapter, result: ConvertResult, config: ConvertConfig,
         base_model=str(session.spec.base_model), gguf_file=session.spec.gguf_file)
     mos = replace(res.mos, info={**res.mos.info, "distilled": True})
     if result.mos.storage != Storage():  # trained in float: stored (re-quantized) again
-        mos = store(mos, adapter, result.mos.storage)
+        mos = store(mos, adapter, result.mos.storage, refit=stats is None)
     data = None if stats is None else DataInputs.from_raw(check_calib(adapter, stats),
                                                           stats.tokens)
     report = build_report(adapter, mos, result.baseline, config.settings(), data=data,

@@ -308,7 +308,7 @@ def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[S
     if not results:
         raise ConfigError(f"size ratio {config.size_ratio:g}: no storage fits "
                           f"{limit} bytes", options=("size_ratio",))
-    results.sort(key=lambda r: (r.report.totals.relative_error, r.report.totals.mos_tensor_bytes))
+    results.sort(key=lambda r: (_minimized_error(r.report), r.report.totals.mos_tensor_bytes))
     choices, seen = [], set()
     for r in results:  # per storage, its best
         if r.mos.storage in seen:
@@ -327,6 +327,12 @@ def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[S
     info = {**best.mos.info, "size_ratio": float(config.size_ratio)}
     return ConvertResult(replace(best.mos, info=info), replace(best.report, totals=totals),
                          best.baseline)
+
+
+def _minimized_error(report) -> float:
+    """The error the conversion minimized: the data-aware one with calibration statistics."""
+    data = report.totals.data
+    return data.data_relative_error if data is not None else report.totals.relative_error
 
 
 def _convert_stored(
@@ -399,7 +405,7 @@ def _convert_stored(
                      info=info)
     with one_thread():  # many small matrices: threads only add contention
         if storage != Storage():
-            mos = store(mos, adapter, storage)
+            mos = store(mos, adapter, storage, refit=calib is None)
         full = None if storage == Storage() else (factorizations or (plain if calib else None))
         equal = equal_bytes_truncation(
             adapter, storage,

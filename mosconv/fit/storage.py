@@ -118,9 +118,13 @@ def _is_private(p: KindPools, mods: list[MosModule]) -> bool:
                     and implicit_routes(m, "B") for m in mods))
 
 
-def store(mos: MosAdapter, adapter: LoraAdapter, storage: Storage) -> MosAdapter:
+def store(mos: MosAdapter, adapter: LoraAdapter, storage: Storage, *,
+          refit: bool = True) -> MosAdapter:
     """``mos`` with its pools, cores and slot weights as ``storage`` keeps them (float32
-    tensors holding the stored values), quantization fitted against ``adapter``.
+    tensors holding the stored values), quantization fitted against ``adapter``'s weights
+    (``refit``: the least-squares passes of private modules, which minimize the weight
+    error; off for a data-aware conversion, whose metric they would not follow: its
+    factors are rounded).
 
     Raises:
         StorageOverflow: values beyond float16's range (as values or as scales).
@@ -134,7 +138,7 @@ def store(mos: MosAdapter, adapter: LoraAdapter, storage: Storage) -> MosAdapter
     for kind, p in mos.kinds.items():
         mods = by_kind.get(kind, [])
         nA, nB = (p.shared["n_A"], p.shared["n_B"]) if p.shared else (0, 0)
-        if storage.quantized and _is_private(p, mods):
+        if refit and storage.quantized and _is_private(p, mods):
             pa, pb = p.pool_A.clone(), p.pool_B.clone()
             for m in mods:
                 if m.r == 0:

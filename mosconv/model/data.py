@@ -43,6 +43,8 @@ def read_texts(path: str | Path) -> list[str]:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: cannot read data file as UTF-8 text ({e})") from None
+    if "\x00" in raw:  # valid UTF-8, but no text holds NUL characters
+        raise FormatError(f"{path}: holds NUL bytes: a binary file, not text")
     if path.suffix == ".jsonl":
         docs = []
         for i, line in enumerate(raw.splitlines(), 1):
