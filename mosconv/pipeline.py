@@ -57,6 +57,13 @@ class DataSpec:
         if self.base_model is None or self.data is None:
             raise ConfigError(f"{what} needs a base model and a text file",
                               options=("base_model", "data"))
+        self.check()
+
+    def check(self) -> None:
+        """Settings that can be wrong before the model loads (it takes a while)."""
+        if self.max_tokens < self.seq_len:
+            raise ConfigError(f"max_tokens must be at least seq_len ({self.seq_len}), got "
+                              f"{self.max_tokens}", options=("max_tokens", "seq_len"))
 
 
 class _Session:
@@ -250,7 +257,12 @@ def _distill(adapter: LoraAdapter, result: ConvertResult, config: ConvertConfig,
     from .model.runtime import apply, remove
 
     model, _ = session.model
-    train, held = split_blocks(session.blocks(), held_out)
+    try:
+        train, held = split_blocks(session.blocks(), held_out)
+    except FormatError as e:
+        raise FormatError(f"{session.spec.data}: {e} (blocks of {session.spec.seq_len} "
+                          f"tokens, {session.spec.max_tokens} tokens at most)",
+                          options=("seq_len", "max_tokens")) from None
     log.info("distilling: %d train / %d held-out blocks, up to %d steps", train.shape[0],
              held.shape[0], dconfig.steps)
     try:

@@ -172,7 +172,7 @@ def test_calib_files_that_are_not_what_they_seem(tiny_lm, tmp_path):
 
     one_block = DataSpec(base_model=tiny_lm.model, data=tiny_lm.data, max_tokens=32, seq_len=32,
                          device="cpu")
-    with pytest.raises(mosconv.MosconvError, match="at least 2 blocks"):  # after calibrating
+    with pytest.raises(mosconv.MosconvError, match=rf"{tiny_lm.data}: need at least 2 blocks"):
         compress(tiny_lm.lora, old, calib=tiny_lm.data, data=one_block, overwrite=True,
                  distill=DistillConfig(steps=1, device="cpu"))
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before

@@ -139,3 +139,22 @@ def test_cli_devices_are_the_library_devices():
     from mosconv.model.distill import DEVICES as LIBRARY
 
     assert DEVICES == LIBRARY
+
+
+def test_max_tokens_below_seq_len_is_named_before_the_model_loads(tiny_lm, tmp_path,
+                                                                 monkeypatch):
+    """It came after loading the model, and named max_tokens, not the option."""
+    import mosconv.model.hf
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(mosconv.model.hf, "load_base_model", no_model)
+    args = model_args(tiny_lm, tokens=16)
+    for cmd in (["compress", tiny_lm.lora, tmp_path / "o", "--calib", tiny_lm.data],
+                ["compress", tiny_lm.lora, tmp_path / "o", "--distill"],
+                ["calibrate", tiny_lm.lora, tmp_path / "c.safetensors"]):
+        res = run(*cmd, *args)
+        _fails(res, "max_tokens must be at least seq_len (32), got 16",
+               "--max-tokens", "--seq-len")
+    assert not (tmp_path / "o").exists()
