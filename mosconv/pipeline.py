@@ -210,6 +210,7 @@ def compress(
         log.info("reading %s", lora_path)
         adapter = read_adapter(lora_path)
         session = _Session(data)
+        computed = isinstance(calib, (str, Path)) and not is_stats_file(calib)  # from text
         stats = load_calib(calib, adapter, data, session)
         if stats is not None and isinstance(calib, (str, Path)):
             try:
@@ -231,7 +232,7 @@ def compress(
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
         log.info("writing %s", out)
-        if isinstance(calib, (str, Path)) and not is_stats_file(calib):  # computed: keep it
+        if computed:  # statistics computed from text: kept with the output
             prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
             save_stats(stats, out / CALIB_FILE)
         save_mos(mos, out, result.report, overwrite=True)

@@ -87,25 +87,32 @@ def read_config(folder: Path) -> dict[str, Any]:
         )
     for field, kind in (("lora_alpha", (int, float)), ("r", int)):
         value = config.get(field)
-        if value is not None and not _is_number(value, kind):
+        if value is not None and not is_number(value, kind):
             raise FormatError(f"{path}: {field} must be a number, got {_show(value)}")
     for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-        pattern = config.get(field) or {}
-        if not isinstance(pattern, dict):
-            raise FormatError(f"{path}: {field} must be an object, got {_show(config[field])}")
-        for key, value in pattern.items():
-            if not _is_number(value, kind):
-                raise FormatError(f"{path}: {field}[{_show(key)}] must be a number, "
-                                  f"got {_show(value)}")
-            try:
-                re.compile(rf"(.*\.)?({key})$")  # as pattern_key uses it
-            except (re.error, RecursionError, OverflowError) as e:
-                raise FormatError(f"{path}: {field} key {_show(key)} is not a valid regular "
-                                  f"expression ({e})") from None
+        check_pattern(f"{path}: ", field, config.get(field), kind)
     return config
 
 
-def _is_number(value: object, kind: type | tuple[type, ...]) -> bool:
+def check_pattern(where: str, field: str, pattern: object,
+                  kind: type | tuple[type, ...]) -> None:
+    """A ``rank_pattern`` / ``alpha_pattern`` (None or an object of regex keys and numbers
+    of ``kind``), as :func:`pattern_key` uses it; errors start with ``where``."""
+    pattern = pattern or {}
+    if not isinstance(pattern, dict):
+        raise FormatError(f"{where}{field} must be an object, got {_show(pattern)}")
+    for key, value in pattern.items():
+        if not is_number(value, kind):
+            raise FormatError(f"{where}{field}[{_show(key)}] must be a number, "
+                              f"got {_show(value)}")
+        try:
+            re.compile(rf"(.*\.)?({key})$")  # as pattern_key uses it
+        except (re.error, RecursionError, OverflowError) as e:
+            raise FormatError(f"{where}{field} key {_show(key)} is not a valid regular "
+                              f"expression ({e})") from None
+
+
+def is_number(value: object, kind: type | tuple[type, ...]) -> bool:
     """A JSON number of ``kind`` (bools and NaN/Infinity are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, kind):
         return False

@@ -33,7 +33,7 @@ from ..types import LoraAdapter, LoraModule, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
-from .peft import pattern_key
+from .peft import check_pattern, is_number, pattern_key
 
 _KOHYA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.(?P<which>lora_down|lora_up)\.weight$")
 _KOHYA_ALPHA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.alpha$")
@@ -143,25 +143,9 @@ def _check_header_config(path: Path, component: str, cfg: dict) -> None:
     where = f"{path}: header lora_adapter_metadata {component}."
     if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
         raise FormatError(f"{where}use_rslora must be true or false, got {cfg['use_rslora']!r}")
-    if cfg.get("lora_alpha") is not None and not _number(cfg["lora_alpha"]):
+    if cfg.get("lora_alpha") is not None and not is_number(cfg["lora_alpha"], (int, float)):
         raise FormatError(f"{where}lora_alpha must be a number, got {cfg['lora_alpha']!r}")
-    patterns = cfg.get("alpha_pattern") or {}
-    if not isinstance(patterns, dict):
-        raise FormatError(f"{where}alpha_pattern must be an object, got {patterns!r}")
-    for key, value in patterns.items():
-        if not _number(value):
-            raise FormatError(f"{where}alpha_pattern[{key!r}] must be a number, got {value!r}")
-        try:
-            re.compile(rf"(.*\.)?({key})$")  # as pattern_key uses it
-        except (re.error, RecursionError, OverflowError) as e:
-            raise FormatError(f"{where}alpha_pattern key {key!r} is not a valid regular "
-                              f"expression ({e})") from None
-
-
-def _number(value: object) -> bool:
-    """A finite JSON number (not a bool, not a string)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    check_pattern(where, "alpha_pattern", cfg.get("alpha_pattern"), (int, float))
 
 
 def _metadata_scale(configs: dict[str, dict], mod: str, r: int) -> float | None:
