@@ -313,6 +313,27 @@ def test_mixed_file_reads_every_module(make, lora, loha, label):
     assert a.stored_params == stored
 
 
+def test_lycoris_wrapper_prefix_locon_modules_are_read(make):
+    """LyCORIS's own wrapper names modules ``lycoris_<name>``: its LoCon (lora_down/lora_up)
+    modules were kept as extra tensors next to the LoHa ones, left out of the conversion,
+    and a LoCon-only file was refused as having no lora_down/lora_up keys."""
+    t, refs = {}, {}
+    loha = "lycoris_down_blocks_0_attn1_to_q"
+    refs[loha] = add_loha(make, t, loha, 24, 16, 3, alpha=1.5, scale=0.5)
+    locon = "lycoris_down_blocks_0_resnets_0_conv1"
+    t[f"{locon}.lora_down.weight"] = make.randn(2, 4, 3, 3)
+    t[f"{locon}.lora_up.weight"] = make.randn(6, 2, 1, 1)
+    t[f"{locon}.alpha"] = torch.tensor(1.0)
+    refs[locon] = (0.5 * t[f"{locon}.lora_up.weight"].double().flatten(1)
+                   @ t[f"{locon}.lora_down.weight"].double().flatten(1), (6, 4, 3, 3))
+    a = read_adapter(write(make, t).path)
+    assert a.format == "lycoris-loha+lora" and not a.extra_tensors
+    check_exact(a, refs, t)
+    only = {k: v for k, v in t.items() if k.startswith(locon)}
+    b = read_adapter(write(make, only, "locon.safetensors").path)
+    assert [m.name for m in b.modules] == [locon] and b.module(locon).scale == 0.5
+
+
 def test_reading_is_deterministic(make):
     t, _ = mixed(make)
     path = write(make, t).path

@@ -23,7 +23,7 @@ from conftest import (
     zoo_weight_file,
 )
 
-from mosconv.errors import FormatError
+from mosconv.errors import FormatError, UnsupportedAdapterError
 from mosconv.lora.read import read_adapter, resolve_adapter_path
 from mosconv.lora.read.peft import pattern_key
 from mosconv.lora.types import name_pattern, natural_key
@@ -666,6 +666,67 @@ def test_diffusers_header_config_of_the_wrong_type_is_refused(make, header, mess
     with pytest.raises(FormatError, match=re.escape(message)) as e:
         read_adapter(w.path)
     assert str(w.path) in str(e.value)
+
+
+def test_diffusers_model_level_header_without_a_component_prefix(make):
+    """A model's ``save_lora_adapter`` writes one LoraConfig, unprefixed, over unprefixed keys
+    (diffusers loads it as ``LoraConfig(**metadata)``); it was read with scale 1."""
+    from safetensors.torch import load_file, save_file
+
+    mods = {"down.attn1.to_q": (8, 8), "down.attn1.to_k": (8, 8)}
+    w = make.diffusers(mods, r=4)
+    tensors = load_file(w.path)
+    for rslora, scales in ((False, {16 / 4, 8 / 4}), (True, {16 / 2, 8 / 2})):
+        save_file(tensors, w.path, metadata={"lora_adapter_metadata": json.dumps(
+            {"r": 4, "lora_alpha": 8, "use_rslora": rslora, "alpha_pattern": {"to_q": 16},
+             "peft_type": "LORA"})})
+        ad = read_adapter(w.path)
+        assert {m.name: m.scale for m in ad.modules}["down.attn1.to_q"] == max(scales)
+        assert {m.scale for m in ad.modules} == scales
+    save_file(tensors, w.path, metadata={"lora_adapter_metadata": json.dumps(
+        {"r": 4, "use_dora": True})})
+    with pytest.raises(UnsupportedAdapterError, match="use_dora=true in its metadata"):
+        read_adapter(w.path)
+    save_file(tensors, w.path, metadata={"lora_adapter_metadata": json.dumps(
+        {"r": 4, "unet.r": 4})})
+    with pytest.raises(FormatError, match="mixes fields with and without a component prefix"):
+        read_adapter(w.path)
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"unet.r": 8, "unet.lora_alpha": 8},
+     ("module unet.down.attn1.to_q has rank 4 in its tensors but its header "
+      "lora_adapter_metadata gives unet.r=8")),
+    ({"unet.r": 4, "unet.rank_pattern": {"to_q": 16}},
+     "gives unet.rank_pattern['to_q']=16"),
+])
+def test_diffusers_header_rank_that_is_not_the_tensors_is_refused(make, header, message):
+    """As for a PEFT folder: the scale depends on r and diffusers could not load the file
+    (it gave alpha over the header's r without a word)."""
+    from safetensors.torch import load_file, save_file
+
+    w = make.diffusers({"unet.down.attn1.to_q": (8, 8)}, r=4)
+    save_file(load_file(w.path), w.path, metadata={"lora_adapter_metadata": json.dumps(header)})
+    with pytest.raises(FormatError, match=re.escape(message)) as e:
+        read_adapter(w.path)
+    assert str(w.path) in str(e.value)
+
+
+def test_lora_factors_in_another_layout_are_refused_not_passed_through(make):
+    """A text encoder's ``lora_linear_layer`` keys next to diffusers-legacy UNet keys were
+    kept as extra tensors: the conversion and its error covered part of the adapter."""
+    from safetensors.torch import load_file, save_file
+
+    w = make.diffusers_legacy({"down.attn1": (8, 8)}, r=4)
+    tensors = load_file(w.path)
+    key = "text_encoder.layers.0.q_proj.lora_linear_layer.down.weight"
+    tensors[key] = torch.randn(4, 8)
+    tensors[key.replace(".down.", ".up.")] = torch.randn(8, 4)
+    save_file(tensors, w.path)
+    with pytest.raises(FormatError, match=re.escape(
+            f"tensor {key} looks like a LoRA factor but is not in the diffusers-legacy "
+            "layout")):
+        read_adapter(w.path)
 
 
 def test_diffusers_header_nested_too_deep_is_not_json(make):

@@ -125,16 +125,18 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_rank(path: Path, config: Mapping[str, Any], mod: str, r: int) -> None:
+def check_rank(path: Path, config: Mapping[str, Any], mod: str, r: int,
+               source: str = f"{CONFIG_NAME} gives ", shown: str | None = None) -> None:
     """The tensors' rank must be the one the config gives (``rank_pattern`` or ``r``): the
-    scale ``alpha / r`` depends on it, and PEFT cannot load a file that disagrees."""
+    scale ``alpha / r`` depends on it, and PEFT cannot load a file that disagrees
+    (``source``: where the config comes from, ``shown``: the module's name, for the message)."""
     patterns = config.get("rank_pattern") or {}
     key = pattern_key(patterns, mod)
     expected = patterns[key] if key else config.get("r")
     if expected is not None and expected != r:
         where = f"rank_pattern[{_show(key)}]" if key else "r"
-        raise FormatError(f"{path}: module {mod} has rank {r} in its tensors but "
-                          f"{CONFIG_NAME} gives {where}={expected}")
+        raise FormatError(f"{path}: module {shown or mod} has rank {r} in its tensors but "
+                          f"{source}{where}={expected}")
 
 
 def weight_file(folder: Path) -> Path:
@@ -199,7 +201,7 @@ def read_peft(folder: Path) -> LoraAdapter:
         if a is None or a.dim() < 1:
             make_module(path, mod, a, b, 1.0, embedding=embedding)  # raises the precise error
         r = int(a.shape[0])
-        _check_rank(path, config, mod, r)
+        check_rank(path, config, mod, r)
         a_key = pattern_key(alpha_pattern, mod)
         alpha = alpha_pattern[a_key] if a_key else config.get("lora_alpha")
         if alpha is None:

@@ -3,9 +3,9 @@ LyCORIS LoHa / LoKr.
 
 | family | keys | scale |
 |---|---|---|
-| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else from the header's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component, as diffusers loads it), else 1 |
+| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else from the header's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component, or for the whole file when unprefixed, as diffusers loads it), else 1 |
 | diffusers-legacy | ``<path>.processor.to_q_lora.down.weight`` / ``.up.weight`` | 1 |
-| kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` | alpha / r (alpha defaults to r) |
+| kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (also ``lora_te*_``, ``lora_transformer_``, and ``lycoris_`` from LyCORIS's wrapper) | alpha / r (alpha defaults to r) |
 | lycoris-loha | ``<module>.hada_w1_a`` / ``_w1_b`` / ``_w2_a`` / ``_w2_b`` / ``.alpha`` | alpha / r (see :mod:`.lycoris`) |
 | lycoris-lokr | ``<module>.lokr_w1`` or ``_w1_a`` + ``_w1_b``, ``.lokr_w2`` or ``_w2_a`` + ``_w2_b``, ``.alpha`` | alpha / r, 1 if both full (see :mod:`.lycoris`) |
 
@@ -33,13 +33,17 @@ from ..types import LoraAdapter, LoraModule, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
-from .peft import check_pattern, is_number, pattern_key
+from .peft import check_pattern, check_rank, is_number, pattern_key
 
-_KOHYA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.(?P<which>lora_down|lora_up)\.weight$")
-_KOHYA_ALPHA = re.compile(r"^(?P<mod>lora_(?:unet|te\d?|transformer)_[\w]+?)\.alpha$")
+# kohya / sd-scripts prefixes, and ``lycoris_``: LyCORIS's own wrapper names LoCon modules so
+_KOHYA_MOD = r"(?P<mod>(?:lora_(?:unet|te\d?|transformer)|lycoris)_[\w]+?)"
+_KOHYA = re.compile(rf"^{_KOHYA_MOD}\.(?P<which>lora_down|lora_up)\.weight$")
+_KOHYA_ALPHA = re.compile(rf"^{_KOHYA_MOD}\.alpha$")
 _LEGACY = re.compile(r"^(?P<path>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>down|up)\.weight$")
 _PEFT_STYLE = re.compile(r"^(?P<mod>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 _PEFT_ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
+# A LoRA factor in some layout: one left over once a family's keys are read was not understood
+_LORA_LIKE = re.compile(r"(?:lora_(?:down|up|A|B)|lora\w*\.(?:down|up)|lora_[AB]\.[^.]+)\.weight$")
 
 
 def detect_family(keys: list[str]) -> str | None:
@@ -70,8 +74,8 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
     family = family or detect_family(list(tensors))
     if family is None:
         raise FormatError(
-            f"{path}: unknown adapter format (no lora_A/lora_B, lora_down/lora_up, "
-            "hada_w1_a/lokr_w1 or processor *_lora keys)"
+            f"{path}: unknown adapter format (no lora_A/lora_B, lora_(unet|te|transformer)_* or "
+            "lycoris_* lora_down/lora_up, hada_w1_a/lokr_w1 or processor *_lora keys)"
         )
     modules: list[LoraModule] = []
     dtypes: set[str] = set()
@@ -87,6 +91,11 @@ def read_single_file(path: Path, family: str | None = None) -> LoraAdapter:
     if clash:
         raise FormatError(f"{path}: module {clash[0]} holds both LyCORIS (hada_*/lokr_*) and "
                           "lora_down/lora_up tensors")
+    stray = sorted(k for k in extra if _LORA_LIKE.search(k))
+    if stray:
+        raise FormatError(f"{path}: tensor {stray[0]} looks like a LoRA factor but is not in the "
+                          f"{family} layout the rest of the file has; mixed layouts are not "
+                          "supported")
     if fmt == "lycoris":
         fmt = lycoris_format({m.source_type for m in [*modules, *plain]})
     modules += plain
@@ -125,14 +134,20 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
     if not isinstance(flat, dict):
         raise FormatError(f"{path}: header lora_adapter_metadata is not a JSON object")
     configs: dict[str, dict] = {}
-    for key, value in flat.items():
+    dotted = {"." in str(key) for key in flat}
+    if dotted == {False}:  # a model's save_lora_adapter: one LoraConfig, no component prefix
+        configs[""] = flat
+    elif dotted == {True, False}:
+        raise FormatError(f"{path}: header lora_adapter_metadata mixes fields with and without "
+                          "a component prefix (unet., text_encoder., ...)")
+    for key, value in flat.items() if "" not in configs else ():
         component, _, field = str(key).partition(".")
         configs.setdefault(component, {})[field] = value
     for component, cfg in configs.items():
         for field in ("use_dora", "lora_bias"):
             if cfg.get(field):
-                raise UnsupportedAdapterError(f"{path}: {component}.{field}=true in its "
-                                              "metadata; not supported")
+                raise UnsupportedAdapterError(f"{path}: {component + '.' if component else ''}"
+                                              f"{field}=true in its metadata; not supported")
         _check_header_config(path, component, cfg)
     return configs
 
@@ -140,21 +155,28 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
 def _check_header_config(path: Path, component: str, cfg: dict) -> None:
     """The header fields that set scales, checked as the PEFT folder reader checks them: a
     wrong type would give a wrong scale without a word."""
-    where = f"{path}: header lora_adapter_metadata {component}."
+    where = f"{path}: header lora_adapter_metadata {component + '.' if component else ''}"
     if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
         raise FormatError(f"{where}use_rslora must be true or false, got {cfg['use_rslora']!r}")
     if cfg.get("lora_alpha") is not None and not is_number(cfg["lora_alpha"], (int, float)):
         raise FormatError(f"{where}lora_alpha must be a number, got {cfg['lora_alpha']!r}")
     check_pattern(where, "alpha_pattern", cfg.get("alpha_pattern"), (int, float))
+    check_pattern(where, "rank_pattern", cfg.get("rank_pattern"), (int,))
 
 
-def _metadata_scale(configs: dict[str, dict], mod: str, r: int) -> float | None:
+def _metadata_scale(path: Path, configs: dict[str, dict], mod: str, r: int) -> float | None:
     """The scale PEFT gives module ``mod`` of rank ``r`` from its component's config (None:
-    no config for it, or one without ``lora_alpha``)."""
-    component, _, name = mod.partition(".")
+    no config for it, or one without ``lora_alpha``); a rank other than the config's is
+    refused, as for a PEFT folder (diffusers could not load it)."""
+    if "" in configs:  # one config for the whole file, names without a component
+        component, name = "", mod
+    else:
+        component, _, name = mod.partition(".")
     cfg = configs.get(component)
     if not cfg or not r:
         return None
+    check_rank(path, cfg, name, r, source="its header lora_adapter_metadata gives "
+               + (f"{component}." if component else ""), shown=mod)
     patterns = cfg.get("alpha_pattern") or {}
     key = pattern_key(patterns, name) if isinstance(patterns, dict) else None
     alpha = patterns[key] if key else cfg.get("lora_alpha")
@@ -207,7 +229,8 @@ def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
         if family == "kohya" and alpha == 0:
             alpha = float(r)  # sd-scripts: "alpha = lora_dim if alpha is None or alpha == 0"
         scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
-        from_header = None if mod in alphas else _metadata_scale(configs or {}, mod, r)
+        from_header = _metadata_scale(path, configs or {}, mod, r)
+        from_header = None if mod in alphas else from_header
         if from_header is not None:  # diffusers: the config in its header, as it loads it
             scale = from_header
         modules.append(make_module(path, mod, a, b, scale))
