@@ -3,8 +3,8 @@
 The adapter is Llama-shaped (8 layers, hidden 512, GQA k/v of width 128, rank 16 on
 q/k/v/o, alpha 32).  Like real trained LoRAs, ``A`` looks like its random
 initialization and ``dW = scale * B @ A`` has a quickly decaying spectrum (stable
-rank about 2-3 of 16).  It is NOT a trained adapter: it exists so that the README's
-first command runs anywhere, offline, in a second.
+rank about 1.6 of 16, 90% of the energy in 3 directions).  It is NOT a trained adapter:
+it exists so that the README's first command runs anywhere, offline, in a second.
 
     python examples/make_example_lora.py example_lora [--seed 0]
 """

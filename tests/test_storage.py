@@ -303,9 +303,19 @@ def test_size_ratio_and_ratio_together_is_a_usage_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_quantize_auto_needs_a_size_ratio():
+def test_quantize_auto_needs_a_size_ratio(tmp_path):
+    from click.testing import CliRunner
+
+    from mosconv.cli.commands import main
+
     with pytest.raises(Exception, match="size"):
         ConvertConfig(quantize="auto").validate()
+    for cmd in ("compress", "batch"):  # a usage error (exit 2), as --ratio with --size-ratio
+        res = CliRunner().invoke(main, [cmd, str(tmp_path / "in"), str(tmp_path / "o"),
+                                        "--ratio", "8", "--quantize", "auto"])
+        assert res.exit_code == 2 and "--quantize auto chooses by size: it needs --size-ratio" \
+            in res.output
+        assert not (tmp_path / "o").exists()
 
 
 def test_batch_passes_the_storage(tmp_path):

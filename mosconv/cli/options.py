@@ -100,9 +100,10 @@ def convert_options(fn: F) -> F:
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
                      default="auto", show_default=True,
                      help="How pools, cores and slot weights are stored; auto keeps the "
-                          "source's float dtype (batch --shared-pool: one per group, the "
-                          "widest of its members'; with --size-ratio, a float32 source may "
-                          "also get float16)."),
+                          "source's float dtype, or with --quantize int8/int4 takes float16 "
+                          "(bfloat16 for a bfloat16 source) for what is not quantized (batch "
+                          "--shared-pool: one per group, the widest of its members'; with "
+                          "--size-ratio, a float32 source may also get float16)."),
         click.option("--quantize", type=click.Choice(["none", "int8", "int4", "auto"]),
                      default=None,
                      help="Store pools and cores as int8 or int4 (float16 scales per 64 values, "
@@ -193,6 +194,8 @@ def resolve_budget(opts: dict[str, Any]) -> dict[str, Any]:
     ``--size-ratio``); ``--ratio`` with ``--size-ratio`` is a usage error."""
     if opts.get("size_ratio") is not None and opts.get("ratio") is not None:
         raise click.UsageError("give --ratio (parameters) or --size-ratio (bytes), not both")
+    if opts.get("quantize") == "auto" and opts.get("size_ratio") is None:
+        raise click.UsageError("--quantize auto chooses by size: it needs --size-ratio")
     out = dict(opts)
     if out.get("ratio") is None:
         out["ratio"] = 8.0

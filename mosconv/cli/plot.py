@@ -252,10 +252,11 @@ def _fmt_bytes(v: float, _pos=None) -> str:
     return f"{v:g} B"
 
 
-def _bytes_panel(ax, info: dict[str, Any]) -> None:
+def _bytes_panel(ax, info: dict[str, Any], narrow: bool = False) -> None:
     """Truncation's relative error against the tensor bytes its factors would take stored as
     float32, float16, int8 or int4: the points of ``info["truncation"]`` (each ratio's
-    parameters times :data:`BYTES_PER_PARAM`). Rounding / quantization error is not added."""
+    parameters times :data:`BYTES_PER_PARAM`). Rounding / quantization error is not added
+    (``narrow``: a narrow panel, its title and label on more lines)."""
     from matplotlib.ticker import FuncFormatter
 
     tr = [t for t in info["truncation"] if t["params"] > 0]  # 0 bytes: no place on a log axis
@@ -279,10 +280,12 @@ def _bytes_panel(ax, info: dict[str, Any]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(_fmt_bytes))
     ax.set_ylim(0, 1.32)  # room for the legend
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_xlabel("tensor bytes of the kept factors (log)", fontsize=9)
+    ax.set_xlabel("tensor bytes of the kept factors" + ("\n(log)" if narrow else " (log)"),
+                  fontsize=9)
     ax.set_ylabel(r"relative error $\|dW-\widehat{dW}\|_F\,/\,\|dW\|_F$", fontsize=9)
-    ax.set_title(f"{BYTES_TITLE}: truncation per storage\n"
-                 "(quantization error not included)", fontsize=9)
+    ax.set_title(f"{BYTES_TITLE}:" + ("\n" if narrow else " ") + "truncation per storage\n"
+                 + ("(quantization error\nnot included)" if narrow
+                    else "(quantization error not included)"), fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7, loc="upper center", ncol=2, framealpha=0.9, columnspacing=0.8,
@@ -366,10 +369,12 @@ def lora_figure(info: dict[str, Any], spectra: dict[str, list[float]] | None = N
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("ratio (LoRA params / budget)", fontsize=9)
     ax.set_ylabel(r"relative error $\|dW-\widehat{dW}\|_F\,/\,\|dW\|_F$", fontsize=9)
-    ax.set_title("global SVD truncation\n(the baseline MoS is measured against)", fontsize=9)
+    ax.set_title("global SVD truncation\n(the baseline MoS is\nmeasured against)" if cols == 2
+                 else "global SVD truncation\n(the baseline MoS is measured against)",
+                 fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=8)
-    _bytes_panel(fig.add_subplot(bytes_spec), info)
+    _bytes_panel(fig.add_subplot(bytes_spec), info, narrow=cols == 2)
     base = info.get("base_model") or "-"
     fig.suptitle(
         f"LoRA adapter ({info['format']}, base {_short(str(base), 50)}): {info['num_modules']} "
