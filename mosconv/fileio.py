@@ -15,6 +15,8 @@ from .errors import MosconvError
 from .names import CALIB_FILE, CONFIG_FILE, PEFT_CONFIG, PEFT_WEIGHTS, REPORT_FILE, TENSOR_FILE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 _UMASK = os.umask(0)
@@ -91,6 +93,18 @@ OTHER_OUTPUTS = {
     CONFIG_FILE: (PEFT_CONFIG, *PEFT_WEIGHTS),
     PEFT_CONFIG: (CONFIG_FILE, TENSOR_FILE),
 }
+
+
+def remove_stale_tmp(folder: Path, ours: Callable[[str], bool]) -> None:
+    """Remove the temporary files (``.<name>.<random>.tmp``, :func:`atomic_write_bytes`) that
+    a run killed mid-write left in ``folder`` for the file names ``ours`` accepts; anyone
+    else's stay.
+
+    Raises:
+        OSError: one cannot be removed."""
+    for stale in folder.glob(".*.tmp"):
+        if ours(stale.name[1:].rsplit(".", 2)[0]) and stale.is_file():
+            stale.unlink()
 
 
 def missing_folders(out: str | Path) -> list[Path]:
@@ -171,8 +185,6 @@ def prepare_output_dir(out: Path, marker: str, overwrite: bool, *,
                                    f"({e.strerror or e})") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # ours, left by a run that was killed mid-write;
-            if stale.name[1:].rsplit(".", 2)[0] in OUTPUT_FILES and stale.is_file():
-                stale.unlink()  # anyone else's stays
+        remove_stale_tmp(out, OUTPUT_FILES.__contains__)
     except OSError as e:
         raise MosconvError(f"{out}: cannot create folder ({e.strerror or e})") from None

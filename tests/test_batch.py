@@ -576,6 +576,56 @@ def test_sigkill_then_rerun_gives_the_same_tree(big_run, tmp_path):
 # ------------------------------------------------------------------ parallel jobs
 
 
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_stop_when_the_run_is_killed(tmp_path):
+    """A `--jobs 2` run killed with SIGKILL left its workers waiting on its queue for good
+    (about 260 MB each), free to write into OUT while the user's rerun went on."""
+    code = (
+        "import multiprocessing as mp, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from mosconv.batch.run import _init_worker\n"
+        "ex = ProcessPoolExecutor(2, mp_context=mp.get_context('fork'),\n"
+        "                         initializer=_init_worker, initargs=(1, os.getpid()))\n"
+        "def pid_after(t):\n"
+        "    time.sleep(t)\n"
+        "    return os.getpid()\n"
+        "pids = set()\n"
+        "while len(pids) < 2:  # two tasks at once: one on each worker\n"
+        "    pids |= set(ex.map(pid_after, [0.5, 0.5]))\n"
+        "for _ in range(2):\n"
+        "    ex.submit(time.sleep, 60)\n"
+        "print(*pids, flush=True)\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        workers = [int(x) for x in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(w) for w in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        for w in workers if "workers" in locals() else []:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def test_jobs_2_gives_the_same_bytes(small_zoo, small_run, tmp_path):
     ref, _ = small_run
     out = tmp_path / "out"
@@ -969,6 +1019,34 @@ def test_batch_settings_that_cannot_work_are_named_before_any_work(tmp_path):
     res = run_cli("batch", zoo, tmp_path / "o2", "--address", "auto")
     assert res.exit_code == 1 and "an address is used with the Ray engine (use --engine)" \
         in res.stderr
+
+
+def test_an_adapter_named_like_the_summary_is_refused_before_any_work(tmp_path):
+    """It was written to OUT/summary.json/, and every run then failed writing the summary."""
+    zoo = tmp_path / "zoo"
+    write_lora_like(zoo / "ok", 0)
+    write_lora_like(zoo / SUMMARY_FILE, 1)
+    res = run_cli("batch", zoo, tmp_path / "out")
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
+    assert f"adapter {SUMMARY_FILE} would be written to OUT/{SUMMARY_FILE}" in res.stderr
+
+
+def test_temporary_files_a_killed_run_left_outside_the_adapters_are_removed(tmp_path):
+    """A run killed while writing the summary, a pool file or its member record left
+    '.<name>.<random>.tmp' behind (a whole pool's copy); reruns never removed it."""
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    with one_thread():
+        run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    pool = next((out / POOLS_DIR).glob("*.safetensors"))
+    ours = [out / f".{SUMMARY_FILE}.x1y2.tmp", pool.parent / f".{pool.name}.a1b2.tmp",
+            pool.parent / f".{pool.stem}.members.json.c3d4.tmp"]
+    theirs = [out / ".notes.txt.e5f6.tmp", out / "keep.tmp"]
+    for f in ours + theirs:
+        f.write_bytes(b"partial")
+    with one_thread():
+        again = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    assert {a.status for a in again.adapters} == {"skipped"}
+    assert not any(f.exists() for f in ours) and all(f.exists() for f in theirs)
 
 
 def test_a_byte_budget_is_recorded_and_its_baseline_shown(tmp_path):

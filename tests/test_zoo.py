@@ -377,6 +377,42 @@ def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
     assert {a.status for a in refit.adapters} == {"converted"}
 
 
+class _Killed(BaseException):
+    """A run stopped where it stands (as by kill -9): no handler runs."""
+
+
+def test_a_newcomer_written_but_not_yet_recorded_is_recorded_on_the_rerun(tmp_path, monkeypatch):
+    """A run killed between writing an added member and recording it in the pool's member
+    record left it off the record for good: the rerun skipped it as complete, and --refit
+    no longer saw that the group gained a member since its fit."""
+    from mosconv.batch import run
+
+    zoo = tmp_path / "zoo"
+    for i in range(3):
+        write_lora_like(zoo / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+    config = BatchConfig(ratio=RATIO, shared_pool=True)
+    with one_thread():
+        run_batch(zoo, tmp_path / "a", config)
+        run_batch(zoo, tmp_path / "b", config)
+        write_lora_like(zoo / "task3", 3, layers=2, d=64, d_kv=32, r=8)
+        run_batch(zoo, tmp_path / "a", config)  # uninterrupted
+
+        def killed(*args, **kwargs):
+            raise _Killed
+
+        with monkeypatch.context() as m:  # the member is written, then the run dies
+            m.setattr(run, "write_pool_members", killed)
+            with pytest.raises(_Killed):
+                run_batch(zoo, tmp_path / "b", config)
+        assert (tmp_path / "b" / "task3" / "mos_config.json").is_file()
+        rerun = run_batch(zoo, tmp_path / "b", config)
+        assert {a.status for a in rerun.adapters} == {"skipped"}
+        assert files_of(tmp_path / "b") == files_of(tmp_path / "a")
+        refit = run_batch(zoo, tmp_path / "b", BatchConfig(ratio=RATIO, shared_pool=True,
+                                                           refit=True))
+    assert {a.status for a in refit.adapters} == {"converted"}  # it gained task3 since
+
+
 def test_no_member_is_worse_off_than_converted_alone(tmp_path):
     """A group of related adapters plus one trained from another seed on another task: the
     newcomer would pay for the others' shared bases, so it is converted alone; every member's

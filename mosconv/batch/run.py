@@ -28,6 +28,7 @@ from ..fileio import (
     atomic_write_json,
     missing,
     real_path,
+    remove_stale_tmp,
     safetensors_bytes,
     sha256_file,
 )
@@ -310,10 +311,19 @@ def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
                        error=f"{item.source}: internal error: {type(e).__name__}: {text}")
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+
+    def watch() -> None:  # a parent killed (kill -9) cannot stop its workers: they stop
+        while os.getppid() == parent:  # themselves, rather than wait on its queue forever
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="mosconv-parent-watch").start()
 
 
 def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
@@ -336,7 +346,7 @@ def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Out
     else:  # torch already ran here (e.g. --shared-pool read the adapters): fresh workers
         ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(config.jobs, mp_context=ctx,
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+                             initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         futures = [pool.submit(convert_one, item, out, config) for item in items]
         for fut in as_completed(futures):
             yield fut.result()
@@ -528,7 +538,8 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
     if not (config.overwrite or config.refit):  # all done already: skip without reading
         # (or importing) anything; --refit looks at each group's record first
         done = [(i, _recorded_group(Path(out) / i.name)) for i in items]
-        if all(is_complete(Path(out) / i.name, i.source, config.settings(), g) for i, g in done):
+        if all(is_complete(Path(out) / i.name, i.source, config.settings(), g) for i, g in done) \
+                and _all_recorded(out, done):
             for i, g in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, g)
             return
@@ -562,7 +573,7 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             if i.name in done:
                 yield outcome_from_report(i, Path(out) / i.name, "skipped", 0.0, done[i.name])
         new = [i for i in members if i.name not in done]
-        record = read_pool_record(out, gid)
+        record = _reconciled_record(out, gid, [i.name for i in members if done.get(i.name)])
         served, fitted = record or (None, None)
         if not new and not (config.refit and record is not None and (
                 set(served) - {i.name for i in members}  # members left the zoo
@@ -577,6 +588,36 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
             yield from _group_outcomes(members, out, config, gid, group_storages(
                 dtypes[key], config.dtype, config.quantize, size_ratio=config.size_ratio))
+
+
+def _all_recorded(out: str, done: list[tuple[Item, str | None]]) -> bool:
+    """Every member of a shared-pool group is listed in its group's pool record."""
+    groups: dict[str, set[str]] = {}
+    for i, g in done:
+        if g is not None:
+            groups.setdefault(g, set()).add(i.name)
+    for g, names in groups.items():
+        record = read_pool_record(out, g)
+        if record is None or not names <= set(record[0]):
+            return False
+    return True
+
+
+def _reconciled_record(out: str, gid: str, complete: list[str]
+                       ) -> tuple[list[str], list[str]] | None:
+    """The group's pool record, with the ``complete`` members in the group (they refer to its
+    pool file as it is) that it does not list appended, in zoo order, and written back: a
+    run killed between writing an added member and recording it leaves such a member, and
+    the record is what later adds and ``--refit`` go by."""
+    record = read_pool_record(out, gid)
+    if record is None:
+        return None
+    served, fitted = record
+    lost = [n for n in complete if n not in served]
+    if lost:
+        served = [*served, *lost]
+        write_pool_members(out, gid, sha256_file(pool_file(out, gid)), served, fitted)
+    return served, fitted
 
 
 def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConfig, gid: str,
@@ -798,12 +839,24 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder (OUT is the folder the outputs "
                           "go to)")
+    clash = [i.name for i in items if i.name == SUMMARY_FILE]
+    if clash:
+        raise ConfigError(f"{zoo}: adapter {clash[0]} would be written to OUT/{SUMMARY_FILE}, "
+                          "where the run's summary goes; rename or move it")
     if config.shared_pool:
         clash = [i.name for i in items if i.name.split("/")[0] == POOLS_DIR]
         if clash:
             raise ConfigError(f"{zoo}: adapter {clash[0]} would be written under OUT/{POOLS_DIR}, "
                               "where the shared pools go; rename or move it")
     out.mkdir(parents=True, exist_ok=True)
+    try:  # what a killed run left mid-write outside the adapters' folders (theirs: each one's)
+        remove_stale_tmp(out, {SUMMARY_FILE}.__contains__)
+        if (out / POOLS_DIR).is_dir():
+            remove_stale_tmp(out / POOLS_DIR, lambda name: name.endswith(
+                (".safetensors", ".members.json")))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot remove a temporary file a killed run left "
+                          f"({e.strerror or e})") from None
     if config.engine == "ray":
         try:
             import ray  # noqa: F401
