@@ -229,6 +229,40 @@ def test_export_never_replaces_the_lora_it_came_from(tmp_path):
     export_lora(tmp_path / "mos", tmp_path / "exp", overwrite=True)  # its own output too
 
 
+def test_a_failed_export_into_an_existing_folder_leaves_no_weights_behind(tmp_path,
+                                                                         monkeypatch):
+    """A disk full while the config was written left adapter_model.safetensors alone in the
+    folder, which then read as a diffusers file of scale 1 (x lora_alpha / r off)."""
+    import mosconv.lora.write
+
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=2, d=16, d_kv=8))
+    compress(folder, tmp_path / "mos", LOSSLESS)
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+
+    def disk_full(path, data):
+        raise MosconvError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(mosconv.lora.write, "atomic_write_json", disk_full)
+    with pytest.raises(MosconvError, match="No space left"):
+        export_lora(tmp_path / "mos", tmp_path / "exp")
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["notes.txt"]
+
+
+def test_peft_weights_without_their_config_are_refused(tmp_path):
+    """Read as a single file they got scale 1, not PEFT's lora_alpha / r."""
+    import shutil
+
+    folder, _ = write_random_peft(tmp_path / "lora", llama_like(layers=2, d=16, d_kv=8))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "adapter_model.safetensors", bare)
+    for path in (bare, bare / "adapter_model.safetensors"):
+        with pytest.raises(FormatError, match="PEFT weights without adapter_config.json beside "
+                                              r"them: their scale \(lora_alpha / r\) is unknown"):
+            read_adapter(path)
+
+
 def test_export_of_missing_mos_folder_is_format_error(tmp_path):
     with pytest.raises(FormatError, match="not a MoS adapter"):
         export_lora(tmp_path / "nothing", tmp_path / "exp")

@@ -74,5 +74,9 @@ def write_peft_folder(
     sd.update(extra_tensors or {})
     atomic_write_bytes(out / PEFT_WEIGHTS[0],
                        safetensors_bytes(sd, metadata or {"format": "pt"}))
-    atomic_write_json(out / PEFT_CONFIG, config)
+    try:
+        atomic_write_json(out / PEFT_CONFIG, config)
+    except BaseException:  # (disk full, interrupt) no weights without their config are left
+        (out / PEFT_WEIGHTS[0]).unlink(missing_ok=True)
+        raise
     return out

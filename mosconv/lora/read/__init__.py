@@ -36,7 +36,7 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
         if path.suffix not in _SUFFIXES:
             raise FormatError(f"{path}: unknown adapter format (expected a folder or a "
                               ".safetensors/.bin file)")
-        return "file", path
+        return "file", _not_bare_peft_weights(path)
     config = path / CONFIG_NAME
     if config.is_file():
         return "peft", path
@@ -45,7 +45,7 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
         raise FormatError(f"{config}: cannot read ({why})")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _SUFFIXES)
     if len(files) == 1:
-        return "file", files[0]
+        return "file", _not_bare_peft_weights(files[0])
     if not files:
         inside = sorted(p.name for p in path.iterdir() if (p / CONFIG_NAME).is_file())
         hint = (f"; the adapter in {path / inside[0]}? (PEFT saves an adapter not named "
@@ -53,6 +53,16 @@ def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
         raise FormatError(f"{path}: unknown adapter format (no {CONFIG_NAME} and no "
                           f".safetensors/.bin file){hint}")
     raise FormatError(f"{path}: several weight files and no {CONFIG_NAME}; pass one file")
+
+
+def _not_bare_peft_weights(path: Path) -> Path:
+    """``path``, unless it is PEFT's weight file without its config: read as a single file its
+    scale would be 1, not PEFT's ``lora_alpha / r`` (e.g. an export whose config was never
+    written)."""
+    if path.name in WEIGHT_NAMES:
+        raise FormatError(f"{path}: PEFT weights without {CONFIG_NAME} beside them: their scale "
+                          "(lora_alpha / r) is unknown")
+    return path
 
 
 def read_adapter(path: str | Path) -> LoraAdapter:
