@@ -1021,6 +1021,25 @@ def test_batch_settings_that_cannot_work_are_named_before_any_work(tmp_path):
         in res.stderr
 
 
+def test_a_shared_pool_rerun_with_nothing_to_do_reads_no_adapter(tmp_path, monkeypatch):
+    """The fast path: every member complete and recorded (a group that fell back to
+    converting its members alone has no record to be in), so no adapter is read."""
+    import mosconv.lora.read
+
+    zoo, out = make_shared_zoo(tmp_path / "zoo"), tmp_path / "out"
+    with one_thread():
+        first = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    assert len(list((out / POOLS_DIR).glob("*.safetensors"))) == 1  # one group shares, one not
+    assert len({a.group for a in first.adapters}) == 2
+
+    def no_read(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(mosconv.lora.read, "read_adapter", no_read)
+    again = run_batch(zoo, out, BatchConfig(ratio=8.0, shared_pool=True))
+    assert {a.status for a in again.adapters} == {"skipped"}
+
+
 def test_an_adapter_named_like_the_summary_is_refused_before_any_work(tmp_path):
     """It was written to OUT/summary.json/, and every run then failed writing the summary."""
     zoo = tmp_path / "zoo"

@@ -591,14 +591,15 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
 
 
 def _all_recorded(out: str, done: list[tuple[Item, str | None]]) -> bool:
-    """Every member of a shared-pool group is listed in its group's pool record."""
+    """No member of a group is missing from its pool record (:func:`_reconciled_record`; a
+    group without pool file, whose members were converted alone, has none to be in)."""
     groups: dict[str, set[str]] = {}
     for i, g in done:
         if g is not None:
             groups.setdefault(g, set()).add(i.name)
     for g, names in groups.items():
         record = read_pool_record(out, g)
-        if record is None or not names <= set(record[0]):
+        if record is not None and not names <= set(record[0]):
             return False
     return True
 
