@@ -140,25 +140,32 @@ def calibrate(adapter: LoraAdapter | str | Path, spec: DataSpec, out: str | Path
 
 def load_calib(calib: CalibStats | str | Path | None, adapter: LoraAdapter, spec: DataSpec,
                session: _Session, progress: Callable[[int], None] | None = None
-               ) -> CalibStats | None:
-    """``calib`` as CalibStats: a stats file is read (the model is not run); a data file is
-    run through the base model."""
+               ) -> tuple[CalibStats | None, bool]:
+    """``calib`` as CalibStats, and whether they were computed here: a stats file is read
+    (the model is not run) and must cover ``adapter`` (else named); a data file is run
+    through the base model."""
     from .model.calib import load_stats
 
     if calib is None or isinstance(calib, CalibStats):
-        return calib
+        return calib, False
     if not Path(calib).is_file():
         raise FormatError(f"{calib}: no such file (calibration statistics, or a text to "
                           "compute them from, were asked for)")
     if is_stats_file(calib):
-        return load_stats(calib)
+        stats = load_stats(calib)
+        try:
+            check_calib(adapter, stats)
+        except ConfigError as e:
+            raise ConfigError(f"{calib}: {e}") from None
+        return stats, False
     if Path(calib).suffix == ".safetensors":  # a stats file that does not read: not text
         raise FormatError(f"{calib}: not a calibration file mosconv wrote (corrupt, truncated "
                           "or another safetensors file)")
     if spec.base_model is None:
         raise ConfigError(f"{calib}: not a calibration file; computing statistics from this "
                           "text needs a base model", options=("base_model",))
-    return calibrate(adapter, replace(spec, data=calib), progress=progress, session=session)
+    return calibrate(adapter, replace(spec, data=calib), progress=progress,
+                     session=session), True
 
 
 def compress(
@@ -210,13 +217,7 @@ def compress(
         log.info("reading %s", lora_path)
         adapter = read_adapter(lora_path)
         session = _Session(data)
-        computed = isinstance(calib, (str, Path)) and not is_stats_file(calib)  # from text
-        stats = load_calib(calib, adapter, data, session)
-        if stats is not None and isinstance(calib, (str, Path)):
-            try:
-                check_calib(adapter, stats)
-            except ConfigError as e:
-                raise ConfigError(f"{calib}: {e}") from None
+        stats, computed = load_calib(calib, adapter, data, session)
         log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),
                  config.ratio, "data" if stats is not None else "weight")
         try:

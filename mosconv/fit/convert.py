@@ -206,10 +206,9 @@ def _shared_plan(facts: list[Factorization], kind_budget: int,
     return private_ranks, q, n_public, nc, weights
 
 
-def _try_shared(targets: list[Target], metric: Metric, kind_budget: int, plan: tuple,
-                seed: int, iters: int) -> KindFit | None:
+def _try_shared(facts: list[Factorization], targets: list[Target], metric: Metric,
+                kind_budget: int, plan: tuple, seed: int, iters: int) -> KindFit | None:
     private_ranks, q, n_public, nc, weights = plan
-    facts = [metric.factorization(t) for t in targets]
     kf = shared_fit(facts, list(private_ranks), q, n_public, nc, weights, seed)
     if kf.params > kind_budget:  # k-means may return fewer shards, never more
         return None
@@ -487,7 +486,8 @@ def _fit_kinds(adapter: LoraAdapter, metric: Metric, trunc: Truncation, config: 
                 if plan is None or plan in plans:  # a plan fitted already: the same error,
                     continue  # which cannot beat the best so far (fits are deterministic)
                 plans.add(plan)
-                kf = _try_shared(targets, metric, kind_budget, plan, config.seed, config.iters)
+                kf = _try_shared(search_facts, targets, metric, kind_budget, plan, config.seed,
+                                 config.iters)
                 if kf is None:
                     continue
                 err = sum(metric.err_sq(kf, targets))

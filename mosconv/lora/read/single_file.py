@@ -135,14 +135,15 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
         raise FormatError(f"{path}: header lora_adapter_metadata is not a JSON object")
     configs: dict[str, dict] = {}
     dotted = {"." in str(key) for key in flat}
-    if dotted == {False}:  # a model's save_lora_adapter: one LoraConfig, no component prefix
-        configs[""] = flat
-    elif dotted == {True, False}:
+    if dotted == {True, False}:
         raise FormatError(f"{path}: header lora_adapter_metadata mixes fields with and without "
                           "a component prefix (unet., text_encoder., ...)")
-    for key, value in flat.items() if "" not in configs else ():
-        component, _, field = str(key).partition(".")
-        configs.setdefault(component, {})[field] = value
+    if dotted == {False}:  # a model's save_lora_adapter: one LoraConfig, no component prefix
+        configs[""] = flat
+    else:  # a pipeline's save_lora_weights: "<component>.<field>"
+        for key, value in flat.items():
+            component, _, field = str(key).partition(".")
+            configs.setdefault(component, {})[field] = value
     for component, cfg in configs.items():
         for field in ("use_dora", "lora_bias"):
             if cfg.get(field):
