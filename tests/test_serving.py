@@ -284,6 +284,34 @@ def test_joint_pass_inputs_are_kept_and_never_stale(served):
         pools = model(ids).logits
         assert float((pools - cores).abs().max()) > 1e-4
         assert float((pools - per_row()).abs().max()) < 1e-5
+        # an update through .data is not counted by PyTorch: set_factor_cache empties the
+        # joint passes' kept cores too (they were kept across it before)
+        for m in layers:
+            for d in m.deltas.values():
+                if getattr(d, "core", None) is not None:
+                    d.core.data.mul_(3.0)
+        mosconv.set_factor_cache(256 * 2**20)
+        data = model(ids).logits
+        assert float((data - pools).abs().max()) > 1e-4
+        assert float((data - per_row()).abs().max()) < 1e-5
+
+
+def test_joint_pass_keeps_nothing_with_the_factor_cache_off(served):
+    root, cls = served
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(4))
+    model = mosconv.apply(_base(root, cls), root / "out")
+    mosconv.set_active(model, ["zoo/task00", "zoo/task01", "zoo/task02", "zoo/task00"])
+    layers = [m for m in model.modules() if isinstance(m, mosconv.AdapterLayer)]
+    mosconv.set_factor_cache(0)
+    try:
+        with torch.no_grad():
+            off = model(ids).logits
+        assert not any(m._joint for m in layers)
+    finally:
+        mosconv.set_factor_cache(256 * 2**20)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, off)
+    assert any(m._joint for m in layers)
 
 
 def test_adapters_of_different_base_models_are_refused(served, tmp_path):

@@ -70,10 +70,13 @@ class FactorCache:
     """Assembled ``(A, B)`` of MoS modules kept between forwards while nothing can change
     them (no gradient is being taken; pools, slot weights and cores unmodified: their
     version counters are checked), least recently used first out beyond ``max_bytes``.
-    ``mosconv.set_factor_cache(max_bytes)`` sets the bound (0: no cache)."""
+    ``mosconv.set_factor_cache(max_bytes)`` sets the bound (0: no cache). ``generation``
+    counts the clears: the layers' joint-pass caches (:func:`_joint_inputs`) key on it, so a
+    clear empties them too."""
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes = max_bytes
+        self.generation = 0
         self.entries: dict[int, tuple[Any, tuple, tuple[torch.Tensor, torch.Tensor], int]] = {}
         self.bytes = 0
 
@@ -105,13 +108,16 @@ class FactorCache:
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
+        self.generation += 1
 
 
 FACTORS = FactorCache()
 
 
 def set_factor_cache(max_bytes: int) -> None:
-    """Bound the bytes of assembled MoS factors kept between forwards (0 turns it off)."""
+    """Bound the bytes of assembled MoS factors kept between forwards (0 turns it off, the
+    joint passes' gathered cores included) and empty every such cache, as is needed after an
+    in-place update through ``p.data`` (PyTorch does not count those)."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ConfigError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
     FACTORS.max_bytes = max_bytes
@@ -254,12 +260,14 @@ def _joint_inputs(x: torch.Tensor, members: list[tuple[MosDelta, torch.Tensor]],
     """``(rows, stacked scaled cores gathered per row, V^T, U)`` of a joint pass, kept in the
     layer's ``cache`` between calls (a few kilobytes per group of members: the bases are
     views of the shared pools) while the members, their rows and every tensor they depend on
-    are the same (objects and version counters) and no gradient is being taken."""
+    are the same (objects and version counters), no gradient is being taken and the factor
+    cache is on and has not been cleared since (``FACTORS.generation``)."""
     d0 = members[0][0]
     tensors = [d.core for d, _ in members if d.core is not None] + d0._inputs()
     versions = _cache_key(x.device, x.dtype, tensors)
-    if versions is None:
+    if versions is None or FACTORS.max_bytes == 0:
         return _joint_build(x, members)
+    versions = (FACTORS.generation, versions)
     objs = [d for d, _ in members] + [i for _, i in members] + tensors
     hit = cache.get(d0.basis_key())
     if (hit is None or len(hit[0]) != len(objs) or hit[1] != versions
@@ -521,7 +529,9 @@ def apply(model: nn.Module, adapter: MosAdapter | LoraAdapter | str | Path | lis
     Every check (names, layer types, shapes) runs before the model is changed.
     Adapter tensors are cast to each base layer's device and dtype (a kind's pools to its
     first layer's).  ``trainable`` sets ``requires_grad`` of the pools and slot weights
-    (or LoRA ``A``/``B``); the base model's parameters are left as they are.  ``extra``:
+    (or LoRA ``A``/``B``); the base model's parameters are left as they are.  A trainable
+    zoo member gets its own copy of its group's shared pools (training one must not change
+    the others), so the pools are held once per member, not once per model.  ``extra``:
     what to do with an adapter's non-LoRA tensors (``modules_to_save``), which the runtime
     does not apply: ``refuse`` (raise) or ``ignore`` (attach the LoRA part alone).
 
@@ -676,7 +686,8 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
     A layer left without adapters is replaced by its original layer object, and
     ``model.mos_adapters`` is deleted once empty, so removing everything restores the
     model's ``state_dict`` exactly.  Removing the active adapter leaves the base model
-    active; an adapter that rows of an active mixed batch use is not removed.
+    active; ``remove(model, name)`` refuses an adapter that rows of an active mixed batch
+    use, while ``remove(model)`` removes every adapter, those of the mixed batch included.
 
     Raises:
         ConfigError: ``name`` is not attached, or rows of the active mixed batch use it.
