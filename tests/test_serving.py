@@ -286,6 +286,7 @@ def test_joint_pass_inputs_are_kept_and_never_stale(served):
         assert float((pools - per_row()).abs().max()) < 1e-5
         # an update through .data is not counted by PyTorch: set_factor_cache empties the
         # joint passes' kept cores too (they were kept across it before)
+        assert torch.equal(model(ids).logits, pools) and any(m._joint for m in layers)
         for m in layers:
             for d in m.deltas.values():
                 if getattr(d, "core", None) is not None:
