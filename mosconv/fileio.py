@@ -131,10 +131,13 @@ def remove_missing(made: list[Path]) -> None:
 
 
 def missing(path: str | Path) -> str:
-    """Why ``path`` (which does not exist as far as ``Path.exists`` sees) cannot be opened:
-    ``"no such file or folder"``, or a link that points nowhere or into a loop."""
-    if os.path.islink(path):
+    """Why ``path`` (which is no file or folder as far as ``Path`` sees) cannot be opened:
+    ``"no such file or folder"``, a link that points nowhere or into a loop, or a special
+    file (a pipe, socket or device)."""
+    if os.path.islink(path) and not os.path.exists(path):
         return f"a link to {os.readlink(path)}, which does not exist or loops"
+    if os.path.exists(path):
+        return "not a file or folder: a pipe, socket or device"
     return "no such file or folder"
 
 

@@ -80,6 +80,18 @@ def test_inspect_and_compress_refuse(make, tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("alpha", [1e-170, 1e-320])
+def test_a_vanishing_scale_is_inspected_and_compressed(make, tmp_path, alpha):
+    """An update so small that its singular values' squares underflow (``lora_alpha``
+    1e-170) was an internal error (ZeroDivisionError in the stable rank)."""
+    w = make.peft(modules={Q0: (32, 32)})
+    (w.path / "adapter_config.json").write_text(json.dumps({**w.config, "lora_alpha": alpha}))
+    res = run("inspect", w.path, "--json")
+    assert res.exit_code == 0, res.output
+    assert all(k["stable_rank_mean"] >= 1.0 for k in json.loads(res.stdout)["kinds"])
+    assert run("compress", w.path, tmp_path / "out", "--ratio", "2", "-q").exit_code == 0
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_calibrate_refuses_before_running_the_model(make, tiny_lm, tmp_path, case):
     folder, weights = bad_adapter(make, case)

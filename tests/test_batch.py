@@ -266,6 +266,15 @@ def test_discover_list_file(small_zoo, tmp_path):
     assert items[2].name.endswith("teamB/x/b0")
 
 
+def test_a_list_file_line_with_a_nul_byte_is_named(tmp_path):
+    """It was an internal error (ValueError: embedded null byte) that printed the byte."""
+    listing = tmp_path / "zoo.txt"
+    listing.write_bytes(b"# adapters\nteam/a\x00b\n")
+    res = CliRunner().invoke(main, ["batch", str(listing), str(tmp_path / "out")])
+    assert_one_line_error(res, str(listing), "line 2", "NUL byte")
+    assert "\0" not in res.output and not (tmp_path / "out").exists()
+
+
 def test_list_file_paths_cannot_escape_out(small_zoo, tmp_path):
     """Every listed path climbs out of the list's folder; the outputs stay under OUT."""
     home = tmp_path / "run"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -782,7 +784,7 @@ def test_peft_keys_that_clash_are_refused(tmp_path, keys, message):
         read_adapter(tmp_path / "a")
 
 
-@pytest.mark.parametrize("how", ["dangling link", "folder", "link loop"])
+@pytest.mark.parametrize("how", ["dangling link", "folder", "link loop", "pipe"])
 def test_peft_folder_whose_config_is_not_a_file_is_refused(tmp_path, how):
     """The weights were read as a diffusers file without the config's scale (x2 here)."""
     from factory import write_random_peft
@@ -793,9 +795,12 @@ def test_peft_folder_whose_config_is_not_a_file_is_refused(tmp_path, how):
     config.unlink()
     if how == "folder":
         config.mkdir()
+    elif how == "pipe":
+        os.mkfifo(config)
     else:
         config.symlink_to("missing.json" if how == "dangling link" else config.name)
-    want = "a folder" if how == "folder" else "which does not exist or loops"
+    want = {"folder": "a folder", "pipe": "a pipe, socket or device"}.get(
+        how, "which does not exist or loops")
     with pytest.raises(FormatError, match=rf"adapter_config\.json: cannot read \(.*{want}"):
         read_adapter(folder)
 
@@ -805,6 +810,15 @@ def test_a_link_loop_is_named_as_one(tmp_path):
     with pytest.raises(FormatError, match=r"x\.safetensors: a link to x\.safetensors, which "
                                           "does not exist or loops"):
         read_adapter(tmp_path / "x.safetensors")
+
+
+def test_a_special_file_is_named_as_one(tmp_path):
+    """A pipe named like an adapter file was refused with 'Not a directory'."""
+    os.mkfifo(tmp_path / "x.safetensors")
+    for path in (tmp_path / "x.safetensors", Path("/dev/null")):
+        with pytest.raises(FormatError, match=rf"{re.escape(str(path))}: not a file or folder: "
+                                              "a pipe, socket or device"):
+            read_adapter(path)
 
 
 def test_paths_that_are_not_utf8_are_read(tmp_path):

@@ -294,6 +294,26 @@ def test_corrupt_storage_config_is_named(tmp_path):
         load_mos(folder)
 
 
+def test_a_group_wider_than_the_rows_costs_no_memory(tmp_path):
+    """A ``storage.group`` at least as wide as a row is one group per row (the file's scales
+    say so); decoding must not pad rows out to it (10**9 took tens of GB)."""
+    folder = _quantized(tmp_path, "int8")
+    before = load_mos(folder)
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg["storage"]["group"] = 10**9
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(quantize(x, "int8", 40),
+                                                 quantize(x, "int8", 10**12)))
+    q, s = quantize(x, "int8", 40)
+    assert torch.equal(dequantize(q, s, 40), dequantize(q, s, 10**12))
+    assert max(max(p.pool_A.shape[1], p.pool_B.shape[1]) for p in before.kinds.values()) <= 64
+    after = load_mos(folder)  # every row was one group of the default 64: the same values
+    for k, p in before.kinds.items():
+        assert torch.equal(p.pool_A, after.kinds[k].pool_A)
+        assert torch.equal(p.pool_B, after.kinds[k].pool_B)
+
+
 def test_size_ratio_and_ratio_together_is_a_usage_error(tmp_path):
     from click.testing import CliRunner
 

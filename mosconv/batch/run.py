@@ -199,10 +199,12 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> list[Item]:
             lines = zoo.read_text().splitlines()
         except (UnicodeDecodeError, OSError) as e:
             raise FormatError(f"{zoo}: not a folder nor a text file listing adapters ({e})") from None
-        for line in lines:
+        for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
+            if "\0" in line:
+                raise FormatError(f"{zoo}: line {n}: not a path (it holds a NUL byte)")
             p = Path(line) if Path(line).is_absolute() else base / line
             rel = os.path.relpath(p, base)
             items.append(Item(safe_name(rel.removesuffix(p.suffix) if p.is_file() else rel), str(p)))

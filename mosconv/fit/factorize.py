@@ -110,7 +110,7 @@ def relative_error(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: tor
 def stable_rank(S: torch.Tensor) -> float:
     """``||dW||_F^2 / ||dW||_2^2``; 0 for a zero update."""
     top = float(S[0]) if S.numel() else 0.0
-    return float((S**2).sum()) / (top * top) if top > 0 else 0.0
+    return float(((S.double() / top) ** 2).sum()) if top > 0 else 0.0  # top**2 may underflow
 
 
 def directions_for_energy(S: torch.Tensor, fraction: float = 0.9) -> int:

@@ -133,8 +133,11 @@ def _ceil_f16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``(N, w)`` -> ``(N, G, group)``, zero padded."""
+    """``(N, w)`` -> ``(N, G, group')``, zero padded; ``group' = min(group, w)`` (one group
+    holds the whole row then: padding it wider changes nothing, and a huge ``group`` read
+    from a file must not allocate in proportion to it)."""
     n, w = x.shape
+    group = max(1, min(group, w))
     g = n_groups(w, group)
     pad = g * group - w
     if pad:
@@ -162,14 +165,14 @@ def quantize(x: torch.Tensor, quantize: str, group: int,
     s = scales.float()[:, :, None]
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.where(s > 0, torch.round(xg / safe), torch.zeros_like(xg)).clamp_(-qmax, qmax)
-    return q.reshape(n, xg.shape[1] * group)[:, :w].to(torch.int8), scales
+    return q.reshape(n, xg.shape[1] * xg.shape[2])[:, :w].to(torch.int8), scales
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """float32 ``(N, w)`` values of int8 ``q`` with float16 ``scales``."""
     n, w = q.shape
     qg = _grouped(q.float(), group)
-    return (qg * scales.float()[:, :, None]).reshape(n, qg.shape[1] * group)[:, :w].contiguous()
+    return (qg * scales.float()[:, :, None]).reshape(n, qg.shape[1] * qg.shape[2])[:, :w].contiguous()
 
 
 def refit_scales(x: torch.Tensor, q: torch.Tensor, group: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ _SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 def resolve_adapter_path(path: str | Path) -> tuple[str, Path]:
     """Return ``(family, path)``: ``("peft", folder)`` or ``("file", file)``."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file() and not path.is_dir():
         raise FormatError(f"{path}: {missing(path)}")
     if path.is_file():
         if path.name in WEIGHT_NAMES and (path.parent / CONFIG_NAME).is_file():
