@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError, FormatError, NumericalError
-from .fileio import missing_folders, prepare_output_dir, remove_missing, same_or_inside, sha256_file
+from .fileio import (
+    missing_folders,
+    prepare_output_dir,
+    real_path,
+    remove_missing,
+    same_or_inside,
+    sha256_file,
+)
 from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
 from .fit.storage import store
 from .lora.read import read_adapter
@@ -233,9 +240,14 @@ def compress(
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
         log.info("writing %s", out)
+        old_stats = out / CALIB_FILE
         if computed:  # statistics computed from text: kept with the output
             prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
-            save_stats(stats, out / CALIB_FILE)
+            save_stats(stats, old_stats)
+        elif old_stats.exists() and not (isinstance(calib, (str, Path))
+                                         and real_path(calib) == real_path(old_stats)):
+            prepare_output_dir(out, CONFIG_FILE, overwrite)  # an old output's statistics
+            old_stats.unlink()  # are not this one's (read from it, they are kept)
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
         remove_missing(made)  # leave nothing behind that we made

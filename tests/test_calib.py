@@ -176,3 +176,26 @@ def test_calib_files_that_are_not_what_they_seem(tiny_lm, tmp_path):
         compress(tiny_lm.lora, old, calib=tiny_lm.data, data=one_block, overwrite=True,
                  distill=DistillConfig(steps=1, device="cpu"))
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def test_overwrite_drops_an_old_outputs_statistics_unless_they_are_read(tiny_lm, tmp_path):
+    """An output's calib_stats.safetensors describes that output: --overwrite without
+    statistics from text left the old adapter's in place (later passed to --calib, they
+    would have been another adapter's and text's)."""
+    from mosconv.names import CALIB_FILE
+    from mosconv.pipeline import compress
+
+    spec = DataSpec(base_model=tiny_lm.model, data=tiny_lm.data, max_tokens=128, seq_len=32)
+    out = tmp_path / "out"
+    compress(tiny_lm.lora, out, calib=tiny_lm.data, data=spec)
+    kept = (out / CALIB_FILE).read_bytes()
+    compress(tiny_lm.lora, out, calib=out / CALIB_FILE, overwrite=True)  # read from it: kept
+    assert (out / CALIB_FILE).read_bytes() == kept
+    elsewhere = tmp_path / "stats.safetensors"
+    elsewhere.write_bytes(kept)
+    compress(tiny_lm.lora, out, calib=elsewhere, overwrite=True)
+    assert not (out / CALIB_FILE).exists() and elsewhere.read_bytes() == kept
+    compress(tiny_lm.lora, out, calib=tiny_lm.data, data=spec, overwrite=True)
+    compress(tiny_lm.lora, out, overwrite=True)  # the weight metric: none
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["mos_adapter.safetensors", "mos_config.json", "report.json"])

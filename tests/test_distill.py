@@ -24,6 +24,17 @@ def lm(tiny_lm):
     return model, blocks, mosconv.read_adapter(tiny_lm.lora)
 
 
+def test_fewer_training_blocks_than_a_batch_are_counted_as_used(lm):
+    """Each step takes every block when there are fewer than --batch-size: the report said
+    steps x batch_size x seq_len tokens (twice those used here)."""
+    model, blocks, adapter = lm
+    mos = convert(adapter, ConvertConfig(ratio=4)).mos
+    info = distill(model, adapter, mos, blocks[:2], blocks[2:4],
+                   DistillConfig(steps=3, batch_size=4, device="cpu")).info
+    assert info["steps"] == 3 and info["train_blocks"] == 2 and info["batch_size"] == 2
+    assert info["train_tokens_seen"] == 3 * 2 * 32
+
+
 def test_distill_lowers_loss_and_held_out_kl(lm):
     model, blocks, adapter = lm
     before = {k: v.clone() for k, v in model.state_dict().items()}

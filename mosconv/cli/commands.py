@@ -254,7 +254,8 @@ def calibrate(lora: str, out: str, overwrite: bool, quiet: bool, as_json: bool,
 
 
 @main.command(name="eval")
-@click.option("--teacher", required=True, metavar="LORA", help="The original LoRA adapter.")
+@click.option("--teacher", required=True, metavar="LORA",
+              help="The reference: the original LoRA adapter (a MoS folder is read too).")
 @click.option("--student", required=True, metavar="MOS_OR_LORA",
               help="A MoS folder or a LoRA (e.g. an export or a truncation) to compare.")
 @data_options

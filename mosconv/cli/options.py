@@ -129,13 +129,14 @@ def data_options(fn: F) -> F:
                      help="Local transformers model folder, or a folder holding --gguf-file (never downloaded)."),
         click.option("--gguf-file", default=None, metavar="NAME", help="GGUF file inside --base-model."),
         click.option("--data", default=None, metavar="FILE",
-                     help="Text: plain text (blank lines separate documents) or JSONL with 'text'."),
+                     help="Text: plain text (blank lines separate documents), or JSONL with a 'text' "
+                          "string or chat 'messages' per line."),
         click.option("--max-tokens", type=click.IntRange(min=2), default=50_000, show_default=True,
                      help="Tokens of --data used at most."),
         click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
                      help="Tokens per block."),
         click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Blocks per forward pass / optimizer step."),
+                     help="Blocks per forward pass (per optimizer step under --distill)."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto (CUDA when available), cpu or cuda."),
     ])

@@ -267,15 +267,16 @@ def distill(model: nn.Module, teacher: LoraAdapter | str | Path, student: MosAda
         losses = []
         g = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(train.shape[0], generator=g)
-        pos, since_best, step = 0, 0, 0
+        pos, since_best, step, seen = 0, 0, 0, 0
         t0 = time.perf_counter()
         from .runtime import set_active
 
         for step in range(1, config.steps + 1):
             if pos + bs > order.numel():
                 order, pos = torch.randperm(train.shape[0], generator=g), 0
-            ids = train[order[pos:pos + bs]].to(device)
+            ids = train[order[pos:pos + bs]].to(device)  # all of them when fewer than bs
             pos += bs
+            seen += ids.numel()
             want_hidden = config.hidden_weight > 0
             with _autocast(device):
                 with torch.no_grad():
@@ -319,11 +320,11 @@ def distill(model: nn.Module, teacher: LoraAdapter | str | Path, student: MosAda
         "max_steps": config.steps,
         "best_step": best[1],
         "lr": config.lr,
-        "batch_size": bs,
+        "batch_size": min(bs, int(train.shape[0])),  # blocks per step
         "seq_len": int(train.shape[1]),
         "train_blocks": int(train.shape[0]),
         "held_out_blocks": int(held_out.shape[0]),
-        "train_tokens_seen": step * bs * int(train.shape[1]),
+        "train_tokens_seen": seen,
         "hidden_weight": config.hidden_weight,
         "kl_before": kl_before,
         "kl_after": best[0],
