@@ -635,6 +635,41 @@ def test_workers_stop_when_the_run_is_killed(tmp_path):
                 os.kill(w, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_ctrl_c_stops_a_jobs_2_run_at_once(tmp_path):
+    """Ctrl-C with `--jobs 2` went on converting every queued adapter (all were submitted at
+    once and the pool was shut down waiting for them): 28 of 30 done 17 s after it."""
+    code = (
+        "import os, signal, sys, threading, time\n"
+        "import mosconv.batch.run as r\n"
+        "def slow(item, out, config):\n"
+        "    time.sleep(0 if item.name == 'a0' else 30)\n"
+        "    return item.name\n"
+        "r.convert_one = slow\n"
+        "items = [r.Item(f'a{i}', 'x') for i in range(6)]\n"
+        "t0 = time.monotonic()\n"
+        "it = r._local_map(items, sys.argv[1], r.BatchConfig(jobs=2))\n"
+        "assert next(it) == 'a0'\n"
+        "print(*(p.pid for p in __import__('multiprocessing').active_children()), flush=True)\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n"
+        "    list(it)\n"
+        "except KeyboardInterrupt:\n"
+        "    print(round(time.monotonic() - t0, 1), flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120,
+                          check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    workers, seconds = proc.stdout.splitlines()
+    assert float(seconds) < 10, seconds  # not the 30 s of a queued task
+    deadline = time.monotonic() + 10
+    pids = [int(w) for w in workers.split()]
+    while any(_running(w) for w in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids and not any(_running(w) for w in pids)
+
+
 def test_jobs_2_gives_the_same_bytes(small_zoo, small_run, tmp_path):
     ref, _ = small_run
     out = tmp_path / "out"
@@ -1088,6 +1123,12 @@ def test_a_byte_budget_is_recorded_and_its_baseline_shown(tmp_path):
     for a in s["adapters"]:
         assert a["truncation_equal_bytes_relative_error"] is not None
         assert f"{a['truncation_equal_bytes_relative_error']:.4f}" in res.output
+    with one_thread():  # without a byte budget there is none (a lone adapter's was given)
+        res = run_cli("batch", zoo, tmp_path / "plain", "--search", "truncation", "-q")
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "plain" / SUMMARY_FILE).read_text())
+    assert s["size_ratio"] is None and s["totals"]["truncation_equal_bytes_relative_error"] is None
+    assert all(a["truncation_equal_bytes_relative_error"] is None for a in s["adapters"])
 
 
 def test_inspect_names_a_batch_folder_and_a_pool_file(tmp_path):

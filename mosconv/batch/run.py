@@ -159,7 +159,8 @@ def outcome_from_report(item: Item, dest: Path, status: str, seconds: float,
     return Outcome(item.name, item.source, status, seconds, t.lora_params, t.mos_params,
                    local, t.relative_error, t.truncation_relative_error, group, None,
                    report.energy, t.lora_tensor_bytes, t.mos_tensor_bytes,
-                   t.truncation_equal_bytes_relative_error)
+                   # the baseline of a byte budget: a group member has it under one only
+                   t.truncation_equal_bytes_relative_error if t.size_ratio is not None else None)
 
 
 # ---------------------------------------------------------------- discovery
@@ -347,11 +348,21 @@ def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Out
         ctx = mp.get_context("fork")
     else:  # torch already ran here (e.g. --shared-pool read the adapters): fresh workers
         ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(config.jobs, mp_context=ctx,
-                             initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
+    pool = ProcessPoolExecutor(config.jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, os.getpid()))
+    futures = []
+    try:
         futures = [pool.submit(convert_one, item, out, config) for item in items]
         for fut in as_completed(futures):
             yield fut.result()
+    except BaseException:  # Ctrl-C, or the caller stopped: stop now, as one process does (a
+        for fut in futures:  # worker's own KeyboardInterrupt ends only its task, and the
+            fut.cancel()  # queue would run on); outputs are written atomically, a rerun
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):  # finishes
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
