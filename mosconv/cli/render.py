@@ -105,7 +105,8 @@ def render_report(report: Report) -> str:
     if t.size_choices:
         tried = "; ".join(
             f"{c['quantize'] if c['quantize'] != 'none' else c['dtype']} "
-            f"x{c['param_ratio'] or 0:.1f} params {c['relative_error']:.4f}"
+            + (f"x{c['param_ratio']:.1f} params" if c["param_ratio"] else "no params")
+            + f" {c['relative_error']:.4f}"
             for c in t.size_choices)
         out.append(f"--size-ratio {t.size_ratio:g} (<= {fmt_bytes(t.size_budget_bytes or 0)}): "
                    f"chose {storage} at parameter ratio x{t.param_ratio or 0:.2f}; tried {tried}")
@@ -116,8 +117,10 @@ def render_report(report: Report) -> str:
                    "than a LoRA of the update's rank; a larger ratio gives a smaller file")
     gain = (f"   (sharing gain {t.sharing_gain:+.4f}, {t.kinds_shared} of "
             f"{len(report.kinds)} kinds shared)")
-    out.append(f"relative error {t.relative_error:.4f}   truncation at the same budget "
-               f"{t.truncation_relative_error:.4f}" + ("" if data else gain))
+    alike = t.dtype in (None, "float32") and t.quantize in (None, "none") and not t.size_ratio
+    out.append(f"relative error {t.relative_error:.4f}   truncation at the same "  # its params
+               + ("budget " if alike else "params in float32 ")  # as float32 (the bytes line
+               + f"{t.truncation_relative_error:.4f}" + ("" if data else gain))  # has it alike)
     if data:  # the conversion minimized this metric; its baseline is data-aware truncation
         out.append(
             f"data-aware error {data.data_relative_error:.4f}   data-aware truncation "
