@@ -91,6 +91,21 @@ def test_compress_writes_three_files_and_prints_table(lora, compressed):
     assert all(len(f["sha256"]) == 64 for f in cfg["source"]["files"])
 
 
+@pytest.mark.parametrize("storage", [["--quantize", "int4"], ["--dtype", "float16"]])
+def test_a_baseline_in_float32_is_labelled_so(lora, tmp_path, storage):
+    """Truncation at the same parameters is measured in float32: next to an int4 or float16
+    adapter's error it read 'at the same budget' (and int4 is worse than it)."""
+    with one_thread():
+        res = run("compress", lora, tmp_path / "o", "--ratio", "2", *storage)
+    assert res.exit_code == 0, res.output
+    t = json.loads((tmp_path / "o" / REPORT_FILE).read_text())["totals"]
+    assert (f"truncation at the same params in float32 {t['truncation_relative_error']:.4f}"
+            in res.stdout and "same budget" not in res.stdout)
+    assert f"truncation stored alike in <= these bytes " \
+           f"{t['truncation_equal_bytes_relative_error']:.4f}" in res.stdout
+    assert t["relative_error"] <= t["truncation_equal_bytes_relative_error"] + 1e-9
+
+
 def test_compress_json_prints_the_report(lora, tmp_path):
     res = run("compress", lora, tmp_path / "o", "--ratio", "3", "--search", "truncation", "--json")
     assert res.exit_code == 0, res.output
