@@ -548,12 +548,16 @@ def test_keyboard_interrupt_then_rerun_gives_the_same_tree(small_zoo, small_run,
     assert_same_tree(out, ref)
 
 
+def repo_env() -> dict[str, str]:
+    """The environment for a Python subprocess that imports this checkout's mosconv."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def test_sigkill_then_rerun_gives_the_same_tree(big_run, tmp_path):
     zoo, ref, _ = big_run
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                      os.environ.get("PYTHONPATH")]))}
+    env = {**repo_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mosconv.cli", "batch", str(zoo), str(out),
                              "--ratio", "8", "-q"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -613,8 +617,7 @@ def test_workers_stop_when_the_run_is_killed(tmp_path):
         "    ex.submit(time.sleep, 60)\n"
         "print(*pids, flush=True)\n"
         "time.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             text=True)
     try:
@@ -656,8 +659,7 @@ def test_ctrl_c_stops_a_jobs_2_run_at_once(tmp_path):
         "    list(it)\n"
         "except KeyboardInterrupt:\n"
         "    print(round(time.monotonic() - t0, 1), flush=True)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120,
                           check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
