@@ -117,6 +117,9 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
         {"kind": k, "d_in": p.d_in, "d_out": p.d_out, "nc": p.nc,
          "pool_A": int(p.pool_A.shape[0]), "pool_B": int(p.pool_B.shape[0]),
          "public_A": p.public_A, "public_B": p.public_B, "params": p.params,
+         "own_params": p.local_params + sum(t.numel() for m in mos.modules if m.kind == k
+                                            for t in (m.weights_A, m.weights_B, m.core)
+                                            if t is not None),
          "modules": sum(1 for m in mos.modules if m.kind == k)}
         for k, p in mos.kinds.items()
     ]
@@ -134,6 +137,7 @@ def inspect_mos(path: str | Path) -> dict[str, Any]:
         "num_modules": len(mos.modules),
         "num_kinds": len(mos.kinds),
         "params": mos.params,
+        "local_params": mos.local_params,
         "index_bytes": mos.index_bytes,
         "storage": mos.storage.to_json(),
         "tensor_bytes": mos.tensor_bytes(),

@@ -1144,6 +1144,13 @@ def test_inspect_names_a_batch_folder_and_a_pool_file(tmp_path):
     assert res.exit_code == 1 and "a zoo group's shared pool file" in res.stderr
     text = run_cli("inspect", out / "lm" / "task0", "--serving").output
     assert "1 adapter: shared pools" in text and "(1 pool file)" in text
+    # a member's kinds: its own parameters as the report and the table give them (they read
+    # pool entries with the group's shared ones in --json, cores left out), and all of them
+    info = json.loads(run_cli("inspect", out / "lm" / "task0", "--json").stdout)
+    assert info["local_params"] < info["params"]
+    assert sum(k["own_params"] for k in info["kinds"]) == info["local_params"]
+    assert [k["own_params"] for k in info["kinds"]] == [
+        k["params"] for k in info["report"]["kinds"]]
 
 
 def test_one_bad_adapter_never_stops_the_zoo(tmp_path, monkeypatch):

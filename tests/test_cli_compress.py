@@ -266,7 +266,9 @@ def test_inspect_mos_folder_json(compressed):
     cfg = json.loads((out / CONFIG_FILE).read_text())
     assert info["type"] == "mos"
     assert info["format_version"] == 3
-    assert info["params"] == cfg["params"]
+    assert info["params"] == info["local_params"] == cfg["params"]
+    assert [k["own_params"] for k in info["kinds"]] == [
+        k["params"] for k in info["report"]["kinds"]]
     assert info["index_bytes"] == cfg["index_bytes"]
     assert info["num_modules"] == len(cfg["modules"]) == 8
     assert info["num_kinds"] == len(info["kinds"]) == 2

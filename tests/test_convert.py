@@ -315,7 +315,7 @@ def test_same_input_and_seed_give_identical_tensors(tmp_path):
 # ------------------------------------------------------------------ configuration errors
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.999, 0, -2, float("nan"), float("inf"), "8"])
+@pytest.mark.parametrize("ratio", [0.5, 0.999, 0, -2, float("nan"), float("inf"), "8", True])
 def test_bad_ratio_is_config_error(tmp_path, ratio):
     adapter, _ = _synthetic(tmp_path)
     with pytest.raises(ConfigError, match="ratio"):

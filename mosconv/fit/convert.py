@@ -74,7 +74,8 @@ class ConvertConfig:
                         self.routing_weights)
 
     def validate(self) -> None:
-        if not isinstance(self.ratio, (int, float)) or not math.isfinite(self.ratio) or self.ratio < 1:
+        if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                or not math.isfinite(self.ratio) or self.ratio < 1):
             raise ConfigError(f"ratio must be a number >= 1, got {self.ratio!r}")
         check_seed(self.seed)
         if self.search not in SEARCH_LEVELS:
