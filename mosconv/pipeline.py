@@ -240,14 +240,15 @@ def compress(
                       source={**mos.source, **source_provenance(lora_path, adapter)},
                       info={**mos.info, "command": command, **(extra_info or {})})
         log.info("writing %s", out)
-        old_stats = out / CALIB_FILE
+        stats_file = out / CALIB_FILE
         if computed:  # statistics computed from text: kept with the output
             prepare_output_dir(out, CONFIG_FILE, overwrite)  # the old output ends here
-            save_stats(stats, old_stats)
-        elif old_stats.exists() and not (isinstance(calib, (str, Path))
-                                         and real_path(calib) == real_path(old_stats)):
-            prepare_output_dir(out, CONFIG_FILE, overwrite)  # an old output's statistics
-            old_stats.unlink()  # are not this one's (read from it, they are kept)
+            save_stats(stats, stats_file)
+        elif stats_file.exists() and not (isinstance(calib, (str, Path))
+                                          and real_path(calib) == real_path(stats_file)):
+            # an old output's statistics are not this one's (read from there, they are)
+            prepare_output_dir(out, CONFIG_FILE, overwrite)
+            stats_file.unlink()
         save_mos(mos, out, result.report, overwrite=True)
     except BaseException:
         remove_missing(made)  # leave nothing behind that we made

@@ -92,7 +92,8 @@ def convert_options(fn: F) -> F:
     return _apply(fn, [
         click.option("--ratio", type=float, default=None, callback=_ratio,
                      help="Parameter budget: MoS params <= LoRA params / RATIO (any value >= 1; "
-                          "1 keeps every direction, lossless in float32; default 8). batch --shared-pool: per group of adapters."),
+                          "1 keeps every direction, lossless in float32; default 8). "
+                          "batch --shared-pool: per group of adapters."),
         click.option("--size-ratio", type=float, default=None, metavar="S", callback=_ratio,
                      help="Byte budget instead of --ratio: MoS tensor bytes <= the LoRA's tensor "
                           "bytes / S; mosconv picks the parameter ratio and the storage "

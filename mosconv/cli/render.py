@@ -117,10 +117,12 @@ def render_report(report: Report) -> str:
                    "than a LoRA of the update's rank; a larger ratio gives a smaller file")
     gain = (f"   (sharing gain {t.sharing_gain:+.4f}, {t.kinds_shared} of "
             f"{len(report.kinds)} kinds shared)")
+    # truncation at the adapter's parameters, measured in float32: the same budget only for
+    # a float32 adapter (the bytes line above gives truncation stored alike)
     alike = t.dtype in (None, "float32") and t.quantize in (None, "none") and not t.size_ratio
-    out.append(f"relative error {t.relative_error:.4f}   truncation at the same "  # its params
-               + ("budget " if alike else "params in float32 ")  # as float32 (the bytes line
-               + f"{t.truncation_relative_error:.4f}" + ("" if data else gain))  # has it alike)
+    out.append(f"relative error {t.relative_error:.4f}   truncation at the same "
+               + ("budget " if alike else "params in float32 ")
+               + f"{t.truncation_relative_error:.4f}" + ("" if data else gain))
     if data:  # the conversion minimized this metric; its baseline is data-aware truncation
         out.append(
             f"data-aware error {data.data_relative_error:.4f}   data-aware truncation "

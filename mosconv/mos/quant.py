@@ -172,7 +172,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tenso
     """float32 ``(N, w)`` values of int8 ``q`` with float16 ``scales``."""
     n, w = q.shape
     qg = _grouped(q.float(), group)
-    return (qg * scales.float()[:, :, None]).reshape(n, qg.shape[1] * qg.shape[2])[:, :w].contiguous()
+    out = qg * scales.float()[:, :, None]
+    return out.reshape(n, qg.shape[1] * qg.shape[2])[:, :w].contiguous()
 
 
 def refit_scales(x: torch.Tensor, q: torch.Tensor, group: int) -> torch.Tensor:
