@@ -1062,9 +1062,8 @@ def test_batch_settings_that_cannot_work_are_named_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run_cli("batch", zoo, tmp_path / "afile")
     assert res.exit_code == 1 and "afile: exists and is not a folder" in res.stderr
-    res = run_cli("batch", zoo, tmp_path / "o2", "--address", "auto")
-    assert res.exit_code == 1 and "an address is used with the Ray engine (use --engine)" \
-        in res.stderr
+    res = run_cli("batch", zoo, tmp_path / "o2", "--address", "auto")  # a usage error
+    assert res.exit_code == 2 and "--address is used with --engine ray" in res.output
 
 
 def test_a_shared_pool_rerun_with_nothing_to_do_reads_no_adapter(tmp_path, monkeypatch):

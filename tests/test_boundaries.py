@@ -29,6 +29,7 @@ RANKS = {
     "mosconv.pipeline": 5, "mosconv.inspect": 5,
     "mosconv.batch": 6,
     "mosconv.cli": 7,
+    "mosconv.__main__": 8,  # `python -m mosconv`: the command line, above everything
 }
 FILE_SYSTEM = {"os", "pathlib", "shutil", "tempfile", "glob", "io"}
 FORMAT_LITERALS = {"base_model.model.", "adapter_model.safetensors", "adapter_model.bin",

@@ -30,3 +30,15 @@ def test_version_and_help():
     assert res.exit_code == 0 and res.output.startswith("mosconv, version ")
     res = CliRunner().invoke(main, [])
     assert res.exit_code in (0, 2) and "Usage:" in res.output
+
+
+def test_python_dash_m_mosconv_is_the_command():
+    """`python -m mosconv` failed (no mosconv/__main__.py)."""
+    import subprocess
+    import sys
+
+    env_path = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "mosconv", "--help"], capture_output=True,
+                          text=True, check=False, cwd=env_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: mosconv [OPTIONS] COMMAND")

@@ -120,8 +120,11 @@ def test_bad_inputs_get_one_line_errors(tiny_lm, tmp_path):
            "model.layers.0.self_attn.q_proj", "do not match")
     _fails(run("calibrate", other, tmp_path / "c.safetensors", *model_args(tiny_lm)),
            "do not match")
-    _fails(run("compress", tiny_lm.lora, out, "--distill"),
-           "needs a base model and a text file (use --base-model, --data)")
+    for cmd, what in ((["compress", tiny_lm.lora, out, "--distill"], "--distill"),
+                      (["calibrate", tiny_lm.lora, tmp_path / "c.safetensors"], "calibrate"),
+                      (["eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora], "eval")):
+        res = run(*cmd, "--data", tiny_lm.data)  # a usage error (exit 2), as for --refit
+        assert res.exit_code == 2 and f"{what} needs --base-model" in res.output, res.output
     _fails(run("compress", tiny_lm.lora, out, "--calib", tiny_lm.data),
            "needs a base model (use --base-model)")
     _fails(run("eval", "--teacher", tiny_lm.lora, "--student", tiny_lm.lora,

@@ -266,8 +266,12 @@ def test_cli_compress_plot_then_inspect_plot(mpl, lora, tmp_path):
 def test_cli_bad_plot_name_fails_before_work(mpl, lora, tmp_path):
     res = CliRunner().invoke(main, ["compress", str(lora), str(tmp_path / "mos"),
                                     "--plot", str(tmp_path / "errors.jpg")])
-    assert res.exit_code == 1
-    assert "must end in .png" in res.output and len(res.output.strip().splitlines()) == 1
+    assert res.exit_code == 2  # a usage error, as every bad option value
+    assert "Invalid value for '--plot'" in res.output and "must end in .png" in res.output
+    assert not (tmp_path / "mos").exists()
+    res = CliRunner().invoke(main, ["compress", str(lora), str(tmp_path / "mos"),
+                                    "--plot", str(tmp_path / "nowhere" / "e.png")])
+    assert res.exit_code == 2 and "does not exist" in res.output
     assert not (tmp_path / "mos").exists()
 
 

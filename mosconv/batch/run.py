@@ -371,7 +371,10 @@ def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outco
     except ImportError:
         raise ConfigError("the Ray engine needs Ray: pip install 'mosconv[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=config.address, include_dashboard=False, log_to_driver=False)
+        import logging
+
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)  # Ray's own notices stay off the terminal
     task = ray.remote(num_cpus=1)(convert_one)
     pending = [task.remote(item, out, config) for item in items]
     while pending:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +72,20 @@ def main(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)  # only mosconv's own logs
 
 
-_PLOT = click.option(
-    "--plot", "plot_path", default=None, metavar="FILE.png",
-    help="Also draw a PNG: spectra and truncation errors of a LoRA, or per-module errors of a "
-         "MoS folder's report, MoS next to truncation (pip install 'mosconv[plot]').")
+def _plot(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+                        help=f"Also draw a PNG: {what} (pip install 'mosconv[plot]').")
 
 
 def _check_plot(plot_path: str | None) -> None:
-    """Before the work: a bad path or a missing matplotlib fails at once."""
+    """Before the work: a bad path (a usage error) or a missing matplotlib fails at once."""
     if plot_path is not None:
-        from .plot import check_plot_path
+        from .plot import plot_path_problem, require_matplotlib
 
-        check_plot_path(plot_path)
+        problem = plot_path_problem(Path(plot_path))
+        if problem:
+            raise click.BadParameter(f"{plot_path}: {problem}", param_hint="'--plot'")
+        require_matplotlib()
 
 
 def _inspect_serving(path: str, as_json: bool, plot_path: str | None) -> None:
@@ -122,7 +125,7 @@ SCREEN_ONLY = frozenset({"--overwrite", "--quiet", "-q", "--json", "-v", "--verb
               help="For a batch output (or a MoS folder): the memory serving it takes, shared "
                    "pools once and each adapter's own part, next to the same adapters as "
                    "plain LoRAs (computed from the files).")
-@_PLOT
+@_plot("spectra and truncation errors of a LoRA, or per-module errors of a MoS folder's report, MoS next to truncation")
 @handle_errors
 def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> None:
     """Show what an adapter holds: format, modules, kinds, spectra, truncation errors.
@@ -173,7 +176,7 @@ def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> N
 @data_options
 @distill_options
 @output_options("the report (report.json)")
-@_PLOT
+@_plot("the per-module errors of the report, MoS next to truncation")
 @handle_errors
 def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: bool,
              quiet: bool, as_json: bool, plot_path: str | None, **opts: Any) -> None:
@@ -244,7 +247,8 @@ def calibrate(lora: str, out: str, overwrite: bool, quiet: bool, as_json: bool,
     with Bars(quiet) as bars:
         tick = None if quiet else (lambda n: bars.bar("calibrating", unit="tok",
                                                       unit_scale=True).update(n))
-        stats = run_calibrate(lora, data_spec(opts), out, progress=tick, overwrite=overwrite)
+        stats = run_calibrate(lora, data_spec(opts, "calibrate"), out, progress=tick,
+                              overwrite=overwrite)
     summary = {"out": out, "modules": len(stats.moments), "tokens": stats.tokens,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                **stats.info}
@@ -270,7 +274,7 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
     """
     from ..pipeline import evaluate_adapters
 
-    res = evaluate_adapters(teacher, student, data_spec(opts))
+    res = evaluate_adapters(teacher, student, data_spec(opts, "eval"))
     if as_json:
         _dump(res)
     else:
@@ -290,7 +294,7 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
               help="Pad every module with zeros to one rank R (auto: the smallest of 8, 16, "
                    "32, ..., 512 that holds them all), for servers that read only the "
                    "top-level r (vLLM, LoRAX max_lora_rank).")
-@output_options("a JSON summary of what was written")
+@output_options("a JSON summary of what was written", shown="the 'wrote OUT' line")
 @handle_errors
 def export(mos_dir: str, out: str, dtype: str, pad_rank: str | None, overwrite: bool,
            quiet: bool, as_json: bool) -> None:
@@ -336,17 +340,20 @@ def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:
     """Convert every adapter under ZOO (a folder searched recursively, or a text file listing
     adapter paths) into OUT, mirroring the layout.
 
-    Finished adapters (mos_config.json present, source sha256 unchanged) are skipped, so an
-    interrupted run can simply be rerun.  A broken adapter does not stop the others; the exit
-    code is 1 if any failed.  OUT/summary.json lists every adapter and the zoo totals.
+    Finished adapters (mos_config.json present; source sha256 and settings unchanged) are
+    skipped, so an interrupted run can simply be rerun.  A broken adapter does not stop the
+    others; the exit code is 1 if any failed.  OUT/summary.json lists every adapter and the
+    zoo totals.
     """
     from dataclasses import asdict
 
-    from ..batch.run import BatchConfig, run_batch
+    from ..batch.run import SUMMARY_FILE, BatchConfig, run_batch
     from .options import resolve_budget
 
     if opts["refit"] and not opts["shared_pool"]:
         raise click.UsageError("--refit is used with --shared-pool")
+    if opts["address"] is not None and opts["engine"] != "ray":
+        raise click.UsageError("--address is used with --engine ray")
     config = BatchConfig(**resolve_budget(opts))
     with Bars(quiet) as bars:
         summary = run_batch(zoo, out, config, bars.counter(
@@ -354,7 +361,7 @@ def batch(zoo: str, out: str, quiet: bool, as_json: bool, **opts: Any) -> None:
     if as_json:
         _dump(asdict(summary))
     elif not quiet:
-        click.echo(render_summary(summary))
+        click.echo(render_summary(summary) + f"\nwrote {Path(out) / SUMMARY_FILE}")
     for a in summary.adapters:
         if a.status == "failed":
             click.echo(f"mosconv: error: {a.error}", err=True)

@@ -137,7 +137,7 @@ def data_options(fn: F) -> F:
         click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True,
                      help="Tokens per block."),
         click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Blocks per forward pass (per optimizer step under --distill)."),
+                     help="Blocks per forward pass (and per optimizer step of compress --distill)."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="auto (CUDA when available), cpu or cuda."),
     ])
@@ -165,9 +165,18 @@ def check_modes(distill: bool, calib: bool, opts: dict[str, Any]) -> None:
     model options serve ``--distill`` and ``--calib``, the training ones ``--distill``)."""
     if not distill and not calib and opts["data"] is not None:
         raise click.UsageError("--data is used with --distill or --calib")
+    if distill:
+        require_model("--distill", opts)
     _used_without("--distill", distill, ("steps", "lr", "held_out", "hidden_weight"))
     _used_without("--distill or --calib", distill or calib,
                   ("base_model", "gguf_file", "max_tokens", "seq_len", "batch_size", "device"))
+
+
+def require_model(what: str, opts: dict[str, Any]) -> None:
+    """A usage error when ``what`` runs the base model on a text and either is not given."""
+    missing = [f"--{n.replace('_', '-')}" for n in ("base_model", "data") if opts[n] is None]
+    if missing:
+        raise click.UsageError(f"{what} needs {' and '.join(missing)}")
 
 
 def _used_without(needed: str, given: bool, params: tuple[str, ...]) -> None:
@@ -181,13 +190,14 @@ def _used_without(needed: str, given: bool, params: tuple[str, ...]) -> None:
             raise click.UsageError(f"--{name.replace('_', '-')} is used with {needed}")
 
 
-def output_options(what: str, overwrite: str = "Replace an existing output folder."
-                   ) -> Callable[[F], F]:
-    """--overwrite, --quiet and --json (printing ``what``)."""
+def output_options(what: str, overwrite: str = "Replace an existing output folder.",
+                   shown: str = "the table") -> Callable[[F], F]:
+    """--overwrite, --quiet and --json (printing ``what`` instead of ``shown``)."""
+    quiet = "No progress bar and no table." if shown == "the table" else f"Print nothing ({shown})."
     return lambda fn: _apply(fn, [
         click.option("--overwrite", is_flag=True, help=overwrite),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table."),
-        click.option("--json", "as_json", is_flag=True, help=f"Print {what} instead of the table."),
+        click.option("--quiet", "-q", is_flag=True, help=quiet),
+        click.option("--json", "as_json", is_flag=True, help=f"Print {what} instead of {shown}."),
     ])
 
 
@@ -215,9 +225,13 @@ def convert_config(opts: dict[str, Any]) -> ConvertConfig:
     return config
 
 
-def data_spec(opts: dict[str, Any]) -> DataSpec:
+def data_spec(opts: dict[str, Any], need: str | None = None) -> DataSpec:
+    """The model and text options; ``need``: the command that runs the model on the text
+    (both must be given: a usage error otherwise)."""
     from ..pipeline import DataSpec
 
+    if need is not None:
+        require_model(need, opts)
     return DataSpec(**{k: opts[k] for k in DATA_KEYS})
 
 

@@ -77,13 +77,21 @@ def check_plot_path(path: str | Path) -> Path:
             matplotlib is missing.
     """
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--plot: {path}: the plot file name must end in .png")
-    if not path.parent.is_dir():
-        what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise ConfigError(f"--plot: {path}: folder {path.parent} {what}")
+    problem = plot_path_problem(path)
+    if problem:
+        raise ConfigError(f"--plot: {path}: {problem}")
     require_matplotlib()
     return path
+
+
+def plot_path_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a plot file name: not ``.png``, or no such folder."""
+    if path.suffix.lower() != ".png":
+        return "the plot file name must end in .png"
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        return f"folder {path.parent} {what}"
+    return None
 
 
 def lora_spectra(adapter: LoraAdapter) -> dict[str, list[float]]:
