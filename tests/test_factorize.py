@@ -280,6 +280,9 @@ def test_allocate_ties_go_to_module_order_then_prefix():
         (100, 1, 100),
         (7, 8, 0),
         (10, 2.5, 4),
+        (11, 1.1, 10),  # 1.1 as typed: 11/10 (the float just above it would give 9)
+        (3, 1.5, 2),
+        (16, 1.00000000003125, 15),  # just above 16/16: 15 (a tolerance gave 16 > 16 / R)
     ],
 )
 def test_budget_for_ratio(params, ratio, budget):

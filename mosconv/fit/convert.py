@@ -30,7 +30,7 @@ from .metric import CalibLike, DataMetric, Metric, Target, WeightMetric
 from .pools import KindFit, divisors_for, private_fit, shared_fit, shared_params
 from .report import KindStructure, Report, Settings
 from .storage import equal_bytes_truncation, row_bytes, store
-from .truncation import Truncation, allocate, budget_for_ratio, truncate
+from .truncation import Truncation, allocate, budget_for_ratio, floor_div, truncate
 
 SEARCH_LEVELS = ("truncation", "fast", "thorough")
 
@@ -282,7 +282,7 @@ def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[S
     bytes)."""
     if factorizations is None and calib is None:
         factorizations = {m.name: factorize(m) for m in adapter.modules}
-    limit = math.floor(adapter.tensor_bytes / float(config.size_ratio) + 1e-9)
+    limit = floor_div(adapter.tensor_bytes, config.size_ratio)
     searches = ["truncation"] + ([config.search] if config.search != "truncation" else [])
     results = []
     for st in storages:

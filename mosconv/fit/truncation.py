@@ -80,5 +80,14 @@ def truncate(facts: dict[str, Factorization], budget: int) -> Truncation:
 
 
 def budget_for_ratio(lora_params: int, ratio: float) -> int:
-    """Parameter budget ``floor(lora_params / ratio)``."""
-    return math.floor(lora_params / float(ratio) + 1e-9)
+    """Parameter budget ``floor(lora_params / ratio)`` (see :func:`floor_div`)."""
+    return floor_div(lora_params, ratio)
+
+
+def floor_div(n: int, ratio: float) -> int:
+    """``floor(n / ratio)`` exactly, ``ratio`` taken as the decimal it prints as: ``1.1`` is
+    11/10 (the binary float just above it would lose one), and a ratio just above ``n / k``
+    gives ``k - 1`` (a tolerance added before the floor gave ``k``)."""
+    from fractions import Fraction
+
+    return math.floor(Fraction(int(n)) / Fraction(repr(float(ratio))))

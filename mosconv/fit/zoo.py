@@ -61,7 +61,7 @@ from .joint import (
 from .measure import Baseline, build_report
 from .report import KindStructure, Report, Settings
 from .storage import row_bytes, stored_values
-from .truncation import budget_for_ratio, truncate
+from .truncation import budget_for_ratio, floor_div, truncate
 
 F64 = torch.float64
 
@@ -431,7 +431,7 @@ def fit_chunks_sized(kept: list[tuple[Any, list[MemberInfo]]], size_ratio: float
     infos = [i for _, part in kept for i in part]
     storages = _best_alone(storages, infos)
     total = sum(m.params for m in infos)
-    limit = math.floor(sum(m.tensor_bytes for m in infos) / float(size_ratio) + 1e-9)
+    limit = floor_div(sum(m.tensor_bytes for m in infos), size_ratio)
     shapes = {(d_in, d_out) for m in infos for _, _, d_in, d_out in m.modules}
     found = []
     for st in storages:
