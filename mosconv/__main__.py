@@ -2,4 +2,5 @@
 
 from .cli.commands import main
 
-main(prog_name="mosconv")
+if __name__ == "__main__":  # run as a module; importing it (a docs or typing check) runs nothing
+    main(prog_name="mosconv")
