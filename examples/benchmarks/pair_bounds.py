@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 from functools import reduce
 from pathlib import Path
@@ -50,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from zoo_joint import read_pairs
+from zoo_joint import machine_line, read_pairs
 
 from mosconv.fit.joint import joint_basis, refine
 from mosconv.fit.truncation import budget_for_ratio
@@ -214,8 +212,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[8, 16])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = machine_line()
     print(f"machine: {machine}\n")
     rows = pair_rows(args.zoo, args.ratios)
     print("pair | ratio | issue 12 | joint fit (params) | bound, cores free | the same, one "

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -34,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from zoo_joint import read_pairs
+from zoo_joint import machine_line, read_pairs
 
 from mosconv.fit import zoo
 from mosconv.fit.joint import outside, partial_column
@@ -108,8 +106,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=8.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = machine_line()
     print(f"machine: {machine}\n")
     seen: dict = {}
     remainder = zoo._remainder

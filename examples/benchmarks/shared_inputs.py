@@ -28,8 +28,6 @@ import argparse
 import itertools
 import json
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -39,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from pair_bounds import best_split, dense, frontier
-from zoo_joint import read_pairs
+from zoo_joint import machine_line, read_pairs
 
 from mosconv.fit.joint import joint_basis
 from mosconv.fit.truncation import budget_for_ratio
@@ -158,8 +156,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = machine_line()
     print(f"machine: {machine}\n")
     rows = pair_rows(args.zoo, args.ratios, args.rounds)
     print("\npair | ratio | modules of a layer reading one input: largest principal cosine, "

@@ -284,6 +284,12 @@ def print_newcomers(rows: list[dict]) -> None:
               f"{fmt(r['alone'])}")
 
 
+def machine_line() -> str:
+    """The machine the pair benchmarks ran on, as they print and record it."""
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,8 +301,7 @@ def main() -> None:
     ap.add_argument("--seed-scheme", choices=("cycle", "half"), default="cycle",
                     help="the synthetic zoo's init seeds (see examples/synthetic_zoo.py)")
     args = ap.parse_args()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = machine_line()
     print(f"machine: {machine}\n")
     out = {"machine": machine, "seed_scheme": args.seed_scheme}
     if "a" in args.parts:
