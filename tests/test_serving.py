@@ -195,6 +195,44 @@ def test_factor_cache_is_bounded_and_never_stale(served):
         mosconv.set_factor_cache(256 * 2**20)
 
 
+def test_a_fused_optimizer_step_is_seen(served):
+    """AdamW(fused=True) (transformers' Trainer default) updates the pools without bumping
+    their version counters: trainable adapters are not cached, so eval after a step sees it."""
+    root, cls = served
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(7))
+    model = mosconv.apply(_base(root, cls), root / "out" / NAMES[0], name="a",
+                          trainable=True)
+    params = mosconv.trainable_parameters(model, "a")
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    with torch.no_grad():
+        before = model(ids).logits
+    model(ids).logits.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(ids).logits
+        mosconv.set_factor_cache(0)
+        try:
+            truth = model(ids).logits
+        finally:
+            mosconv.set_factor_cache(256 * 2**20)
+    assert float((after - before).abs().max()) > 1e-4 and torch.equal(after, truth)
+
+
+def test_shared_pools_follow_a_cast_after_attaching(served):
+    """``model.half()`` after attaching: members attached later find the group's one copy,
+    and the state_dict has the names of the same zoo attached to a float16 base."""
+    root, cls = served
+    model = mosconv.apply(_base(root, cls), [root / "out" / n for n in NAMES[:2]],
+                          name=NAMES[:2])
+    model.half()
+    mosconv.apply(model, [root / "out" / n for n in NAMES[2:]], name=NAMES[2:])
+    fresh = mosconv.apply(_base(root, cls).half(), root / "out")
+    assert mosconv.memory_report(model)["shared_bytes"] == \
+        mosconv.memory_report(fresh)["shared_bytes"]
+    assert list(model.mos_shared_pools) == list(fresh.mos_shared_pools)
+    fresh.load_state_dict(model.state_dict())  # strict: the same names
+
+
 def test_inference_mode_in_either_order(served):
     """Adapters attached and run under torch.inference_mode serve outside it too, and a
     forward under it leaves nothing behind that breaks training after it (the caches)."""

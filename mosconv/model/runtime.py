@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,11 @@ def _cache_key(device: torch.device, dtype: torch.dtype, inputs: list[torch.Tens
                ) -> tuple | None:
     """What cached factors built from ``inputs`` depend on: each tensor's object, storage and
     version counter (an in-place update bumps it; one through ``.data`` does not, and is not
-    seen); None when they cannot be cached: a gradient is being taken through them, or one is
+    seen); None when they cannot be cached: one is trainable (``requires_grad``: a fused
+    optimizer step, e.g. ``AdamW(fused=True)``, updates it without bumping its version
+    counter, so trainable adapters are assembled on every forward, as PEFT does), or one is
     an inference tensor (made under ``torch.inference_mode``, no version counter)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if any(t.requires_grad for t in inputs):
         return None
     if any(t.is_inference() for t in inputs):
         return None
@@ -871,17 +874,29 @@ def _base_model_of(adapter: Any) -> str | None:
 
 
 def _shared_pools(model: nn.Module, p: Any, device: Any, dtype: torch.dtype) -> KindPoolModule:
-    """The model's one copy of a zoo group's pool-file entries for kind pools ``p``."""
+    """The model's one copy of a zoo group's pool-file entries for kind pools ``p`` on
+    ``device`` in ``dtype``: the copy held already, in whatever dtype and device it was made
+    for (``model.half()`` or ``.to()`` after attaching moves it, and members attached later
+    find it), else a new one, named by the pool file and its entries (and, where the model
+    needs the entries on a second device or in a second dtype, by those too)."""
     ref = p.shared
-    key = f"{ref['sha256']}-{ref.get('key_A')}-{ref.get('key_B')}-{dtype}".replace(".", "_")
+    name = f"{ref['sha256']}-{ref.get('key_A')}-{ref.get('key_B')}".replace(".", "_")
     if not hasattr(model, SHARED_ATTR):
         setattr(model, SHARED_ATTR, nn.ModuleDict())
     store = getattr(model, SHARED_ATTR)
-    if key not in store:
-        nA, nB = ref["n_A"], ref["n_B"]
-        store[key] = KindPoolModule(p.pool_A[:nA].to(device, dtype, copy=True),
-                                    p.pool_B[:nB].to(device, dtype, copy=True),
-                                    p.d_in, p.d_out, p.nc, False)
+    want = torch.device(device)
+    for key, held in store.items():
+        pool = held.pool_A
+        if (key == name or key.startswith(name + "-")) and pool.dtype == dtype and (
+                pool.device == want or (want.index is None and pool.device.type == want.type)):
+            return held
+    key, n = name, 1
+    while key in store:
+        key, n = re.sub(r"[.:]", "_", f"{name}-{dtype}-{want}") + ("" if n == 1 else f"-{n}"), n + 1
+    nA, nB = ref["n_A"], ref["n_B"]
+    store[key] = KindPoolModule(p.pool_A[:nA].to(device, dtype, copy=True),
+                                p.pool_B[:nB].to(device, dtype, copy=True),
+                                p.d_in, p.d_out, p.nc, False)
     return store[key]
 
 
