@@ -272,6 +272,49 @@ def test_base_modifying_init_refused(make):
     )
 
 
+@pytest.mark.parametrize("init, hint", [
+    ("astra", "path_initial_model_for_weight_conversion"), ("lora_ga", "not supported"),
+    ("loftq", "not supported")])
+def test_more_base_modifying_inits_refused(make, init, hint):
+    w = make.peft(config={"init_lora_weights": init})
+    line = assert_one_line_error(run_inspect(w.path), w.path / "adapter_config.json", init,
+                                 "base weights")
+    assert hint in line
+
+
+def test_eva_initialisation_is_read(make):
+    """EVA only sets lora_A (and the ranks): the base is untouched, the update is B @ A."""
+    w = make.peft(config={"init_lora_weights": "eva"})
+    assert run_inspect(w.path).exit_code == 0
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("kasa_config", {"sv_init": "random"}, "KaSA"), ("use_bdlora", {"target_modules_bd_a": ["q_proj"]}, "BD-LoRA"),
+    ("use_qalora", True, "QA-LoRA"), ("alora_invocation_tokens", [1, 2], "aLoRA"),
+    ("arrow_config", {"top_k": 2}, "Arrow")])
+def test_peft_variants_that_are_not_b_at_a_refused(make, field, value, what):
+    w = make.peft(config={field: value})
+    line = assert_one_line_error(run_inspect(w.path), w.path / "adapter_config.json", field,
+                                 what)
+    assert "not supported" in line
+    tensors = {"unet.blk.to_q.lora_A.weight": torch.ones(2, 8),
+               "unet.blk.to_q.lora_B.weight": torch.ones(8, 2)}
+    hdr = make.raw_file("lora.safetensors", tensors,
+                        {"lora_adapter_metadata": json.dumps({f"unet.{field}": value})})
+    assert_one_line_error(run_inspect(hdr.path), hdr.path, field, "not supported")
+
+
+def test_per_expert_target_parameters_refused(make):
+    """peft's target_parameters on a 3-D (experts, ., .) parameter stores E updates of rank r
+    stacked: named as such, not as a rank that disagrees with the config."""
+    w = make.peft(r=8, config={"r": 2, "target_parameters": ["experts.gate_up_proj"]})
+    line = assert_one_line_error(run_inspect(w.path), w.weights, "4 updates of rank 2",
+                                 "per expert")
+    assert "not supported" in line
+    plain = make.peft(r=8, config={"r": 2})  # without target_parameters: a wrong r
+    assert_one_line_error(run_inspect(plain.path), plain.weights, "rank 8", "r=2")
+
+
 def test_lycoris_tensors_refused(make):
     """LoHa/LoKr are read (tests/test_lycoris.py); an incomplete LoHa module is a format
     error naming the missing factor, and a Tucker LoHa is refused as LyCORIS."""

@@ -322,6 +322,62 @@ def test_diffusers_peft_style_scale_1_without_alpha(make):
     assert ad.source_files == (w.weights,)
 
 
+def _diffusers_loaded_scales(path, component):
+    """The scales diffusers gives a component of a file with neither alphas nor a header
+    config: its loader's ``get_peft_kwargs`` (``r = lora_alpha =`` the first ``lora_B``'s
+    rank of the file as safetensors loads it, the most common rank as ``r``, the others in
+    ``rank_pattern``), then stock PEFT builds the layers."""
+    import collections
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import load_file
+
+    sd = {k.removeprefix(f"{component}."): v for k, v in load_file(path).items()
+          if k.startswith(f"{component}.")}
+    rank = {f"^{k}": v.shape[1] for k, v in sd.items() if "lora_B" in k and v.ndim > 1}
+    alpha = next(iter(rank.values()))  # diffusers: r = lora_alpha = the first rank
+    r = collections.Counter(rank.values()).most_common()[0][0]
+    pattern = {k.split(".lora_B.")[0]: v for k, v in rank.items() if v != r}
+    names = sorted({k.split(".lora_")[0] for k in sd})
+    model = torch.nn.Module()
+    for n in names:
+        a = sd[f"{n}.lora_A.weight"]
+        parent = model
+        for part in n.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(n.split(".")[-1], torch.nn.Linear(a.shape[1], sd[f"{n}.lora_B.weight"].shape[0]))
+    config = LoraConfig(r=r, lora_alpha=alpha, rank_pattern=pattern, target_modules=names)
+    model = inject_adapter_in_model(config, model)
+    return {f"{component}.{n}": model.get_submodule(n).scaling["default"] for n in names}
+
+
+def test_diffusers_mixed_ranks_without_alphas_scale_as_diffusers_loads_them(make):
+    """No ``.alpha`` and no header config: diffusers takes the first rank as ``lora_alpha``
+    for every module of a component, so a rank-4 module after rank-8 ones gets scale 2."""
+    pytest.importorskip("peft")
+    g = torch.Generator().manual_seed(0)
+    ranks = {"unet.blk.to_q": 4, "unet.blk.to_k": 8, "unet.blk.to_v": 8,
+             "text_encoder.enc.q_proj": 2, "text_encoder.enc.v_proj": 6}
+    tensors = {}
+    for mod, r in ranks.items():
+        tensors[f"{mod}.lora_A.weight"] = torch.randn(r, 16, generator=g)
+        tensors[f"{mod}.lora_B.weight"] = torch.randn(16, r, generator=g)
+    w = make.raw_file("pytorch_lora_weights.safetensors", tensors)
+    ad = read_adapter(w.path)
+    want = {**_diffusers_loaded_scales(w.path, "unet"),
+            **_diffusers_loaded_scales(w.path, "text_encoder")}
+    got = {m.name: m.scale for m in ad.modules}
+    assert got == pytest.approx(want) and got["unet.blk.to_q"] == 2.0
+    assert got["text_encoder.enc.q_proj"] == 1.0 and got["text_encoder.enc.v_proj"] == 2 / 6
+    # a component with an .alpha keeps the alphas' rule (alpha / r, else 1)
+    alpha = {**tensors, "unet.blk.to_k.alpha": torch.tensor(4.0)}
+    ad = read_adapter(make.raw_file("with_alpha.safetensors", alpha).path)
+    assert [ad.module(f"unet.blk.{p}").scale for p in ("to_q", "to_k", "to_v")] == [1, 0.5, 1]
+    assert ad.module("text_encoder.enc.q_proj").scale == 1.0
+
+
 def test_diffusers_peft_style_alpha_keys(make):
     q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     ad = read_adapter(make.diffusers(SD_MODULES, r=4, alphas={q: 2}).path)

@@ -33,7 +33,18 @@ _LORA_KEY = re.compile(
     r"(?:\.(?P<adapter>[A-Za-z_][\w-]*))?(?:\.weight)?$"
 )
 # Initialisations that modify the base weights: the saved A/B alone do not define dW.
-_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+# PEFT's path_initial_model_for_weight_conversion turns the first four into plain LoRAs.
+_CONVERTIBLE_INITS = ("pissa", "olora", "corda", "astra")
+_BASE_MODIFYING_INITS = (*_CONVERTIBLE_INITS, "loftq", "lora_ga")
+# PEFT LoRA variants whose update is not ``scale * B @ A`` on the unchanged base weights:
+# config field -> what it does instead (peft.tuners.lora.variants).
+VARIANTS = {
+    "kasa_config": "KaSA: a diagonal lora_diag between B and A, on a truncated base weight",
+    "use_bdlora": "BD-LoRA: a block-diagonal lora_A or lora_B",
+    "use_qalora": "QA-LoRA: lora_A acts on pooled input groups",
+    "alora_invocation_tokens": "aLoRA: the update applies only after its invocation tokens",
+    "arrow_config": "Arrow: a router mixes a library of LoRAs per token",
+}
 
 
 def pattern_key(patterns: Mapping[str, float], module_name: str) -> str | None:
@@ -79,12 +90,17 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise UnsupportedAdapterError(
             f"{path}: lora_bias=true: the adapter also adds a bias to each module (lora_B.bias), "
             "which a MoS adapter does not carry; not supported")
+    for field, what in VARIANTS.items():
+        if config.get(field):
+            raise UnsupportedAdapterError(f"{path}: {field} is set ({what}), so the update is not "
+                                          "scale * B @ A; not supported")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        fix = ("; convert it with PEFT's path_initial_model_for_weight_conversion first"
+               if init.lower().startswith(_CONVERTIBLE_INITS) else "; not supported")
         raise UnsupportedAdapterError(
-            f"{path}: init_lora_weights={_show(init)} modifies the base weights, so A/B alone do not "
-            "define the update; convert it with PEFT's path_initial_model_for_weight_conversion first"
-        )
+            f"{path}: init_lora_weights={_show(init)} modifies the base weights, so A/B alone do "
+            f"not define the update{fix}")
     for field, kind in (("lora_alpha", (int, float)), ("r", int)):
         value = config.get(field)
         if value is not None and not is_number(value, kind):
@@ -135,6 +151,11 @@ def check_rank(path: Path, config: Mapping[str, Any], mod: str, r: int,
     expected = patterns[key] if key else config.get("r")
     if expected is not None and expected != r:
         where = f"rank_pattern[{_show(key)}]" if key else "r"
+        if (config.get("target_parameters") and is_number(expected, int) and expected > 0
+                and r > expected and r % expected == 0):  # peft's ParamWrapper on (E, ., .)
+            raise UnsupportedAdapterError(
+                f"{path}: module {shown or mod} has {r // expected} updates of rank {expected} "
+                "(target_parameters on a 3-D parameter: one per expert); not supported")
         raise FormatError(f"{path}: module {shown or mod} has rank {r} in its tensors but "
                           f"{source}{where}={expected}")
 

@@ -3,7 +3,7 @@ LyCORIS LoHa / LoKr.
 
 | family | keys | scale |
 |---|---|---|
-| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else from the header's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component, or for the whole file when unprefixed, as diffusers loads it), else 1 |
+| diffusers | ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``text_encoder.``) | ``.alpha`` / r if present, else from the header's ``lora_adapter_metadata`` (``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component, or for the whole file when unprefixed, as diffusers loads it), else diffusers' rule: the rank of the component's first ``lora_B`` / r (1 when the ranks are equal) |
 | diffusers-legacy | ``<path>.processor.to_q_lora.down.weight`` / ``.up.weight`` | 1 |
 | kohya | ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (also ``lora_te*_``, ``lora_transformer_``, and ``lycoris_`` from LyCORIS's wrapper) | alpha / r (alpha defaults to r) |
 | lycoris-loha | ``<module>.hada_w1_a`` / ``_w1_b`` / ``_w2_a`` / ``_w2_b`` / ``.alpha`` | alpha / r (see :mod:`.lycoris`) |
@@ -33,7 +33,7 @@ from ..types import LoraAdapter, LoraModule, assign_kinds
 from ._common import make_module
 from ._io import dtype_name, load_tensor_file
 from .lycoris import check_refused, has_lycoris_keys, lycoris_format, read_lycoris
-from .peft import check_pattern, check_rank, is_number, pattern_key
+from .peft import VARIANTS, check_pattern, check_rank, is_number, pattern_key
 
 # kohya / sd-scripts prefixes, and ``lycoris_``: LyCORIS's own wrapper names LoCon modules so
 _KOHYA_MOD = r"(?P<mod>(?:lora_(?:unet|te\d?|transformer)|lycoris)_[\w]+?)"
@@ -145,7 +145,7 @@ def _diffusers_config(path: Path, meta: dict[str, str], tensors: dict[str, torch
             component, _, field = str(key).partition(".")
             configs.setdefault(component, {})[field] = value
     for component, cfg in configs.items():
-        for field in ("use_dora", "lora_bias"):
+        for field in ("use_dora", "lora_bias", *VARIANTS):
             if cfg.get(field):
                 raise UnsupportedAdapterError(f"{path}: {component + '.' if component else ''}"
                                               f"{field}=true in its metadata; not supported")
@@ -186,6 +186,36 @@ def _metadata_scale(path: Path, configs: dict[str, dict], mod: str, r: int) -> f
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+# The components a diffusers pipeline file prefixes its keys with (each loaded on its own).
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
+               "prior", "decoder")
+
+
+def _component(mod: str) -> str:
+    head, dot, _ = mod.partition(".")
+    return head if dot and head in _COMPONENTS else ""
+
+
+def _first_ranks(tensors: dict[str, torch.Tensor], alphas: dict[str, float],
+                 configs: dict[str, dict]) -> dict[str, int]:
+    """Per component of a diffusers file whose header has no config for it and none of whose
+    modules has an ``.alpha``: the rank of its first ``lora_B`` in the file's key order.
+    diffusers builds that component's ``LoraConfig`` with ``r = lora_alpha =`` that rank and
+    the other ranks in ``rank_pattern`` (``get_peft_kwargs``), so a module of rank ``r``
+    gets the scale ``first / r``: 1 when every rank is the same."""
+    if "" in configs:
+        return {}
+    first: dict[str, int] = {}
+    with_alpha = {_component(m) for m in alphas}
+    for key, t in tensors.items():
+        m = _PEFT_STYLE.match(key)
+        if m and m["which"] == "lora_B" and t.dim() > 1:
+            comp = _component(m["mod"])
+            if comp not in configs and comp not in with_alpha:
+                first.setdefault(comp, int(t.shape[1]))
+    return first
+
+
 def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
                 configs: dict[str, dict] | None = None
                 ) -> tuple[list[LoraModule], dict[str, torch.Tensor], set[str]]:
@@ -223,10 +253,11 @@ def _read_pairs(path: Path, tensors: dict[str, torch.Tensor], family: str,
         extra[key] = t
     modules = []
     dtypes = set()
+    first = _first_ranks(tensors, alphas, configs or {}) if family == "diffusers" else {}
     for mod, slot in pairs.items():
         a, b = slot.get(down), slot.get(up)
         r = int(a.shape[0]) if a is not None and a.dim() > 0 else 1
-        alpha = alphas.get(mod, float(r))
+        alpha = alphas.get(mod, float(first.get(_component(mod), r)))
         if family == "kohya" and alpha == 0:
             alpha = float(r)  # sd-scripts: "alpha = lora_dim if alpha is None or alpha == 0"
         scale = alpha / r if r else 1.0  # r=0: refused there; a NaN/Inf alpha too
