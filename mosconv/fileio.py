@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -138,6 +139,11 @@ def missing(path: str | Path) -> str:
         return f"a link to {os.readlink(path)}, which does not exist or loops"
     if os.path.exists(path):
         return "not a file or folder: a pipe, socket or device"
+    parts = str(path).split("/")
+    if len(parts) == 2 and all(re.fullmatch(r"[\w.-]+", p) for p in parts) \
+            and not os.path.exists(parts[0]):  # a Hugging Face Hub id, read as a local path
+        return (f"no such file or folder (mosconv reads local files only: download a Hub "
+                f"repository first, e.g. hf download {path} --local-dir {parts[1]})")
     return "no such file or folder"
 
 

@@ -363,3 +363,13 @@ def test_float16_overflow_names_the_file_and_the_fix(tmp_path):
     assert_one_line_error(res, f"{src}: values too large for float16", "(use --dtype)")
     assert not (tmp_path / "o").exists()
     assert run("compress", src, tmp_path / "o", "--dtype", "float32", "-q").exit_code == 0
+
+
+def test_recorded_command_leaves_out_what_changes_no_output_byte():
+    """What is printed or drawn (--plot and its file) and --overwrite are not recorded, so a
+    conversion with or without them writes the same mos_config.json."""
+    from mosconv.cli.commands import recorded_command
+
+    argv = ["compress", "lora", "out", "--ratio", "8", "--plot", "e.png", "-q", "--json",
+            "--plot=f.png", "--overwrite", "--seed", "1"]
+    assert recorded_command(argv) == "mosconv compress lora out --ratio 8 --seed 1"

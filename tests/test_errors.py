@@ -315,6 +315,16 @@ def test_per_expert_target_parameters_refused(make):
     assert_one_line_error(run_inspect(plain.path), plain.weights, "rank 8", "r=2")
 
 
+def test_a_hub_id_is_told_to_be_downloaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_line_error(run_inspect("someuser/some-lora"), "someuser/some-lora",
+                                 "no such file or folder", "local files only")
+    assert "hf download someuser/some-lora --local-dir some-lora" in line
+    (tmp_path / "someuser").mkdir()  # an existing folder: a local path after all
+    assert "hf download" not in assert_one_line_error(
+        run_inspect("someuser/some-lora"), "someuser/some-lora", "no such file or folder")
+
+
 def test_lycoris_tensors_refused(make):
     """LoHa/LoKr are read (tests/test_lycoris.py); an incomplete LoHa module is a format
     error naming the missing factor, and a Tucker LoHa is refused as LyCORIS."""

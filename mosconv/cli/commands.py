@@ -116,6 +116,21 @@ def _not_an_adapter(path: Path) -> None:
 # Options that change what is printed or whether an old output may be replaced, not what is
 # written: left out of the recorded command, so that they do not change the output's bytes.
 SCREEN_ONLY = frozenset({"--overwrite", "--quiet", "-q", "--json", "-v", "--verbose"})
+PICTURE_ONLY = "--plot"  # its value names a picture written beside: no output byte changes
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line recorded in an output: ``argv`` without the options that change
+    only what is printed or drawn, or whether an old output may be replaced."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a in SCREEN_ONLY or a.startswith(PICTURE_ONLY + "="):
+            skip = False
+            continue
+        skip = a == PICTURE_ONLY
+        if not skip:
+            kept.append(a)
+    return "mosconv " + " ".join(kept)
 
 
 @main.command()
@@ -182,7 +197,9 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
              quiet: bool, as_json: bool, plot_path: str | None, **opts: Any) -> None:
     """Convert the LoRA adapter LORA into a MoS adapter folder OUT.
 
-    Writes OUT/mos_adapter.safetensors, OUT/report.json and OUT/mos_config.json (last).
+    Writes OUT/mos_adapter.safetensors, OUT/report.json and OUT/mos_config.json (last);
+    with --calib TEXT also OUT/calib_stats.safetensors (the statistics, for reuse; not
+    part of the adapter).
     The report gives the relative error next to global SVD truncation at the same
     parameter budget (in float32) and truncation stored alike (--dtype, --quantize) in no
     more bytes; the converter never does worse than these baselines in float32, nor than
@@ -201,8 +218,7 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
     _check_plot(plot_path)
     dconfig = distill_config(opts) if distill else None
     check_modes(distill, calib is not None, opts)
-    command = "mosconv " + " ".join(a for a in sys.argv[1:] if a not in SCREEN_ONLY) \
-        if sys.argv else None
+    command = recorded_command(sys.argv[1:]) if sys.argv else None
     with Bars(quiet) as bars:
         result = run_compress(
             lora, out, config, command=command, overwrite=overwrite, calib=calib, data=spec,
