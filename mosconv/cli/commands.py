@@ -223,7 +223,8 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
         result = run_compress(
             lora, out, config, command=command, overwrite=overwrite, calib=calib, data=spec,
             distill=dconfig, held_out=opts["held_out"],
-            progress=bars.counter("fitting kinds", "kind", label=lambda k: k[-40:]),
+            progress=bars.counter(*(("trying storages", "storage") if opts["size_ratio"]
+                                    else ("fitting kinds", "kind")), label=lambda k: k[-40:]),
             on_step=bars.counter("distilling", "step", opts["steps"], lambda s, l: f"loss {l:.4f}"))
     if as_json:
         _dump(result.report.to_json())

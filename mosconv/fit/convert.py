@@ -284,7 +284,22 @@ def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[S
         factorizations = {m.name: factorize(m) for m in adapter.modules}
     limit = floor_div(adapter.tensor_bytes, config.size_ratio)
     searches = ["truncation"] + ([config.search] if config.search != "truncation" else [])
-    results = []
+    best: ConvertResult | None = None  # the lowest (error, bytes), the first of equals
+    tried: list[tuple[tuple[float, int], Storage, dict]] = []  # every candidate, in numbers
+
+    def keep(res: ConvertResult) -> None:
+        nonlocal best
+        t = res.report.totals
+        key = (_minimized_error(res.report), t.mos_tensor_bytes or 0)
+        tried.append((key, res.mos.storage, {
+            "dtype": res.mos.storage.dtype, "quantize": res.mos.storage.quantize,
+            "param_ratio": t.param_ratio, "mos_params": t.mos_params,
+            "mos_tensor_bytes": t.mos_tensor_bytes, "relative_error": t.relative_error,
+            "truncation_equal_bytes_relative_error": t.truncation_equal_bytes_relative_error}))
+        if best is None or key < (_minimized_error(best.report),
+                                  best.report.totals.mos_tensor_bytes or 0):
+            best = res  # the others are dropped: a 7B-sized adapter's 8 candidates held 549 MiB
+
     for st in storages:
         per_param = max(row_bytes(st, m.d_in, m.d_out) / (m.d_in + m.d_out)
                         for m in adapter.modules)
@@ -298,30 +313,22 @@ def _convert_sized(adapter: LoraAdapter, config: ConvertConfig, storages: list[S
                     break
                 used = res.report.totals.mos_tensor_bytes or 0
                 if used <= limit:
-                    results.append(res)
+                    keep(res)
                     break
                 budget -= max(1, math.ceil((used - limit) / per_param))
                 if budget < 0:
                     break
         if progress:
             progress(st.label)
-    if not results:
+    if best is None:
         raise ConfigError(f"size ratio {config.size_ratio:g}: no storage fits "
                           f"{limit} bytes", options=("size_ratio",))
-    results.sort(key=lambda r: (_minimized_error(r.report), r.report.totals.mos_tensor_bytes))
+    tried.sort(key=lambda c: c[0])  # stable: equals keep the order they were tried in
     choices, seen = [], set()
-    for r in results:  # per storage, its best
-        if r.mos.storage in seen:
-            continue
-        seen.add(r.mos.storage)
-        t = r.report.totals
-        choices.append({"dtype": r.mos.storage.dtype, "quantize": r.mos.storage.quantize,
-                        "param_ratio": t.param_ratio, "mos_params": t.mos_params,
-                        "mos_tensor_bytes": t.mos_tensor_bytes,
-                        "relative_error": t.relative_error,
-                        "truncation_equal_bytes_relative_error":
-                            t.truncation_equal_bytes_relative_error})
-    best = results[0]
+    for _, st, c in tried:  # per storage, its best
+        if st not in seen:
+            seen.add(st)
+            choices.append(c)
     totals = replace(best.report.totals, size_ratio=float(config.size_ratio),
                      size_budget_bytes=limit, size_choices=choices)
     info = {**best.mos.info, "size_ratio": float(config.size_ratio)}
