@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from .errors import MosconvError
 from .names import CALIB_FILE, CONFIG_FILE, PEFT_CONFIG, PEFT_WEIGHTS, REPORT_FILE, TENSOR_FILE
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import torch
 
@@ -34,7 +35,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the name cut so that a legal 255-byte name still has a legal temporary name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp",
+                                   dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
             f.write(data)
@@ -129,6 +132,57 @@ def remove_missing(made: list[Path]) -> None:
             parent.rmdir()
         except OSError:
             break
+
+
+@contextmanager
+def writing(out: Path, marker: str, overwrite: bool) -> Iterator[list[Path]]:
+    """Check and create the output folder ``out`` (:func:`prepare_output_dir`, the old
+    output left intact) and hold it for this process while the body writes it: another
+    mosconv run writing the same folder at the same time is refused (it would mix its files
+    with ours, or replace an output without being asked to). Yields the folders this call
+    created; if the body fails they are removed (:func:`remove_missing`) while still held,
+    so no other run's output in them is lost.
+
+    Raises:
+        MosconvError: as :func:`prepare_output_dir`, or the folder is being written."""
+    made = missing_folders(out)
+    prepare_output_dir(out, marker, overwrite, remove_marker=False)
+    held = _hold(out)
+    try:
+        # again under the hold: another run may have finished an output here meanwhile;
+        # it is refused without removing anything (the folder holds that output now)
+        prepare_output_dir(out, marker, overwrite, remove_marker=False)
+        try:
+            yield made
+        except BaseException:
+            remove_missing(made)
+            raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _hold(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file is left behind), released
+    when the returned descriptor closes; None where the system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None  # unreadable: the writes name the problem
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MosconvError(f"{folder}: another mosconv run is writing this folder; wait "
+                           "for it to finish or write elsewhere") from None
+    except OSError:  # a filesystem without locks
+        os.close(fd)
+        return None
+    return fd
 
 
 def missing(path: str | Path) -> str:

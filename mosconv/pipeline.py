@@ -13,12 +13,11 @@ import torch
 
 from .errors import ConfigError, FormatError, NumericalError
 from .fileio import (
-    missing_folders,
     prepare_output_dir,
     real_path,
-    remove_missing,
     same_or_inside,
     sha256_file,
+    writing,
 )
 from .fit.convert import ConvertConfig, ConvertResult, check_calib, convert
 from .fit.storage import store
@@ -28,7 +27,7 @@ from .lora.write import peft_config, write_peft_folder
 from .model.calib import CalibStats, is_stats_file, save_stats
 from .mos.format import CONFIG_FILE, is_mos_dir, load_mos, load_report, save_mos
 from .mos.quant import Storage, StorageOverflow
-from .names import CALIB_FILE
+from .names import CALIB_FILE, PEFT_CONFIG
 
 if TYPE_CHECKING:
     from .model.distill import DistillConfig
@@ -216,11 +215,10 @@ def compress(
     if same_or_inside(lora_path, out):
         raise ConfigError(f"{out}: holds the input adapter {lora_path}; write the MoS adapter "
                           "to another folder")
-    made = missing_folders(out)
     # fail before the work, not after; with overwrite an old output stays complete and
-    # untouched until the first new file is written (a bad input leaves it as it was)
-    prepare_output_dir(out, CONFIG_FILE, overwrite, remove_marker=False)
-    try:
+    # untouched until the first new file is written (a bad input leaves it as it was); a
+    # failure removes the folders made here (leave nothing behind that we made)
+    with writing(out, CONFIG_FILE, overwrite):
         log.info("reading %s", lora_path)
         adapter = read_adapter(lora_path)
         session = _Session(data)
@@ -250,9 +248,6 @@ def compress(
             prepare_output_dir(out, CONFIG_FILE, overwrite)
             stats_file.unlink()
         save_mos(mos, out, result.report, overwrite=True)
-    except BaseException:
-        remove_missing(made)  # leave nothing behind that we made
-        raise
     # the report as saved (with the tensor file's size)
     return ConvertResult(mos=mos, report=load_report(out) or result.report,
                          baseline=result.baseline)
@@ -376,12 +371,10 @@ def export_lora(mos_dir: str | Path, out: str | Path, *, overwrite: bool = False
         base.pop(key, None)
     cfg = peft_config(base, ranks)
     out = Path(out)
-    made = missing_folders(out)
-    try:  # adapter_model.safetensors, then adapter_config.json (the marker) last
+    # a failed export (disk full, interrupt) leaves no folder it made
+    with writing(out, PEFT_CONFIG, overwrite):
+        # adapter_model.safetensors, then adapter_config.json (the marker) last
         return write_peft_folder(out, modules, cfg, mos.extra_tensors, overwrite=overwrite)
-    except BaseException:
-        remove_missing(made)  # a failed export (disk full, interrupt) leaves no folder we made
-        raise
 
 
 def _refuse_source(mos: MosAdapter, out: Path) -> None:
@@ -429,8 +422,6 @@ def _pad_ranks(mos_dir: str | Path, modules: list, pad_rank: int | str) -> tuple
 def export_summary(folder: str | Path) -> dict[str, Any]:
     """What ``export --json`` prints of an exported PEFT folder: files, r, alpha, ranks."""
     import json
-
-    from .names import PEFT_CONFIG
 
     folder = Path(folder)
     cfg = json.loads((folder / PEFT_CONFIG).read_text())

@@ -496,3 +496,13 @@ def test_valid_adapter_is_not_an_error(make):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     assert f"{len(LLAMA_MODULES)} in 2 kinds" in result.stdout
+
+
+def test_an_unreadable_input_is_the_library_s_one_line_error(make, monkeypatch):
+    """click does not judge readability (its check gave a 4-line usage error, exit 2, for an
+    unreadable folder): the reader's own error names the file, exit 1."""
+    import os
+
+    w = make.peft()
+    monkeypatch.setattr(os, "access", lambda *a, **kw: False)
+    assert run_inspect(w.path).exit_code == 0  # nothing asks os.access any more

@@ -280,3 +280,95 @@ def test_disk_full_through_the_cli(world, monkeypatch, tmp_path, command, point,
     assert Path(match["path"]).parent == out  # the file it could not write, in OUT
     assert not out.exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ two runs, one folder
+
+
+def _held(folder: Path):
+    """Hold ``folder`` as a running mosconv would (an flock on the folder itself)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+@pytest.mark.parametrize("command", ["compress", "export"])
+def test_a_folder_another_run_is_writing_is_refused_and_left_alone(world, tmp_path, command):
+    """A second run into a folder that a first one is writing is refused at once, and its
+    failure removes nothing there (it used to remove the folder, the first run's finished
+    output included, or to replace that output without --overwrite)."""
+    pytest.importorskip("fcntl")
+    _, src, _ = world
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / KEEP).write_text("the other run's")
+    fd = _held(out)
+    try:
+        with pytest.raises(MosconvError, match="another mosconv run is writing"):
+            if command == "compress":
+                compress(src / "lora", out, ConvertConfig(ratio=4, search="truncation"))
+            else:
+                export_lora(src / "mos", out)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == [KEEP]
+    # once released, the folder is written as usual
+    compress(src / "lora", out, ConvertConfig(ratio=4, search="truncation"))
+    load_mos(out)
+
+
+def test_an_output_finished_by_another_run_meanwhile_is_not_replaced(world, tmp_path,
+                                                                   monkeypatch):
+    """The check before the work is repeated once the folder is held: an output another
+    run finished in between is neither replaced (no overwrite asked) nor removed, although
+    this run created the folder."""
+    from mosconv import fileio
+
+    _, src, _ = world
+    out = tmp_path / "new" / "out"
+    real = fileio._hold
+
+    def finished_meanwhile(folder):
+        shutil.copytree(src / "mos", folder, dirs_exist_ok=True)
+        return real(folder)
+
+    monkeypatch.setattr(fileio, "_hold", finished_meanwhile)
+    with pytest.raises(MosconvError, match="already holds an output"):
+        compress(src / "lora", out, ConvertConfig(ratio=4, search="truncation"))
+    assert files_of(out) == files_of(src / "mos")
+
+
+def test_an_interrupted_export_overwrite_leaves_no_weights_without_config(world, tmp_path,
+                                                                          monkeypatch):
+    """Interrupted while its new weights are written, an export over an old one leaves
+    neither file: the old weights without their config would be read by other tools."""
+    from mosconv.lora import write
+
+    _, src, _ = world
+    out = tmp_path / "exp"
+    export_lora(src / "mos", out)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "atomic_write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_lora(src / "mos", out, overwrite=True)
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+    monkeypatch.undo()
+    export_lora(src / "mos", out)  # without overwrite, an existing export is kept whole
+    with pytest.raises(MosconvError, match="already holds an output"):
+        export_lora(src / "mos", out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+
+
+def test_a_legal_long_file_name_is_written(tmp_path):
+    """The temporary name (``.<name>.<random>.tmp``) is cut so that a 250-byte name works."""
+    from mosconv.fileio import atomic_write_bytes
+
+    path = tmp_path / ("c" * 238 + ".safetensors")
+    atomic_write_bytes(path, b"x")
+    assert path.read_bytes() == b"x" and len(path.name) == 250

@@ -134,7 +134,7 @@ def recorded_command(argv: list[str]) -> str:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("path", type=click.Path(path_type=str, readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON schema instead of tables.")
 @click.option("--serving", is_flag=True,
               help="For a batch output (or a MoS folder): the memory serving it takes, shared "
@@ -179,8 +179,8 @@ def inspect(path: str, as_json: bool, serving: bool, plot_path: str | None) -> N
 
 
 @main.command()
-@click.argument("lora", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("lora", type=click.Path(path_type=str, readable=False))
+@click.argument("out", type=click.Path(path_type=str, readable=False))
 @convert_options
 @click.option("--calib", default=None, metavar="STATS_OR_DATA",
               help="Data-aware conversion: a calibration file (mosconv calibrate) or a text/JSONL "
@@ -243,8 +243,8 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
 
 
 @main.command()
-@click.argument("lora", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("lora", type=click.Path(path_type=str, readable=False))
+@click.argument("out", type=click.Path(path_type=str, readable=False))
 @data_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -299,8 +299,8 @@ def eval_cmd(teacher: str, student: str, as_json: bool, **opts: Any) -> None:
 
 
 @main.command()
-@click.argument("mos_dir", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("mos_dir", type=click.Path(path_type=str, readable=False))
+@click.argument("out", type=click.Path(path_type=str, readable=False))
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               default="auto", show_default=True,
               help="dtype of the LoRA factors; auto = the MoS adapter's float dtype (float32 "
@@ -335,8 +335,8 @@ def export(mos_dir: str, out: str, dtype: str, pad_rank: str | None, overwrite: 
 
 
 @main.command()
-@click.argument("zoo", type=click.Path(path_type=str))
-@click.argument("out", type=click.Path(path_type=str))
+@click.argument("zoo", type=click.Path(path_type=str, readable=False))
+@click.argument("out", type=click.Path(path_type=str, readable=False))
 @convert_options
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Adapters converted in parallel (processes; torch threads divided among them).")

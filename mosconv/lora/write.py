@@ -69,14 +69,19 @@ def write_peft_folder(
 ) -> Path:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (last) into ``out``."""
     out = Path(out)
-    prepare_output_dir(out, PEFT_CONFIG, overwrite)
-    sd = peft_state_dict(modules)
-    sd.update(extra_tensors or {})
-    atomic_write_bytes(out / PEFT_WEIGHTS[0],
-                       safetensors_bytes(sd, metadata or {"format": "pt"}))
+    replacing = (out / PEFT_CONFIG).exists()  # an old export, whose config goes first
+    wrote = False
     try:
+        prepare_output_dir(out, PEFT_CONFIG, overwrite)
+        sd = peft_state_dict(modules)
+        sd.update(extra_tensors or {})
+        atomic_write_bytes(out / PEFT_WEIGHTS[0],
+                           safetensors_bytes(sd, metadata or {"format": "pt"}))
+        wrote = True
         atomic_write_json(out / PEFT_CONFIG, config)
-    except BaseException:  # (disk full, interrupt) no weights without their config are left
-        (out / PEFT_WEIGHTS[0]).unlink(missing_ok=True)
+    except BaseException:  # (disk full, interrupt) no weights without their config are left:
+        # ours, or the old export's once its config is gone
+        if wrote or (replacing and not (out / PEFT_CONFIG).exists()):
+            (out / PEFT_WEIGHTS[0]).unlink(missing_ok=True)
         raise
     return out
