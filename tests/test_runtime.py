@@ -422,6 +422,32 @@ def test_load_base_model_errors(tmp_path):
     assert info.value.options == ("gguf_file",)
 
 
+def test_a_model_folder_s_own_code_is_never_run(tmp_path, monkeypatch, capfd):
+    """A config or tokenizer naming code in the folder (auto_map) is refused, without
+    transformers' stdin prompt, even with "y" waiting there, and the code does not run."""
+    import io
+    import json
+
+    from mosconv.model.hf import load_base_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "evilmodel", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    for name in ("configuration_evil", "modeling_evil", "tokenization_evil"):
+        (model / f"{name}.py").write_text(f"open({str(tmp_path / name)!r}, 'w').write('ran')\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    with pytest.raises(FormatError, match="never runs code from a model folder") as info:
+        load_base_model(model)
+    assert str(model) in str(info.value) and "\n" not in str(info.value)
+    assert not list(tmp_path.glob("*_evil"))
+    assert "custom code" not in capfd.readouterr().out
+
+
 def test_modules_to_save_are_refused_unless_the_lora_part_alone_is_asked_for(llama):
     model = llama.fresh()
     head = "base_model.model.lm_head.weight"

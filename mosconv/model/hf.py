@@ -74,15 +74,25 @@ def load_base_model(path: str | Path, *, gguf_file: str | None = None,
 
     hf_logging.disable_progress_bar()  # mosconv shows its own progress; keep stderr clean
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings would break the one-line error
     try:
         with _quiet_gguf():
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
+            # never code from the folder (auto_map): transformers would ask on stdin
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                      trust_remote_code=False, **extra)
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                         trust_remote_code=False,
                                                          dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001  (transformers raises anything; report it in one line)
         lines = str(e).strip().splitlines()
         first = lines[0] if lines else ""
+        if "custom code" in first:
+            raise FormatError(f"{path}: its config names Python code in the folder (auto_map); "
+                              "mosconv never runs code from a model folder") from None
         raise FormatError(f"{path}: cannot load a model ({type(e).__name__}: {first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
