@@ -501,6 +501,33 @@ def test_corrupt_adapter_does_not_stop_the_others(small_zoo, tmp_path, shared):
     assert {a["status"] for a in rows if a["name"] != "teamA/broken"} == {"skipped"}
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_links_in_out_that_lead_out_of_it_are_not_followed(small_zoo, tmp_path, shared):
+    """A member folder (or OUT/pools) that is a link out of OUT, say from an unpacked
+    archive, is refused: a rerun wrote there, replacing another output without
+    --overwrite."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours")
+    out = tmp_path / "out"
+    (out / "teamA").mkdir(parents=True)
+    name = "teamA/a0"
+    (out / name).symlink_to(elsewhere, target_is_directory=True)
+    extra = ["--shared-pool"] if shared else []
+    res = run_cli("batch", small_zoo, out, "--ratio", "8", *extra)
+    assert_one_line_error(res, name, "a link out of", "remove the link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+    rows = {a["name"]: a for a in json.loads((out / SUMMARY_FILE).read_text())["adapters"]}
+    assert rows[name]["status"] == "failed"
+    if shared:
+        (out / name).unlink()
+        shutil.rmtree(out / POOLS_DIR, ignore_errors=True)
+        (out / POOLS_DIR).symlink_to(elsewhere, target_is_directory=True)
+        res = run_cli("batch", small_zoo, out, "--ratio", "8", *extra, "--overwrite")
+        assert_one_line_error(res, str(out / POOLS_DIR), "a link out of")
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+
+
 def test_batch_usage_errors(small_zoo, tmp_path):
     res = run_cli("batch", tmp_path / "nope", tmp_path / "out")
     assert_one_line_error(res, "nope")
@@ -733,6 +760,41 @@ def test_shared_pool_rerun_skips(shared_run, tmp_path):
     assert {a.status for a in summary.adapters} == {"skipped"}
     assert summary.totals.shared_pool_params > 0
     assert files_of(out) == files_of(out0)
+
+
+def test_a_crafted_zoo_reads_nothing_outside_it(shared_run, tmp_path):
+    """A member's pool file is read only at ../pools/<name>.safetensors (an absolute or other
+    path was read and its sha256 printed), and summary.json names only members inside the
+    output (an absolute name was attached); a declared width of 2**36 is refused before
+    export allocates it."""
+    _, out0, _ = shared_run
+    out = shutil.copytree(out0, tmp_path / "out")
+    member = out / "lm" / "task2"
+    cfg_path = member / CONFIG_FILE
+    cfg = json.loads(cfg_path.read_text())
+    good = json.dumps(cfg)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(next((out / POOLS_DIR).glob("*.safetensors")), outside)
+    for file in [str(outside), "../../../elsewhere.safetensors", "/etc/hostname"]:
+        for k in cfg["kinds"]:
+            if k.get("shared_pool"):
+                k["shared_pool"]["file"] = file
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(FormatError, match="is not a zoo's pool file") as info:
+            load_mos(member)
+        assert "sha256" not in str(info.value)
+    cfg = json.loads(good)
+    cfg["kinds"][0]["d_in"] = 2**36
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"d_in is 68719476736, expected .* <= 16777216"):
+        load_mos(member)
+    cfg_path.write_text(good)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    for name in [str(member.resolve()), "../out/lm/task2", "lm/../lm/task2"]:
+        rows = [dict(summary["adapters"][0], name=name, status="converted")]
+        (out / SUMMARY_FILE).write_text(json.dumps({**summary, "adapters": rows}))
+        res = run_cli("inspect", out, "--serving")
+        assert_one_line_error(res, "summary.json", "leads out of")
 
 
 def test_inspect_and_export_shared_adapter(shared_run, tmp_path):

@@ -73,3 +73,12 @@ def test_split_blocks():
         split_blocks(blocks[:1], 0.2)
     with pytest.raises(ConfigError):
         split_blocks(blocks, 1.5)
+
+
+@pytest.mark.parametrize("line, why", [("[" * 100_000 + "]" * 100_000, "recursion"),
+                                       ('{"text": ' + "9" * 5001 + "}", "digits")])
+def test_jsonl_that_python_cannot_parse_is_named(tmp_path, line, why):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(FormatError, match=rf"data.jsonl:2: invalid JSON \(.*{why}"):
+        read_texts(path)

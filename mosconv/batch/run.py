@@ -30,6 +30,7 @@ from ..fileio import (
     real_path,
     remove_stale_tmp,
     safetensors_bytes,
+    same_or_inside,
     sha256_file,
 )
 from ..lora.read import resolve_adapter_path
@@ -287,11 +288,24 @@ def is_complete(out_dir: Path, source: str, settings: dict | None = None,
 # ---------------------------------------------------------------- one adapter
 
 
+def member_dir(out: str | Path, name: str) -> Path:
+    """``OUT/<name>``, the output folder of the adapter ``name``; refused where a link
+    already there leads out of OUT (a rerun would write, and replace outputs, elsewhere).
+
+    Raises:
+        FormatError: the folder is a link out of OUT."""
+    dest = Path(out) / name
+    if not same_or_inside(dest, out):
+        raise FormatError(f"{dest}: a link out of {out}; batch writes only inside OUT: "
+                          "remove the link")
+    return dest
+
+
 def convert_one(item: Item, out: str, config: BatchConfig) -> Outcome:
     """Convert one adapter as ``compress`` does; never raises for a bad adapter."""
     t0 = time.perf_counter()
-    dest = Path(out) / item.name
     try:
+        dest = member_dir(out, item.name)
         if not config.overwrite and is_complete(dest, item.source, config.settings()):
             return outcome_from_report(item, dest, "skipped", time.perf_counter() - t0)
         from ..fit.convert import ConvertConfig  # torch is needed only from here on
@@ -490,8 +504,8 @@ def write_member(item: Item, adapter: LoraAdapter, mos: MosAdapter, report: Repo
     from ..mos.format import save_mos
     from ..pipeline import source_provenance
 
-    dest = Path(out) / item.name
     try:
+        dest = member_dir(out, item.name)
         kinds = mos.kinds
         if pool is not None:
             rel = os.path.relpath(pool[0], dest)
@@ -866,6 +880,9 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
             raise ConfigError(f"{zoo}: adapter {clash[0]} would be written under OUT/{POOLS_DIR}, "
                               "where the shared pools go; rename or move it")
     out.mkdir(parents=True, exist_ok=True)
+    if config.shared_pool and not same_or_inside(out / POOLS_DIR, out):
+        raise ConfigError(f"{out / POOLS_DIR}: a link out of {out}; batch writes only inside "
+                          "OUT: remove the link")
     try:  # what a killed run left mid-write outside the adapters' folders (theirs: each one's)
         remove_stale_tmp(out, {SUMMARY_FILE}.__contains__)
         if (out / POOLS_DIR).is_dir():

@@ -54,6 +54,9 @@ def read_texts(path: str | Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FormatError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a 5000-digit number, absurd nesting
+                why = str(e).splitlines()[0][:120] if str(e) else "nested too deep"
+                raise FormatError(f"{path}:{i}: invalid JSON ({why})") from None
             docs.append(_record_text(path, i, rec))
     else:
         docs = [d.strip() for d in raw.split("\n\n")]

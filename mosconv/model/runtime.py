@@ -789,6 +789,7 @@ def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
     import json
 
     from ..errors import FormatError
+    from ..fileio import same_or_inside
 
     path = folder / "summary.json"
     try:
@@ -800,6 +801,11 @@ def _zoo_members(folder: Path) -> list[tuple[str, Path]]:
         raise FormatError(f"{path}: not a batch summary (no adapters list)") from None
     if not names:
         raise FormatError(f"{path}: lists no converted adapters")
+    for n in names:  # batch writes every member inside OUT, under a relative name
+        if n.startswith(("/", "\\")) or any(part in ("", ".", "..") for part in n.split("/")) \
+                or not same_or_inside(folder / n, folder):
+            raise FormatError(f"{path}: adapter name {n!r} leads out of {folder}; a batch "
+                              "output names its adapters by paths inside it")
     return [(n, folder / n) for n in names]
 
 
@@ -867,7 +873,7 @@ def _base_model_of(adapter: Any) -> str | None:
             if path.is_file():
                 try:
                     value = get(json.loads(path.read_text()))
-                except (OSError, ValueError, AttributeError):
+                except (OSError, ValueError, AttributeError, RecursionError):
                     return None  # unreadable: apply names the problem
                 return value if isinstance(value, str) else None
     return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from ..names import (
     FORMAT_VERSION_CORES,
     FORMAT_VERSION_STORAGE,
     FORMAT_VERSIONS,
+    POOLS_DIR,
     REPORT_FILE,
     TENSOR_FILE,
     kind_ids,
@@ -180,6 +182,12 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The widest layer side a MoS file may declare (16x the largest vocabularies): export and
+# apply allocate a dropped module's zero factors from the declared widths alone, so a tiny
+# crafted file must not declare terabytes.
+MAX_WIDTH = 2**24
+
+
 def _field(obj: dict, key: str, cfg_path: Path, where: str, *, lo: int = 0,
            hi: int | None = None, default=None) -> int:
     """``obj[key]``: a JSON integer in ``[lo, hi]`` (``default`` when absent)."""
@@ -282,7 +290,9 @@ def _kinds_and_modules(folder: Path, cfg: dict, cfg_path: Path, tpath: Path, ten
               f"kinds[{i}] has id {_show(kid)} and kind {_show(kind)}, expected strings")
         _need(kid not in id_to_kind and kind not in kinds, cfg_path,
               f"kind {kid} ({kind}) appears twice")
-        nc, d_in, d_out = (_field(k, f, cfg_path, f"kind {kid}", lo=1) for f in ("nc", "d_in", "d_out"))
+        nc = _field(k, "nc", cfg_path, f"kind {kid}", lo=1)
+        d_in, d_out = (_field(k, f, cfg_path, f"kind {kid}", lo=1, hi=MAX_WIDTH)
+                       for f in ("d_in", "d_out"))
         _need(d_in % nc == 0 and d_out % nc == 0, cfg_path,
               f"kind {kid}: nc={nc} does not divide d_in={d_in} and d_out={d_out}")
         sA, sB = d_in // nc, d_out // nc
@@ -436,6 +446,11 @@ def _stored(tensors: dict, name: str, scale_name: str, width: int, st: Storage, 
     return decode(t, s, st, width)
 
 
+# Where a zoo member's pool file lies: OUT/pools/ seen from OUT/<name>/, nothing else (a
+# crafted file naming /etc/... or a path down elsewhere is not read, nor hashed).
+_POOL_REF = re.compile(rf"(?:\.\./)+{POOLS_DIR}/[^/\\]+\.safetensors")
+
+
 def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict,
                   widths: tuple[int, int], st: Storage | None = None):
     """The shared ``(A, B)`` entries of one kind from a zoo's pool file, hash-checked, stored
@@ -447,6 +462,9 @@ def _shared_pools(folder: Path, cfg_path: Path, kid: str, ref: dict, cache: dict
           and "\0" not in ref["file"], cfg_path, f"kind {kid}: shared_pool has no file")
     _need(isinstance(ref.get("sha256"), str), cfg_path,
           f"kind {kid}: shared_pool has sha256 {_show(ref.get('sha256'))}, expected a string")
+    _need(_POOL_REF.fullmatch(ref["file"]) is not None, cfg_path,
+          f"kind {kid}: shared_pool file {_show(ref['file'])} is not a zoo's pool file "
+          f"(../{POOLS_DIR}/<group>.safetensors, relative to the adapter's folder)")
     path = real_path(folder / ref["file"])
     if str(path) not in cache:
         if not path.is_file():
