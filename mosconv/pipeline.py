@@ -427,7 +427,8 @@ def export_summary(folder: str | Path) -> dict[str, Any]:
     cfg = json.loads((folder / PEFT_CONFIG).read_text())
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     return {"out": str(folder), "files": files, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-            "rank_pattern": cfg.get("rank_pattern", {})}
+            "rank_pattern": cfg.get("rank_pattern", {}),
+            "alpha_pattern": cfg.get("alpha_pattern", {})}
 
 
 def evaluate_adapters(teacher: LoraAdapter | str | Path, student: MosAdapter | LoraAdapter | str | Path,

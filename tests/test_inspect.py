@@ -251,3 +251,23 @@ def test_inspect_targets_of_diffusers_to_out():
     ]
     info = inspect_lora(LoraAdapter(format="diffusers", modules=assign_kinds(mods)))
     assert info["targets"] == ["to_out.0", "to_q"]
+
+
+def test_a_mos_folder_named_by_its_config_file_keeps_its_report(tmp_path):
+    """``inspect OUT/mos_config.json`` is ``inspect OUT``: the report (and --serving's name)
+    were lost because report.json was looked for beside the file, inside it."""
+    from factory import llama_like, write_random_peft
+
+    from mosconv.mos.manifest import load_report
+
+    lora, _ = write_random_peft(tmp_path / "lora", llama_like(2, 32, 16), r=4, alpha=8, seed=0)
+    out = tmp_path / "mos"
+    assert CliRunner().invoke(main, ["compress", str(lora), str(out), "-q"]).exit_code == 0
+    assert load_report(out / "mos_config.json") == load_report(out)
+    for args in (["--json"], ["--serving", "--json"]):
+        by_file = json.loads(CliRunner().invoke(main, ["inspect", str(out / "mos_config.json"),
+                                                       *args]).stdout)
+        by_folder = json.loads(CliRunner().invoke(main, ["inspect", str(out), *args]).stdout)
+        by_file.pop("path", None), by_folder.pop("path", None)
+        assert by_file == by_folder
+    assert by_file["members"][0]["name"] == "mos"

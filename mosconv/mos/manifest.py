@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import FormatError
 from ..fileio import atomic_write_json, sha256_file
 from ..fit.report import Report, ReportError
-from ..names import CONFIG_FILE, REPORT_FILE, pool_file, pool_members_file
+from ..names import CONFIG_FILE, REPORT_FILE, TENSOR_FILE, pool_file, pool_members_file
 
 
 def _read_json(p: Path, what: str) -> Any:
@@ -27,12 +27,17 @@ def _read_json(p: Path, what: str) -> Any:
 
 
 def load_report(path: str | Path) -> Report | None:
-    """The report of the MoS folder ``path``, or None when it has no ``report.json``.
+    """The report of the MoS folder ``path`` (or of the folder of its ``mos_config.json`` or
+    tensor file, as :func:`~mosconv.mos.format.load_mos` takes them), or None when it has
+    no ``report.json``.
 
     Raises:
         FormatError: unreadable JSON, or not a valid report (the field is named).
     """
-    p = Path(path) / REPORT_FILE
+    p = Path(path)
+    if p.name in (CONFIG_FILE, TENSOR_FILE) and p.is_file():
+        p = p.parent
+    p = p / REPORT_FILE
     if not p.is_file():
         return None
     try:
