@@ -377,6 +377,68 @@ def test_adding_adapters_fits_only_them_and_leaves_the_zoo_untouched(tmp_path):
     assert {a.status for a in refit.adapters} == {"converted"}
 
 
+def test_a_newcomer_is_never_worse_than_compress_gives_it_alone(tmp_path):
+    """A rank-4 newcomer to a group of rank-8 adapters beat truncation against the bases but
+    lost to compress --search fast alone (0.774 against 0.756): it is converted alone."""
+    from mosconv.fit.convert import ConvertConfig, convert
+
+    synthetic = example_module("synthetic_zoo")
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    synthetic.write_zoo(zoo, 3, d=128, d_kv=64, r=8, layers=2)
+    config = BatchConfig(ratio=RATIO, shared_pool=True)
+    assert run_batch(zoo, out, config).totals.shared_pool_params > 0
+    synthetic.write_zoo(tmp_path / "r4", 1, d=128, d_kv=64, r=4, layers=2)
+    (tmp_path / "r4" / "task00").rename(zoo / "new_r4")
+    row = next(a for a in run_batch(zoo, out, config).adapters if a.name == "new_r4")
+    alone = convert(read_adapter(zoo / "new_r4"), ConvertConfig(ratio=RATIO))
+    assert row.status == "converted"
+    assert row.relative_error <= alone.report.totals.relative_error + 1e-9
+
+
+def test_a_group_that_lost_and_gained_members_adds_the_new_ones_only(tmp_path):
+    """One member leaving and one joining (a renamed folder is both) fits only the newcomer
+    against the pools, as an add does; it refitted the whole group and deleted the pool
+    file the departed member's output still refers to."""
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    for i in range(3):
+        write_lora_like(zoo / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+    config = BatchConfig(ratio=RATIO, shared_pool=True)
+    assert run_batch(zoo, out, config).totals.shared_pool_params > 0
+    before = files_of(out)
+    (zoo / "task0").rename(tmp_path / "gone")
+    write_lora_like(zoo / "task3", 3, layers=2, d=64, d_kv=32, r=8)
+    status = {a.name: a.status for a in run_batch(zoo, out, config).adapters}
+    assert status == {"task1": "skipped", "task2": "skipped", "task3": "converted"}
+    after = files_of(out)
+    for path, data in before.items():
+        if not path.endswith(".members.json"):
+            assert after[path] == data, path
+    load_mos(out / "task0")  # its pool file is still there
+
+
+def test_a_group_that_falls_back_writes_each_member_as_compress_does(tmp_path):
+    """A float16 member of a group that also has a float32 one is stored float16 when the
+    group falls back to converting each alone (it was float32: twice the bytes)."""
+    from safetensors.torch import load_file, save_file
+
+    from mosconv.fit.convert import ConvertConfig
+    from mosconv.pipeline import compress
+
+    zoo, out = tmp_path / "zoo", tmp_path / "out"
+    example_module("synthetic_zoo").write_zoo(tmp_path / "z", 2, d=128, d_kv=64, r=8,
+                                              layers=2)
+    (tmp_path / "z" / "task00").rename(zoo.mkdir() or zoo / "a")
+    (tmp_path / "z" / "task01").rename(zoo / "b")
+    weights = zoo / "b" / "adapter_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
+    summary = run_batch(zoo, out, BatchConfig(ratio=8, shared_pool=True))
+    assert summary.totals.shared_pool_params == 0  # the group falls back
+    compress(zoo / "b", tmp_path / "alone", ConvertConfig(ratio=8))
+    assert load_mos(out / "b").storage.dtype == "float16"
+    assert (out / "b" / "mos_adapter.safetensors").read_bytes() == \
+        (tmp_path / "alone" / "mos_adapter.safetensors").read_bytes()
+
+
 class _Killed(BaseException):
     """A run stopped where it stands (as by kill -9): no handler runs."""
 

@@ -469,11 +469,34 @@ def write_chunk(chunk: Any, built: list | None, items: list[Item], reports: list
                 out: str, config: BatchConfig, gid: str, pool: tuple[str, str] | None,
                 seconds: float) -> list[Outcome]:
     """Write a chunk's members (where the chunk is): each its joint MoS adapter, or the one
-    converted alone where the fit has none for it."""
-    return [write_member(i, a, r_alone.mos if built is None or built[j] is None
-                         else built[j].adapter(), r, out, config, gid, pool, seconds)
-            for j, (i, a, r_alone, r) in enumerate(zip(items, chunk.adapters, chunk.alone,
-                                                       reports))]
+    converted alone where the fit has none for it (``built`` None: the group fell back, and
+    each member is written as ``compress`` writes it)."""
+    written = []
+    for j, (i, a, r_alone, r) in enumerate(zip(items, chunk.adapters, chunk.alone, reports)):
+        if built is None:
+            mos, r = _as_compress(a, r_alone, r, config)
+        else:
+            mos = r_alone.mos if built[j] is None else built[j].adapter()
+        written.append(write_member(i, a, mos, r, out, config, gid, pool, seconds))
+    return written
+
+
+def _as_compress(adapter: LoraAdapter, alone: Any, report: Report, config: BatchConfig
+                 ) -> tuple[MosAdapter, Report]:
+    """A member of a group that fell back, as ``compress`` converts it: the conversion
+    alone in the group's storage, or again in its own where the group's was widened for
+    another member's dtype (a float16 member of a group with a float32 one)."""
+    if config.size_ratio is not None:  # each member's own storage choice already
+        return alone.mos, report
+    from ..fit.convert import ConvertConfig, convert
+
+    cc = ConvertConfig(ratio=float(config.ratio), seed=config.seed, search=config.search,
+                       iters=config.iters, routing_weights=config.routing_weights,
+                       dtype=config.dtype, quantize=config.quantize)
+    if cc.storages(adapter)[0] == alone.mos.storage:
+        return alone.mos, report
+    res = convert(adapter, cc)
+    return res.mos, res.report
 
 
 def write_pool_file(out: str, gid: str, pools: dict, storage: Storage | None = None
@@ -611,8 +634,11 @@ def _shared_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Ou
             continue  # (--refit: also a group that lost members, or gained some since its fit)
         if config.refit or config.overwrite:
             served = None
-        if served and all(n in done for n in served) and all(i.name not in served for i in new):
-            # a group whose pools serve all its old members, complete, gained adapters
+        present = [n for n in served or () if n in {i.name for i in members}]
+        if present and all(n in done for n in present) \
+                and all(i.name not in served for i in new):
+            # a group whose pools serve its old members still in the zoo, complete, gained
+            # adapters (some old members may have left it: their outputs and the pools stay)
             yield from _add_outcomes([i for i in members if i.name in served], new, out,
                                      config, gid, served, fitted)
         else:  # a new group, a changed or unfinished member, or --refit: fit the group
@@ -677,7 +703,9 @@ def _add_outcomes(done: list[Item], new: list[Item], out: str, config: BatchConf
         # newcomers take the same, so they keep the group's bytes per LoRA byte
         ratio = float(members[0].info.get("ratio", config.ratio)) if config.size_ratio \
             else float(config.ratio)
-        mos_list, reports = fit_new_members(members, adapters, ratio, config.seed)
+        mos_list, reports = fit_new_members(members, adapters, ratio, config.seed,
+                                            search=config.search, iters=config.iters,
+                                            routing_weights=config.routing_weights)
         if config.size_ratio is not None:
             mos_list, reports = _sized_newcomers(adapters, mos_list, reports, config)
     except (MosconvError, OSError) as e:

@@ -1116,16 +1116,18 @@ def _shared_bases(members: list[MosAdapter]) -> dict[str, _SharedBasis]:
 def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], ratio: float,
                     seed: int = 0,
                     factorizations: list[dict[str, Factorization]] | None = None,
-                    residuals: bool = True) -> tuple[list[MosAdapter], list[Report]]:
+                    residuals: bool = True, search: str = "fast", iters: int = 4,
+                    routing_weights: bool = True) -> tuple[list[MosAdapter], list[Report]]:
     """Fit ``adapters`` that join a group already fitted into ``members`` (loaded MoS
     adapters of that group, whose pools hold the group's shared rows): the shared bases stay
     as they are; each new adapter gets, per module, either its own part against them (a core,
     or its side of a one-sided basis, by least squares) extended by a private residual of
     some rank (directions outside the bases, rows of its own), or its own truncation,
     whichever lowers its error most per parameter, within its own ``lora_params / ratio``.
-    A new adapter the bases do not serve (its error above its truncation's) is converted
-    alone, so it is never worse off than converting it on its own.  ``residuals=False``
-    leaves out the private residuals (for comparison).
+    A new adapter the bases do not serve as well as converting it alone (as ``compress``
+    does with ``search``, ``iters``, ``routing_weights``, stored like the group) is converted
+    alone, so it is never worse off than on its own.  ``residuals=False`` leaves out the
+    private residuals (for comparison).
 
     Their own parts are stored like the group's (``members[0].storage``).
     Returns the new members' MoS adapters (kinds in the existing members' order, pointing at
@@ -1148,11 +1150,12 @@ def fit_new_members(members: list[MosAdapter], adapters: list[LoraAdapter], rati
                           residuals, storage)
         mos = _build_new(a, fa, template, plans, ratio, seed, storage, shards)
         rep = _report(a, fa, mos, ratio, seed)
-        if rep.totals.relative_error > rep.totals.truncation_relative_error:
-            # the shared bases do not serve it: converted alone, as compress would
-            cc = alone_config(ratio, seed, storage=storage)
+        if rep.totals.relative_error > rep.totals.truncation_relative_error or \
+                search != "truncation":  # (with truncation alone, that is the comparison)
+            cc = alone_config(ratio, seed, search, iters, routing_weights, storage=storage)
             res = convert(a, cc, factorizations=fa)
-            mos, rep = res.mos, res.report
+            if res.report.totals.relative_error < rep.totals.relative_error:
+                mos, rep = res.mos, res.report  # the bases do not serve it: converted alone
         out.append(mos)
         reports.append(rep)
     return out, reports
