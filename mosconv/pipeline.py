@@ -182,6 +182,7 @@ def compress(
     command: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    progress_total: Callable[[int], None] | None = None,
     extra_info: dict | None = None,
     calib: CalibStats | str | Path | None = None,
     data: DataSpec | None = None,
@@ -198,6 +199,8 @@ def compress(
         data: base model and text (for ``calib`` from text and for ``distill``).
         distill: a :class:`~mosconv.model.distill.DistillConfig` to fine-tune the converted
             adapter against the LoRA on ``data.data`` (``held_out`` of the blocks held out).
+        progress: called after each kind fitted (each storage tried, with a size ratio);
+            ``progress_total`` first, with how many calls there will be.
 
     The source files' sha256 and the command line are recorded in ``mos_config.json``.
     Raises FormatError/ConfigError/MosconvError; a failed run leaves no ``mos_config.json``.
@@ -221,6 +224,9 @@ def compress(
     with writing(out, CONFIG_FILE, overwrite):
         log.info("reading %s", lora_path)
         adapter = read_adapter(lora_path)
+        if progress_total is not None:  # how many times convert will call ``progress``
+            progress_total(len(config.storages(adapter)) if config.size_ratio is not None
+                           else len(adapter.kinds))
         session = _Session(data)
         stats, computed = load_calib(calib, adapter, data, session)
         log.info("converting %d modules at ratio %g (%s metric)", len(adapter.modules),

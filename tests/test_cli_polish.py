@@ -190,3 +190,41 @@ def test_a_peft_adapter_saved_under_its_name_is_pointed_to(lora, tmp_path):
     res = invoke("inspect", tmp_path / "saved")
     assert res.exit_code == 1
     assert f"the adapter in {tmp_path / 'saved' / 'myadapter'}? (PEFT saves" in res.stderr
+
+
+def test_the_fitting_bar_knows_its_total(monkeypatch):
+    """``compress`` tells its bar how many kinds (or storages) there are once it has read the
+    adapter: the bar shows 2/3, not a bare count."""
+    import io
+
+    from mosconv.cli.options import Bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    with Bars(False) as bars:
+        size, tick = bars.sizer("fitting kinds", "kind"), bars.counter("fitting kinds", "kind")
+        size(3)
+        tick()
+        tick()
+        bar = bars.bars["fitting kinds"]
+        assert (bar.total, bar.n) == (3, 2)
+    with Bars(True) as quiet:
+        assert quiet.sizer("fitting kinds", "kind") is None
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_compress_announces_as_many_steps_as_it_makes(tmp_path, sized):
+    from factory import llama_like, write_random_peft
+
+    from mosconv.fit.convert import ConvertConfig
+    from mosconv.pipeline import compress
+
+    lora, _ = write_random_peft(tmp_path / "lora", llama_like(2, 32, 16), r=4, seed=0)
+    totals, steps = [], []
+    config = ConvertConfig(size_ratio=8, quantize="auto") if sized else ConvertConfig()
+    compress(lora, tmp_path / "out", config, progress=steps.append,
+             progress_total=totals.append)
+    assert totals == [len(steps)] and steps

@@ -219,12 +219,12 @@ def compress(lora: str, out: str, calib: str | None, distill: bool, overwrite: b
     dconfig = distill_config(opts) if distill else None
     check_modes(distill, calib is not None, opts)
     command = recorded_command(sys.argv[1:]) if sys.argv else None
+    what = ("trying storages", "storage") if opts["size_ratio"] else ("fitting kinds", "kind")
     with Bars(quiet) as bars:
         result = run_compress(
             lora, out, config, command=command, overwrite=overwrite, calib=calib, data=spec,
-            distill=dconfig, held_out=opts["held_out"],
-            progress=bars.counter(*(("trying storages", "storage") if opts["size_ratio"]
-                                    else ("fitting kinds", "kind")), label=lambda k: k[-40:]),
+            distill=dconfig, held_out=opts["held_out"], progress_total=bars.sizer(*what),
+            progress=bars.counter(*what, label=lambda k: k[-40:]),
             on_step=bars.counter("distilling", "step", opts["steps"], lambda s, l: f"loss {l:.4f}"))
     if as_json:
         _dump(result.report.to_json())

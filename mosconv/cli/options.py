@@ -273,6 +273,18 @@ class Bars:
 
         return tick
 
+    def sizer(self, desc: str, unit: str) -> Callable[[int], None] | None:
+        """A callback that gives the bar ``desc`` its total, once the work knows it."""
+        if self.quiet:
+            return None
+
+        def size(n: int) -> None:
+            b = self.bar(desc, unit=unit)
+            b.total = n
+            b.refresh()
+
+        return size
+
     def __enter__(self) -> Bars:  # noqa: PYI034
         return self
 
