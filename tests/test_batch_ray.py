@@ -257,3 +257,31 @@ def test_partial_column_on_ray_equals_local(ray_session, tmp_path, monkeypatch):
     _write_checkpoints(tmp_path / "zoo", n=3, layers=2, noise=1.0, base="tiny-llama")
     outs = _shared_on_both_engines(tmp_path, chunk=2, ratio=10.0)
     assert any(p.nc > 1 for p in load_mos(outs["ray"] / "ckpt-0").kinds.values())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ray_is_started_as_asked_also_for_shared_pools_alone(tmp_path, monkeypatch, shared):
+    """A zoo of group members only (no single adapter) went straight to the group fit, where
+    Ray started itself: --address was ignored (a local instance instead of the cluster asked
+    for, rc 0) and its notices reached the terminal. Ray is now started first, either way."""
+    ray = pytest.importorskip("ray")
+
+    class Started(Exception):
+        pass
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw)
+        raise Started
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    zoo = tmp_path / "zoo"
+    for i in range(2):
+        write_lora_like(zoo / f"task{i}", i, layers=2, d=64, d_kv=32, r=8)
+    with pytest.raises(Started):
+        run_batch(zoo, tmp_path / "out", BatchConfig(ratio=8, shared_pool=shared, engine="ray",
+                                                     address="HOST:6379"))
+    assert calls and calls[0]["address"] == "HOST:6379" and calls[0]["log_to_driver"] is False
+    assert not (tmp_path / "out" / SUMMARY_FILE).exists()

@@ -379,16 +379,30 @@ def _local_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Out
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+def _ray_session(config: BatchConfig) -> bool:
+    """Ray, initialized as ``config`` says (``--address``; Ray's own notices kept off the
+    terminal) unless the caller has initialized it; True when this call started it (the run
+    then shuts it down itself, not at interpreter exit where an interrupt is not handled).
+
+    Raises:
+        ConfigError: Ray is not installed."""
     try:
         import ray
     except ImportError:
         raise ConfigError("the Ray engine needs Ray: pip install 'mosconv[ray]'") from None
-    if not ray.is_initialized():
-        import logging
+    if ray.is_initialized():
+        return False
+    import logging
 
-        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)  # Ray's own notices stay off the terminal
+    ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)
+    return True
+
+
+def _ray_map(items: list[Item], out: str, config: BatchConfig) -> Iterator[Outcome]:
+    import ray
+
+    _ray_session(config)
     task = ray.remote(num_cpus=1)(convert_one)
     pending = [task.remote(item, out, config) for item in items]
     while pending:
@@ -919,18 +933,20 @@ def run_batch(zoo: str | Path, out: str | Path, config: BatchConfig = BatchConfi
     except OSError as e:
         raise ConfigError(f"{out}: cannot remove a temporary file a killed run left "
                           f"({e.strerror or e})") from None
-    if config.engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ConfigError("the Ray engine needs Ray: pip install 'mosconv[ray]'") from None
+    started = _ray_session(config) if config.engine == "ray" else False
     stream = _shared_map(items, str(out), config) if config.shared_pool else \
         convert_many(items, out, config)
     results = {}
-    for outcome in stream:
-        results[outcome.name] = outcome
-        if progress:
-            progress(outcome)
+    try:
+        for outcome in stream:
+            results[outcome.name] = outcome
+            if progress:
+                progress(outcome)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     rows = [results[i.name] for i in items]
     done = [r for r in rows if r.status != "failed" and r.lora_params is not None]
     pools, used = _pools_in_use([out / r.name for r in done])
