@@ -14,7 +14,6 @@ from typing import Any
 from .fit.factorize import Factorization, directions_for_energy, factorize_adapter, stable_rank
 from .fit.truncation import budget_for_ratio, truncate
 from .lora.types import LoraAdapter, LoraModule
-from .names import CONFIG_FILE, TENSOR_FILE
 
 INSPECT_RATIOS = (2, 4, 8, 16)
 LORA_SCHEMA = "mosconv.inspect.lora/1"
@@ -166,10 +165,9 @@ def inspect_serving(path: str | Path) -> dict[str, Any]:
     from .errors import FormatError
     from .model.runtime import _is_zoo, _zoo_members
     from .mos.format import is_mos_dir, load_mos
+    from .mos.manifest import mos_folder
 
-    p = Path(path)
-    if p.name in (CONFIG_FILE, TENSOR_FILE) and p.is_file():  # a MoS folder named by a file
-        p = p.parent
+    p = mos_folder(path)  # a MoS folder may be named by its config or tensor file
     if _is_zoo(p):
         members = _zoo_members(p)
     elif is_mos_dir(p):

@@ -43,7 +43,7 @@ from ..names import (
     TENSOR_FILE,
     kind_ids,
 )
-from .manifest import load_report
+from .manifest import load_report, mos_folder
 from .quant import FLOAT_DTYPES, QUANTIZE, SCALE_DTYPE, Storage, StorageOverflow, decode, encode
 from .quant import n_groups as _n_groups
 from .types import KindPools, MosAdapter, MosModule, implicit_routes, route_dtype
@@ -207,9 +207,7 @@ def load_mos(path: str | Path, pool_cache: dict | None = None) -> MosAdapter:
     Raises:
         FormatError: missing or corrupt files, wrong version, inconsistent tensors.
     """
-    folder = Path(path)
-    if folder.is_file() and folder.name in (CONFIG_FILE, TENSOR_FILE):
-        folder = folder.parent
+    folder = mos_folder(path)
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FormatError(f"{folder}: not a MoS adapter (no {CONFIG_FILE}; an incomplete "

@@ -26,6 +26,13 @@ def _read_json(p: Path, what: str) -> Any:
         raise FormatError(f"{p}: cannot read {what} ({msg})") from None
 
 
+def mos_folder(path: str | Path) -> Path:
+    """The MoS folder ``path`` names: itself, or the folder of its ``mos_config.json`` or
+    tensor file (a reader takes either)."""
+    p = Path(path)
+    return p.parent if p.name in (CONFIG_FILE, TENSOR_FILE) and p.is_file() else p
+
+
 def load_report(path: str | Path) -> Report | None:
     """The report of the MoS folder ``path`` (or of the folder of its ``mos_config.json`` or
     tensor file, as :func:`~mosconv.mos.format.load_mos` takes them), or None when it has
@@ -34,10 +41,7 @@ def load_report(path: str | Path) -> Report | None:
     Raises:
         FormatError: unreadable JSON, or not a valid report (the field is named).
     """
-    p = Path(path)
-    if p.name in (CONFIG_FILE, TENSOR_FILE) and p.is_file():
-        p = p.parent
-    p = p / REPORT_FILE
+    p = mos_folder(path) / REPORT_FILE
     if not p.is_file():
         return None
     try:
